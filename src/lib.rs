@@ -1,0 +1,8 @@
+//! segloss placeholder
+pub mod error;
+pub mod input;
+pub mod output;
+pub mod reference;
+pub mod spec;
+#[doc(hidden)]
+pub mod testing;

@@ -1,0 +1,158 @@
+//! Stage 1, the statistics pass: per-(image, class) sums and per-pixel-term sums.
+//! CPU port of `shaders/stats.wgsl`.
+
+use super::{log_sigmoid, log_softmax, safe_pow};
+use crate::input::{Labels, Shape, IGNORE};
+use crate::output::Statistics;
+use crate::spec::{Activation, LossSpec, Reduction, Term};
+
+/// One pixel's inputs, gathered from the NCHW arrays.
+pub(crate) struct Pixel {
+    /// Logits z_c.
+    pub z: Vec<f64>,
+    /// Target g_c (one-hot for index labels).
+    pub g: Vec<f64>,
+    /// The class index, for index labels.
+    pub y: Option<usize>,
+}
+
+/// Reads pixel i of image b; `None` for an ignored pixel.
+pub(crate) fn pixel(shape: &Shape, logits: &[f64], labels: Labels<'_>, b: usize, i: usize) -> Option<Pixel> {
+    let (c_n, s) = (shape.classes, shape.pixels());
+    let at = |c: usize| (b * c_n + c) * s + i;
+    let z: Vec<f64> = (0..c_n).map(|c| logits[at(c)]).collect();
+    match labels {
+        Labels::Index(y) => {
+            let y = y[b * s + i];
+            if y == IGNORE {
+                return None;
+            }
+            let g = (0..c_n).map(|c| if c as u32 == y { 1.0 } else { 0.0 }).collect();
+            Some(Pixel { z, g, y: Some(y as usize) })
+        }
+        Labels::Soft(t) => Some(Pixel { z, g: (0..c_n).map(|c| t[at(c)] as f64).collect(), y: None }),
+    }
+}
+
+/// The per-pixel terms' (loss, normaliser) for one pixel, in spec order.
+pub(crate) fn pixel_terms(spec: &LossSpec, px: &Pixel) -> Vec<(f64, f64)> {
+    let c_n = px.z.len() as f64;
+    let mut out = vec![];
+    match spec.activation {
+        Activation::Softmax => {
+            let logp = log_softmax(&px.z);
+            for t in spec.terms.iter().filter(|t| t.is_pixel_term()) {
+                match t {
+                    Term::CrossEntropy { class_weights, label_smoothing: eps, .. } => {
+                        let w = |c: usize| class_weights.as_ref().map_or(1.0, |v| v[c]);
+                        let smooth: f64 = (0..logp.len()).map(|k| w(k) * -logp[k]).sum::<f64>() * eps / c_n;
+                        match px.y {
+                            Some(y) => out.push(((1.0 - eps) * w(y) * -logp[y] + smooth, w(y))),
+                            None => {
+                                let l: f64 = (0..logp.len()).map(|k| w(k) * px.g[k] * -logp[k]).sum();
+                                out.push(((1.0 - eps) * l + smooth, 1.0));
+                            }
+                        }
+                    }
+                    Term::Focal { gamma, alpha, .. } => {
+                        let a = |c: usize| alpha.as_ref().map_or(1.0, |v| v[c]);
+                        let l: f64 = (0..logp.len())
+                            .filter(|&k| px.g[k] != 0.0)
+                            .map(|k| {
+                                let q = 1.0 - logp[k].exp();
+                                -a(k) * px.g[k] * safe_pow(q, *gamma) * logp[k]
+                            })
+                            .sum();
+                        out.push((l, 1.0));
+                    }
+                    _ => unreachable!("pixel terms are cross_entropy, focal and bce"),
+                }
+            }
+        }
+        Activation::Sigmoid => {
+            for t in spec.terms.iter().filter(|t| t.is_pixel_term()) {
+                let Term::Bce { pos_weight, .. } = t else { unreachable!("validated: sigmoid mode has only bce pixel terms") };
+                let l: f64 = (0..px.z.len())
+                    .map(|c| {
+                        let pw = pos_weight.as_ref().map_or(1.0, |v| v[c]);
+                        -(pw * px.g[c] * log_sigmoid(px.z[c]) + (1.0 - px.g[c]) * log_sigmoid(-px.z[c]))
+                    })
+                    .sum();
+                out.push((l, px.z.len() as f64));
+            }
+        }
+    }
+    out
+}
+
+/// Probabilities p and tempered probabilities s of one pixel.
+pub(crate) fn probabilities(spec: &LossSpec, z: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let t = spec.temperature();
+    match spec.activation {
+        Activation::Softmax => {
+            let p = log_softmax(z).iter().map(|v| v.exp()).collect();
+            let zt: Vec<f64> = z.iter().map(|v| v * t).collect();
+            (p, log_softmax(&zt).iter().map(|v| v.exp()).collect())
+        }
+        Activation::Sigmoid => {
+            let sig = |v: f64| log_sigmoid(v).exp();
+            (z.iter().map(|&v| sig(v)).collect(), z.iter().map(|&v| sig(t * v)).collect())
+        }
+    }
+}
+
+/// Runs the statistics pass. Also returns, per term, the per-pixel loss map of a
+/// cross-entropy term with reduction none (B·S values, 0 at ignored pixels).
+pub fn statistics(spec: &LossSpec, shape: &Shape, logits: &[f64], labels: Labels<'_>) -> (Statistics, Vec<Option<Vec<f64>>>) {
+    let (b_n, c_n, s) = (shape.batch, shape.classes, shape.pixels());
+    let n_pix = spec.terms.iter().filter(|t| t.is_pixel_term()).count();
+    let mut st = Statistics {
+        batch: b_n,
+        classes: c_n,
+        per_class: vec![[0.0; 6]; b_n * c_n],
+        valid: vec![0.0; b_n],
+        plain_ce: vec![0.0; b_n],
+        pixel_sums: vec![[0.0; 2]; b_n * n_pix],
+    };
+    let mut maps: Vec<Option<Vec<f64>>> = spec
+        .terms
+        .iter()
+        .map(|t| matches!(t, Term::CrossEntropy { reduction: Reduction::None, .. }).then(|| vec![0.0; b_n * s]))
+        .collect();
+    for b in 0..b_n {
+        for i in 0..s {
+            let Some(px) = pixel(shape, logits, labels, b, i) else { continue };
+            st.valid[b] += 1.0;
+            let (p, sp) = probabilities(spec, &px.z);
+            for c in 0..c_n {
+                let g = px.g[c];
+                let acc = &mut st.per_class[b * c_n + c];
+                acc[0] += p[c];
+                acc[1] += p[c] * p[c];
+                acc[2] += p[c] * g;
+                acc[3] += g;
+                acc[4] += g * g;
+                acc[5] += sp[c];
+            }
+            if spec.activation == Activation::Softmax {
+                let logp = log_softmax(&px.z);
+                st.plain_ce[b] += -(0..c_n).map(|c| px.g[c] * logp[c]).sum::<f64>();
+            }
+            let per_term = pixel_terms(spec, &px);
+            for (t, (l, n)) in per_term.iter().enumerate() {
+                st.pixel_sums[b * n_pix + t][0] += l;
+                st.pixel_sums[b * n_pix + t][1] += n;
+            }
+            let mut t_pix = 0;
+            for (k, term) in spec.terms.iter().enumerate() {
+                if term.is_pixel_term() {
+                    if let Some(m) = maps[k].as_mut() {
+                        m[b * s + i] = per_term[t_pix].0;
+                    }
+                    t_pix += 1;
+                }
+            }
+        }
+    }
+    (st, maps)
+}
