@@ -6,3 +6,4 @@ pub mod reference;
 pub mod spec;
 #[doc(hidden)]
 pub mod testing;
+pub mod gpu;

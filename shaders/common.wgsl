@@ -1,0 +1,141 @@
+// Shared by every stage: override constants, the uniform header, label decoding, indexing
+// and the numerically careful scalar helpers. Each stage file is appended to this one.
+
+// Classes (channels) per pixel; a pipeline-overridable constant so loops over classes have
+// a bound the driver knows.
+override C: u32 = 2u;
+// 0: u32 class indices, 1: class indices packed as u8 (4 per word), 2: f32 soft labels.
+override LABEL_KIND: u32 = 0u;
+// false: softmax over classes; true: independent sigmoid per channel.
+override SIGMOID: bool = false;
+// Whether a region term needs s = softmax(T·z) with T ≠ 1 (otherwise s = p, no extra work).
+override TEMPERED: bool = false;
+
+const IGNORE: u32 = 0xFFFFFFFFu;
+const KIND_CE: u32 = 0u;
+const KIND_FOCAL: u32 = 1u;
+const KIND_BCE: u32 = 2u;
+const KIND_DICE: u32 = 3u;
+const KIND_TVERSKY: u32 = 4u;
+const KIND_GDL: u32 = 5u;
+const KIND_REGION: u32 = 6u;
+// Floats per term record in `params` (see src/gpu/plan.rs).
+const RECORD: u32 = 16u;
+// Pixel-term records sit in slots 0..4, statistic-term records after them.
+const MAX_PIXEL_TERMS: u32 = 4u;
+// Floats per class in a statistics row: P, Q, I, G, H, U and two spare.
+const PER_CLASS: u32 = 8u;
+
+struct Dims {
+    batch: u32,
+    spatial: u32,
+    tiles_per_image: u32,
+    row_width: u32,
+    n_terms: u32,
+    n_pixel_terms: u32,
+    _reserved: u32,
+    n_stat_terms: u32,
+    temperature: f32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+// A flat workgroup index from a 2D dispatch (one dimension holds at most 65535 groups).
+fn flat_group(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.x + wid.y * nwg.x;
+}
+
+fn logit_index(b: u32, c: u32, i: u32) -> u32 {
+    return (b * C + c) * dims.spatial + i;
+}
+
+// The class index of pixel i of image b, or IGNORE.
+fn class_label(b: u32, i: u32) -> u32 {
+    let idx = b * dims.spatial + i;
+    if LABEL_KIND == 1u {
+        let v = (labels[idx >> 2u] >> ((idx & 3u) * 8u)) & 0xFFu;
+        return select(v, IGNORE, v == 255u);
+    }
+    return labels[idx];
+}
+
+// The target g of class c at pixel i of image b (`y` is class_label's result for index labels).
+fn target_of(b: u32, c: u32, i: u32, y: u32) -> f32 {
+    if LABEL_KIND == 2u {
+        return bitcast<f32>(labels[logit_index(b, c, i)]);
+    }
+    return select(0.0, 1.0, y == c);
+}
+
+fn param(i: u32) -> f32 {
+    return params[i];
+}
+
+fn record(slot: u32, field: u32) -> f32 {
+    return params[slot * RECORD + field];
+}
+
+// A per-class vector of a term (class weights, α, pos_weight, prior), 1 when absent.
+fn class_param(slot: u32, c: u32) -> f32 {
+    let off = record(slot, 3u);
+    if off < 0.0 {
+        return 1.0;
+    }
+    return params[u32(off) + c];
+}
+
+// log(1 + x) for x ≥ 0, accurate for small x (WGSL has no log1p).
+fn log1p_pos(x: f32) -> f32 {
+    let u = 1.0 + x;
+    if u == 1.0 {
+        return x;
+    }
+    return log(u) * x / (u - 1.0);
+}
+
+// softplus(x) = log(1 + eˣ) without overflow.
+fn softplus(x: f32) -> f32 {
+    return max(x, 0.0) + log1p_pos(exp(-abs(x)));
+}
+
+// σ(x) without overflow for any sign.
+fn sigmoid(x: f32) -> f32 {
+    let e = exp(-abs(x));
+    let s = 1.0 / (1.0 + e);
+    return select(e * s, s, x >= 0.0);
+}
+
+// xʸ with 0⁰ = 1 and 0ʸ = 0 (WGSL's pow leaves both undefined).
+fn safe_pow(x: f32, y: f32) -> f32 {
+    if y == 0.0 {
+        return 1.0;
+    }
+    if x <= 0.0 {
+        return 0.0;
+    }
+    return pow(x, y);
+}
+
+// The focal weight on ([c = k] − p_k) of one class with target mass αg (see reference/mod.rs).
+fn focal_h(p: f32, one_minus_p: f32, log_p: f32, alpha_g: f32, gamma: f32) -> f32 {
+    let qg = safe_pow(one_minus_p, gamma);
+    var first = 0.0;
+    if one_minus_p > 0.0 && gamma > 0.0 {
+        first = gamma * p * log_p * qg / one_minus_p;
+    }
+    return alpha_g * (first - qg);
+}
+
+// Max and Σ exp(t·z − max) over the classes of one pixel: the pieces of a (tempered) softmax.
+fn softmax_pieces(b: u32, i: u32, t: f32) -> vec2<f32> {
+    var m = -3.4e38;
+    for (var c = 0u; c < C; c++) {
+        m = max(m, t * logits[logit_index(b, c, i)]);
+    }
+    var se = 0.0;
+    for (var c = 0u; c < C; c++) {
+        se += exp(t * logits[logit_index(b, c, i)] - m);
+    }
+    return vec2(m, se);
+}

@@ -1,0 +1,214 @@
+//! The spec compiled for the kernels: the term records of `params` and the layout of the
+//! buffers the stages share. Shader side: the constants at the top of `shaders/common.wgsl`.
+
+use crate::input::Shape;
+use crate::spec::{Activation, LossSpec, NamedTarget, Penalty, Reduction, RegionTarget, Term, WeightType, MAX_PIXEL_TERMS, MAX_TERMS};
+use bytemuck::{Pod, Zeroable};
+
+/// Floats per term record.
+pub const RECORD: usize = 16;
+/// Floats per class in a statistics row (P, Q, I, G, H, U, two spare).
+pub const PER_CLASS: usize = 8;
+/// Scalars after the classes in a statistics row: (valid, plain CE, ·, ·), losses, normalisers.
+pub const ROW_SCALARS: usize = 12;
+/// Pixels per stats workgroup (WG · PPT in stats.wgsl).
+pub const STATS_TILE: usize = 1024;
+/// Invocations per grad workgroup.
+pub const GRAD_WG: usize = 256;
+
+/// The uniform header of every stage (`Dims` in common.wgsl).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable, PartialEq)]
+pub struct Dims {
+    pub batch: u32,
+    pub spatial: u32,
+    pub tiles_per_image: u32,
+    pub row_width: u32,
+    pub n_terms: u32,
+    pub n_pixel_terms: u32,
+    pub _reserved: u32,
+    pub n_stat_terms: u32,
+    pub temperature: f32,
+    pub _pad: [u32; 3],
+}
+
+/// Offsets into the `fin` buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FinLayout {
+    pub report: usize,
+    pub values: usize,
+    pub predicted: usize,
+    pub target: usize,
+    pub valid: usize,
+    pub decomposition: usize,
+    pub elements: usize,
+    pub len: usize,
+}
+
+impl FinLayout {
+    /// The layout for B images, C classes and `terms` terms (as finalize.wgsl computes it).
+    pub fn new(batch: usize, classes: usize, terms: usize) -> Self {
+        let bc = batch * classes;
+        let report = 4 * bc + MAX_PIXEL_TERMS;
+        let predicted = report + 1 + MAX_TERMS;
+        let target = predicted + bc;
+        let valid = target + bc;
+        let decomposition = valid + batch;
+        let elements = decomposition + 4 * batch;
+        FinLayout { report, values: report + 1, predicted, target, valid, decomposition, elements, len: elements + terms * bc }
+    }
+}
+
+/// Width of a statistics row for C classes.
+pub fn row_width(classes: usize) -> usize {
+    PER_CLASS * classes + ROW_SCALARS
+}
+
+/// Splits `groups` workgroups over a 2D dispatch (at most 65535 per dimension).
+pub fn dispatch_2d(groups: usize) -> (u32, u32) {
+    let x = groups.clamp(1, 65535);
+    (x as u32, groups.div_ceil(x).max(1) as u32)
+}
+
+fn b(v: bool) -> f32 {
+    if v {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+fn reduction_code(r: Reduction) -> f32 {
+    match r {
+        Reduction::Mean => 0.0,
+        Reduction::Sum => 1.0,
+        Reduction::None => 2.0,
+    }
+}
+
+/// Packs the spec's terms into the `params` array: pixel terms in slots 0..4, statistic
+/// terms from slot 4, per-class vectors after all records. Field [2] of each record is the
+/// term's position in the spec, where its value is reported.
+pub fn pack_params(spec: &LossSpec, shape: &Shape) -> Vec<f32> {
+    let c_n = shape.classes;
+    let mut params = vec![0.0f32; (MAX_PIXEL_TERMS + MAX_TERMS) * RECORD];
+    let (mut pix, mut stat) = (0usize, MAX_PIXEL_TERMS);
+    for (r, term) in spec.terms.iter().enumerate() {
+        let slot = if term.is_pixel_term() {
+            pix += 1;
+            pix - 1
+        } else {
+            stat += 1;
+            stat - 1
+        };
+        let mut rec = [0.0f32; RECORD];
+        rec[1] = term.weight() as f32;
+        rec[2] = r as f32;
+        rec[3] = -1.0;
+        let mut vector: Option<Vec<f64>> = None;
+        match term {
+            Term::CrossEntropy { class_weights, label_smoothing, reduction, .. } => {
+                rec[0] = 0.0;
+                rec[4] = *label_smoothing as f32;
+                rec[5] = reduction_code(*reduction);
+                vector = class_weights.clone();
+            }
+            Term::Focal { gamma, alpha, .. } => {
+                rec[0] = 1.0;
+                rec[4] = *gamma as f32;
+                vector = alpha.clone();
+            }
+            Term::Bce { pos_weight, .. } => {
+                rec[0] = 2.0;
+                vector = pos_weight.clone();
+            }
+            Term::Dice { include_background, squared, jaccard, log, batch, smooth_nr, smooth_dr, skip_empty, class_weights, reduction, .. } => {
+                rec[0] = 3.0;
+                rec[4] = b(*include_background);
+                rec[5] = b(*squared);
+                rec[6] = b(*jaccard);
+                rec[7] = b(*log);
+                rec[8] = b(*batch);
+                rec[9] = *smooth_nr as f32;
+                rec[10] = *smooth_dr as f32;
+                rec[11] = b(*skip_empty);
+                rec[12] = reduction_code(*reduction);
+                vector = class_weights.clone();
+            }
+            Term::Tversky { alpha, beta, gamma, include_background, batch, smooth_nr, smooth_dr, .. } => {
+                rec[0] = 4.0;
+                rec[4] = *alpha as f32;
+                rec[5] = *beta as f32;
+                rec[6] = *gamma as f32;
+                rec[7] = b(*include_background);
+                rec[8] = b(*batch);
+                rec[9] = *smooth_nr as f32;
+                rec[10] = *smooth_dr as f32;
+            }
+            Term::GeneralizedDice { w_type, include_background, batch, smooth_nr, smooth_dr, .. } => {
+                rec[0] = 5.0;
+                rec[4] = match w_type {
+                    WeightType::Square => 0.0,
+                    WeightType::Simple => 1.0,
+                    WeightType::Uniform => 2.0,
+                };
+                rec[5] = b(*include_background);
+                rec[6] = b(*batch);
+                rec[9] = *smooth_nr as f32;
+                rec[10] = *smooth_dr as f32;
+            }
+            Term::Region { penalty, target, .. } => {
+                rec[0] = 6.0;
+                rec[4] = match penalty {
+                    Penalty::L1 => 0.0,
+                    Penalty::Kl => 1.0,
+                    Penalty::L2 => 2.0,
+                    Penalty::LogSum => 3.0,
+                };
+                rec[5] = match target {
+                    RegionTarget::Named(NamedTarget::GroundTruth) => 0.0,
+                    RegionTarget::Named(NamedTarget::Uniform) => 1.0,
+                    RegionTarget::Prior(v) => {
+                        vector = Some(v.clone());
+                        2.0
+                    }
+                };
+            }
+        }
+        if let Some(v) = vector {
+            rec[3] = params.len() as f32;
+            params.extend(v.iter().take(c_n).map(|x| *x as f32));
+        }
+        params[slot * RECORD..(slot + 1) * RECORD].copy_from_slice(&rec);
+    }
+    params
+}
+
+/// The uniform header for a call.
+pub fn dims(spec: &LossSpec, shape: &Shape) -> Dims {
+    let s = shape.pixels();
+    let tiles = s.div_ceil(STATS_TILE);
+    let n_pix = spec.terms.iter().filter(|t| t.is_pixel_term()).count();
+    Dims {
+        batch: shape.batch as u32,
+        spatial: s as u32,
+        tiles_per_image: tiles as u32,
+        row_width: row_width(shape.classes) as u32,
+        n_terms: spec.terms.len() as u32,
+        n_pixel_terms: n_pix as u32,
+        _reserved: 0,
+        n_stat_terms: (spec.terms.len() - n_pix) as u32,
+        temperature: spec.temperature() as f32,
+        _pad: [0; 3],
+    }
+}
+
+/// Whether any term needs a per-pixel loss map (cross-entropy with reduction none).
+pub fn wants_loss_map(spec: &LossSpec) -> bool {
+    spec.terms.iter().any(|t| matches!(t, Term::CrossEntropy { reduction: Reduction::None, .. }))
+}
+
+/// Whether the activation is sigmoid.
+pub fn sigmoid(spec: &LossSpec) -> bool {
+    spec.activation == Activation::Sigmoid
+}

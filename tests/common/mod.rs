@@ -1,0 +1,96 @@
+//! Shared by the GPU test files: the device, and comparison against the f64 reference.
+#![allow(dead_code)]
+
+use segloss::gpu::{GpuContext, Options};
+use segloss::input::{Labels, Shape};
+use segloss::output::LossOutput;
+use segloss::reference;
+use segloss::spec::LossSpec;
+use std::sync::OnceLock;
+
+/// The test device. Without one the tests fail, saying how to install lavapipe: a GPU test
+/// never passes silently.
+pub fn gpu() -> &'static GpuContext {
+    static CTX: OnceLock<GpuContext> = OnceLock::new();
+    CTX.get_or_init(|| match GpuContext::new() {
+        Ok(c) => c,
+        Err(e) => panic!("GPU tests need a Vulkan device: {e}"),
+    })
+}
+
+/// Tolerances, f32 kernels against the f64 reference:
+/// - loss and term values: |gpu − ref| ≤ 2e-5·max(1, |ref|) (f32 sums over up to 10⁵ pixels
+///   in a fixed tree order keep ~1e-6 relative; the slack covers 1 − ratio cancellation);
+/// - every gradient element: |gpu − ref| ≤ 1e-5·max|ref| + 1e-7, and the whole gradient
+///   within 1e-4 relative L2 (DESIGN.md's agreement criterion).
+pub const VALUE_TOL: f64 = 2e-5;
+pub const GRAD_ELEM_TOL: f64 = 1e-5;
+pub const GRAD_L2_TOL: f64 = 1e-4;
+
+pub fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= VALUE_TOL * b.abs().max(1.0)
+}
+
+/// Runs `spec` on the GPU (outputs poisoned first) and on the reference and checks every
+/// output element. Returns the GPU output.
+pub fn check(spec: &LossSpec, shape: &Shape, logits: &[f32], labels: Labels<'_>, what: &str) -> LossOutput {
+    let want = reference::evaluate(spec, shape, logits, labels, true).unwrap();
+    let got = gpu()
+        .evaluate(spec, shape, logits, labels, Options { gradient: true, statistics: true, poison: true })
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(got.loss.is_finite() && close(got.loss, want.loss), "{what}: loss {} vs reference {}", got.loss, want.loss);
+    for (g, w) in got.terms.iter().zip(&want.terms) {
+        assert!(close(g.value, w.value), "{what}: term {} = {} vs reference {}", g.kind, g.value, w.value);
+    }
+    assert_eq!(got.valid_pixels, want.valid_pixels, "{what}: valid pixels");
+    for (name, g, w) in [
+        ("predicted", &got.predicted_proportions, &want.predicted_proportions),
+        ("target", &got.target_proportions, &want.target_proportions),
+    ] {
+        for (gr, wr) in g.iter().zip(w) {
+            for (a, b) in gr.iter().zip(wr) {
+                assert!(close(*a, *b), "{what}: {name} proportion {a} vs {b}");
+            }
+        }
+    }
+    assert_eq!(got.decomposition.len(), want.decomposition.len());
+    for (g, w) in got.decomposition.iter().zip(&want.decomposition) {
+        for (a, b) in [(g.ce, w.ce), (g.kl, w.kl), (g.matching, w.matching), (g.dice_region, w.dice_region)] {
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{what}: decomposition {g:?} vs {w:?}");
+        }
+    }
+    assert_eq!(got.elements.len(), want.elements.len(), "{what}: elements");
+    for (ge, we) in got.elements.iter().zip(&want.elements) {
+        match (ge, we) {
+            (Some(g), Some(w)) => {
+                assert_eq!(g.len(), w.len());
+                for (a, b) in g.iter().zip(w) {
+                    assert!(close(*a, *b), "{what}: element {a} vs {b}");
+                }
+            }
+            (None, None) => {}
+            _ => panic!("{what}: elements present on one side only"),
+        }
+    }
+    let gs = got.statistics.as_ref().unwrap();
+    let ws = want.statistics.as_ref().unwrap();
+    for (g, w) in gs.per_class.iter().zip(&ws.per_class) {
+        for (a, b) in g.iter().zip(w) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{what}: statistic {a} vs {b}");
+        }
+    }
+    let gg = got.gradient.as_ref().unwrap();
+    let wg = want.gradient.as_ref().unwrap();
+    assert_eq!(gg.len(), wg.len());
+    let scale = wg.iter().fold(0.0f64, |m, v| m.max((*v as f64).abs()));
+    let (mut diff, mut norm) = (0.0, 0.0);
+    for (k, (a, b)) in gg.iter().zip(wg).enumerate() {
+        let (a, b) = (*a as f64, *b as f64);
+        assert!(a.is_finite(), "{what}: gradient element {k} is {a} (unwritten or NaN)");
+        assert!((a - b).abs() <= GRAD_ELEM_TOL * scale + 1e-7, "{what}: gradient[{k}] = {a} vs reference {b} (max |ref| {scale})");
+        diff += (a - b) * (a - b);
+        norm += b * b;
+    }
+    assert!(diff.sqrt() <= GRAD_L2_TOL * norm.sqrt() + 1e-12, "{what}: gradient relative L2 {}", diff.sqrt() / norm.sqrt());
+    got
+}
