@@ -1,0 +1,122 @@
+//! The statistic terms (Dice family and region penalties) on the GPU against the f64
+//! reference, over an option grid that uses every option at least once and in
+//! combinations, with the edge cases of the region-size family.
+
+mod common;
+
+use common::check;
+use segloss::input::{Labels, Shape, IGNORE};
+use segloss::spec::LossSpec;
+use segloss::testing::{random_labels, random_logits, random_masks, random_soft_labels, Rng};
+
+fn spec(json: &str) -> LossSpec {
+    LossSpec::from_json(json).unwrap_or_else(|e| panic!("{json}: {e}"))
+}
+
+/// Every option of every statistic term at least once, several combined.
+const GRID: &[&str] = &[
+    r#"{"terms":[{"kind":"dice"}]}"#,
+    r#"{"terms":[{"kind":"dice","include_background":false,"squared":true}]}"#,
+    r#"{"terms":[{"kind":"dice","jaccard":true,"batch":true,"reduction":"sum"}]}"#,
+    r#"{"terms":[{"kind":"dice","log":true,"skip_empty":true,"class_weights":[0.5,1.5,1.0,2.0]}]}"#,
+    r#"{"terms":[{"kind":"dice","batch":true,"smooth_nr":0,"smooth_dr":0,"skip_empty":true}]}"#,
+    r#"{"terms":[{"kind":"dice","squared":true,"jaccard":true,"log":true,"reduction":"none","smooth_nr":1e-3,"smooth_dr":1e-2}]}"#,
+    r#"{"terms":[{"kind":"dice","batch":true,"reduction":"none","include_background":false}]}"#,
+    r#"{"terms":[{"kind":"tversky"}]}"#,
+    r#"{"terms":[{"kind":"tversky","alpha":0.3,"beta":0.7,"include_background":false,"batch":true}]}"#,
+    r#"{"terms":[{"kind":"tversky","gamma":1.33,"smooth_nr":0,"smooth_dr":1e-4}]}"#,
+    r#"{"terms":[{"kind":"generalized_dice"}]}"#,
+    r#"{"terms":[{"kind":"generalized_dice","w_type":"simple","batch":true}]}"#,
+    r#"{"terms":[{"kind":"generalized_dice","w_type":"uniform","include_background":false,"smooth_nr":0,"smooth_dr":0}]}"#,
+    r#"{"terms":[{"kind":"region"}]}"#,
+    r#"{"terms":[{"kind":"cross_entropy"},{"kind":"region","penalty":"l1","temperature":10}]}"#,
+    r#"{"terms":[{"kind":"region","penalty":"kl"}]}"#,
+    r#"{"terms":[{"kind":"region","penalty":"l2","target":"uniform","temperature":0.5}]}"#,
+    r#"{"terms":[{"kind":"region","penalty":"log_sum","target":[0.4,0.3,0.2,0.1]}]}"#,
+    r#"{"terms":[{"kind":"cross_entropy","weight":1.0},{"kind":"dice","weight":1.0}]}"#,
+    r#"{"terms":[{"kind":"cross_entropy","label_smoothing":0.1},{"kind":"focal","weight":0.5},{"kind":"dice","weight":0.7,"squared":true},{"kind":"tversky","weight":0.2,"alpha":0.7,"beta":0.3},{"kind":"generalized_dice","weight":0.3},{"kind":"region","weight":0.1,"penalty":"kl","temperature":10}]}"#,
+];
+
+#[test]
+fn option_grid_with_hard_labels() {
+    let mut rng = Rng::new(21);
+    let shape = Shape::new(3, 4, &[37, 23]);
+    let z = random_logits(&mut rng, &shape, 3.0);
+    let mut y = random_labels(&mut rng, &shape, 0.15);
+    // Class 3 absent from image 0.
+    let s = shape.pixels();
+    y[..s].iter_mut().filter(|v| **v == 3).for_each(|v| *v = 0);
+    for json in GRID {
+        check(&spec(json), &shape, &z, Labels::Index(&y), json);
+    }
+}
+
+#[test]
+fn option_grid_with_soft_labels() {
+    let mut rng = Rng::new(22);
+    let shape = Shape::new(2, 4, &[3, 11, 13]);
+    let z = random_logits(&mut rng, &shape, 3.0);
+    let g = random_soft_labels(&mut rng, &shape);
+    for json in GRID {
+        check(&spec(json), &shape, &z, Labels::Soft(&g), &format!("soft {json}"));
+    }
+}
+
+#[test]
+fn random_shapes_and_class_counts() {
+    let mut rng = Rng::new(23);
+    for round in 0..6 {
+        let c = rng.range(2, 24);
+        let shape = Shape::new(rng.range(1, 5), c, &[rng.range(1, 90), rng.range(1, 40)]);
+        let z = random_logits(&mut rng, &shape, 4.0);
+        let y = random_labels(&mut rng, &shape, 0.2);
+        let json = GRID[(round * 7) % GRID.len()].replace("[0.5,1.5,1.0,2.0]", "null").replace("[0.4,0.3,0.2,0.1]", "\"uniform\"");
+        check(&spec(&json), &shape, &z, Labels::Index(&y), &format!("{json} on {shape:?}"));
+    }
+}
+
+#[test]
+fn sigmoid_mode_statistic_terms() {
+    let mut rng = Rng::new(24);
+    let shape = Shape::new(2, 3, &[45, 19]);
+    let z = random_logits(&mut rng, &shape, 4.0);
+    let m = random_masks(&mut rng, &shape);
+    for json in [
+        r#"{"activation":"sigmoid","terms":[{"kind":"bce"},{"kind":"dice"}]}"#,
+        r#"{"activation":"sigmoid","terms":[{"kind":"dice","squared":true,"batch":true},{"kind":"tversky","alpha":0.2,"beta":0.8}]}"#,
+        r#"{"activation":"sigmoid","terms":[{"kind":"generalized_dice","w_type":"simple"}]}"#,
+        r#"{"activation":"sigmoid","terms":[{"kind":"bce"},{"kind":"region","penalty":"kl","temperature":10}]}"#,
+        r#"{"activation":"sigmoid","terms":[{"kind":"region","penalty":"l1"}]}"#,
+        r#"{"activation":"sigmoid","terms":[{"kind":"region","penalty":"l2","target":"uniform"}]}"#,
+    ] {
+        check(&spec(json), &shape, &z, Labels::Soft(&m), json);
+    }
+}
+
+#[test]
+fn edge_cases_of_the_region_size_family() {
+    let mut rng = Rng::new(25);
+    // C = 2 without background: one class left.
+    let shape = Shape::new(2, 2, &[61, 7]);
+    let z = random_logits(&mut rng, &shape, 3.0);
+    let y = random_labels(&mut rng, &shape, 0.1);
+    for json in [
+        r#"{"terms":[{"kind":"dice","include_background":false}]}"#,
+        r#"{"terms":[{"kind":"tversky","include_background":false}]}"#,
+        r#"{"terms":[{"kind":"generalized_dice","include_background":false}]}"#,
+    ] {
+        check(&spec(json), &shape, &z, Labels::Index(&y), &format!("C=2 {json}"));
+    }
+    // A class absent from the whole batch, an image with every pixel ignored, smoothing 0.
+    let shape = Shape::new(3, 5, &[29, 31]);
+    let z = random_logits(&mut rng, &shape, 3.0);
+    let mut y: Vec<u32> = random_labels(&mut rng, &shape, 0.1).into_iter().map(|v| if v == 4 { 1 } else { v }).collect();
+    let s = shape.pixels();
+    y[s..2 * s].iter_mut().for_each(|v| *v = IGNORE);
+    for json in GRID {
+        let json = json.replace("[0.5,1.5,1.0,2.0]", "[0.5,1.5,1.0,2.0,1.0]").replace("[0.4,0.3,0.2,0.1]", "[0.4,0.3,0.1,0.1,0.1]");
+        let out = check(&spec(&json), &shape, &z, Labels::Index(&y), &format!("absent class 4, image 1 ignored: {json}"));
+        assert!(out.loss.is_finite());
+        assert!(out.gradient.unwrap()[5 * s..10 * s].iter().all(|g| *g == 0.0));
+    }
+}
