@@ -1,0 +1,193 @@
+//! The `segloss` command line: the kernels from any language, through .npy files and JSON.
+//! Its interface is the contract of DESIGN.md; errors print one line and exit with status 2.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use segloss::input::{convert_labels, Labels, Shape};
+use segloss::npy::{self, NpyData};
+use segloss::spec::{Activation, LossSpec};
+use segloss::{Error, Result, Segloss};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "segloss", version, about = "Fused segmentation losses and gradients on the GPU (wgpu), with an f64 CPU fallback")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Layout {
+    Nchw,
+    Nhwc,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Device {
+    Gpu,
+    Cpu,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the adapters found, the one chosen, its features and limits.
+    Info,
+    /// Loss (and gradient) of a spec on logits and labels stored as .npy files.
+    #[command(after_help = "Example:\n  segloss eval --logits x.npy --labels y.npy \\\n    --spec '{\"terms\":[{\"kind\":\"cross_entropy\"},{\"kind\":\"dice\"}]}' --grad-out g.npy\n\nlogits: float32 or float16, (B, C, *spatial) for nchw or (B, *spatial, C) for nhwc.\nlabels: any integer dtype (B, *spatial), or float32 of the logits' shape (soft labels, sigmoid masks).\nSPEC: JSON text or @path to a JSON file.")]
+    Eval {
+        /// Logits .npy (float32 or float16).
+        #[arg(long)]
+        logits: PathBuf,
+        /// Labels .npy (integer class indices, or float32 of the logits' shape).
+        #[arg(long)]
+        labels: PathBuf,
+        /// The loss spec: JSON text, or @path to a JSON file.
+        #[arg(long)]
+        spec: String,
+        /// Memory layout of logits (and soft labels and the gradient).
+        #[arg(long, value_enum, default_value = "nchw")]
+        layout: Layout,
+        /// Write ∂loss/∂logits here as float32, same shape and layout as the logits.
+        #[arg(long)]
+        grad_out: Option<PathBuf>,
+        /// gpu (error if none), or cpu (the f64 reference). Default: the GPU if there is one.
+        #[arg(long, value_enum)]
+        device: Option<Device>,
+    },
+}
+
+/// (B, *spatial, C) ↔ (B, C, *spatial), `to_nchw` choosing the direction.
+fn permute(data: &[f32], b_n: usize, c_n: usize, s: usize, to_nchw: bool) -> Vec<f32> {
+    let mut out = vec![0.0; data.len()];
+    for b in 0..b_n {
+        for c in 0..c_n {
+            for i in 0..s {
+                let (nchw, nhwc) = ((b * c_n + c) * s + i, (b * s + i) * c_n + c);
+                if to_nchw {
+                    out[nchw] = data[nhwc];
+                } else {
+                    out[nhwc] = data[nchw];
+                }
+            }
+        }
+    }
+    out
+}
+
+fn read_spec(text: &str) -> Result<LossSpec> {
+    let json = match text.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| Error::Io(format!("{path}: {e}")))?,
+        None => text.to_string(),
+    };
+    LossSpec::from_json(&json)
+}
+
+fn eval(logits: PathBuf, labels: PathBuf, spec: String, layout: Layout, grad_out: Option<PathBuf>, device: Option<Device>) -> Result<()> {
+    let spec = read_spec(&spec)?;
+    let x = npy::read(&logits)?;
+    let NpyData::Float(z) = x.data else {
+        return Err(Error::Input(format!("{}: logits must be float32 or float16", logits.display())));
+    };
+    if x.shape.len() < 3 {
+        return Err(Error::Input(format!("logits have shape {:?}: expected (B, C, *spatial) with at least one spatial dimension", x.shape)));
+    }
+    let (b_n, c_n, spatial) = match layout {
+        Layout::Nchw => (x.shape[0], x.shape[1], x.shape[2..].to_vec()),
+        Layout::Nhwc => (x.shape[0], x.shape[x.shape.len() - 1], x.shape[1..x.shape.len() - 1].to_vec()),
+    };
+    let shape = Shape::new(b_n, c_n, &spatial);
+    shape.check()?;
+    let s = shape.pixels();
+    let z = if layout == Layout::Nhwc { permute(&z, b_n, c_n, s, true) } else { z };
+    let y = npy::read(&labels)?;
+    let (hard, soft);
+    let labels_in = match y.data {
+        NpyData::Int(v) => {
+            let want: Vec<usize> = std::iter::once(b_n).chain(spatial.iter().cloned()).collect();
+            if y.shape != want {
+                return Err(Error::Input(format!("labels have shape {:?}, expected (B, *spatial) = {want:?}", y.shape)));
+            }
+            hard = convert_labels(&v, spec.ignore_index, c_n)?;
+            Labels::Index(&hard)
+        }
+        NpyData::Float(v) => {
+            if y.shape != x.shape {
+                return Err(Error::Input(format!("float labels have shape {:?}, expected the logits' shape {:?}", y.shape, x.shape)));
+            }
+            soft = if layout == Layout::Nhwc { permute(&v, b_n, c_n, s, true) } else { v };
+            Labels::Soft(&soft)
+        }
+    };
+    if spec.activation == Activation::Sigmoid && matches!(labels_in, Labels::Index(_)) {
+        return Err(Error::Input("sigmoid mode needs float32 masks of the logits' shape as labels".into()));
+    }
+    let engine = match device {
+        Some(Device::Gpu) => Segloss::gpu()?,
+        Some(Device::Cpu) => Segloss::cpu(),
+        None => Segloss::new(),
+    };
+    let out = engine.evaluate(&spec, &shape, &z, labels_in, grad_out.is_some())?;
+    let mut json = serde_json::json!({
+        "loss": out.loss,
+        "terms": out.terms,
+        "predicted_proportions": out.predicted_proportions,
+        "target_proportions": out.target_proportions,
+        "valid_pixels": out.valid_pixels,
+        "device": engine.describe(),
+    });
+    if spec.activation == Activation::Softmax {
+        json["decomposition"] = serde_json::to_value(&out.decomposition).map_err(|e| Error::Io(e.to_string()))?;
+    }
+    if !out.elements.is_empty() {
+        json["elements"] = serde_json::to_value(&out.elements).map_err(|e| Error::Io(e.to_string()))?;
+    }
+    if let (Some(path), Some(g)) = (grad_out, out.gradient) {
+        let g = if layout == Layout::Nhwc { permute(&g, b_n, c_n, s, false) } else { g };
+        npy::write_f32(&path, &x.shape, &g)?;
+    }
+    println!("{json}");
+    Ok(())
+}
+
+fn info() -> Result<()> {
+    let adapters = segloss::gpu::context::enumerate();
+    let listed: Vec<_> = adapters
+        .iter()
+        .map(|a| {
+            let i = a.get_info();
+            serde_json::json!({"name": i.name, "backend": format!("{:?}", i.backend), "device_type": format!("{:?}", i.device_type), "driver": i.driver, "driver_info": i.driver_info})
+        })
+        .collect();
+    let chosen = segloss::gpu::context::choose(adapters)?;
+    let l = chosen.limits();
+    let json = serde_json::json!({
+        "adapters": listed,
+        "chosen": chosen.get_info().name,
+        "features": format!("{:?}", chosen.features() & segloss::gpu::context::wanted_features()),
+        "limits": {
+            "max_storage_buffer_binding_size": l.max_storage_buffer_binding_size,
+            "max_buffer_size": l.max_buffer_size,
+            "max_compute_workgroups_per_dimension": l.max_compute_workgroups_per_dimension,
+            "max_compute_invocations_per_workgroup": l.max_compute_invocations_per_workgroup,
+            "max_compute_workgroup_storage_size": l.max_compute_workgroup_storage_size,
+            "max_storage_buffers_per_shader_stage": l.max_storage_buffers_per_shader_stage,
+        },
+    });
+    println!("{}", serde_json::to_string_pretty(&json).map_err(|e| Error::Io(e.to_string()))?);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info => info(),
+        Command::Eval { logits, labels, spec, layout, grad_out, device } => eval(logits, labels, spec, layout, grad_out, device),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("segloss: {}", e.to_string().replace('\n', " "));
+            ExitCode::from(2)
+        }
+    }
+}
