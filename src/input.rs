@@ -20,7 +20,11 @@ pub struct Shape {
 impl Shape {
     /// A shape from B, C and the spatial extents.
     pub fn new(batch: usize, classes: usize, spatial: &[usize]) -> Self {
-        Shape { batch, classes, spatial: spatial.to_vec() }
+        Shape {
+            batch,
+            classes,
+            spatial: spatial.to_vec(),
+        }
     }
 
     /// Spatial positions per image (S).
@@ -40,14 +44,21 @@ impl Shape {
 
     /// Checks that no dimension is zero and that counts fit the kernels' 32-bit indexing.
     pub fn check(&self) -> Result<()> {
-        if self.batch == 0 || self.classes == 0 || self.spatial.is_empty() || self.spatial.contains(&0) {
+        if self.batch == 0
+            || self.classes == 0
+            || self.spatial.is_empty()
+            || self.spatial.contains(&0)
+        {
             return Err(Error::Input(format!(
                 "shape B={} C={} spatial={:?} has a zero-sized or missing dimension",
                 self.batch, self.classes, self.spatial
             )));
         }
         if self.len() > u32::MAX as usize {
-            return Err(Error::Input(format!("{} logits exceed the 2^32 elements one call can index", self.len())));
+            return Err(Error::Input(format!(
+                "{} logits exceed the 2^32 elements one call can index",
+                self.len()
+            )));
         }
         Ok(())
     }
@@ -71,23 +82,37 @@ impl Labels<'_> {
                 let want = shape.batch * shape.pixels();
                 if y.len() != want {
                     return Err(Error::Input(format!(
-                        "labels hold {} values, expected B·S = {want}", y.len()
+                        "labels hold {} values, expected B·S = {want}",
+                        y.len()
                     )));
                 }
-                if let Some((i, v)) = y.iter().enumerate().find(|(_, v)| **v != IGNORE && **v as usize >= shape.classes) {
+                if let Some((i, v)) = y
+                    .iter()
+                    .enumerate()
+                    .find(|(_, v)| **v != IGNORE && **v as usize >= shape.classes)
+                {
                     return Err(Error::Input(format!(
-                        "label {v} at flat position {i} is not a class index (C = {})", shape.classes
+                        "label {v} at flat position {i} is not a class index (C = {})",
+                        shape.classes
                     )));
                 }
             }
             Labels::Soft(g) => {
                 if g.len() != shape.len() {
                     return Err(Error::Input(format!(
-                        "soft labels hold {} values, expected the logits' B·C·S = {}", g.len(), shape.len()
+                        "soft labels hold {} values, expected the logits' B·C·S = {}",
+                        g.len(),
+                        shape.len()
                     )));
                 }
-                if let Some((i, v)) = g.iter().enumerate().find(|(_, v)| !v.is_finite() || **v < 0.0 || **v > 1.0) {
-                    return Err(Error::Input(format!("soft label {v} at flat position {i} is outside [0, 1]")));
+                if let Some((i, v)) = g
+                    .iter()
+                    .enumerate()
+                    .find(|(_, v)| !v.is_finite() || **v < 0.0 || **v > 1.0)
+                {
+                    return Err(Error::Input(format!(
+                        "soft label {v} at flat position {i} is outside [0, 1]"
+                    )));
                 }
             }
         }
@@ -97,7 +122,11 @@ impl Labels<'_> {
 
 /// Converts integer class labels of any type to the kernels' u32 form: `ignore_index`
 /// becomes [`IGNORE`]; any other value outside 0..C is an error naming its position.
-pub fn convert_labels<T: Copy + Into<i64>>(values: &[T], ignore_index: i64, classes: usize) -> Result<Vec<u32>> {
+pub fn convert_labels<T: Copy + Into<i64>>(
+    values: &[T],
+    ignore_index: i64,
+    classes: usize,
+) -> Result<Vec<u32>> {
     let mut out = Vec::with_capacity(values.len());
     for (i, v) in values.iter().enumerate() {
         let v: i64 = (*v).into();
@@ -120,11 +149,15 @@ pub fn check_logits(logits: &[f32], shape: &Shape) -> Result<()> {
     shape.check()?;
     if logits.len() != shape.len() {
         return Err(Error::Input(format!(
-            "logits hold {} values, expected B·C·S = {}", logits.len(), shape.len()
+            "logits hold {} values, expected B·C·S = {}",
+            logits.len(),
+            shape.len()
         )));
     }
     if let Some((i, v)) = logits.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-        return Err(Error::Input(format!("logit {v} at flat position {i} is not finite")));
+        return Err(Error::Input(format!(
+            "logit {v} at flat position {i} is not finite"
+        )));
     }
     Ok(())
 }
@@ -135,8 +168,14 @@ mod tests {
 
     #[test]
     fn converts_and_rejects_labels() {
-        assert_eq!(convert_labels(&[0i64, 2, -100, 1], -100, 3).unwrap(), vec![0, 2, IGNORE, 1]);
-        assert_eq!(convert_labels(&[255u8, 1], 255, 2).unwrap(), vec![IGNORE, 1]);
+        assert_eq!(
+            convert_labels(&[0i64, 2, -100, 1], -100, 3).unwrap(),
+            vec![0, 2, IGNORE, 1]
+        );
+        assert_eq!(
+            convert_labels(&[255u8, 1], 255, 2).unwrap(),
+            vec![IGNORE, 1]
+        );
         let e = convert_labels(&[0i32, 3], -100, 3).unwrap_err().to_string();
         assert!(e.contains("label 3 at flat position 1"), "{e}");
         let e = convert_labels(&[-1i64], 255, 3).unwrap_err().to_string();
@@ -149,7 +188,9 @@ mod tests {
         assert!(Shape::new(1, 2, &[]).check().is_err());
         let s = Shape::new(1, 2, &[2]);
         assert!(check_logits(&[0.0; 3], &s).is_err());
-        let e = check_logits(&[0.0, 1.0, f32::NAN, 0.0], &s).unwrap_err().to_string();
+        let e = check_logits(&[0.0, 1.0, f32::NAN, 0.0], &s)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("position 2"), "{e}");
         assert!(Labels::Index(&[0, 2]).check(&s).is_err());
         assert!(Labels::Soft(&[0.5, 0.5, 1.5, 0.0]).check(&s).is_err());

@@ -8,7 +8,7 @@
 //!
 //! Any weighted sum of terms costs three passes: statistics (one read of logits and
 //! labels), finalize (kilobytes) and gradient (one more read, one write). Every term has an
-//! f64 CPU implementation in [`reference`], the oracle of the tests and the fallback when no
+//! f64 CPU implementation in [`mod@reference`], the oracle of the tests and the fallback when no
 //! adapter exists.
 //!
 //! ```
@@ -29,6 +29,8 @@
 //! println!("loss {:.4}, KL part of image 0: {:.4}", out.loss, out.decomposition[0].kl);
 //! # Ok::<(), segloss::Error>(())
 //! ```
+
+#![warn(missing_docs)]
 
 pub mod error;
 pub mod gpu;
@@ -72,28 +74,38 @@ impl Segloss {
     /// The preferred GPU; without one, the CPU reference (said once on stderr).
     pub fn new() -> Self {
         match GpuContext::new() {
-            Ok(ctx) => Segloss { backend: Backend::Gpu(Box::new(ctx)) },
+            Ok(ctx) => Segloss {
+                backend: Backend::Gpu(Box::new(ctx)),
+            },
             Err(e) => {
                 static WARN: Once = Once::new();
                 WARN.call_once(|| eprintln!("segloss: {e}; using the CPU implementation"));
-                Segloss { backend: Backend::Cpu }
+                Segloss {
+                    backend: Backend::Cpu,
+                }
             }
         }
     }
 
     /// The preferred GPU, or an error saying how to get one.
     pub fn gpu() -> Result<Self> {
-        Ok(Segloss { backend: Backend::Gpu(Box::new(GpuContext::new()?)) })
+        Ok(Segloss {
+            backend: Backend::Gpu(Box::new(GpuContext::new()?)),
+        })
     }
 
     /// The f64 CPU implementation.
     pub fn cpu() -> Self {
-        Segloss { backend: Backend::Cpu }
+        Segloss {
+            backend: Backend::Cpu,
+        }
     }
 
     /// Wraps an existing GPU context.
     pub fn with_context(ctx: GpuContext) -> Self {
-        Segloss { backend: Backend::Gpu(Box::new(ctx)) }
+        Segloss {
+            backend: Backend::Gpu(Box::new(ctx)),
+        }
     }
 
     /// The GPU context, when running on one.
@@ -107,15 +119,35 @@ impl Segloss {
     /// "gpu: NAME (BACKEND)" or "cpu".
     pub fn describe(&self) -> String {
         match &self.backend {
-            Backend::Gpu(c) => format!("gpu: {} ({:?})", c.adapter_info().name, c.adapter_info().backend),
+            Backend::Gpu(c) => format!(
+                "gpu: {} ({:?})",
+                c.adapter_info().name,
+                c.adapter_info().backend
+            ),
             Backend::Cpu => "cpu".into(),
         }
     }
 
     /// Loss of `spec` on f32 NCHW logits, and ∂loss/∂logits when `gradient` is true.
-    pub fn evaluate(&self, spec: &LossSpec, shape: &Shape, logits: &[f32], labels: Labels<'_>, gradient: bool) -> Result<LossOutput> {
+    pub fn evaluate(
+        &self,
+        spec: &LossSpec,
+        shape: &Shape,
+        logits: &[f32],
+        labels: Labels<'_>,
+        gradient: bool,
+    ) -> Result<LossOutput> {
         match &self.backend {
-            Backend::Gpu(ctx) => ctx.evaluate(spec, shape, logits, labels, Options { gradient, ..Default::default() }),
+            Backend::Gpu(ctx) => ctx.evaluate(
+                spec,
+                shape,
+                logits,
+                labels,
+                Options {
+                    gradient,
+                    ..Default::default()
+                },
+            ),
             Backend::Cpu => {
                 let mut out = reference::evaluate(spec, shape, logits, labels, gradient)?;
                 out.statistics = None;

@@ -27,7 +27,10 @@ pub enum NpyData {
 /// The value of a `'key': value` entry of the header dictionary.
 fn header_value<'a>(header: &'a str, key: &str) -> Result<&'a str> {
     let pat = format!("'{key}':");
-    let start = header.find(&pat).ok_or_else(|| Error::Io(format!("npy header has no '{key}' entry")))? + pat.len();
+    let start = header
+        .find(&pat)
+        .ok_or_else(|| Error::Io(format!("npy header has no '{key}' entry")))?
+        + pat.len();
     Ok(header[start..].trim_start())
 }
 
@@ -60,36 +63,62 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
             if bytes.len() < 12 {
                 return Err(Error::Io("truncated .npy header".into()));
             }
-            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
+            (
+                u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+                12,
+            )
         }
         v => return Err(Error::Io(format!("unsupported .npy format version {v}"))),
     };
-    let end = start.checked_add(header_len).filter(|e| *e <= bytes.len()).ok_or_else(|| Error::Io("truncated .npy header".into()))?;
-    let header = std::str::from_utf8(&bytes[start..end]).map_err(|_| Error::Io("the .npy header is not text".into()))?;
+    let end = start
+        .checked_add(header_len)
+        .filter(|e| *e <= bytes.len())
+        .ok_or_else(|| Error::Io("truncated .npy header".into()))?;
+    let header = std::str::from_utf8(&bytes[start..end])
+        .map_err(|_| Error::Io("the .npy header is not text".into()))?;
     let descr = header_value(header, "descr")?;
-    let descr = descr.strip_prefix('\'').and_then(|d| d.split('\'').next()).ok_or_else(|| Error::Io("unreadable dtype in .npy header".into()))?;
+    let descr = descr
+        .strip_prefix('\'')
+        .and_then(|d| d.split('\'').next())
+        .ok_or_else(|| Error::Io("unreadable dtype in .npy header".into()))?;
     if header_value(header, "fortran_order")?.starts_with("True") {
         return Err(Error::Io("Fortran-ordered arrays are not supported: save a C-ordered array (np.ascontiguousarray)".into()));
     }
     let shape_text = header_value(header, "shape")?;
-    let inner = shape_text.strip_prefix('(').and_then(|s| s.split(')').next()).ok_or_else(|| Error::Io("unreadable shape in .npy header".into()))?;
+    let inner = shape_text
+        .strip_prefix('(')
+        .and_then(|s| s.split(')').next())
+        .ok_or_else(|| Error::Io("unreadable shape in .npy header".into()))?;
     let shape: Vec<usize> = inner
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| Error::Io(format!("bad dimension '{s}' in .npy shape"))))
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| Error::Io(format!("bad dimension '{s}' in .npy shape")))
+        })
         .collect::<Result<_>>()?;
-    let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| Error::Io("the .npy shape overflows".into()))?;
+    let count = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| Error::Io("the .npy shape overflows".into()))?;
     let (order, kind) = descr.split_at(1);
     let big = order == ">";
     if !matches!(order, "<" | ">" | "|" | "=") {
         return Err(Error::Io(format!("unsupported dtype '{descr}'")));
     }
-    let width: usize = kind[1..].parse().map_err(|_| Error::Io(format!("unsupported dtype '{descr}'")))?;
+    let width: usize = kind[1..]
+        .parse()
+        .map_err(|_| Error::Io(format!("unsupported dtype '{descr}'")))?;
     let body = &bytes[end..];
-    let need = count.checked_mul(width).ok_or_else(|| Error::Io("the .npy shape overflows".into()))?;
+    let need = count
+        .checked_mul(width)
+        .ok_or_else(|| Error::Io("the .npy shape overflows".into()))?;
     if body.len() < need {
-        return Err(Error::Io(format!("truncated .npy data: {} bytes for {count} values of {width} bytes", body.len())));
+        return Err(Error::Io(format!(
+            "truncated .npy data: {} bytes for {count} values of {width} bytes",
+            body.len()
+        )));
     }
     let word = |k: usize| -> u64 {
         let b = &body[k * width..(k + 1) * width];
@@ -105,15 +134,30 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
         (b'f', 2) => NpyData::Float((0..count).map(|k| f16_to_f32(word(k) as u16)).collect()),
         (b'i', 1 | 2 | 4 | 8) => {
             let bits = 64 - 8 * width as u32;
-            NpyData::Int((0..count).map(|k| ((word(k) << bits) as i64) >> bits).collect())
+            NpyData::Int(
+                (0..count)
+                    .map(|k| ((word(k) << bits) as i64) >> bits)
+                    .collect(),
+            )
         }
         (b'u', 1 | 2 | 4) | (b'b', 1) => NpyData::Int((0..count).map(|k| word(k) as i64).collect()),
         (b'u', 8) => NpyData::Int(
             (0..count)
-                .map(|k| i64::try_from(word(k)).map_err(|_| Error::Input(format!("label {} at flat position {k} is out of range", word(k)))))
+                .map(|k| {
+                    i64::try_from(word(k)).map_err(|_| {
+                        Error::Input(format!(
+                            "label {} at flat position {k} is out of range",
+                            word(k)
+                        ))
+                    })
+                })
                 .collect::<Result<_>>()?,
         ),
-        _ => return Err(Error::Io(format!("unsupported dtype '{descr}' (float32, float16 or an integer type)"))),
+        _ => {
+            return Err(Error::Io(format!(
+                "unsupported dtype '{descr}' (float32, float16 or an integer type)"
+            )))
+        }
     };
     Ok(NpyArray { shape, data })
 }
@@ -130,7 +174,11 @@ pub fn read(path: &Path) -> Result<NpyArray> {
 /// The bytes of a float32 `.npy` file (format 1.0).
 pub fn encode_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_text = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let shape_text = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_text}, }}");
     // Pad so the data starts on a 64-byte boundary, newline last.
     let total = 10 + header.len() + 1;
@@ -146,9 +194,18 @@ pub fn encode_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
 /// Writes a float32 `.npy` file atomically: to a temporary file beside it, then renamed, so
 /// a failure never leaves a partial or stale file at `path`.
 pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| Error::Io(format!("{}: not a file path", path.display())))?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Io(format!("{}: not a file path", path.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&encode_f32(shape, data))?;
@@ -166,7 +223,8 @@ mod tests {
     use super::*;
 
     fn npy(descr: &str, shape: &str, body: &[u8]) -> Vec<u8> {
-        let header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}\n");
+        let header =
+            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}\n");
         let mut out = b"\x93NUMPY\x01\x00".to_vec();
         out.extend((header.len() as u16).to_le_bytes());
         out.extend(header.as_bytes());
@@ -179,28 +237,56 @@ mod tests {
         let a = parse(&encode_f32(&[2, 3], &[1.0, -2.5, 3.0, 0.0, 1e-8, 7.0])).unwrap();
         assert_eq!(a.shape, vec![2, 3]);
         assert_eq!(a.data, NpyData::Float(vec![1.0, -2.5, 3.0, 0.0, 1e-8, 7.0]));
-        assert_eq!(encode_f32(&[5], &[0.0; 5]).len() % 64, 20 % 64);
+        // The data starts on a 64-byte boundary: 5 floats leave 20 bytes past it.
+        assert_eq!(encode_f32(&[5], &[0.0; 5]).len() % 64, 20);
     }
 
     #[test]
     fn reads_integer_dtypes_and_f16() {
-        let a = parse(&npy("<i8", "(3,)", &[0xff; 8].iter().chain(&2i64.to_le_bytes()).chain(&(-100i64).to_le_bytes()).cloned().collect::<Vec<u8>>())).unwrap();
+        let a = parse(&npy(
+            "<i8",
+            "(3,)",
+            &[0xff; 8]
+                .iter()
+                .chain(&2i64.to_le_bytes())
+                .chain(&(-100i64).to_le_bytes())
+                .cloned()
+                .collect::<Vec<u8>>(),
+        ))
+        .unwrap();
         assert_eq!(a.data, NpyData::Int(vec![-1, 2, -100]));
         let a = parse(&npy("|u1", "(2, 1)", &[255, 3])).unwrap();
         assert_eq!((a.shape, a.data), (vec![2, 1], NpyData::Int(vec![255, 3])));
         let a = parse(&npy(">i2", "(1,)", &[0x01, 0x02])).unwrap();
         assert_eq!(a.data, NpyData::Int(vec![258]));
         // 1.0, −2.0, 65504, 2⁻²⁴ (smallest subnormal) in f16.
-        let a = parse(&npy("<f2", "(4,)", &[0x00, 0x3c, 0x00, 0xc0, 0xff, 0x7b, 0x01, 0x00])).unwrap();
-        assert_eq!(a.data, NpyData::Float(vec![1.0, -2.0, 65504.0, 2f32.powi(-24)]));
+        let a = parse(&npy(
+            "<f2",
+            "(4,)",
+            &[0x00, 0x3c, 0x00, 0xc0, 0xff, 0x7b, 0x01, 0x00],
+        ))
+        .unwrap();
+        assert_eq!(
+            a.data,
+            NpyData::Float(vec![1.0, -2.0, 65504.0, 2f32.powi(-24)])
+        );
     }
 
     #[test]
     fn malformed_files_are_errors() {
         assert!(parse(b"hello").is_err());
-        assert!(parse(b"\x93NUMPY\x01\x00\xff\xff{").unwrap_err().to_string().contains("truncated"));
-        assert!(parse(&npy("<f4", "(3,)", &[0; 8])).unwrap_err().to_string().contains("truncated"));
-        assert!(parse(&npy("<c8", "(1,)", &[0; 8])).unwrap_err().to_string().contains("unsupported"));
+        assert!(parse(b"\x93NUMPY\x01\x00\xff\xff{")
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
+        assert!(parse(&npy("<f4", "(3,)", &[0; 8]))
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
+        assert!(parse(&npy("<c8", "(1,)", &[0; 8]))
+            .unwrap_err()
+            .to_string()
+            .contains("unsupported"));
         assert!(parse(&npy("<f4", "(a,)", &[0; 4])).is_err());
         let header = "{'descr': '<f4', 'fortran_order': True, 'shape': (1,), }\n";
         let mut f = b"\x93NUMPY\x01\x00".to_vec();

@@ -310,8 +310,7 @@ impl LossSpec {
     /// Parses the JSON form (the contract's SPEC) and checks what can be checked without
     /// knowing the class count.
     pub fn from_json(text: &str) -> Result<Self> {
-        let spec: LossSpec =
-            serde_json::from_str(text).map_err(|e| Error::Spec(e.to_string()))?;
+        let spec: LossSpec = serde_json::from_str(text).map_err(|e| Error::Spec(e.to_string()))?;
         spec.validate(None)?;
         Ok(spec)
     }
@@ -356,7 +355,11 @@ impl LossSpec {
                 if let Some(v) = v {
                     if let Some(c) = classes {
                         if v.len() != c {
-                            return bad(i, field, format!("has {} values, expected one per class ({c})", v.len()));
+                            return bad(
+                                i,
+                                field,
+                                format!("has {} values, expected one per class ({c})", v.len()),
+                            );
                         }
                     }
                     if v.is_empty() {
@@ -364,7 +367,11 @@ impl LossSpec {
                     }
                     for (k, x) in v.iter().enumerate() {
                         if !x.is_finite() || *x < 0.0 {
-                            return bad(i, field, format!("value [{k}] = {x} must be finite and ≥ 0"));
+                            return bad(
+                                i,
+                                field,
+                                format!("value [{k}] = {x} must be finite and ≥ 0"),
+                            );
                         }
                     }
                     if !allow_zero_sum && v.iter().sum::<f64>() <= 0.0 {
@@ -384,16 +391,28 @@ impl LossSpec {
             };
             let needs_softmax = |name: &str| {
                 if self.activation != Activation::Softmax {
-                    return bad(i, "kind", format!("{name} needs activation softmax (use bce in sigmoid mode)"));
+                    return bad(
+                        i,
+                        "kind",
+                        format!("{name} needs activation softmax (use bce in sigmoid mode)"),
+                    );
                 }
                 Ok(())
             };
             match t {
-                Term::CrossEntropy { class_weights, label_smoothing, .. } => {
+                Term::CrossEntropy {
+                    class_weights,
+                    label_smoothing,
+                    ..
+                } => {
                     needs_softmax("cross_entropy")?;
                     check_vec("class_weights", class_weights, false)?;
                     if !(0.0..=1.0).contains(label_smoothing) {
-                        return bad(i, "label_smoothing", format!("must lie in [0, 1], got {label_smoothing}"));
+                        return bad(
+                            i,
+                            "label_smoothing",
+                            format!("must lie in [0, 1], got {label_smoothing}"),
+                        );
                     }
                 }
                 Term::Focal { gamma, alpha, .. } => {
@@ -409,14 +428,32 @@ impl LossSpec {
                     }
                     check_vec("pos_weight", pos_weight, true)?;
                 }
-                Term::Dice { smooth_nr, smooth_dr, class_weights, include_background, .. } => {
+                Term::Dice {
+                    smooth_nr,
+                    smooth_dr,
+                    class_weights,
+                    include_background,
+                    ..
+                } => {
                     check_smooth(*smooth_nr, *smooth_dr)?;
                     check_vec("class_weights", class_weights, true)?;
                     if !include_background && classes == Some(1) {
-                        return bad(i, "include_background", "false leaves no class when C = 1".into());
+                        return bad(
+                            i,
+                            "include_background",
+                            "false leaves no class when C = 1".into(),
+                        );
                     }
                 }
-                Term::Tversky { alpha, beta, gamma, smooth_nr, smooth_dr, include_background, .. } => {
+                Term::Tversky {
+                    alpha,
+                    beta,
+                    gamma,
+                    smooth_nr,
+                    smooth_dr,
+                    include_background,
+                    ..
+                } => {
                     check_smooth(*smooth_nr, *smooth_dr)?;
                     for (name, v) in [("alpha", alpha), ("beta", beta)] {
                         if !v.is_finite() || *v < 0.0 {
@@ -427,23 +464,49 @@ impl LossSpec {
                         return bad(i, "gamma", format!("must be finite and > 0, got {gamma}"));
                     }
                     if !include_background && classes == Some(1) {
-                        return bad(i, "include_background", "false leaves no class when C = 1".into());
+                        return bad(
+                            i,
+                            "include_background",
+                            "false leaves no class when C = 1".into(),
+                        );
                     }
                 }
-                Term::GeneralizedDice { smooth_nr, smooth_dr, include_background, .. } => {
+                Term::GeneralizedDice {
+                    smooth_nr,
+                    smooth_dr,
+                    include_background,
+                    ..
+                } => {
                     check_smooth(*smooth_nr, *smooth_dr)?;
                     if !include_background && classes == Some(1) {
-                        return bad(i, "include_background", "false leaves no class when C = 1".into());
+                        return bad(
+                            i,
+                            "include_background",
+                            "false leaves no class when C = 1".into(),
+                        );
                     }
                 }
-                Term::Region { target, temperature: tt, .. } => {
+                Term::Region {
+                    target,
+                    temperature: tt,
+                    ..
+                } => {
                     if !tt.is_finite() || *tt <= 0.0 {
-                        return bad(i, "temperature", format!("must be finite and > 0, got {tt}"));
+                        return bad(
+                            i,
+                            "temperature",
+                            format!("must be finite and > 0, got {tt}"),
+                        );
                     }
                     if let Some(t0) = temperature {
                         if t0 != *tt {
-                            return bad(i, "temperature", format!(
-                                "all region terms must share one temperature ({t0} and {tt})"));
+                            return bad(
+                                i,
+                                "temperature",
+                                format!(
+                                    "all region terms must share one temperature ({t0} and {tt})"
+                                ),
+                            );
                         }
                     }
                     temperature = Some(*tt);
@@ -469,9 +532,12 @@ impl LossSpec {
     /// Checks that the kind of labels fits the activation: sigmoid mode takes masks of the
     /// logits' shape, softmax mode class indices or probability vectors.
     pub fn check_labels(&self, labels: &crate::input::Labels<'_>) -> Result<()> {
-        if self.activation == Activation::Sigmoid && matches!(labels, crate::input::Labels::Index(_)) {
+        if self.activation == Activation::Sigmoid
+            && matches!(labels, crate::input::Labels::Index(_))
+        {
             return Err(Error::Input(
-                "sigmoid mode needs float masks of the logits' shape as labels, not class indices".into(),
+                "sigmoid mode needs float masks of the logits' shape as labels, not class indices"
+                    .into(),
             ));
         }
         Ok(())
@@ -524,16 +590,30 @@ mod tests {
 
     #[test]
     fn defaults_match_the_references() {
-        let spec = LossSpec::from_json(r#"{"terms":[{"kind":"dice"},{"kind":"focal"},{"kind":"region","target":[0.5,0.5]}]}"#).unwrap();
+        let spec = LossSpec::from_json(
+            r#"{"terms":[{"kind":"dice"},{"kind":"focal"},{"kind":"region","target":[0.5,0.5]}]}"#,
+        )
+        .unwrap();
         assert_eq!(spec.ignore_index, -100);
         match &spec.terms[0] {
-            Term::Dice { smooth_nr, smooth_dr, include_background, weight, .. } => {
-                assert_eq!((*smooth_nr, *smooth_dr, *include_background, *weight), (1e-5, 1e-5, true, 1.0));
+            Term::Dice {
+                smooth_nr,
+                smooth_dr,
+                include_background,
+                weight,
+                ..
+            } => {
+                assert_eq!(
+                    (*smooth_nr, *smooth_dr, *include_background, *weight),
+                    (1e-5, 1e-5, true, 1.0)
+                );
             }
             _ => panic!("not dice"),
         }
         assert!(matches!(spec.terms[1], Term::Focal { gamma, .. } if gamma == 2.0));
-        assert!(matches!(&spec.terms[2], Term::Region { target: RegionTarget::Prior(v), .. } if v.len() == 2));
+        assert!(
+            matches!(&spec.terms[2], Term::Region { target: RegionTarget::Prior(v), .. } if v.len() == 2)
+        );
     }
 
     fn err(text: &str, classes: Option<usize>) -> String {
@@ -548,16 +628,42 @@ mod tests {
         assert!(err(r#"{"terms":[]}"#, None).contains("terms"));
         assert!(err(r#"{"terms":[{"kind":"softdice"}]}"#, None).contains("softdice"));
         assert!(err(r#"{"terms":[{"kind":"dice","smoth_nr":1}]}"#, None).contains("smoth_nr"));
-        assert!(err(r#"{"terms":[{"kind":"cross_entropy","class_weights":[1,-2]}]}"#, None).contains("terms[0].class_weights"));
-        assert!(err(r#"{"terms":[{"kind":"cross_entropy","class_weights":[1,2]}]}"#, Some(3)).contains("one per class"));
-        assert!(err(r#"{"terms":[{"kind":"cross_entropy","label_smoothing":1.5}]}"#, None).contains("label_smoothing"));
+        assert!(err(
+            r#"{"terms":[{"kind":"cross_entropy","class_weights":[1,-2]}]}"#,
+            None
+        )
+        .contains("terms[0].class_weights"));
+        assert!(err(
+            r#"{"terms":[{"kind":"cross_entropy","class_weights":[1,2]}]}"#,
+            Some(3)
+        )
+        .contains("one per class"));
+        assert!(err(
+            r#"{"terms":[{"kind":"cross_entropy","label_smoothing":1.5}]}"#,
+            None
+        )
+        .contains("label_smoothing"));
         assert!(err(r#"{"terms":[{"kind":"focal","gamma":-1}]}"#, None).contains("gamma"));
         assert!(err(r#"{"terms":[{"kind":"bce"}]}"#, None).contains("sigmoid"));
-        assert!(err(r#"{"activation":"sigmoid","terms":[{"kind":"cross_entropy"}]}"#, None).contains("softmax"));
-        assert!(err(r#"{"terms":[{"kind":"region","temperature":0}]}"#, None).contains("temperature"));
-        assert!(err(r#"{"terms":[{"kind":"region","temperature":2},{"kind":"region","temperature":3}]}"#, None).contains("share"));
+        assert!(err(
+            r#"{"activation":"sigmoid","terms":[{"kind":"cross_entropy"}]}"#,
+            None
+        )
+        .contains("softmax"));
+        assert!(
+            err(r#"{"terms":[{"kind":"region","temperature":0}]}"#, None).contains("temperature")
+        );
+        assert!(err(
+            r#"{"terms":[{"kind":"region","temperature":2},{"kind":"region","temperature":3}]}"#,
+            None
+        )
+        .contains("share"));
         assert!(err(r#"{"terms":[{"kind":"cross_entropy"}]}"#, Some(1)).contains("C = 1"));
         assert!(err(r#"{"terms":[{"kind":"dice","smooth_dr":-1}]}"#, None).contains("smooth_dr"));
-        assert!(err(r#"{"terms":[{"kind":"cross_entropy","reduction":"avg"}]}"#, None).contains("avg"));
+        assert!(err(
+            r#"{"terms":[{"kind":"cross_entropy","reduction":"avg"}]}"#,
+            None
+        )
+        .contains("avg"));
     }
 }

@@ -40,7 +40,9 @@ impl Rng {
 
 /// Logits uniform in [−scale, scale), never all zero.
 pub fn random_logits(rng: &mut Rng, shape: &Shape, scale: f64) -> Vec<f32> {
-    (0..shape.len()).map(|_| rng.symmetric(scale) as f32).collect()
+    (0..shape.len())
+        .map(|_| rng.symmetric(scale) as f32)
+        .collect()
 }
 
 /// Class labels; each pixel is ignored with probability `ignored`. Classes are drawn with

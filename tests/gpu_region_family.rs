@@ -58,7 +58,13 @@ fn option_grid_with_soft_labels() {
     let z = random_logits(&mut rng, &shape, 3.0);
     let g = random_soft_labels(&mut rng, &shape);
     for json in GRID {
-        check(&spec(json), &shape, &z, Labels::Soft(&g), &format!("soft {json}"));
+        check(
+            &spec(json),
+            &shape,
+            &z,
+            Labels::Soft(&g),
+            &format!("soft {json}"),
+        );
     }
 }
 
@@ -70,8 +76,16 @@ fn random_shapes_and_class_counts() {
         let shape = Shape::new(rng.range(1, 5), c, &[rng.range(1, 90), rng.range(1, 40)]);
         let z = random_logits(&mut rng, &shape, 4.0);
         let y = random_labels(&mut rng, &shape, 0.2);
-        let json = GRID[(round * 7) % GRID.len()].replace("[0.5,1.5,1.0,2.0]", "null").replace("[0.4,0.3,0.2,0.1]", "\"uniform\"");
-        check(&spec(&json), &shape, &z, Labels::Index(&y), &format!("{json} on {shape:?}"));
+        let json = GRID[(round * 7) % GRID.len()]
+            .replace("[0.5,1.5,1.0,2.0]", "null")
+            .replace("[0.4,0.3,0.2,0.1]", "\"uniform\"");
+        check(
+            &spec(&json),
+            &shape,
+            &z,
+            Labels::Index(&y),
+            &format!("{json} on {shape:?}"),
+        );
     }
 }
 
@@ -105,18 +119,37 @@ fn edge_cases_of_the_region_size_family() {
         r#"{"terms":[{"kind":"tversky","include_background":false}]}"#,
         r#"{"terms":[{"kind":"generalized_dice","include_background":false}]}"#,
     ] {
-        check(&spec(json), &shape, &z, Labels::Index(&y), &format!("C=2 {json}"));
+        check(
+            &spec(json),
+            &shape,
+            &z,
+            Labels::Index(&y),
+            &format!("C=2 {json}"),
+        );
     }
     // A class absent from the whole batch, an image with every pixel ignored, smoothing 0.
     let shape = Shape::new(3, 5, &[29, 31]);
     let z = random_logits(&mut rng, &shape, 3.0);
-    let mut y: Vec<u32> = random_labels(&mut rng, &shape, 0.1).into_iter().map(|v| if v == 4 { 1 } else { v }).collect();
+    let mut y: Vec<u32> = random_labels(&mut rng, &shape, 0.1)
+        .into_iter()
+        .map(|v| if v == 4 { 1 } else { v })
+        .collect();
     let s = shape.pixels();
     y[s..2 * s].iter_mut().for_each(|v| *v = IGNORE);
     for json in GRID {
-        let json = json.replace("[0.5,1.5,1.0,2.0]", "[0.5,1.5,1.0,2.0,1.0]").replace("[0.4,0.3,0.2,0.1]", "[0.4,0.3,0.1,0.1,0.1]");
-        let out = check(&spec(&json), &shape, &z, Labels::Index(&y), &format!("absent class 4, image 1 ignored: {json}"));
+        let json = json
+            .replace("[0.5,1.5,1.0,2.0]", "[0.5,1.5,1.0,2.0,1.0]")
+            .replace("[0.4,0.3,0.2,0.1]", "[0.4,0.3,0.1,0.1,0.1]");
+        let out = check(
+            &spec(&json),
+            &shape,
+            &z,
+            Labels::Index(&y),
+            &format!("absent class 4, image 1 ignored: {json}"),
+        );
         assert!(out.loss.is_finite());
-        assert!(out.gradient.unwrap()[5 * s..10 * s].iter().all(|g| *g == 0.0));
+        assert!(out.gradient.unwrap()[5 * s..10 * s]
+            .iter()
+            .all(|g| *g == 0.0));
     }
 }

@@ -28,7 +28,9 @@ fn spec(json: &str) -> LossSpec {
 
 /// Fills per-class vectors of the JSON template ("{W}") with C random positive values.
 fn with_class_vector(template: &str, rng: &mut Rng, c: usize) -> String {
-    let v: Vec<String> = (0..c).map(|_| format!("{:.3}", 0.1 + 2.0 * rng.uniform())).collect();
+    let v: Vec<String> = (0..c)
+        .map(|_| format!("{:.3}", 0.1 + 2.0 * rng.uniform()))
+        .collect();
     template.replace("{W}", &format!("[{}]", v.join(",")))
 }
 
@@ -50,8 +52,18 @@ fn cross_entropy_and_focal_on_random_shapes() {
         let z = random_logits(&mut rng, &shape, 4.0);
         let ignored = [0.0, 0.1, 0.7][round % 3];
         let y = random_labels(&mut rng, &shape, ignored);
-        let json = with_class_vector(CORE_SPECS[round % CORE_SPECS.len()], &mut rng, shape.classes);
-        check(&spec(&json), &shape, &z, Labels::Index(&y), &format!("{json} on {shape:?}"));
+        let json = with_class_vector(
+            CORE_SPECS[round % CORE_SPECS.len()],
+            &mut rng,
+            shape.classes,
+        );
+        check(
+            &spec(&json),
+            &shape,
+            &z,
+            Labels::Index(&y),
+            &format!("{json} on {shape:?}"),
+        );
     }
 }
 
@@ -75,11 +87,20 @@ fn bce_in_sigmoid_mode() {
         let z = random_logits(&mut rng, &shape, 5.0);
         let m = random_masks(&mut rng, &shape);
         let json = with_class_vector(
-            [r#"{"activation":"sigmoid","terms":[{"kind":"bce"}]}"#, r#"{"activation":"sigmoid","terms":[{"kind":"bce","pos_weight":{W},"weight":0.3}]}"#][round % 2],
+            [
+                r#"{"activation":"sigmoid","terms":[{"kind":"bce"}]}"#,
+                r#"{"activation":"sigmoid","terms":[{"kind":"bce","pos_weight":{W},"weight":0.3}]}"#,
+            ][round % 2],
             &mut rng,
             shape.classes,
         );
-        check(&spec(&json), &shape, &z, Labels::Soft(&m), &format!("{json} on {shape:?}"));
+        check(
+            &spec(&json),
+            &shape,
+            &z,
+            Labels::Soft(&m),
+            &format!("{json} on {shape:?}"),
+        );
     }
 }
 
@@ -90,7 +111,13 @@ fn u32_labels_for_many_classes() {
     let shape = Shape::new(2, 300, &[17, 9]);
     let z = random_logits(&mut rng, &shape, 2.0);
     let y = random_labels(&mut rng, &shape, 0.1);
-    check(&spec(r#"{"terms":[{"kind":"cross_entropy","label_smoothing":0.1},{"kind":"dice"}]}"#), &shape, &z, Labels::Index(&y), "C=300");
+    check(
+        &spec(r#"{"terms":[{"kind":"cross_entropy","label_smoothing":0.1},{"kind":"dice"}]}"#),
+        &shape,
+        &z,
+        Labels::Index(&y),
+        "C=300",
+    );
 }
 
 #[test]
@@ -101,10 +128,22 @@ fn large_logits_do_not_overflow() {
     let y = random_labels(&mut rng, &shape, 0.1);
     for t in CORE_SPECS {
         let json = with_class_vector(t, &mut rng, 4);
-        check(&spec(&json), &shape, &z, Labels::Index(&y), &format!("|z| ≤ 80: {json}"));
+        check(
+            &spec(&json),
+            &shape,
+            &z,
+            Labels::Index(&y),
+            &format!("|z| ≤ 80: {json}"),
+        );
     }
     let m = random_masks(&mut rng, &shape);
-    check(&spec(r#"{"activation":"sigmoid","terms":[{"kind":"bce"}]}"#), &shape, &z, Labels::Soft(&m), "bce |z| ≤ 80");
+    check(
+        &spec(r#"{"activation":"sigmoid","terms":[{"kind":"bce"}]}"#),
+        &shape,
+        &z,
+        Labels::Soft(&m),
+        "bce |z| ≤ 80",
+    );
 }
 
 #[test]
@@ -120,13 +159,27 @@ fn ignored_images_contribute_nothing() {
         let json = with_class_vector(t, &mut rng, 3);
         let out = check(&spec(&json), &shape, &z, Labels::Index(&y), &json);
         assert_eq!(out.valid_pixels[1], 0);
-        assert!(out.gradient.unwrap()[s * 3..s * 6].iter().all(|g| *g == 0.0));
+        assert!(out.gradient.unwrap()[s * 3..s * 6]
+            .iter()
+            .all(|g| *g == 0.0));
     }
     // Every pixel ignored: loss 0 and a zero gradient, never NaN.
     let y = vec![IGNORE; shape.batch * s];
     for t in CORE_SPECS {
         let json = with_class_vector(t, &mut rng, 3);
-        let out = gpu().evaluate(&spec(&json), &shape, &z, Labels::Index(&y), Options { gradient: true, poison: true, ..Default::default() }).unwrap();
+        let out = gpu()
+            .evaluate(
+                &spec(&json),
+                &shape,
+                &z,
+                Labels::Index(&y),
+                Options {
+                    gradient: true,
+                    poison: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
         assert_eq!(out.loss, 0.0, "{json}");
         assert!(out.gradient.unwrap().iter().all(|g| *g == 0.0), "{json}");
     }
@@ -139,8 +192,18 @@ fn soft_label_cross_entropy_and_focal() {
         let shape = random_shape(&mut rng, (2, 9));
         let z = random_logits(&mut rng, &shape, 3.0);
         let g = random_soft_labels(&mut rng, &shape);
-        let json = with_class_vector(CORE_SPECS[round * 2 % CORE_SPECS.len()], &mut rng, shape.classes);
-        check(&spec(&json), &shape, &z, Labels::Soft(&g), &format!("soft {json} on {shape:?}"));
+        let json = with_class_vector(
+            CORE_SPECS[round * 2 % CORE_SPECS.len()],
+            &mut rng,
+            shape.classes,
+        );
+        check(
+            &spec(&json),
+            &shape,
+            &z,
+            Labels::Soft(&g),
+            &format!("soft {json} on {shape:?}"),
+        );
     }
 }
 
@@ -150,18 +213,46 @@ fn weights_are_data_and_results_are_deterministic() {
     let shape = Shape::new(2, 4, &[50, 41]);
     let z = random_logits(&mut rng, &shape, 3.0);
     let y = random_labels(&mut rng, &shape, 0.1);
-    let opts = Options { gradient: true, statistics: true, poison: false };
-    let first = gpu().evaluate(&spec(r#"{"terms":[{"kind":"cross_entropy","weight":1.0},{"kind":"dice","weight":0.5}]}"#), &shape, &z, Labels::Index(&y), opts).unwrap();
+    let opts = Options {
+        gradient: true,
+        statistics: true,
+        poison: false,
+    };
+    let first = gpu()
+        .evaluate(
+            &spec(
+                r#"{"terms":[{"kind":"cross_entropy","weight":1.0},{"kind":"dice","weight":0.5}]}"#,
+            ),
+            &shape,
+            &z,
+            Labels::Index(&y),
+            opts,
+        )
+        .unwrap();
     let created = gpu().buffers_created();
     for lambda in [0.25, 2.0, 1.0] {
-        let json = format!(r#"{{"terms":[{{"kind":"cross_entropy","weight":1.0}},{{"kind":"dice","weight":{lambda}}}]}}"#);
-        let out = gpu().evaluate(&spec(&json), &shape, &z, Labels::Index(&y), opts).unwrap();
+        let json = format!(
+            r#"{{"terms":[{{"kind":"cross_entropy","weight":1.0}},{{"kind":"dice","weight":{lambda}}}]}}"#
+        );
+        let out = gpu()
+            .evaluate(&spec(&json), &shape, &z, Labels::Index(&y), opts)
+            .unwrap();
         let want = out.terms[0].value + lambda * out.terms[1].value;
         assert!((out.loss - want).abs() < 1e-5);
     }
     // Changing λ created no buffer; the same inputs give bitwise-identical outputs.
     assert_eq!(gpu().buffers_created(), created);
-    let again = gpu().evaluate(&spec(r#"{"terms":[{"kind":"cross_entropy","weight":1.0},{"kind":"dice","weight":0.5}]}"#), &shape, &z, Labels::Index(&y), opts).unwrap();
+    let again = gpu()
+        .evaluate(
+            &spec(
+                r#"{"terms":[{"kind":"cross_entropy","weight":1.0},{"kind":"dice","weight":0.5}]}"#,
+            ),
+            &shape,
+            &z,
+            Labels::Index(&y),
+            opts,
+        )
+        .unwrap();
     assert_eq!(first.loss.to_bits(), again.loss.to_bits());
     assert_eq!(first.gradient, again.gradient);
     assert_eq!(first.statistics, again.statistics);

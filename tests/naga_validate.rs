@@ -5,11 +5,18 @@
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 
 fn validate(name: &str, src: &str, caps: Capabilities) {
-    let module = naga::front::wgsl::parse_str(src).unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(src)));
+    let module = naga::front::wgsl::parse_str(src)
+        .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(src)));
     let mut v = Validator::new(ValidationFlags::all(), caps);
-    let info = v.validate(&module).unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(src)));
+    let info = v
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(src)));
     // The host's override values must also validate (array sizes, constant folding).
-    for (classes, label_kind, sigmoid, tempered) in [(2.0, 1.0, 0.0, 0.0), (40.0, 0.0, 0.0, 1.0), (3.0, 2.0, 1.0, 1.0)] {
+    for (classes, label_kind, sigmoid, tempered) in [
+        (2.0, 1.0, 0.0, 0.0),
+        (40.0, 0.0, 0.0, 1.0),
+        (3.0, 2.0, 1.0, 1.0),
+    ] {
         let constants: naga::back::PipelineConstants = [
             ("C".to_string(), classes),
             ("LABEL_KIND".to_string(), label_kind),

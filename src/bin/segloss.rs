@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "segloss", version, about = "Fused segmentation losses and gradients on the GPU (wgpu), with an f64 CPU fallback")]
+#[command(
+    name = "segloss",
+    version,
+    about = "Fused segmentation losses and gradients on the GPU (wgpu), with an f64 CPU fallback"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -33,7 +37,9 @@ enum Command {
     /// List the adapters found, the one chosen, its features and limits.
     Info,
     /// Loss (and gradient) of a spec on logits and labels stored as .npy files.
-    #[command(after_help = "Example:\n  segloss eval --logits x.npy --labels y.npy \\\n    --spec '{\"terms\":[{\"kind\":\"cross_entropy\"},{\"kind\":\"dice\"}]}' --grad-out g.npy\n\nlogits: float32 or float16, (B, C, *spatial) for nchw or (B, *spatial, C) for nhwc.\nlabels: any integer dtype (B, *spatial), or float32 of the logits' shape (soft labels, sigmoid masks).\nSPEC: JSON text or @path to a JSON file.")]
+    #[command(
+        after_help = "Example:\n  segloss eval --logits x.npy --labels y.npy \\\n    --spec '{\"terms\":[{\"kind\":\"cross_entropy\"},{\"kind\":\"dice\"}]}' --grad-out g.npy\n\nlogits: float32 or float16, (B, C, *spatial) for nchw or (B, *spatial, C) for nhwc.\nlabels: any integer dtype (B, *spatial), or float32 of the logits' shape (soft labels, sigmoid masks).\nSPEC: JSON text or @path to a JSON file."
+    )]
     Eval {
         /// Logits .npy (float32 or float16).
         #[arg(long)]
@@ -76,50 +82,88 @@ fn permute(data: &[f32], b_n: usize, c_n: usize, s: usize, to_nchw: bool) -> Vec
 
 fn read_spec(text: &str) -> Result<LossSpec> {
     let json = match text.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path).map_err(|e| Error::Io(format!("{path}: {e}")))?,
+        Some(path) => {
+            std::fs::read_to_string(path).map_err(|e| Error::Io(format!("{path}: {e}")))?
+        }
         None => text.to_string(),
     };
     LossSpec::from_json(&json)
 }
 
-fn eval(logits: PathBuf, labels: PathBuf, spec: String, layout: Layout, grad_out: Option<PathBuf>, device: Option<Device>) -> Result<()> {
+fn eval(
+    logits: PathBuf,
+    labels: PathBuf,
+    spec: String,
+    layout: Layout,
+    grad_out: Option<PathBuf>,
+    device: Option<Device>,
+) -> Result<()> {
     let spec = read_spec(&spec)?;
     let x = npy::read(&logits)?;
     let NpyData::Float(z) = x.data else {
-        return Err(Error::Input(format!("{}: logits must be float32 or float16", logits.display())));
+        return Err(Error::Input(format!(
+            "{}: logits must be float32 or float16",
+            logits.display()
+        )));
     };
     if x.shape.len() < 3 {
-        return Err(Error::Input(format!("logits have shape {:?}: expected (B, C, *spatial) with at least one spatial dimension", x.shape)));
+        return Err(Error::Input(format!(
+            "logits have shape {:?}: expected (B, C, *spatial) with at least one spatial dimension",
+            x.shape
+        )));
     }
     let (b_n, c_n, spatial) = match layout {
         Layout::Nchw => (x.shape[0], x.shape[1], x.shape[2..].to_vec()),
-        Layout::Nhwc => (x.shape[0], x.shape[x.shape.len() - 1], x.shape[1..x.shape.len() - 1].to_vec()),
+        Layout::Nhwc => (
+            x.shape[0],
+            x.shape[x.shape.len() - 1],
+            x.shape[1..x.shape.len() - 1].to_vec(),
+        ),
     };
     let shape = Shape::new(b_n, c_n, &spatial);
     shape.check()?;
+    spec.validate(Some(c_n))?;
     let s = shape.pixels();
-    let z = if layout == Layout::Nhwc { permute(&z, b_n, c_n, s, true) } else { z };
+    let z = if layout == Layout::Nhwc {
+        permute(&z, b_n, c_n, s, true)
+    } else {
+        z
+    };
     let y = npy::read(&labels)?;
     let (hard, soft);
     let labels_in = match y.data {
         NpyData::Int(v) => {
-            let want: Vec<usize> = std::iter::once(b_n).chain(spatial.iter().cloned()).collect();
+            let want: Vec<usize> = std::iter::once(b_n)
+                .chain(spatial.iter().cloned())
+                .collect();
             if y.shape != want {
-                return Err(Error::Input(format!("labels have shape {:?}, expected (B, *spatial) = {want:?}", y.shape)));
+                return Err(Error::Input(format!(
+                    "labels have shape {:?}, expected (B, *spatial) = {want:?}",
+                    y.shape
+                )));
             }
             hard = convert_labels(&v, spec.ignore_index, c_n)?;
             Labels::Index(&hard)
         }
         NpyData::Float(v) => {
             if y.shape != x.shape {
-                return Err(Error::Input(format!("float labels have shape {:?}, expected the logits' shape {:?}", y.shape, x.shape)));
+                return Err(Error::Input(format!(
+                    "float labels have shape {:?}, expected the logits' shape {:?}",
+                    y.shape, x.shape
+                )));
             }
-            soft = if layout == Layout::Nhwc { permute(&v, b_n, c_n, s, true) } else { v };
+            soft = if layout == Layout::Nhwc {
+                permute(&v, b_n, c_n, s, true)
+            } else {
+                v
+            };
             Labels::Soft(&soft)
         }
     };
     if spec.activation == Activation::Sigmoid && matches!(labels_in, Labels::Index(_)) {
-        return Err(Error::Input("sigmoid mode needs float32 masks of the logits' shape as labels".into()));
+        return Err(Error::Input(
+            "sigmoid mode needs float32 masks of the logits' shape as labels".into(),
+        ));
     }
     let engine = match device {
         Some(Device::Gpu) => Segloss::gpu()?,
@@ -136,13 +180,19 @@ fn eval(logits: PathBuf, labels: PathBuf, spec: String, layout: Layout, grad_out
         "device": engine.describe(),
     });
     if spec.activation == Activation::Softmax {
-        json["decomposition"] = serde_json::to_value(&out.decomposition).map_err(|e| Error::Io(e.to_string()))?;
+        json["decomposition"] =
+            serde_json::to_value(&out.decomposition).map_err(|e| Error::Io(e.to_string()))?;
     }
     if !out.elements.is_empty() {
-        json["elements"] = serde_json::to_value(&out.elements).map_err(|e| Error::Io(e.to_string()))?;
+        json["elements"] =
+            serde_json::to_value(&out.elements).map_err(|e| Error::Io(e.to_string()))?;
     }
     if let (Some(path), Some(g)) = (grad_out, out.gradient) {
-        let g = if layout == Layout::Nhwc { permute(&g, b_n, c_n, s, false) } else { g };
+        let g = if layout == Layout::Nhwc {
+            permute(&g, b_n, c_n, s, false)
+        } else {
+            g
+        };
         npy::write_f32(&path, &x.shape, &g)?;
     }
     println!("{json}");
@@ -173,7 +223,10 @@ fn info() -> Result<()> {
             "max_storage_buffers_per_shader_stage": l.max_storage_buffers_per_shader_stage,
         },
     });
-    println!("{}", serde_json::to_string_pretty(&json).map_err(|e| Error::Io(e.to_string()))?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json).map_err(|e| Error::Io(e.to_string()))?
+    );
     Ok(())
 }
 
@@ -181,7 +234,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info => info(),
-        Command::Eval { logits, labels, spec, layout, grad_out, device } => eval(logits, labels, spec, layout, grad_out, device),
+        Command::Eval {
+            logits,
+            labels,
+            spec,
+            layout,
+            grad_out,
+            device,
+        } => eval(logits, labels, spec, layout, grad_out, device),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,7 +13,8 @@ pub fn wanted_features() -> wgpu::Features {
 }
 
 fn backends() -> wgpu::Backends {
-    wgpu::Backends::from_env().unwrap_or(wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12)
+    wgpu::Backends::from_env()
+        .unwrap_or(wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12)
 }
 
 fn instance() -> wgpu::Instance {
@@ -50,7 +51,11 @@ pub fn choose(mut adapters: Vec<wgpu::Adapter>) -> Result<wgpu::Adapter> {
         return adapters
             .into_iter()
             .find(|a| a.get_info().name.to_lowercase().contains(&want))
-            .ok_or_else(|| Error::NoAdapter(format!("WGPU_ADAPTER_NAME={name} matches none of {names:?}")));
+            .ok_or_else(|| {
+                Error::NoAdapter(format!(
+                    "WGPU_ADAPTER_NAME={name} matches none of {names:?}"
+                ))
+            });
     }
     adapters.sort_by_key(|a| rank(a.get_info().device_type));
     Ok(adapters.remove(0))
@@ -67,5 +72,6 @@ pub fn open(adapter: &wgpu::Adapter) -> Result<(wgpu::Device, wgpu::Queue)> {
         memory_hints: wgpu::MemoryHints::Performance,
         trace: wgpu::Trace::Off,
     };
-    pollster::block_on(adapter.request_device(&desc)).map_err(|e| Error::Gpu(format!("request_device: {e}")))
+    pollster::block_on(adapter.request_device(&desc))
+        .map_err(|e| Error::Gpu(format!("request_device: {e}")))
 }

@@ -120,7 +120,10 @@ pub struct GpuContext {
 
 impl std::fmt::Debug for GpuContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GpuContext").field("adapter", &self.info.name).field("backend", &self.info.backend).finish()
+        f.debug_struct("GpuContext")
+            .field("adapter", &self.info.name)
+            .field("backend", &self.info.backend)
+            .finish()
     }
 }
 
@@ -138,7 +141,11 @@ fn label_words(labels: &Labels<'_>, kind: u32) -> Vec<u32> {
     match (labels, kind) {
         (Labels::Index(y), 1) => y
             .chunks(4)
-            .map(|c| c.iter().enumerate().fold(0u32, |w, (k, &v)| w | ((if v == IGNORE { 255 } else { v }) << (8 * k))))
+            .map(|c| {
+                c.iter().enumerate().fold(0u32, |w, (k, &v)| {
+                    w | ((if v == IGNORE { 255 } else { v }) << (8 * k))
+                })
+            })
             .collect(),
         (Labels::Index(y), _) => y.to_vec(),
         (Labels::Soft(g), _) => g.iter().map(|v| v.to_bits()).collect(),
@@ -159,7 +166,12 @@ impl GpuContext {
             device,
             queue,
             info,
-            inner: Mutex::new(Inner { modules: HashMap::new(), pipelines: HashMap::new(), pool: Pool::default(), workspaces: vec![] }),
+            inner: Mutex::new(Inner {
+                modules: HashMap::new(),
+                pipelines: HashMap::new(),
+                pool: Pool::default(),
+                workspaces: vec![],
+            }),
         }
     }
 
@@ -184,19 +196,29 @@ impl GpuContext {
     }
 
     /// Loss (and gradient) of `spec` on f32 NCHW logits.
-    pub fn evaluate(&self, spec: &LossSpec, shape: &Shape, logits: &[f32], labels: Labels<'_>, opts: Options) -> Result<LossOutput> {
+    pub fn evaluate(
+        &self,
+        spec: &LossSpec,
+        shape: &Shape,
+        logits: &[f32],
+        labels: Labels<'_>,
+        opts: Options,
+    ) -> Result<LossOutput> {
         check_logits(logits, shape)?;
         labels.check(shape)?;
         spec.validate(Some(shape.classes))?;
         spec.check_labels(&labels)?;
-        let max_binding = self.device.limits().max_storage_buffer_binding_size as u64;
+        let max_binding = self.device.limits().max_storage_buffer_binding_size;
         let logits_bytes = 4 * shape.len() as u64;
         if logits_bytes > max_binding {
             return Err(Error::Input(format!(
                 "{logits_bytes} bytes of logits exceed this adapter's max_storage_buffer_binding_size ({max_binding})"
             )));
         }
-        let mut inner = self.inner.lock().map_err(|_| Error::Gpu("a previous call panicked while holding the device".into()))?;
+        let mut inner = self
+            .inner
+            .lock()
+            .map_err(|_| Error::Gpu("a previous call panicked while holding the device".into()))?;
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let result = self.run(&mut inner, spec, shape, logits, labels, opts);
@@ -222,11 +244,16 @@ impl GpuContext {
             .modules
             .entry(name)
             .or_insert_with(|| {
-                let src = shader_sources().into_iter().find(|(n, _)| *n == name).map(|(_, s)| s).unwrap_or_default();
-                self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(name),
-                    source: wgpu::ShaderSource::Wgsl(src.into()),
-                })
+                let src = shader_sources()
+                    .into_iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, s)| s)
+                    .unwrap_or_default();
+                self.device
+                    .create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some(name),
+                        source: wgpu::ShaderSource::Wgsl(src.into()),
+                    })
             })
             .clone();
         let constants = [
@@ -235,14 +262,19 @@ impl GpuContext {
             ("SIGMOID", if key.sigmoid { 1.0 } else { 0.0 }),
             ("TEMPERED", if key.tempered { 1.0 } else { 0.0 }),
         ];
-        let p = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(entry),
-            layout: None,
-            module: &module,
-            entry_point: Some(entry),
-            compilation_options: wgpu::PipelineCompilationOptions { constants: &constants, zero_initialize_workgroup_memory: false },
-            cache: None,
-        });
+        let p = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(entry),
+                layout: None,
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &constants,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
         inner.pipelines.insert(key, p.clone());
         p
     }
@@ -293,7 +325,10 @@ impl GpuContext {
             (sizes.fin, storage_out),
             (sizes.logits, storage_out),
             (sizes.map, storage_out),
-            (sizes.fin + sizes.logits + sizes.map + sizes.stats, U::MAP_READ | U::COPY_DST),
+            (
+                sizes.fin + sizes.logits + sizes.map + sizes.stats,
+                U::MAP_READ | U::COPY_DST,
+            ),
         ];
         let device = &self.device;
         let buffers: Vec<(BufferKey, wgpu::Buffer)> = specs
@@ -322,7 +357,13 @@ impl GpuContext {
         let dims_size = std::mem::size_of::<Dims>() as u64;
         let mut bind_groups = HashMap::new();
         for stage in [Stage::Stats, Stage::Reduce, Stage::Finalize, Stage::Grad] {
-            let pk = PipelineKey { stage, classes: key.classes as u32, label_kind: key.label_kind, sigmoid: key.sigmoid, tempered: key.tempered };
+            let pk = PipelineKey {
+                stage,
+                classes: key.classes as u32,
+                label_kind: key.label_kind,
+                sigmoid: key.sigmoid,
+                tempered: key.tempered,
+            };
             let pipeline = self.pipeline(inner, pk);
             let entries: Vec<wgpu::BindGroupEntry> = match stage {
                 Stage::Stats => vec![
@@ -333,7 +374,11 @@ impl GpuContext {
                     entry(4, B_PARTIAL, sizes.partial),
                     entry(8, B_MAP, sizes.map),
                 ],
-                Stage::Reduce => vec![entry(2, B_DIMS, dims_size), entry(4, B_PARTIAL, sizes.partial), entry(5, B_STATS, sizes.stats)],
+                Stage::Reduce => vec![
+                    entry(2, B_DIMS, dims_size),
+                    entry(4, B_PARTIAL, sizes.partial),
+                    entry(5, B_STATS, sizes.stats),
+                ],
                 Stage::Finalize => vec![
                     entry(2, B_DIMS, dims_size),
                     entry(3, B_PARAMS, sizes.params),
@@ -356,11 +401,27 @@ impl GpuContext {
             });
             bind_groups.insert(stage, bg);
         }
-        inner.workspaces.push((key, Workspace { buffers, bind_groups, fin_layout, sizes }));
+        inner.workspaces.push((
+            key,
+            Workspace {
+                buffers,
+                bind_groups,
+                fin_layout,
+                sizes,
+            },
+        ));
         &inner.workspaces.last().expect("just pushed").1
     }
 
-    fn run(&self, inner: &mut Inner, spec: &LossSpec, shape: &Shape, logits: &[f32], labels: Labels<'_>, opts: Options) -> Result<LossOutput> {
+    fn run(
+        &self,
+        inner: &mut Inner,
+        spec: &LossSpec,
+        shape: &Shape,
+        logits: &[f32],
+        labels: Labels<'_>,
+        opts: Options,
+    ) -> Result<LossOutput> {
         let kind = label_kind(&labels, shape.classes);
         let params = plan::pack_params(spec, shape);
         let dims = plan::dims(spec, shape);
@@ -376,24 +437,53 @@ impl GpuContext {
             params_len: params.len(),
             loss_map: plan::wants_loss_map(spec),
         };
-        let pk = |stage| PipelineKey { stage, classes: c_n as u32, label_kind: kind, sigmoid: key.sigmoid, tempered: key.tempered };
+        let pk = |stage| PipelineKey {
+            stage,
+            classes: c_n as u32,
+            label_kind: kind,
+            sigmoid: key.sigmoid,
+            tempered: key.tempered,
+        };
         let pipelines: HashMap<Stage, wgpu::ComputePipeline> =
-            [Stage::Stats, Stage::Reduce, Stage::Finalize, Stage::Grad].into_iter().map(|st| (st, self.pipeline(inner, pk(st)))).collect();
+            [Stage::Stats, Stage::Reduce, Stage::Finalize, Stage::Grad]
+                .into_iter()
+                .map(|st| (st, self.pipeline(inner, pk(st))))
+                .collect();
         let ws = self.workspace(inner, key.clone());
         let buf = |i: usize| &ws.buffers[i].1;
         let q = &self.queue;
         q.write_buffer(buf(B_LOGITS), 0, bytemuck::cast_slice(logits));
-        q.write_buffer(buf(B_LABELS), 0, bytemuck::cast_slice(&label_words(&labels, kind)));
+        q.write_buffer(
+            buf(B_LABELS),
+            0,
+            bytemuck::cast_slice(&label_words(&labels, kind)),
+        );
         q.write_buffer(buf(B_DIMS), 0, bytemuck::bytes_of(&dims));
         q.write_buffer(buf(B_PARAMS), 0, bytemuck::cast_slice(&params));
         if opts.poison {
-            for (i, size) in [(B_STATS, ws.sizes.stats), (B_FIN, ws.sizes.fin), (B_GRAD, ws.sizes.logits), (B_MAP, ws.sizes.map)] {
-                q.write_buffer(buf(i), 0, bytemuck::cast_slice(&vec![f32::NAN; (size / 4) as usize]));
+            for (i, size) in [
+                (B_STATS, ws.sizes.stats),
+                (B_FIN, ws.sizes.fin),
+                (B_GRAD, ws.sizes.logits),
+                (B_MAP, ws.sizes.map),
+            ] {
+                q.write_buffer(
+                    buf(i),
+                    0,
+                    bytemuck::cast_slice(&vec![f32::NAN; (size / 4) as usize]),
+                );
             }
         }
-        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("segloss") });
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("segloss"),
+            });
         {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("segloss"), timestamp_writes: None });
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("segloss"),
+                timestamp_writes: None,
+            });
             let mut dispatch = |stage: Stage, groups: usize| {
                 let (x, y) = dispatch_2d(groups);
                 pass.set_pipeline(&pipelines[&stage]);
@@ -416,10 +506,22 @@ impl GpuContext {
         enc.copy_buffer_to_buffer(buf(B_FIN), report_off, staging, 0, report_len);
         enc.copy_buffer_to_buffer(buf(B_STATS), 0, staging, report_len, ws.sizes.stats);
         if grad_len > 0 {
-            enc.copy_buffer_to_buffer(buf(B_GRAD), 0, staging, report_len + ws.sizes.stats, grad_len);
+            enc.copy_buffer_to_buffer(
+                buf(B_GRAD),
+                0,
+                staging,
+                report_len + ws.sizes.stats,
+                grad_len,
+            );
         }
         if map_len > 0 {
-            enc.copy_buffer_to_buffer(buf(B_MAP), 0, staging, report_len + ws.sizes.stats + grad_len, map_len);
+            enc.copy_buffer_to_buffer(
+                buf(B_MAP),
+                0,
+                staging,
+                report_len + ws.sizes.stats + grad_len,
+                map_len,
+            );
         }
         q.submit([enc.finish()]);
         let total = report_len + ws.sizes.stats + grad_len + map_len;
@@ -439,12 +541,19 @@ impl GpuContext {
                     std::array::from_fn(|j| stats_w[o + j] as f64)
                 })
                 .collect(),
-            valid: (0..b_n).map(|b| stats_w[b * width + plan::PER_CLASS * c_n] as f64).collect(),
-            plain_ce: (0..b_n).map(|b| stats_w[b * width + plan::PER_CLASS * c_n + 1] as f64).collect(),
+            valid: (0..b_n)
+                .map(|b| stats_w[b * width + plan::PER_CLASS * c_n] as f64)
+                .collect(),
+            plain_ce: (0..b_n)
+                .map(|b| stats_w[b * width + plan::PER_CLASS * c_n + 1] as f64)
+                .collect(),
             pixel_sums: (0..b_n * n_pix)
                 .map(|k| {
                     let o = (k / n_pix) * width + plan::PER_CLASS * c_n;
-                    [stats_w[o + 4 + k % n_pix] as f64, stats_w[o + 8 + k % n_pix] as f64]
+                    [
+                        stats_w[o + 4 + k % n_pix] as f64,
+                        stats_w[o + 8 + k % n_pix] as f64,
+                    ]
                 })
                 .collect(),
         };
@@ -452,19 +561,41 @@ impl GpuContext {
             .terms
             .iter()
             .enumerate()
-            .map(|(r, t)| TermValue { kind: t.kind().into(), weight: t.weight(), value: at(fl.values + r) })
+            .map(|(r, t)| TermValue {
+                kind: t.kind().into(),
+                weight: t.weight(),
+                value: at(fl.values + r),
+            })
             .collect();
-        let rows = |off: usize| (0..b_n).map(|b| (0..c_n).map(|c| at(off + b * c_n + c)).collect()).collect();
+        let rows = |off: usize| {
+            (0..b_n)
+                .map(|b| (0..c_n).map(|c| at(off + b * c_n + c)).collect())
+                .collect()
+        };
         let mut pix_slot = 0;
         let mut elements = vec![];
         for (r, t) in spec.terms.iter().enumerate() {
             let e = match t {
-                crate::spec::Term::CrossEntropy { reduction: crate::spec::Reduction::None, .. } => {
-                    Some(map_w[pix_slot * b_n * s..(pix_slot + 1) * b_n * s].iter().map(|v| *v as f64).collect())
-                }
-                crate::spec::Term::Dice { reduction: crate::spec::Reduction::None, batch, .. } => {
+                crate::spec::Term::CrossEntropy {
+                    reduction: crate::spec::Reduction::None,
+                    ..
+                } => Some(
+                    map_w[pix_slot * b_n * s..(pix_slot + 1) * b_n * s]
+                        .iter()
+                        .map(|v| *v as f64)
+                        .collect(),
+                ),
+                crate::spec::Term::Dice {
+                    reduction: crate::spec::Reduction::None,
+                    batch,
+                    ..
+                } => {
                     let groups = if *batch { 1 } else { b_n };
-                    Some((0..groups * c_n).map(|k| at(fl.elements + r * b_n * c_n + k)).collect())
+                    Some(
+                        (0..groups * c_n)
+                            .map(|k| at(fl.elements + r * b_n * c_n + k))
+                            .collect(),
+                    )
                 }
                 _ => None,
             };
@@ -485,11 +616,20 @@ impl GpuContext {
                 (0..b_n)
                     .map(|b| {
                         let o = fl.decomposition + 4 * b;
-                        Decomposition { ce: at(o), kl: at(o + 1), matching: at(o + 2), dice_region: at(o + 3) }
+                        Decomposition {
+                            ce: at(o),
+                            kl: at(o + 1),
+                            matching: at(o + 2),
+                            dice_region: at(o + 3),
+                        }
                     })
                     .collect()
             },
-            elements: if elements.iter().any(Option::is_some) { elements } else { vec![] },
+            elements: if elements.iter().any(Option::is_some) {
+                elements
+            } else {
+                vec![]
+            },
             gradient: opts.gradient.then(|| grad_w.to_vec()),
             statistics: opts.statistics.then_some(statistics),
         })
@@ -503,12 +643,16 @@ fn read_back(device: &wgpu::Device, buffer: &wgpu::Buffer, len: u64) -> Result<V
     slice.map_async(wgpu::MapMode::Read, move |r| {
         let _ = tx.send(r);
     });
-    device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(format!("waiting for the device: {e}")))?;
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| Error::Gpu(format!("waiting for the device: {e}")))?;
     rx.recv()
         .map_err(|_| Error::Gpu("the read-back never completed".into()))?
         .map_err(|e| Error::Gpu(format!("mapping the read-back buffer: {e}")))?;
     let out = {
-        let view = slice.get_mapped_range().map_err(|e| Error::Gpu(format!("mapped range: {e:?}")))?;
+        let view = slice
+            .get_mapped_range()
+            .map_err(|e| Error::Gpu(format!("mapped range: {e:?}")))?;
         bytemuck::cast_slice::<u8, f32>(&view).to_vec()
     };
     buffer.unmap();

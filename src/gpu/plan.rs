@@ -2,7 +2,10 @@
 //! buffers the stages share. Shader side: the constants at the top of `shaders/common.wgsl`.
 
 use crate::input::Shape;
-use crate::spec::{Activation, LossSpec, NamedTarget, Penalty, Reduction, RegionTarget, Term, WeightType, MAX_PIXEL_TERMS, MAX_TERMS};
+use crate::spec::{
+    Activation, LossSpec, NamedTarget, Penalty, Reduction, RegionTarget, Term, WeightType,
+    MAX_PIXEL_TERMS, MAX_TERMS,
+};
 use bytemuck::{Pod, Zeroable};
 
 /// Floats per term record.
@@ -20,28 +23,46 @@ pub const GRAD_WG: usize = 256;
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable, PartialEq)]
 pub struct Dims {
+    /// B.
     pub batch: u32,
+    /// S, pixels per image.
     pub spatial: u32,
+    /// Stats workgroups per image.
     pub tiles_per_image: u32,
+    /// Floats per statistics row.
     pub row_width: u32,
+    /// Terms in the spec.
     pub n_terms: u32,
+    /// cross_entropy, focal and bce terms.
     pub n_pixel_terms: u32,
+    /// Unused, keeps the layout of common.wgsl.
     pub _reserved: u32,
+    /// Statistic terms.
     pub n_stat_terms: u32,
+    /// T of the region terms.
     pub temperature: f32,
+    /// Pads the uniform to 16-byte multiples.
     pub _pad: [u32; 3],
 }
 
 /// Offsets into the `fin` buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FinLayout {
+    /// Start of the report; the total loss is its first float.
     pub report: usize,
+    /// Term values, spec order.
     pub values: usize,
+    /// û, B·C.
     pub predicted: usize,
+    /// τ, B·C.
     pub target: usize,
+    /// Valid counts, B.
     pub valid: usize,
+    /// (ce, kl, matching, dice_region) per image.
     pub decomposition: usize,
+    /// Elements of reduction-none terms, B·C per term.
     pub elements: usize,
+    /// Floats in the buffer.
     pub len: usize,
 }
 
@@ -55,7 +76,16 @@ impl FinLayout {
         let valid = target + bc;
         let decomposition = valid + batch;
         let elements = decomposition + 4 * batch;
-        FinLayout { report, values: report + 1, predicted, target, valid, decomposition, elements, len: elements + terms * bc }
+        FinLayout {
+            report,
+            values: report + 1,
+            predicted,
+            target,
+            valid,
+            decomposition,
+            elements,
+            len: elements + terms * bc,
+        }
     }
 }
 
@@ -87,7 +117,7 @@ fn reduction_code(r: Reduction) -> f32 {
 }
 
 /// Packs the spec's terms into the `params` array: pixel terms in slots 0..4, statistic
-/// terms from slot 4, per-class vectors after all records. Field [2] of each record is the
+/// terms from slot 4, per-class vectors after all records. Field 2 of each record is the
 /// term's position in the spec, where its value is reported.
 pub fn pack_params(spec: &LossSpec, shape: &Shape) -> Vec<f32> {
     let c_n = shape.classes;
@@ -107,7 +137,12 @@ pub fn pack_params(spec: &LossSpec, shape: &Shape) -> Vec<f32> {
         rec[3] = -1.0;
         let mut vector: Option<Vec<f64>> = None;
         match term {
-            Term::CrossEntropy { class_weights, label_smoothing, reduction, .. } => {
+            Term::CrossEntropy {
+                class_weights,
+                label_smoothing,
+                reduction,
+                ..
+            } => {
                 rec[0] = 0.0;
                 rec[4] = *label_smoothing as f32;
                 rec[5] = reduction_code(*reduction);
@@ -122,7 +157,19 @@ pub fn pack_params(spec: &LossSpec, shape: &Shape) -> Vec<f32> {
                 rec[0] = 2.0;
                 vector = pos_weight.clone();
             }
-            Term::Dice { include_background, squared, jaccard, log, batch, smooth_nr, smooth_dr, skip_empty, class_weights, reduction, .. } => {
+            Term::Dice {
+                include_background,
+                squared,
+                jaccard,
+                log,
+                batch,
+                smooth_nr,
+                smooth_dr,
+                skip_empty,
+                class_weights,
+                reduction,
+                ..
+            } => {
                 rec[0] = 3.0;
                 rec[4] = b(*include_background);
                 rec[5] = b(*squared);
@@ -135,7 +182,16 @@ pub fn pack_params(spec: &LossSpec, shape: &Shape) -> Vec<f32> {
                 rec[12] = reduction_code(*reduction);
                 vector = class_weights.clone();
             }
-            Term::Tversky { alpha, beta, gamma, include_background, batch, smooth_nr, smooth_dr, .. } => {
+            Term::Tversky {
+                alpha,
+                beta,
+                gamma,
+                include_background,
+                batch,
+                smooth_nr,
+                smooth_dr,
+                ..
+            } => {
                 rec[0] = 4.0;
                 rec[4] = *alpha as f32;
                 rec[5] = *beta as f32;
@@ -145,7 +201,14 @@ pub fn pack_params(spec: &LossSpec, shape: &Shape) -> Vec<f32> {
                 rec[9] = *smooth_nr as f32;
                 rec[10] = *smooth_dr as f32;
             }
-            Term::GeneralizedDice { w_type, include_background, batch, smooth_nr, smooth_dr, .. } => {
+            Term::GeneralizedDice {
+                w_type,
+                include_background,
+                batch,
+                smooth_nr,
+                smooth_dr,
+                ..
+            } => {
                 rec[0] = 5.0;
                 rec[4] = match w_type {
                     WeightType::Square => 0.0,
@@ -157,7 +220,9 @@ pub fn pack_params(spec: &LossSpec, shape: &Shape) -> Vec<f32> {
                 rec[9] = *smooth_nr as f32;
                 rec[10] = *smooth_dr as f32;
             }
-            Term::Region { penalty, target, .. } => {
+            Term::Region {
+                penalty, target, ..
+            } => {
                 rec[0] = 6.0;
                 rec[4] = match penalty {
                     Penalty::L1 => 0.0,
@@ -205,7 +270,15 @@ pub fn dims(spec: &LossSpec, shape: &Shape) -> Dims {
 
 /// Whether any term needs a per-pixel loss map (cross-entropy with reduction none).
 pub fn wants_loss_map(spec: &LossSpec) -> bool {
-    spec.terms.iter().any(|t| matches!(t, Term::CrossEntropy { reduction: Reduction::None, .. }))
+    spec.terms.iter().any(|t| {
+        matches!(
+            t,
+            Term::CrossEntropy {
+                reduction: Reduction::None,
+                ..
+            }
+        )
+    })
 }
 
 /// Whether the activation is sigmoid.

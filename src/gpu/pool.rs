@@ -23,7 +23,10 @@ pub struct BufferKey {
 impl BufferKey {
     /// The key for a buffer of at least `bytes` bytes with the given usage bits.
     pub fn new(bytes: u64, usage: u32) -> Self {
-        BufferKey { size: size_class(bytes), usage }
+        BufferKey {
+            size: size_class(bytes),
+            usage,
+        }
     }
 }
 
@@ -37,7 +40,11 @@ pub struct Pool<K, R> {
 
 impl<K: Hash + Eq + Clone, R> Default for Pool<K, R> {
     fn default() -> Self {
-        Pool { free: HashMap::new(), created: 0, reused: 0 }
+        Pool {
+            free: HashMap::new(),
+            created: 0,
+            reused: 0,
+        }
     }
 }
 
@@ -119,9 +126,16 @@ mod tests {
     #[test]
     fn a_steady_workload_allocates_nothing_after_warm_up() {
         let mut pool: Pool<BufferKey, usize> = Pool::default();
-        let keys = [BufferKey::new(4096, 1), BufferKey::new(64, 2), BufferKey::new(1 << 20, 1)];
+        let keys = [
+            BufferKey::new(4096, 1),
+            BufferKey::new(64, 2),
+            BufferKey::new(1 << 20, 1),
+        ];
         for round in 0..10 {
-            let held: Vec<_> = keys.iter().map(|k| (*k, pool.acquire(k, |_| round))).collect();
+            let held: Vec<_> = keys
+                .iter()
+                .map(|k| (*k, pool.acquire(k, |_| round)))
+                .collect();
             for (k, r) in held {
                 pool.release(k, r);
             }

@@ -7,7 +7,9 @@
 //! term's normaliser.
 
 use crate::output::{Decomposition, LossOutput, Statistics, TermValue};
-use crate::spec::{Activation, LossSpec, NamedTarget, Penalty, Reduction, RegionTarget, Term, WeightType};
+use crate::spec::{
+    Activation, LossSpec, NamedTarget, Penalty, Reduction, RegionTarget, Term, WeightType,
+};
 
 /// Smoothing of the proportions û and τ, as the paper's code.
 pub const PROPORTION_EPS: f64 = 1e-10;
@@ -71,18 +73,42 @@ pub fn finalize(spec: &LossSpec, st: &Statistics) -> Finalized {
                 let t = pixel_scale.len();
                 let loss: f64 = (0..b_n).map(|b| st.pixel_sums[b * n_pix + t][0]).sum();
                 let norm: f64 = (0..b_n).map(|b| st.pixel_sums[b * n_pix + t][1]).sum();
-                let mean = !matches!(term, Term::CrossEntropy { reduction: Reduction::Sum | Reduction::None, .. });
+                let mean = !matches!(
+                    term,
+                    Term::CrossEntropy {
+                        reduction: Reduction::Sum | Reduction::None,
+                        ..
+                    }
+                );
                 let w = if mean { norm } else { 1.0 };
                 pixel_scale.push(if w > 0.0 { lambda / w } else { 0.0 });
-                if w > 0.0 { loss / w } else { 0.0 }
+                if w > 0.0 {
+                    loss / w
+                } else {
+                    0.0
+                }
             }
             Term::Dice {
-                include_background, squared, jaccard, log, batch, smooth_nr, smooth_dr, skip_empty, class_weights, reduction, ..
+                include_background,
+                squared,
+                jaccard,
+                log,
+                batch,
+                smooth_nr,
+                smooth_dr,
+                skip_empty,
+                class_weights,
+                reduction,
+                ..
             } => {
                 let c0 = usize::from(!include_background);
                 let gs = groups(b_n, *batch);
                 let count = (gs.len() * (c_n - c0)) as f64;
-                let norm = if *reduction == Reduction::Mean { count } else { 1.0 };
+                let norm = if *reduction == Reduction::Mean {
+                    count
+                } else {
+                    1.0
+                };
                 let mut el = vec![0.0; gs.len() * c_n];
                 let mut total = 0.0;
                 for (gi, group) in gs.iter().enumerate() {
@@ -97,12 +123,19 @@ pub fn finalize(spec: &LossSpec, st: &Statistics) -> Finalized {
                         let w = class_weights.as_ref().map_or(1.0, |v| v[c]);
                         let (pp, gg) = if *squared { (s[1], s[4]) } else { (s[0], s[3]) };
                         let num = 2.0 * s[2] + smooth_nr;
-                        let den_raw = if *jaccard { 2.0 * (pp + gg - s[2]) + smooth_dr } else { pp + gg + smooth_dr };
+                        let den_raw = if *jaccard {
+                            2.0 * (pp + gg - s[2]) + smooth_dr
+                        } else {
+                            pp + gg + smooth_dr
+                        };
                         let clamped = den_raw < DENOMINATOR_FLOOR;
                         let den = den_raw.max(DENOMINATOR_FLOOR);
                         let r = num / den;
                         let (f, df_dr) = if *log {
-                            (-r.max(DENOMINATOR_FLOOR).ln(), if r > DENOMINATOR_FLOOR { -1.0 / r } else { 0.0 })
+                            (
+                                -r.max(DENOMINATOR_FLOOR).ln(),
+                                if r > DENOMINATOR_FLOOR { -1.0 / r } else { 0.0 },
+                            )
                         } else {
                             (1.0 - r, -1.0)
                         };
@@ -128,7 +161,16 @@ pub fn finalize(spec: &LossSpec, st: &Statistics) -> Finalized {
                 }
                 total / norm
             }
-            Term::Tversky { alpha, beta, gamma, include_background, batch, smooth_nr, smooth_dr, .. } => {
+            Term::Tversky {
+                alpha,
+                beta,
+                gamma,
+                include_background,
+                batch,
+                smooth_nr,
+                smooth_dr,
+                ..
+            } => {
                 let c0 = usize::from(!include_background);
                 let gs = groups(b_n, *batch);
                 let norm = (gs.len() * (c_n - c0)) as f64;
@@ -146,7 +188,14 @@ pub fn finalize(spec: &LossSpec, st: &Statistics) -> Finalized {
                             (1.0 - ti, -1.0)
                         } else {
                             let x = (1.0 - ti).max(0.0);
-                            (x.powf(*gamma), if x > 0.0 { -gamma * x.powf(gamma - 1.0) } else { 0.0 })
+                            (
+                                x.powf(*gamma),
+                                if x > 0.0 {
+                                    -gamma * x.powf(gamma - 1.0)
+                                } else {
+                                    0.0
+                                },
+                            )
                         };
                         let (dti_di, dti_dp) = if clamped {
                             (1.0 / den, 0.0)
@@ -163,7 +212,14 @@ pub fn finalize(spec: &LossSpec, st: &Statistics) -> Finalized {
                 }
                 total / norm
             }
-            Term::GeneralizedDice { w_type, include_background, batch, smooth_nr, smooth_dr, .. } => {
+            Term::GeneralizedDice {
+                w_type,
+                include_background,
+                batch,
+                smooth_nr,
+                smooth_dr,
+                ..
+            } => {
                 let c0 = usize::from(!include_background);
                 let gs = groups(b_n, *batch);
                 let norm = gs.len() as f64;
@@ -179,16 +235,33 @@ pub fn finalize(spec: &LossSpec, st: &Statistics) -> Finalized {
                         })
                         .collect();
                     // MONAI: an absent class's infinite weight becomes the largest finite one.
-                    let max_finite = raw.iter().cloned().filter(|w| w.is_finite()).fold(0.0, f64::max);
-                    let w: Vec<f64> = raw.iter().map(|&w| if w.is_finite() { w } else { max_finite }).collect();
-                    let num = 2.0 * sums.iter().zip(&w).map(|(s, w)| w * s[2]).sum::<f64>() + smooth_nr;
-                    let den_raw = sums.iter().zip(&w).map(|(s, w)| w * (s[0] + s[3])).sum::<f64>() + smooth_dr;
+                    let max_finite = raw
+                        .iter()
+                        .cloned()
+                        .filter(|w| w.is_finite())
+                        .fold(0.0, f64::max);
+                    let w: Vec<f64> = raw
+                        .iter()
+                        .map(|&w| if w.is_finite() { w } else { max_finite })
+                        .collect();
+                    let num =
+                        2.0 * sums.iter().zip(&w).map(|(s, w)| w * s[2]).sum::<f64>() + smooth_nr;
+                    let den_raw = sums
+                        .iter()
+                        .zip(&w)
+                        .map(|(s, w)| w * (s[0] + s[3]))
+                        .sum::<f64>()
+                        + smooth_dr;
                     let clamped = den_raw < DENOMINATOR_FLOOR;
                     let den = den_raw.max(DENOMINATOR_FLOOR);
                     total += 1.0 - num / den;
                     for (k, c) in (c0..c_n).enumerate() {
                         let d_di = -2.0 * w[k] / den;
-                        let d_dp = if clamped { 0.0 } else { num * w[k] / (den * den) };
+                        let d_dp = if clamped {
+                            0.0
+                        } else {
+                            num * w[k] / (den * den)
+                        };
                         for &b in group {
                             coef[b * c_n + c][2] += lambda * d_di / norm;
                             coef[b * c_n + c][0] += lambda * d_dp / norm;
@@ -197,7 +270,9 @@ pub fn finalize(spec: &LossSpec, st: &Statistics) -> Finalized {
                 }
                 total / norm
             }
-            Term::Region { penalty, target, .. } => {
+            Term::Region {
+                penalty, target, ..
+            } => {
                 let eps = PROPORTION_EPS;
                 let sigmoid = spec.activation == Activation::Sigmoid;
                 let norm = match penalty {
@@ -211,7 +286,9 @@ pub fn finalize(spec: &LossSpec, st: &Statistics) -> Finalized {
                         let s = st.per_class[b * c_n + c];
                         let u = (s[5] + eps) / (n + eps);
                         let (tau, one_minus_tau) = match target {
-                            RegionTarget::Named(NamedTarget::GroundTruth) => ((s[3] + eps) / (n + eps), (n - s[3] + eps) / (n + eps)),
+                            RegionTarget::Named(NamedTarget::GroundTruth) => {
+                                ((s[3] + eps) / (n + eps), (n - s[3] + eps) / (n + eps))
+                            }
                             RegionTarget::Named(NamedTarget::Uniform) => {
                                 let t = if sigmoid { 0.5 } else { 1.0 / c_n as f64 };
                                 (t, 1.0 - t)
@@ -219,11 +296,14 @@ pub fn finalize(spec: &LossSpec, st: &Statistics) -> Finalized {
                             RegionTarget::Prior(v) => (v[c], 1.0 - v[c]),
                         };
                         let (f, df_du) = match penalty {
-                            Penalty::L1 => ((u - tau).abs(), (u - tau).signum() * f64::from(u != tau)),
+                            Penalty::L1 => {
+                                ((u - tau).abs(), (u - tau).signum() * f64::from(u != tau))
+                            }
                             Penalty::L2 => ((u - tau).powi(2), 2.0 * (u - tau)),
                             Penalty::LogSum => ((u + tau + eps).ln(), 1.0 / (u + tau + eps)),
                             Penalty::Kl => {
-                                let xlogy = |x: f64, y: f64| if x == 0.0 { 0.0 } else { x * (x / y).ln() };
+                                let xlogy =
+                                    |x: f64, y: f64| if x == 0.0 { 0.0 } else { x * (x / y).ln() };
                                 if sigmoid {
                                     let one_minus_u = (n - s[5] + eps) / (n + eps);
                                     (
@@ -270,7 +350,15 @@ pub fn finalize(spec: &LossSpec, st: &Statistics) -> Finalized {
             decomposition.push(d);
         }
     }
-    Finalized { coef, pixel_scale, values, elements, predicted, target, decomposition }
+    Finalized {
+        coef,
+        pixel_scale,
+        values,
+        elements,
+        predicted,
+        target,
+        decomposition,
+    }
 }
 
 impl Finalized {
@@ -288,9 +376,18 @@ impl Finalized {
             .terms
             .iter()
             .zip(&self.values)
-            .map(|(t, v)| TermValue { kind: t.kind().into(), weight: t.weight(), value: *v })
+            .map(|(t, v)| TermValue {
+                kind: t.kind().into(),
+                weight: t.weight(),
+                value: *v,
+            })
             .collect::<Vec<_>>();
-        let elements: Vec<Option<Vec<f64>>> = self.elements.into_iter().zip(maps).map(|(e, m)| e.or(m)).collect();
+        let elements: Vec<Option<Vec<f64>>> = self
+            .elements
+            .into_iter()
+            .zip(maps)
+            .map(|(e, m)| e.or(m))
+            .collect();
         LossOutput {
             loss: terms.iter().map(|t| t.weight * t.value).sum(),
             terms,
@@ -298,7 +395,11 @@ impl Finalized {
             target_proportions: rows(&self.target),
             valid_pixels: stats.valid.iter().map(|v| *v as u64).collect(),
             decomposition: self.decomposition,
-            elements: if elements.iter().any(Option::is_some) { elements } else { vec![] },
+            elements: if elements.iter().any(Option::is_some) {
+                elements
+            } else {
+                vec![]
+            },
             gradient,
             statistics: Some(stats),
         }

@@ -8,17 +8,27 @@ use crate::input::{Labels, Shape};
 use crate::spec::{Activation, LossSpec, Term};
 
 /// ∂loss/∂logits in NCHW order (0 at ignored pixels).
-pub fn gradient(spec: &LossSpec, shape: &Shape, logits: &[f64], labels: Labels<'_>, fin: &Finalized) -> Vec<f64> {
+pub fn gradient(
+    spec: &LossSpec,
+    shape: &Shape,
+    logits: &[f64],
+    labels: Labels<'_>,
+    fin: &Finalized,
+) -> Vec<f64> {
     let (b_n, c_n, s) = (shape.batch, shape.classes, shape.pixels());
     let t = spec.temperature();
     let mut grad = vec![0.0; shape.len()];
     for b in 0..b_n {
         for i in 0..s {
-            let Some(px) = pixel(shape, logits, labels, b, i) else { continue };
+            let Some(px) = pixel(shape, logits, labels, b, i) else {
+                continue;
+            };
             let (p, sp) = probabilities(spec, &px.z);
             let coef = |c: usize| fin.coef[b * c_n + c];
             // a_c = ∂L/∂p_c and u_c = ∂L/∂s_c of the statistic terms.
-            let a: Vec<f64> = (0..c_n).map(|c| coef(c)[0] + 2.0 * p[c] * coef(c)[1] + px.g[c] * coef(c)[2]).collect();
+            let a: Vec<f64> = (0..c_n)
+                .map(|c| coef(c)[0] + 2.0 * p[c] * coef(c)[1] + px.g[c] * coef(c)[2])
+                .collect();
             let u: Vec<f64> = (0..c_n).map(|c| coef(c)[3]).collect();
             let mut dz = vec![0.0; c_n];
             match spec.activation {
@@ -32,7 +42,11 @@ pub fn gradient(spec: &LossSpec, shape: &Shape, logits: &[f64], labels: Labels<'
                     let pixel_terms = spec.terms.iter().filter(|t| t.is_pixel_term());
                     for (term, scale) in pixel_terms.zip(&fin.pixel_scale) {
                         match term {
-                            Term::CrossEntropy { class_weights, label_smoothing: eps, .. } => {
+                            Term::CrossEntropy {
+                                class_weights,
+                                label_smoothing: eps,
+                                ..
+                            } => {
                                 let w = |c: usize| class_weights.as_ref().map_or(1.0, |v| v[c]);
                                 // The smoothed target t_k = (1−ε)g_k + ε/C; ∂/∂z_c = p_c·Σ w t − w_c t_c.
                                 let target = |k: usize| (1.0 - eps) * px.g[k] + eps / c_n as f64;
@@ -45,7 +59,8 @@ pub fn gradient(spec: &LossSpec, shape: &Shape, logits: &[f64], labels: Labels<'
                                 let a = |c: usize| alpha.as_ref().map_or(1.0, |v| v[c]);
                                 let h: Vec<f64> = (0..c_n)
                                     .map(|k| {
-                                        let one_minus_p: f64 = (0..c_n).filter(|&j| j != k).map(|j| p[j]).sum();
+                                        let one_minus_p: f64 =
+                                            (0..c_n).filter(|&j| j != k).map(|j| p[j]).sum();
                                         focal_h(p[k], one_minus_p, logp[k], a(k) * px.g[k], *gamma)
                                     })
                                     .collect();
@@ -66,7 +81,9 @@ pub fn gradient(spec: &LossSpec, shape: &Shape, logits: &[f64], labels: Labels<'
                     }
                     let pixel_terms = spec.terms.iter().filter(|t| t.is_pixel_term());
                     for (term, scale) in pixel_terms.zip(&fin.pixel_scale) {
-                        let Term::Bce { pos_weight, .. } = term else { unreachable!("sigmoid pixel terms are bce") };
+                        let Term::Bce { pos_weight, .. } = term else {
+                            unreachable!("sigmoid pixel terms are bce")
+                        };
                         for c in 0..c_n {
                             let pw = pos_weight.as_ref().map_or(1.0, |v| v[c]);
                             let y = px.g[c];

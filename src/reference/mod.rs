@@ -74,7 +74,11 @@ pub(crate) fn safe_pow(x: f64, y: f64) -> f64 {
 pub(crate) fn focal_h(p: f64, one_minus_p: f64, log_p: f64, alpha_g: f64, gamma: f64) -> f64 {
     let q = one_minus_p;
     let qg = safe_pow(q, gamma);
-    let first = if q > 0.0 && gamma > 0.0 { gamma * p * log_p * qg / q } else { 0.0 };
+    let first = if q > 0.0 && gamma > 0.0 {
+        gamma * p * log_p * qg / q
+    } else {
+        0.0
+    };
     alpha_g * (first - qg)
 }
 

@@ -17,7 +17,13 @@ pub(crate) struct Pixel {
 }
 
 /// Reads pixel i of image b; `None` for an ignored pixel.
-pub(crate) fn pixel(shape: &Shape, logits: &[f64], labels: Labels<'_>, b: usize, i: usize) -> Option<Pixel> {
+pub(crate) fn pixel(
+    shape: &Shape,
+    logits: &[f64],
+    labels: Labels<'_>,
+    b: usize,
+    i: usize,
+) -> Option<Pixel> {
     let (c_n, s) = (shape.classes, shape.pixels());
     let at = |c: usize| (b * c_n + c) * s + i;
     let z: Vec<f64> = (0..c_n).map(|c| logits[at(c)]).collect();
@@ -27,10 +33,20 @@ pub(crate) fn pixel(shape: &Shape, logits: &[f64], labels: Labels<'_>, b: usize,
             if y == IGNORE {
                 return None;
             }
-            let g = (0..c_n).map(|c| if c as u32 == y { 1.0 } else { 0.0 }).collect();
-            Some(Pixel { z, g, y: Some(y as usize) })
+            let g = (0..c_n)
+                .map(|c| if c as u32 == y { 1.0 } else { 0.0 })
+                .collect();
+            Some(Pixel {
+                z,
+                g,
+                y: Some(y as usize),
+            })
         }
-        Labels::Soft(t) => Some(Pixel { z, g: (0..c_n).map(|c| t[at(c)] as f64).collect(), y: None }),
+        Labels::Soft(t) => Some(Pixel {
+            z,
+            g: (0..c_n).map(|c| t[at(c)] as f64).collect(),
+            y: None,
+        }),
     }
 }
 
@@ -43,13 +59,19 @@ pub(crate) fn pixel_terms(spec: &LossSpec, px: &Pixel) -> Vec<(f64, f64)> {
             let logp = log_softmax(&px.z);
             for t in spec.terms.iter().filter(|t| t.is_pixel_term()) {
                 match t {
-                    Term::CrossEntropy { class_weights, label_smoothing: eps, .. } => {
+                    Term::CrossEntropy {
+                        class_weights,
+                        label_smoothing: eps,
+                        ..
+                    } => {
                         let w = |c: usize| class_weights.as_ref().map_or(1.0, |v| v[c]);
-                        let smooth: f64 = (0..logp.len()).map(|k| w(k) * -logp[k]).sum::<f64>() * eps / c_n;
+                        let smooth: f64 =
+                            (0..logp.len()).map(|k| w(k) * -logp[k]).sum::<f64>() * eps / c_n;
                         match px.y {
                             Some(y) => out.push(((1.0 - eps) * w(y) * -logp[y] + smooth, w(y))),
                             None => {
-                                let l: f64 = (0..logp.len()).map(|k| w(k) * px.g[k] * -logp[k]).sum();
+                                let l: f64 =
+                                    (0..logp.len()).map(|k| w(k) * px.g[k] * -logp[k]).sum();
                                 out.push(((1.0 - eps) * l + smooth, 1.0));
                             }
                         }
@@ -71,11 +93,14 @@ pub(crate) fn pixel_terms(spec: &LossSpec, px: &Pixel) -> Vec<(f64, f64)> {
         }
         Activation::Sigmoid => {
             for t in spec.terms.iter().filter(|t| t.is_pixel_term()) {
-                let Term::Bce { pos_weight, .. } = t else { unreachable!("validated: sigmoid mode has only bce pixel terms") };
+                let Term::Bce { pos_weight, .. } = t else {
+                    unreachable!("validated: sigmoid mode has only bce pixel terms")
+                };
                 let l: f64 = (0..px.z.len())
                     .map(|c| {
                         let pw = pos_weight.as_ref().map_or(1.0, |v| v[c]);
-                        -(pw * px.g[c] * log_sigmoid(px.z[c]) + (1.0 - px.g[c]) * log_sigmoid(-px.z[c]))
+                        -(pw * px.g[c] * log_sigmoid(px.z[c])
+                            + (1.0 - px.g[c]) * log_sigmoid(-px.z[c]))
                     })
                     .sum();
                 out.push((l, px.z.len() as f64));
@@ -96,14 +121,22 @@ pub(crate) fn probabilities(spec: &LossSpec, z: &[f64]) -> (Vec<f64>, Vec<f64>) 
         }
         Activation::Sigmoid => {
             let sig = |v: f64| log_sigmoid(v).exp();
-            (z.iter().map(|&v| sig(v)).collect(), z.iter().map(|&v| sig(t * v)).collect())
+            (
+                z.iter().map(|&v| sig(v)).collect(),
+                z.iter().map(|&v| sig(t * v)).collect(),
+            )
         }
     }
 }
 
 /// Runs the statistics pass. Also returns, per term, the per-pixel loss map of a
 /// cross-entropy term with reduction none (B·S values, 0 at ignored pixels).
-pub fn statistics(spec: &LossSpec, shape: &Shape, logits: &[f64], labels: Labels<'_>) -> (Statistics, Vec<Option<Vec<f64>>>) {
+pub fn statistics(
+    spec: &LossSpec,
+    shape: &Shape,
+    logits: &[f64],
+    labels: Labels<'_>,
+) -> (Statistics, Vec<Option<Vec<f64>>>) {
     let (b_n, c_n, s) = (shape.batch, shape.classes, shape.pixels());
     let n_pix = spec.terms.iter().filter(|t| t.is_pixel_term()).count();
     let mut st = Statistics {
@@ -117,11 +150,22 @@ pub fn statistics(spec: &LossSpec, shape: &Shape, logits: &[f64], labels: Labels
     let mut maps: Vec<Option<Vec<f64>>> = spec
         .terms
         .iter()
-        .map(|t| matches!(t, Term::CrossEntropy { reduction: Reduction::None, .. }).then(|| vec![0.0; b_n * s]))
+        .map(|t| {
+            matches!(
+                t,
+                Term::CrossEntropy {
+                    reduction: Reduction::None,
+                    ..
+                }
+            )
+            .then(|| vec![0.0; b_n * s])
+        })
         .collect();
     for b in 0..b_n {
         for i in 0..s {
-            let Some(px) = pixel(shape, logits, labels, b, i) else { continue };
+            let Some(px) = pixel(shape, logits, labels, b, i) else {
+                continue;
+            };
             st.valid[b] += 1.0;
             let (p, sp) = probabilities(spec, &px.z);
             for c in 0..c_n {

@@ -7,7 +7,11 @@ use crate::testing::{random_labels, random_logits, random_masks, random_soft_lab
 fn loss_at(spec: &LossSpec, shape: &Shape, z: &[f64], labels: Labels<'_>) -> f64 {
     let (st, _) = statistics(spec, shape, z, labels);
     let fin = finalize(spec, &st);
-    spec.terms.iter().zip(&fin.values).map(|(t, v)| t.weight() * v).sum()
+    spec.terms
+        .iter()
+        .zip(&fin.values)
+        .map(|(t, v)| t.weight() * v)
+        .sum()
 }
 
 /// Central differences with h = 1e-5 on f64 logits; the analytic gradient must agree to
@@ -16,7 +20,10 @@ fn check_fd(spec_json: &str, shape: &Shape, labels: Labels<'_>, seed: u64) {
     let spec = LossSpec::from_json(spec_json).unwrap();
     spec.validate(Some(shape.classes)).unwrap();
     let mut rng = Rng::new(seed);
-    let z: Vec<f64> = random_logits(&mut rng, shape, 3.0).iter().map(|&v| v as f64).collect();
+    let z: Vec<f64> = random_logits(&mut rng, shape, 3.0)
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
     let (st, _) = statistics(&spec, shape, &z, labels);
     let fin = finalize(&spec, &st);
     let g = gradient(&spec, shape, &z, labels, &fin);
@@ -27,12 +34,25 @@ fn check_fd(spec_json: &str, shape: &Shape, labels: Labels<'_>, seed: u64) {
         zp[k] += h;
         let mut zm = z.clone();
         zm[k] -= h;
-        num[k] = (loss_at(&spec, shape, &zp, labels) - loss_at(&spec, shape, &zm, labels)) / (2.0 * h);
+        num[k] =
+            (loss_at(&spec, shape, &zp, labels) - loss_at(&spec, shape, &zm, labels)) / (2.0 * h);
     }
-    let diff: f64 = g.iter().zip(&num).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+    let diff: f64 = g
+        .iter()
+        .zip(&num)
+        .map(|(a, b)| (a - b).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let norm: f64 = num.iter().map(|v| v * v).sum::<f64>().sqrt();
-    assert!(norm > 1e-8, "{spec_json}: the gradient is zero, the check would be empty");
-    assert!(diff <= 1e-6 * norm, "{spec_json}: analytic vs finite differences, rel L2 {}", diff / norm);
+    assert!(
+        norm > 1e-8,
+        "{spec_json}: the gradient is zero, the check would be empty"
+    );
+    assert!(
+        diff <= 1e-6 * norm,
+        "{spec_json}: analytic vs finite differences, rel L2 {}",
+        diff / norm
+    );
 }
 
 const SOFTMAX_SPECS: &[&str] = &[
@@ -99,7 +119,14 @@ fn cross_entropy_matches_a_hand_computation() {
     let l3 = 3f32.ln();
     let shape = Shape::new(1, 2, &[2]);
     let spec = LossSpec::from_json(r#"{"terms":[{"kind":"cross_entropy"}]}"#).unwrap();
-    let out = evaluate(&spec, &shape, &[0.0, l3, l3, 0.0], Labels::Index(&[1, 1]), true).unwrap();
+    let out = evaluate(
+        &spec,
+        &shape,
+        &[0.0, l3, l3, 0.0],
+        Labels::Index(&[1, 1]),
+        true,
+    )
+    .unwrap();
     // p_1 = 3/4 at pixel 0 and 1/4 at pixel 1.
     let want = (-(0.75f64).ln() - (0.25f64).ln()) / 2.0;
     assert!((out.loss - want).abs() < 1e-7, "{} vs {want}", out.loss);

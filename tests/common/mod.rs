@@ -33,18 +33,49 @@ pub fn close(a: f64, b: f64) -> bool {
 
 /// Runs `spec` on the GPU (outputs poisoned first) and on the reference and checks every
 /// output element. Returns the GPU output.
-pub fn check(spec: &LossSpec, shape: &Shape, logits: &[f32], labels: Labels<'_>, what: &str) -> LossOutput {
+pub fn check(
+    spec: &LossSpec,
+    shape: &Shape,
+    logits: &[f32],
+    labels: Labels<'_>,
+    what: &str,
+) -> LossOutput {
     let want = reference::evaluate(spec, shape, logits, labels, true).unwrap();
     let got = gpu()
-        .evaluate(spec, shape, logits, labels, Options { gradient: true, statistics: true, poison: true })
+        .evaluate(
+            spec,
+            shape,
+            logits,
+            labels,
+            Options {
+                gradient: true,
+                statistics: true,
+                poison: true,
+            },
+        )
         .unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(got.loss.is_finite() && close(got.loss, want.loss), "{what}: loss {} vs reference {}", got.loss, want.loss);
+    assert!(
+        got.loss.is_finite() && close(got.loss, want.loss),
+        "{what}: loss {} vs reference {}",
+        got.loss,
+        want.loss
+    );
     for (g, w) in got.terms.iter().zip(&want.terms) {
-        assert!(close(g.value, w.value), "{what}: term {} = {} vs reference {}", g.kind, g.value, w.value);
+        assert!(
+            close(g.value, w.value),
+            "{what}: term {} = {} vs reference {}",
+            g.kind,
+            g.value,
+            w.value
+        );
     }
     assert_eq!(got.valid_pixels, want.valid_pixels, "{what}: valid pixels");
     for (name, g, w) in [
-        ("predicted", &got.predicted_proportions, &want.predicted_proportions),
+        (
+            "predicted",
+            &got.predicted_proportions,
+            &want.predicted_proportions,
+        ),
         ("target", &got.target_proportions, &want.target_proportions),
     ] {
         for (gr, wr) in g.iter().zip(w) {
@@ -55,8 +86,16 @@ pub fn check(spec: &LossSpec, shape: &Shape, logits: &[f32], labels: Labels<'_>,
     }
     assert_eq!(got.decomposition.len(), want.decomposition.len());
     for (g, w) in got.decomposition.iter().zip(&want.decomposition) {
-        for (a, b) in [(g.ce, w.ce), (g.kl, w.kl), (g.matching, w.matching), (g.dice_region, w.dice_region)] {
-            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{what}: decomposition {g:?} vs {w:?}");
+        for (a, b) in [
+            (g.ce, w.ce),
+            (g.kl, w.kl),
+            (g.matching, w.matching),
+            (g.dice_region, w.dice_region),
+        ] {
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                "{what}: decomposition {g:?} vs {w:?}"
+            );
         }
     }
     assert_eq!(got.elements.len(), want.elements.len(), "{what}: elements");
@@ -76,7 +115,10 @@ pub fn check(spec: &LossSpec, shape: &Shape, logits: &[f32], labels: Labels<'_>,
     let ws = want.statistics.as_ref().unwrap();
     for (g, w) in gs.per_class.iter().zip(&ws.per_class) {
         for (a, b) in g.iter().zip(w) {
-            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{what}: statistic {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "{what}: statistic {a} vs {b}"
+            );
         }
     }
     let gg = got.gradient.as_ref().unwrap();
@@ -86,11 +128,21 @@ pub fn check(spec: &LossSpec, shape: &Shape, logits: &[f32], labels: Labels<'_>,
     let (mut diff, mut norm) = (0.0, 0.0);
     for (k, (a, b)) in gg.iter().zip(wg).enumerate() {
         let (a, b) = (*a as f64, *b as f64);
-        assert!(a.is_finite(), "{what}: gradient element {k} is {a} (unwritten or NaN)");
-        assert!((a - b).abs() <= GRAD_ELEM_TOL * scale + 1e-7, "{what}: gradient[{k}] = {a} vs reference {b} (max |ref| {scale})");
+        assert!(
+            a.is_finite(),
+            "{what}: gradient element {k} is {a} (unwritten or NaN)"
+        );
+        assert!(
+            (a - b).abs() <= GRAD_ELEM_TOL * scale + 1e-7,
+            "{what}: gradient[{k}] = {a} vs reference {b} (max |ref| {scale})"
+        );
         diff += (a - b) * (a - b);
         norm += b * b;
     }
-    assert!(diff.sqrt() <= GRAD_L2_TOL * norm.sqrt() + 1e-12, "{what}: gradient relative L2 {}", diff.sqrt() / norm.sqrt());
+    assert!(
+        diff.sqrt() <= GRAD_L2_TOL * norm.sqrt() + 1e-12,
+        "{what}: gradient relative L2 {}",
+        diff.sqrt() / norm.sqrt()
+    );
     got
 }

@@ -1,0 +1,268 @@
+//! The `segloss` command line against its contract (DESIGN.md): JSON fields, the gradient
+//! file, layouts, and bad input (one line on stderr, exit status 2, no output file).
+
+use segloss::input::{Labels, Shape};
+use segloss::npy::{self, NpyData};
+use segloss::testing::{random_labels, random_logits, Rng};
+use segloss::{reference, LossSpec};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("segloss-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A .npy of little-endian i64 labels, as NumPy and PyTorch write them.
+fn write_i64(path: &Path, shape: &[usize], v: &[i64]) {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let header = format!(
+        "{{'descr': '<i8', 'fortran_order': False, 'shape': ({},), }}\n",
+        dims.join(", ")
+    );
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    for x in v {
+        out.extend(x.to_le_bytes());
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+fn segloss(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_segloss"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+const SPEC: &str = r#"{"ignore_index": 255, "terms": [{"kind": "cross_entropy", "class_weights": [1, 2, 0.5]}, {"kind": "dice", "weight": 0.5}, {"kind": "region", "weight": 0.1, "temperature": 10}]}"#;
+
+struct Case {
+    dir: PathBuf,
+    shape: Shape,
+    logits: Vec<f32>,
+    labels: Vec<u32>,
+}
+
+fn case(name: &str) -> Case {
+    let d = dir(name);
+    let shape = Shape::new(2, 3, &[9, 7]);
+    let mut rng = Rng::new(3);
+    let logits = random_logits(&mut rng, &shape, 3.0);
+    let labels = random_labels(&mut rng, &shape, 0.1);
+    npy::write_f32(&d.join("x.npy"), &[2, 3, 9, 7], &logits).unwrap();
+    let as_i64: Vec<i64> = labels
+        .iter()
+        .map(|&v| if v == u32::MAX { 255 } else { v as i64 })
+        .collect();
+    write_i64(&d.join("y.npy"), &[2, 9, 7], &as_i64);
+    Case {
+        dir: d,
+        shape,
+        logits,
+        labels,
+    }
+}
+
+fn p(c: &Case, f: &str) -> String {
+    c.dir.join(f).to_string_lossy().into_owned()
+}
+
+#[test]
+fn eval_prints_the_contract_fields_and_writes_the_gradient() {
+    let c = case("eval");
+    for device in ["cpu", "gpu"] {
+        let (code, out, err) = segloss(&[
+            "eval",
+            "--logits",
+            &p(&c, "x.npy"),
+            "--labels",
+            &p(&c, "y.npy"),
+            "--spec",
+            SPEC,
+            "--grad-out",
+            &p(&c, "g.npy"),
+            "--device",
+            device,
+        ]);
+        assert_eq!(code, 0, "{device}: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let spec = LossSpec::from_json(SPEC).unwrap();
+        let want = reference::evaluate(&spec, &c.shape, &c.logits, Labels::Index(&c.labels), true)
+            .unwrap();
+        assert!(
+            (v["loss"].as_f64().unwrap() - want.loss).abs() < 1e-5,
+            "{device}: {out}"
+        );
+        let terms = v["terms"].as_array().unwrap();
+        assert_eq!(terms.len(), 3);
+        assert_eq!(terms[1]["kind"], "dice");
+        assert_eq!(terms[1]["weight"], 0.5);
+        assert!((terms[1]["value"].as_f64().unwrap() - want.terms[1].value).abs() < 1e-5);
+        assert_eq!(v["predicted_proportions"].as_array().unwrap().len(), 2);
+        assert_eq!(v["target_proportions"][1].as_array().unwrap().len(), 3);
+        assert_eq!(v["valid_pixels"][0].as_u64().unwrap(), want.valid_pixels[0]);
+        for key in ["ce", "kl", "matching", "dice_region"] {
+            assert!(v["decomposition"][1][key].is_number(), "{key}");
+        }
+        let g = npy::read(&c.dir.join("g.npy")).unwrap();
+        assert_eq!(g.shape, vec![2, 3, 9, 7]);
+        let NpyData::Float(g) = g.data else {
+            panic!("gradient is not float32")
+        };
+        for (a, b) in g.iter().zip(want.gradient.as_ref().unwrap()) {
+            assert!((a - b).abs() < 1e-5, "{device}: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn nhwc_layout_gives_the_same_loss_and_a_transposed_gradient() {
+    let c = case("nhwc");
+    let (b_n, c_n, s) = (2, 3, 63);
+    let mut nhwc = vec![0.0f32; c.logits.len()];
+    for b in 0..b_n {
+        for k in 0..c_n {
+            for i in 0..s {
+                nhwc[(b * s + i) * c_n + k] = c.logits[(b * c_n + k) * s + i];
+            }
+        }
+    }
+    npy::write_f32(&c.dir.join("xh.npy"), &[2, 9, 7, 3], &nhwc).unwrap();
+    let run = |x: &str, layout: &str, g: &str| {
+        let (code, out, err) = segloss(&[
+            "eval",
+            "--logits",
+            &p(&c, x),
+            "--labels",
+            &p(&c, "y.npy"),
+            "--spec",
+            SPEC,
+            "--layout",
+            layout,
+            "--grad-out",
+            &p(&c, g),
+            "--device",
+            "cpu",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!(
+        run("x.npy", "nchw", "g.npy"),
+        run("xh.npy", "nhwc", "gh.npy")
+    );
+    let g = npy::read(&c.dir.join("g.npy")).unwrap();
+    let gh = npy::read(&c.dir.join("gh.npy")).unwrap();
+    assert_eq!(gh.shape, vec![2, 9, 7, 3]);
+    let (NpyData::Float(g), NpyData::Float(gh)) = (g.data, gh.data) else {
+        panic!()
+    };
+    assert_eq!(gh[(9 * 7 + 5) * 3 + 2], g[(3 + 2) * 63 + 5]);
+}
+
+#[test]
+fn bad_input_exits_2_with_one_line_and_no_output_file() {
+    let c = case("bad");
+    std::fs::write(c.dir.join("garbage.npy"), b"\x93NUMPY\x01\x00garbage").unwrap();
+    let mut y_bad: Vec<i64> = c
+        .labels
+        .iter()
+        .map(|&v| if v == u32::MAX { 255 } else { v as i64 })
+        .collect();
+    y_bad[17] = 7;
+    write_i64(&c.dir.join("y_bad.npy"), &[2, 9, 7], &y_bad);
+    write_i64(&c.dir.join("y_shape.npy"), &[2, 63], &y_bad);
+    let x = p(&c, "x.npy");
+    let y = p(&c, "y.npy");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![x.clone(), p(&c, "y_bad.npy"), SPEC.into()],
+            "label 7 at flat position 17",
+        ),
+        (vec![x.clone(), p(&c, "y_shape.npy"), SPEC.into()], "shape"),
+        (
+            vec![p(&c, "missing.npy"), y.clone(), SPEC.into()],
+            "missing.npy",
+        ),
+        (
+            vec![p(&c, "garbage.npy"), y.clone(), SPEC.into()],
+            "garbage.npy",
+        ),
+        (
+            vec![x.clone(), y.clone(), r#"{"terms": []}"#.into()],
+            "terms",
+        ),
+        (
+            vec![
+                x.clone(),
+                y.clone(),
+                r#"{"terms": [{"kind": "dice", "smooth_nr": -1}]}"#.into(),
+            ],
+            "smooth_nr",
+        ),
+        (
+            vec![
+                x.clone(),
+                y.clone(),
+                r#"{"terms": [{"kind": "cross_entropy", "class_weights": [1, 2]}]}"#.into(),
+            ],
+            "class_weights",
+        ),
+        (
+            vec![x.clone(), y.clone(), "@/nonexistent/spec.json".into()],
+            "spec.json",
+        ),
+        (
+            vec![x.clone(), y.clone(), "{not json".into()],
+            "invalid spec",
+        ),
+    ];
+    for (args, needle) in cases {
+        let g = c.dir.join("never.npy");
+        let (code, out, err) = segloss(&[
+            "eval",
+            "--logits",
+            &args[0],
+            "--labels",
+            &args[1],
+            "--spec",
+            &args[2],
+            "--grad-out",
+            &g.to_string_lossy(),
+            "--device",
+            "cpu",
+        ]);
+        assert_eq!(code, 2, "{needle}: {err}");
+        assert!(out.is_empty(), "{needle}: printed {out}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{needle}: {err}");
+        assert!(err.contains(needle), "expected '{needle}' in: {err}");
+        assert!(!g.exists(), "{needle}: an output file was written");
+    }
+}
+
+#[test]
+fn info_lists_adapters() {
+    let (code, out, err) = segloss(&["info"]);
+    assert_eq!(
+        code, 0,
+        "segloss info needs a Vulkan device (apt-get install mesa-vulkan-drivers): {err}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(!v["adapters"].as_array().unwrap().is_empty());
+    assert!(
+        v["limits"]["max_storage_buffer_binding_size"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+}
