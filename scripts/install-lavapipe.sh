@@ -3,8 +3,14 @@
 # so the GPU tests have a device. Debian/Ubuntu; needs root (or sudo) for apt-get.
 set -euo pipefail
 have_icd() {
-  ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json /usr/local/share/vulkan/icd.d/*.json 2>/dev/null | grep -q . &&
-    ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1'
+  local icd=no lib=no f
+  for f in /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json /usr/local/share/vulkan/icd.d/*.json; do
+    [ -e "$f" ] && icd=yes
+  done
+  for f in /usr/lib/*/libvulkan.so.1 /usr/lib/libvulkan.so.1 /usr/lib64/libvulkan.so.1 /usr/local/lib/libvulkan.so.1; do
+    [ -e "$f" ] && lib=yes
+  done
+  [ "$icd" = yes ] && [ "$lib" = yes ]
 }
 if have_icd; then
   echo "install-lavapipe: a Vulkan driver is present"

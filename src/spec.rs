@@ -543,6 +543,20 @@ impl LossSpec {
         Ok(())
     }
 
+    /// Every check of a call before any work: logits (shape, finiteness), labels (count,
+    /// values), the spec against the class count, and the label kind against the activation.
+    pub fn check_inputs(
+        &self,
+        shape: &crate::input::Shape,
+        logits: &[f32],
+        labels: &crate::input::Labels<'_>,
+    ) -> Result<()> {
+        crate::input::check_logits(logits, shape)?;
+        labels.check(shape)?;
+        self.validate(Some(shape.classes))?;
+        self.check_labels(labels)
+    }
+
     /// The common temperature of the region terms (1 when there are none).
     pub fn temperature(&self) -> f64 {
         self.terms

@@ -209,6 +209,9 @@ fn soft_label_cross_entropy_and_focal() {
 
 #[test]
 fn weights_are_data_and_results_are_deterministic() {
+    // A context of its own: the shared one creates buffers for tests running beside this one.
+    let ctx = segloss::GpuContext::new()
+        .expect("GPU tests need a Vulkan device (apt-get install mesa-vulkan-drivers)");
     let mut rng = Rng::new(17);
     let shape = Shape::new(2, 4, &[50, 41]);
     let z = random_logits(&mut rng, &shape, 3.0);
@@ -218,7 +221,7 @@ fn weights_are_data_and_results_are_deterministic() {
         statistics: true,
         poison: false,
     };
-    let first = gpu()
+    let first = ctx
         .evaluate(
             &spec(
                 r#"{"terms":[{"kind":"cross_entropy","weight":1.0},{"kind":"dice","weight":0.5}]}"#,
@@ -229,20 +232,20 @@ fn weights_are_data_and_results_are_deterministic() {
             opts,
         )
         .unwrap();
-    let created = gpu().buffers_created();
+    let created = ctx.buffers_created();
     for lambda in [0.25, 2.0, 1.0] {
         let json = format!(
             r#"{{"terms":[{{"kind":"cross_entropy","weight":1.0}},{{"kind":"dice","weight":{lambda}}}]}}"#
         );
-        let out = gpu()
+        let out = ctx
             .evaluate(&spec(&json), &shape, &z, Labels::Index(&y), opts)
             .unwrap();
         let want = out.terms[0].value + lambda * out.terms[1].value;
         assert!((out.loss - want).abs() < 1e-5);
     }
     // Changing λ created no buffer; the same inputs give bitwise-identical outputs.
-    assert_eq!(gpu().buffers_created(), created);
-    let again = gpu()
+    assert_eq!(ctx.buffers_created(), created);
+    let again = ctx
         .evaluate(
             &spec(
                 r#"{"terms":[{"kind":"cross_entropy","weight":1.0},{"kind":"dice","weight":0.5}]}"#,

@@ -4,7 +4,7 @@ use super::context;
 use super::plan::{self, dispatch_2d, Dims, FinLayout, GRAD_WG, STATS_TILE};
 use super::pool::{BufferKey, Pool};
 use crate::error::{Error, Result};
-use crate::input::{check_logits, Labels, Shape, IGNORE};
+use crate::input::{Labels, Shape, IGNORE};
 use crate::output::{Decomposition, LossOutput, Statistics, TermValue};
 use crate::spec::LossSpec;
 use std::collections::HashMap;
@@ -204,10 +204,7 @@ impl GpuContext {
         labels: Labels<'_>,
         opts: Options,
     ) -> Result<LossOutput> {
-        check_logits(logits, shape)?;
-        labels.check(shape)?;
-        spec.validate(Some(shape.classes))?;
-        spec.check_labels(&labels)?;
+        spec.check_inputs(shape, logits, &labels)?;
         let max_binding = self.device.limits().max_storage_buffer_binding_size;
         let logits_bytes = 4 * shape.len() as u64;
         if logits_bytes > max_binding {

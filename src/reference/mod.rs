@@ -12,7 +12,7 @@ pub use grad::gradient;
 pub use stats::statistics;
 
 use crate::error::Result;
-use crate::input::{check_logits, Labels, Shape};
+use crate::input::{Labels, Shape};
 use crate::output::LossOutput;
 use crate::spec::LossSpec;
 
@@ -24,10 +24,7 @@ pub fn evaluate(
     labels: Labels<'_>,
     want_grad: bool,
 ) -> Result<LossOutput> {
-    check_logits(logits, shape)?;
-    labels.check(shape)?;
-    spec.validate(Some(shape.classes))?;
-    spec.check_labels(&labels)?;
+    spec.check_inputs(shape, logits, &labels)?;
     let z: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
     let (stats, maps) = statistics(spec, shape, &z, labels);
     let fin = finalize(spec, &stats);
