@@ -1,15 +1,20 @@
-// Shared by every stage: override constants, the uniform header, label decoding, indexing
-// and the numerically careful scalar helpers. Each stage file is appended to this one.
+// Shared by every stage: override constants, the uniform header, label and logit decoding,
+// indexing and the numerically careful scalar helpers. Each stage file is appended to this.
 
 // Classes (channels) per pixel; a pipeline-overridable constant so loops over classes have
 // a bound the driver knows.
 override C: u32 = 2u;
-// 0: u32 class indices, 1: class indices packed as u8 (4 per word), 2: f32 soft labels.
+// 0: u32 class indices, 1: u8 class indices (4 per word), 2: f32 soft labels,
+// 3: u16 class indices (2 per word).
 override LABEL_KIND: u32 = 0u;
 // false: softmax over classes; true: independent sigmoid per channel.
 override SIGMOID: bool = false;
 // Whether a region term needs s = softmax(T·z) with T ≠ 1 (otherwise s = p, no extra work).
 override TEMPERED: bool = false;
+// false: (B, C, *spatial); true: channels last, (B, *spatial, C). Read in place.
+override NHWC: bool = false;
+// 0: f32 logits, 1: f16, 2: bf16 (16-bit values two per word, widened here; the sums stay f32).
+override LOGIT_KIND: u32 = 0u;
 
 const IGNORE: u32 = 0xFFFFFFFFu;
 const KIND_CE: u32 = 0u;
@@ -26,6 +31,9 @@ const MAX_PIXEL_TERMS: u32 = 4u;
 // Floats per class in a statistics row: P, Q, I, G, H, U and two spare.
 const PER_CLASS: u32 = 8u;
 
+// One dispatch's view (plan.rs `Dims`). Images b of a dispatch are global images
+// image_offset + b; the *_shift fields turn a global element index into an index within the
+// bound range of that array (u32 arithmetic wraps, so a shift may stand for a negative one).
 struct Dims {
     batch: u32,
     spatial: u32,
@@ -33,12 +41,16 @@ struct Dims {
     row_width: u32,
     n_terms: u32,
     n_pixel_terms: u32,
-    _reserved: u32,
+    image_offset: u32,
     n_stat_terms: u32,
     temperature: f32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    total_batch: u32,
+    logit_shift: u32,
+    label_shift: u32,
+    grad_shift: u32,
+    narrow_count: u32,
+    narrow_shift: u32,
+    _pad: u32,
 }
 
 // A flat workgroup index from a 2D dispatch (one dimension holds at most 65535 groups).
@@ -46,24 +58,46 @@ fn flat_group(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.x + wid.y * nwg.x;
 }
 
-fn logit_index(b: u32, c: u32, i: u32) -> u32 {
+// The global element index of class c at pixel i of global image b, in the input layout.
+fn elem(b: u32, c: u32, i: u32) -> u32 {
+    if NHWC {
+        return (b * dims.spatial + i) * C + c;
+    }
     return (b * C + c) * dims.spatial + i;
 }
 
-// The class index of pixel i of image b, or IGNORE.
+// One logit, widened to f32.
+fn logit(b: u32, c: u32, i: u32) -> f32 {
+    let e = elem(b, c, i) + dims.logit_shift;
+    if LOGIT_KIND == 0u {
+        return bitcast<f32>(logits[e]);
+    }
+    let w = logits[e >> 1u];
+    let h = select(w & 0xFFFFu, w >> 16u, (e & 1u) == 1u);
+    if LOGIT_KIND == 1u {
+        return unpack2x16float(h).x;
+    }
+    return bitcast<f32>(h << 16u);
+}
+
+// The class index of pixel i of global image b, or IGNORE.
 fn class_label(b: u32, i: u32) -> u32 {
-    let idx = b * dims.spatial + i;
+    let idx = b * dims.spatial + i + dims.label_shift;
     if LABEL_KIND == 1u {
         let v = (labels[idx >> 2u] >> ((idx & 3u) * 8u)) & 0xFFu;
         return select(v, IGNORE, v == 255u);
     }
+    if LABEL_KIND == 3u {
+        let v = (labels[idx >> 1u] >> ((idx & 1u) * 16u)) & 0xFFFFu;
+        return select(v, IGNORE, v == 0xFFFFu);
+    }
     return labels[idx];
 }
 
-// The target g of class c at pixel i of image b (`y` is class_label's result for index labels).
+// The target g of class c at pixel i of global image b (`y` is class_label's result).
 fn target_of(b: u32, c: u32, i: u32, y: u32) -> f32 {
     if LABEL_KIND == 2u {
-        return bitcast<f32>(labels[logit_index(b, c, i)]);
+        return bitcast<f32>(labels[elem(b, c, i) + dims.label_shift]);
     }
     return select(0.0, 1.0, y == c);
 }
@@ -131,11 +165,11 @@ fn focal_h(p: f32, one_minus_p: f32, log_p: f32, alpha_g: f32, gamma: f32) -> f3
 fn softmax_pieces(b: u32, i: u32, t: f32) -> vec2<f32> {
     var m = -3.4e38;
     for (var c = 0u; c < C; c++) {
-        m = max(m, t * logits[logit_index(b, c, i)]);
+        m = max(m, t * logit(b, c, i));
     }
     var se = 0.0;
     for (var c = 0u; c < C; c++) {
-        se += exp(t * logits[logit_index(b, c, i)] - m);
+        se += exp(t * logit(b, c, i) - m);
     }
     return vec2(m, se);
 }

@@ -13,7 +13,7 @@
 @group(0) @binding(6) var<storage, read_write> fin: array<f32>;
 
 // Needed by common.wgsl's label helpers, never read here.
-@group(0) @binding(0) var<storage, read> logits: array<f32>;
+@group(0) @binding(0) var<storage, read> logits: array<u32>;
 @group(0) @binding(1) var<storage, read> labels: array<u32>;
 
 const EPS: f32 = 1e-10;

@@ -2,7 +2,7 @@
 // and writes ∂L/∂z for every class from the coefficient table and the pixel-term scales.
 // CPU port: src/reference/grad.rs.
 
-@group(0) @binding(0) var<storage, read> logits: array<f32>;
+@group(0) @binding(0) var<storage, read> logits: array<u32>;
 @group(0) @binding(1) var<storage, read> labels: array<u32>;
 @group(0) @binding(2) var<uniform> dims: Dims;
 @group(0) @binding(3) var<storage, read> params: array<f32>;
@@ -15,7 +15,7 @@ fn coef(b: u32, c: u32) -> vec4<f32> {
 }
 
 fn pixel_scale(t: u32) -> f32 {
-    return fin[4u * dims.batch * C + t];
+    return fin[4u * dims.total_batch * C + t];
 }
 
 // a_c = ∂L/∂p_c of the statistic terms; without tempering, s = p and the region
@@ -34,7 +34,7 @@ fn main(
     if j >= dims.batch * dims.spatial {
         return;
     }
-    let b = j / dims.spatial;
+    let b = dims.image_offset + j / dims.spatial;
     let i = j % dims.spatial;
     var y = 0u;
     if LABEL_KIND != 2u {
@@ -42,7 +42,7 @@ fn main(
     }
     if y == IGNORE {
         for (var c = 0u; c < C; c++) {
-            grad[logit_index(b, c, i)] = 0.0;
+            grad[elem(b, c, i) + dims.grad_shift] = 0.0;
         }
         return;
     }
@@ -50,7 +50,7 @@ fn main(
 
     if SIGMOID {
         for (var c = 0u; c < C; c++) {
-            let z = logits[logit_index(b, c, i)];
+            let z = logit(b, c, i);
             let g = target_of(b, c, i, y);
             let p = sigmoid(z);
             let k = coef(b, c);
@@ -62,7 +62,7 @@ fn main(
                 let pw = class_param(t, c);
                 dz += pixel_scale(t) * (p * (1.0 - g + pw * g) - pw * g);
             }
-            grad[logit_index(b, c, i)] = dz;
+            grad[elem(b, c, i) + dims.grad_shift] = dz;
         }
         return;
     }
@@ -78,7 +78,7 @@ fn main(
     var us = 0.0;               // Σ_k u_k s_k
     var pixel_sum = vec4(0.0);  // per pixel term: Σ_k w_k t_k (CE) or Σ_k h_k (focal)
     for (var c = 0u; c < C; c++) {
-        let z = logits[logit_index(b, c, i)];
+        let z = logit(b, c, i);
         let g = target_of(b, c, i, y);
         let e = exp(z - sm.x);
         let p = e / sm.y;
@@ -99,7 +99,7 @@ fn main(
     }
     // Second class loop: write ∂L/∂z_c.
     for (var c = 0u; c < C; c++) {
-        let z = logits[logit_index(b, c, i)];
+        let z = logit(b, c, i);
         let g = target_of(b, c, i, y);
         let e = exp(z - sm.x);
         let p = e / sm.y;
@@ -125,6 +125,6 @@ fn main(
             }
             dz += pixel_scale(t) * (h + ps);
         }
-        grad[logit_index(b, c, i)] = dz;
+        grad[elem(b, c, i) + dims.grad_shift] = dz;
     }
 }

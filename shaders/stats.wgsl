@@ -4,7 +4,7 @@
 // of every sum is fixed, so the results are bitwise reproducible.
 // CPU port: src/reference/stats.rs.
 
-@group(0) @binding(0) var<storage, read> logits: array<f32>;
+@group(0) @binding(0) var<storage, read> logits: array<u32>;
 @group(0) @binding(1) var<storage, read> labels: array<u32>;
 @group(0) @binding(2) var<uniform> dims: Dims;
 @group(0) @binding(3) var<storage, read> params: array<f32>;
@@ -70,10 +70,11 @@ fn main(
     if tile >= dims.batch * dims.tiles_per_image {
         return;
     }
-    let b = tile / dims.tiles_per_image;
+    // b is the global image: rows of every dispatch of a call land in one partial buffer.
+    let b = dims.image_offset + tile / dims.tiles_per_image;
     let base = (tile % dims.tiles_per_image) * TILE;
-    let row = tile * dims.row_width;
-    let n_maps = dims.batch * dims.spatial;
+    let row = (b * dims.tiles_per_image + tile % dims.tiles_per_image) * dims.row_width;
+    let n_maps = dims.total_batch * dims.spatial;
 
     var pix: array<u32, PPT>;
     var y: array<u32, PPT>;
@@ -111,7 +112,7 @@ fn main(
                 // bce: Σ_c pw_c·y_c·softplus(−z_c) + (1 − y_c)·softplus(z_c)
                 var l = 0.0;
                 for (var c = 0u; c < C; c++) {
-                    let z = logits[logit_index(b, c, i)];
+                    let z = logit(b, c, i);
                     let g = target_of(b, c, i, yk);
                     l += class_param(t, c) * g * softplus(-z) + (1.0 - g) * softplus(z);
                 }
@@ -130,10 +131,10 @@ fn main(
         var plain = 0.0;
         if LABEL_KIND == 2u {
             for (var c = 0u; c < C; c++) {
-                plain += target_of(b, c, i, yk) * (lse - logits[logit_index(b, c, i)]);
+                plain += target_of(b, c, i, yk) * (lse - logit(b, c, i));
             }
         } else {
-            plain = lse - logits[logit_index(b, yk, i)];
+            plain = lse - logit(b, yk, i);
         }
         counts.y += plain;
         for (var t = 0u; t < dims.n_pixel_terms; t++) {
@@ -145,13 +146,13 @@ fn main(
                 var smoothing = 0.0;
                 if eps > 0.0 {
                     for (var c = 0u; c < C; c++) {
-                        smoothing += class_param(t, c) * (lse - logits[logit_index(b, c, i)]);
+                        smoothing += class_param(t, c) * (lse - logit(b, c, i));
                     }
                     smoothing *= eps / f32(C);
                 }
                 if LABEL_KIND == 2u {
                     for (var c = 0u; c < C; c++) {
-                        l += class_param(t, c) * target_of(b, c, i, yk) * (lse - logits[logit_index(b, c, i)]);
+                        l += class_param(t, c) * target_of(b, c, i, yk) * (lse - logit(b, c, i));
                     }
                     l = (1.0 - eps) * l + smoothing;
                 } else {
@@ -167,7 +168,7 @@ fn main(
                 for (var c = 0u; c < C; c++) {
                     let g = target_of(b, c, i, yk);
                     if g != 0.0 {
-                        let z = logits[logit_index(b, c, i)];
+                        let z = logit(b, c, i);
                         let e = exp(z - p.x);
                         let q = max(p.y - e, 0.0) / p.y;
                         l += class_param(t, c) * g * safe_pow(q, gamma) * (lse - z);
@@ -185,7 +186,7 @@ fn main(
         for (var k = 0u; k < PPT; k++) {
             if ok[k] {
                 let i = pix[k];
-                let z = logits[logit_index(b, c, i)];
+                let z = logit(b, c, i);
                 let g = target_of(b, c, i, y[k]);
                 var p: f32;
                 var s: f32;

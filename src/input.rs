@@ -6,6 +6,131 @@ use crate::error::{Error, Result};
 /// The label value that marks an ignored pixel after conversion.
 pub const IGNORE: u32 = u32::MAX;
 
+/// Memory layout of logits (and of soft labels and the gradient, which follow it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Layout {
+    /// (B, C, *spatial), PyTorch's default.
+    #[default]
+    Nchw,
+    /// (B, *spatial, C), channels last.
+    Nhwc,
+}
+
+/// Precision of logits on the device. 16-bit values are widened in the shader; every sum
+/// is f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum LogitFormat {
+    /// 32-bit floats.
+    #[default]
+    F32,
+    /// IEEE half precision (read with WGSL's unpack2x16float: no shader-f16 needed).
+    F16,
+    /// bfloat16, stored as 16-bit patterns.
+    Bf16,
+}
+
+/// Precision of the gradient written to the device.
+pub type GradFormat = LogitFormat;
+
+impl LogitFormat {
+    /// Values per 32-bit word.
+    pub fn per_word(self) -> u64 {
+        match self {
+            LogitFormat::F32 => 1,
+            LogitFormat::F16 | LogitFormat::Bf16 => 2,
+        }
+    }
+
+    /// The shader's code for the format.
+    pub fn code(self) -> u32 {
+        match self {
+            LogitFormat::F32 => 0,
+            LogitFormat::F16 => 1,
+            LogitFormat::Bf16 => 2,
+        }
+    }
+}
+
+/// How labels are stored on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LabelFormat {
+    /// One u32 class index per pixel, `u32::MAX` ignored.
+    U32,
+    /// u8 class indices packed 4 per word (little-endian), 255 ignored; C ≤ 255.
+    U8,
+    /// u16 class indices packed 2 per word, 65535 ignored; C ≤ 65535.
+    U16,
+    /// f32 per logit, the logits' shape and layout (soft labels, sigmoid masks).
+    Soft,
+}
+
+impl LabelFormat {
+    /// Values per 32-bit word.
+    pub fn per_word(self) -> u64 {
+        match self {
+            LabelFormat::U8 => 4,
+            LabelFormat::U16 => 2,
+            LabelFormat::U32 | LabelFormat::Soft => 1,
+        }
+    }
+
+    /// The shader's code for the format.
+    pub fn code(self) -> u32 {
+        match self {
+            LabelFormat::U32 => 0,
+            LabelFormat::U8 => 1,
+            LabelFormat::Soft => 2,
+            LabelFormat::U16 => 3,
+        }
+    }
+
+    /// The most compact format for index labels of `classes` classes.
+    pub fn compact(classes: usize) -> Self {
+        if classes < 255 {
+            LabelFormat::U8
+        } else if classes < 65535 {
+            LabelFormat::U16
+        } else {
+            LabelFormat::U32
+        }
+    }
+
+    /// The 32-bit words the device reads for host labels.
+    pub fn encode(self, labels: &Labels<'_>) -> Vec<u32> {
+        match (labels, self) {
+            (Labels::Index(y), LabelFormat::U8) => y
+                .chunks(4)
+                .map(|c| c.iter().enumerate().fold(0u32, |w, (k, &v)| w | ((if v == IGNORE { 255 } else { v }) << (8 * k))))
+                .collect(),
+            (Labels::Index(y), LabelFormat::U16) => y
+                .chunks(2)
+                .map(|c| c.iter().enumerate().fold(0u32, |w, (k, &v)| w | ((if v == IGNORE { 0xFFFF } else { v }) << (16 * k))))
+                .collect(),
+            (Labels::Index(y), _) => y.to_vec(),
+            (Labels::Soft(g), _) => g.iter().map(|v| v.to_bits()).collect(),
+        }
+    }
+}
+
+/// Reorders (B, *spatial, C) data to (B, C, *spatial), or back with `to_nchw = false`.
+pub fn permute<T: Copy + Default>(data: &[T], shape: &Shape, to_nchw: bool) -> Vec<T> {
+    let (b_n, c_n, s) = (shape.batch, shape.classes, shape.pixels());
+    let mut out = vec![T::default(); data.len()];
+    for b in 0..b_n {
+        for c in 0..c_n {
+            for i in 0..s {
+                let (nchw, nhwc) = ((b * c_n + c) * s + i, (b * s + i) * c_n + c);
+                if to_nchw {
+                    out[nchw] = data[nhwc];
+                } else {
+                    out[nhwc] = data[nchw];
+                }
+            }
+        }
+    }
+    out
+}
+
 /// B images of C classes over any number of spatial dimensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shape {

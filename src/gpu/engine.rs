@@ -1,26 +1,29 @@
-//! The GPU engine: uploads, the three stages recorded into one command encoder, read-back.
+//! The GPU engine: the three stages (and the optional narrow pass) recorded into a command
+//! encoder on any buffers, the caller's or pooled ones; the convenient host API on top.
 
 use super::context;
-use super::plan::{self, dispatch_2d, Dims, FinLayout, GRAD_WG, STATS_TILE};
+use super::plan::{self, Dims, FinLayout, Region, DIMS_SLOT, GRAD_WG, STATS_TILE};
 use super::pool::{BufferKey, Pool};
 use crate::error::{Error, Result};
-use crate::input::{Labels, Shape, IGNORE};
+use crate::input::{GradFormat, LabelFormat, Labels, Layout, LogitFormat, Shape};
 use crate::output::{Decomposition, LossOutput, Statistics, TermValue};
-use crate::spec::LossSpec;
+use crate::spec::{LossSpec, Reduction, Term};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const STATS: &str = include_str!("../../shaders/stats.wgsl");
 const FINALIZE: &str = include_str!("../../shaders/finalize.wgsl");
 const GRAD: &str = include_str!("../../shaders/grad.wgsl");
+const NARROW: &str = include_str!("../../shaders/narrow.wgsl");
 
 /// The WGSL source of each stage as the device compiles it (common helpers first).
-pub fn shader_sources() -> [(&'static str, String); 3] {
+pub fn shader_sources() -> [(&'static str, String); 4] {
     [
         ("stats", format!("{COMMON}\n{STATS}")),
         ("finalize", format!("{COMMON}\n{FINALIZE}")),
         ("grad", format!("{COMMON}\n{GRAD}")),
+        ("narrow", format!("{COMMON}\n{NARROW}")),
     ]
 }
 
@@ -30,6 +33,7 @@ enum Stage {
     Reduce,
     Finalize,
     Grad,
+    Narrow,
 }
 
 /// Pipelines are compiled once per (stage, override constants).
@@ -38,36 +42,43 @@ struct PipelineKey {
     stage: Stage,
     classes: u32,
     label_kind: u32,
+    logit_kind: u32,
+    grad_kind: u32,
     sigmoid: bool,
     tempered: bool,
+    nhwc: bool,
 }
 
-/// Everything a call of one shape and spec structure needs on the device, bind groups
-/// included; kept between calls so a steady training loop creates nothing.
+/// The small per-call buffers (uniforms, term table, statistics, coefficients, read-back),
+/// reused by every call of one shape and spec structure.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct WorkspaceKey {
-    batch: usize,
+    total_batch: usize,
     classes: usize,
     spatial: usize,
-    label_kind: u32,
-    sigmoid: bool,
-    tempered: bool,
     terms: usize,
     params_len: usize,
-    loss_map: bool,
+    dims_slots: usize,
+    scratch: u64,
+    map: u64,
 }
 
 struct Workspace {
-    buffers: Vec<(BufferKey, wgpu::Buffer)>,
-    bind_groups: HashMap<Stage, wgpu::BindGroup>,
-    fin_layout: FinLayout,
+    dims: wgpu::Buffer,
+    params: wgpu::Buffer,
+    partial: wgpu::Buffer,
+    stats: wgpu::Buffer,
+    fin: wgpu::Buffer,
+    map: wgpu::Buffer,
+    scratch: Option<wgpu::Buffer>,
+    staging: wgpu::Buffer,
+    keys: Vec<(BufferKey, wgpu::Buffer)>,
     sizes: Sizes,
+    fin_layout: FinLayout,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Sizes {
-    logits: u64,
-    labels: u64,
     params: u64,
     partial: u64,
     stats: u64,
@@ -75,29 +86,22 @@ struct Sizes {
     map: u64,
 }
 
-// Indices into Workspace::buffers.
-const B_LOGITS: usize = 0;
-const B_LABELS: usize = 1;
-const B_DIMS: usize = 2;
-const B_PARAMS: usize = 3;
-const B_PARTIAL: usize = 4;
-const B_STATS: usize = 5;
-const B_FIN: usize = 6;
-const B_GRAD: usize = 7;
-const B_MAP: usize = 8;
-const B_STAGING: usize = 9;
+/// How many idle workspaces stay cached.
+const WORKSPACES: usize = 8;
+/// Bind groups kept before the cache starts over.
+const BIND_GROUPS: usize = 512;
 
-/// How many workspaces (distinct shapes/specs) stay cached.
-const WORKSPACES: usize = 4;
+type BindKey = (PipelineKey, Vec<(u32, wgpu::Buffer, u64, u64)>);
 
 struct Inner {
     modules: HashMap<&'static str, wgpu::ShaderModule>,
     pipelines: HashMap<PipelineKey, wgpu::ComputePipeline>,
+    bind_groups: HashMap<BindKey, wgpu::BindGroup>,
     pool: Pool<BufferKey, wgpu::Buffer>,
-    workspaces: Vec<(WorkspaceKey, Workspace)>,
+    workspaces: Vec<(WorkspaceKey, Arc<Workspace>)>,
 }
 
-/// What to compute beyond the loss.
+/// What to compute beyond the loss (host API).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
     /// Run the gradient pass and return ∂loss/∂logits.
@@ -109,8 +113,131 @@ pub struct Options {
     pub poison: bool,
 }
 
+/// Host inputs in any layout and precision (the convenient API's general form).
+#[derive(Debug, Clone, Copy)]
+pub struct HostBatch<'a> {
+    /// The shape.
+    pub shape: &'a Shape,
+    /// Layout of logits, soft labels and the gradient.
+    pub layout: Layout,
+    /// Logits.
+    pub logits: HostLogits<'a>,
+    /// Labels.
+    pub labels: Labels<'a>,
+    /// Label storage on the device (index labels; `None`: the most compact that fits).
+    pub label_format: Option<LabelFormat>,
+    /// Precision of the gradient on the device (returned widened to f32).
+    pub grad_format: GradFormat,
+}
+
+/// Host logits.
+#[derive(Debug, Clone, Copy)]
+pub enum HostLogits<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// IEEE half values.
+    F16(&'a [half::f16]),
+    /// bfloat16 values.
+    Bf16(&'a [half::bf16]),
+}
+
+impl HostLogits<'_> {
+    /// The format on the device.
+    pub fn format(&self) -> LogitFormat {
+        match self {
+            HostLogits::F32(_) => LogitFormat::F32,
+            HostLogits::F16(_) => LogitFormat::F16,
+            HostLogits::Bf16(_) => LogitFormat::Bf16,
+        }
+    }
+
+    /// Values widened to f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            HostLogits::F32(v) => v.to_vec(),
+            HostLogits::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            HostLogits::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            HostLogits::F32(v) => v.len(),
+            HostLogits::F16(v) => v.len(),
+            HostLogits::Bf16(v) => v.len(),
+        }
+    }
+
+    /// The bytes as the device reads them (16-bit values two per word, padded to a word).
+    fn bytes(&self) -> Vec<u8> {
+        let mut b: Vec<u8> = match self {
+            HostLogits::F32(v) => bytemuck::cast_slice(v).to_vec(),
+            HostLogits::F16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+            HostLogits::Bf16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+        };
+        b.resize(b.len().div_ceil(4) * 4, 0);
+        b
+    }
+}
+
+/// A range of a device buffer: the buffer and a byte offset (a multiple of 4).
+#[derive(Debug, Clone, Copy)]
+pub struct BufferRegion<'a> {
+    /// The buffer (STORAGE usage).
+    pub buffer: &'a wgpu::Buffer,
+    /// Byte offset of the array's first element.
+    pub offset: u64,
+}
+
+/// Device-resident inputs of the backend API.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceBatch<'a> {
+    /// The shape of this call's images.
+    pub shape: &'a Shape,
+    /// Layout of logits, soft labels and the gradient.
+    pub layout: Layout,
+    /// Logits.
+    pub logits: BufferRegion<'a>,
+    /// Precision of the logits.
+    pub logit_format: LogitFormat,
+    /// Labels.
+    pub labels: BufferRegion<'a>,
+    /// How the labels are stored.
+    pub label_format: LabelFormat,
+    /// Data parallelism: these images are images `image_offset..image_offset + B` of a
+    /// global batch of `total_batch` (0: this call is the whole batch). Statistics of
+    /// shards then add up to the statistics of the whole batch.
+    pub image_offset: usize,
+    /// Images of the global batch (0: `shape.batch`).
+    pub total_batch: usize,
+}
+
+/// Where the backend API writes the gradient.
+#[derive(Debug, Clone, Copy)]
+pub struct GradTarget<'a> {
+    /// The caller's buffer range (STORAGE usage), the logits' shape and layout.
+    pub region: BufferRegion<'a>,
+    /// f32, or a 16-bit format (offset then a multiple of 4 bytes).
+    pub format: GradFormat,
+}
+
+/// The device-resident results of a recorded call; they stay valid while this handle lives.
+pub struct Recorded {
+    ws: Arc<Workspace>,
+    spec: LossSpec,
+    total_batch: usize,
+    classes: usize,
+    spatial: usize,
+}
+
+impl std::fmt::Debug for Recorded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorded").field("total_batch", &self.total_batch).field("classes", &self.classes).finish()
+    }
+}
+
 /// A GPU device with segloss's pipelines, buffer pool and workspaces. `Send + Sync`: calls
-/// from several threads are serialised on the device.
+/// from several threads are serialised on the context's lock and the device queue.
 pub struct GpuContext {
     device: wgpu::Device,
     queue: wgpu::Queue,
@@ -120,36 +247,12 @@ pub struct GpuContext {
 
 impl std::fmt::Debug for GpuContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GpuContext")
-            .field("adapter", &self.info.name)
-            .field("backend", &self.info.backend)
-            .finish()
+        f.debug_struct("GpuContext").field("adapter", &self.info.name).field("backend", &self.info.backend).finish()
     }
 }
 
-fn label_kind(labels: &Labels<'_>, classes: usize) -> u32 {
-    match labels {
-        // Packed u8 labels read 4× fewer bytes; 255 is the ignore marker.
-        Labels::Index(_) if classes < 255 => 1,
-        Labels::Index(_) => 0,
-        Labels::Soft(_) => 2,
-    }
-}
-
-/// The label words the device reads.
-fn label_words(labels: &Labels<'_>, kind: u32) -> Vec<u32> {
-    match (labels, kind) {
-        (Labels::Index(y), 1) => y
-            .chunks(4)
-            .map(|c| {
-                c.iter().enumerate().fold(0u32, |w, (k, &v)| {
-                    w | ((if v == IGNORE { 255 } else { v }) << (8 * k))
-                })
-            })
-            .collect(),
-        (Labels::Index(y), _) => y.to_vec(),
-        (Labels::Soft(g), _) => g.iter().map(|v| v.to_bits()).collect(),
-    }
+fn storage_align(device: &wgpu::Device) -> u64 {
+    device.limits().min_storage_buffer_offset_alignment.max(4) as u64
 }
 
 impl GpuContext {
@@ -157,6 +260,13 @@ impl GpuContext {
     pub fn new() -> Result<Self> {
         let adapter = context::choose(context::enumerate())?;
         let (device, queue) = context::open(&adapter)?;
+        Ok(Self::from_device(device, queue, adapter.get_info()))
+    }
+
+    /// Opens the adapter at `index` of [`context::enumerate`] (for tests and data parallelism
+    /// over several adapters).
+    pub fn on_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
+        let (device, queue) = context::open(adapter)?;
         Ok(Self::from_device(device, queue, adapter.get_info()))
     }
 
@@ -169,6 +279,7 @@ impl GpuContext {
             inner: Mutex::new(Inner {
                 modules: HashMap::new(),
                 pipelines: HashMap::new(),
+                bind_groups: HashMap::new(),
                 pool: Pool::default(),
                 workspaces: vec![],
             }),
@@ -195,36 +306,137 @@ impl GpuContext {
         self.inner.lock().map(|i| i.pool.created()).unwrap_or(0)
     }
 
-    /// Loss (and gradient) of `spec` on f32 NCHW logits.
-    pub fn evaluate(
-        &self,
-        spec: &LossSpec,
-        shape: &Shape,
-        logits: &[f32],
-        labels: Labels<'_>,
-        opts: Options,
-    ) -> Result<LossOutput> {
-        spec.check_inputs(shape, logits, &labels)?;
-        let max_binding = self.device.limits().max_storage_buffer_binding_size;
-        let logits_bytes = 4 * shape.len() as u64;
-        if logits_bytes > max_binding {
-            return Err(Error::Input(format!(
-                "{logits_bytes} bytes of logits exceed this adapter's max_storage_buffer_binding_size ({max_binding})"
-            )));
-        }
-        let mut inner = self
-            .inner
-            .lock()
-            .map_err(|_| Error::Gpu("a previous call panicked while holding the device".into()))?;
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>> {
+        self.inner.lock().map_err(|_| Error::Gpu("a previous call panicked while holding the context".into()))
+    }
+
+    /// Runs `f` inside validation and out-of-memory error scopes, so a wgpu error becomes an
+    /// `Err` instead of a panic.
+    fn scoped<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let result = self.run(&mut inner, spec, shape, logits, labels, opts);
+        let result = f();
         let oom_err = pollster::block_on(oom.pop());
         let val_err = pollster::block_on(validation.pop());
         if let Some(e) = oom_err.or(val_err) {
-            return Err(Error::Gpu(e.to_string()));
+            return Err(Error::Gpu(e.to_string().replace('\n', " ")));
         }
         result
+    }
+
+    /// Loss (and gradient) of `spec` on f32 NCHW logits.
+    pub fn evaluate(&self, spec: &LossSpec, shape: &Shape, logits: &[f32], labels: Labels<'_>, opts: Options) -> Result<LossOutput> {
+        let batch = HostBatch { shape, layout: Layout::Nchw, logits: HostLogits::F32(logits), labels, label_format: None, grad_format: GradFormat::F32 };
+        self.evaluate_host(spec, &batch, opts)
+    }
+
+    /// Loss (and gradient) of `spec` on host data in any layout and precision.
+    pub fn evaluate_host(&self, spec: &LossSpec, batch: &HostBatch<'_>, opts: Options) -> Result<LossOutput> {
+        let shape = batch.shape;
+        if batch.logits.len() != shape.len() {
+            shape.check()?;
+            return Err(Error::Input(format!("logits hold {} values, expected B·C·S = {}", batch.logits.len(), shape.len())));
+        }
+        let widened = batch.logits.to_f32();
+        spec.check_inputs(shape, &widened, &batch.labels)?;
+        let label_format = match (batch.labels, batch.label_format) {
+            (Labels::Soft(_), _) => LabelFormat::Soft,
+            (Labels::Index(_), None) => LabelFormat::compact(shape.classes),
+            (Labels::Index(_), Some(LabelFormat::Soft)) => return Err(Error::Input("index labels cannot be stored as soft labels".into())),
+            (Labels::Index(_), Some(f)) => f,
+        };
+        if label_format == LabelFormat::U8 && shape.classes > 255 || label_format == LabelFormat::U16 && shape.classes > 65535 {
+            return Err(Error::Input(format!("{label_format:?} labels hold at most {} classes, C = {}", if label_format == LabelFormat::U8 { 255 } else { 65535 }, shape.classes)));
+        }
+        let logit_bytes = batch.logits.bytes();
+        let label_words = label_format.encode(&batch.labels);
+        let grad_bytes = (shape.len() as u64 * 4 / batch.grad_format.per_word()).div_ceil(4) * 4;
+        use wgpu::BufferUsages as U;
+        let (logit_key, label_key, grad_key) = (
+            BufferKey::new(logit_bytes.len() as u64, (U::STORAGE | U::COPY_DST).bits()),
+            BufferKey::new(4 * label_words.len() as u64, (U::STORAGE | U::COPY_DST).bits()),
+            BufferKey::new(grad_bytes, (U::STORAGE | U::COPY_SRC | U::COPY_DST).bits()),
+        );
+        let (logit_buf, label_buf, grad_buf) = {
+            let mut inner = self.lock()?;
+            let mut get = |k: &BufferKey| inner.pool.acquire(k, |k| self.create_buffer(k));
+            (get(&logit_key), get(&label_key), get(&grad_key))
+        };
+        let result = self.scoped(|| {
+            self.queue.write_buffer(&logit_buf, 0, &logit_bytes);
+            self.queue.write_buffer(&label_buf, 0, bytemuck::cast_slice(&label_words));
+            if opts.poison {
+                self.queue.write_buffer(&grad_buf, 0, &vec![0xFFu8; grad_bytes as usize]);
+            }
+            let device_batch = DeviceBatch {
+                shape,
+                layout: batch.layout,
+                logits: BufferRegion { buffer: &logit_buf, offset: 0 },
+                logit_format: batch.logits.format(),
+                labels: BufferRegion { buffer: &label_buf, offset: 0 },
+                label_format,
+                image_offset: 0,
+                total_batch: 0,
+            };
+            let grad = opts.gradient.then_some(GradTarget { region: BufferRegion { buffer: &grad_buf, offset: 0 }, format: batch.grad_format });
+            let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("segloss") });
+            let rec = self.record_inner(&mut enc, spec, &device_batch, grad, None, true, opts.poison)?;
+            self.queue.submit([enc.finish()]);
+            let mut out = rec.read(self)?;
+            if opts.gradient {
+                let words = read_buffer(&self.device, &self.queue, &grad_buf, grad_bytes)?;
+                out.gradient = Some(match batch.grad_format {
+                    LogitFormat::F32 => bytemuck::cast_slice::<u32, f32>(&words)[..shape.len()].to_vec(),
+                    LogitFormat::F16 => bytemuck::cast_slice::<u32, u16>(&words)[..shape.len()].iter().map(|b| half::f16::from_bits(*b).to_f32()).collect(),
+                    LogitFormat::Bf16 => bytemuck::cast_slice::<u32, u16>(&words)[..shape.len()].iter().map(|b| half::bf16::from_bits(*b).to_f32()).collect(),
+                });
+            }
+            if !opts.statistics {
+                out.statistics = None;
+            }
+            Ok(out)
+        });
+        let mut inner = self.lock()?;
+        inner.pool.release(logit_key, logit_buf);
+        inner.pool.release(label_key, label_buf);
+        inner.pool.release(grad_key, grad_buf);
+        result
+    }
+
+    /// Backend API: records loss (and, with `grad`, gradient) passes into the caller's
+    /// encoder on the caller's buffers. Nothing is submitted or awaited; the results stay on
+    /// the device in the returned handle until read.
+    pub fn record(&self, encoder: &mut wgpu::CommandEncoder, spec: &LossSpec, batch: &DeviceBatch<'_>, grad: Option<GradTarget<'_>>) -> Result<Recorded> {
+        self.scoped(|| self.record_inner(encoder, spec, batch, grad, None, true, false))
+    }
+
+    /// Two-phase API, phase 1: records only the statistics pass. Submit, then read them with
+    /// [`Recorded::statistics`], combine them across devices (a sum), and pass the sum to
+    /// [`GpuContext::record_with_statistics`].
+    pub fn record_statistics(&self, encoder: &mut wgpu::CommandEncoder, spec: &LossSpec, batch: &DeviceBatch<'_>) -> Result<Recorded> {
+        self.scoped(|| self.record_inner(encoder, spec, batch, None, None, false, false))
+    }
+
+    /// Two-phase API, phase 2: records finalize (from `stats`, the combined statistics of the
+    /// global batch) and the gradient pass for this call's images.
+    pub fn record_with_statistics(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        spec: &LossSpec,
+        batch: &DeviceBatch<'_>,
+        stats: &Statistics,
+        grad: Option<GradTarget<'_>>,
+    ) -> Result<Recorded> {
+        self.scoped(|| self.record_inner(encoder, spec, batch, grad, Some(stats), true, false))
+    }
+
+    fn create_buffer(&self, k: &BufferKey) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("segloss pooled"),
+            size: k.size,
+            usage: wgpu::BufferUsages::from_bits_truncate(k.usage),
+            mapped_at_creation: false,
+        })
     }
 
     fn pipeline(&self, inner: &mut Inner, key: PipelineKey) -> wgpu::ComputePipeline {
@@ -236,300 +448,445 @@ impl GpuContext {
             Stage::Reduce => ("finalize", "reduce_tiles"),
             Stage::Finalize => ("finalize", "finalize_terms"),
             Stage::Grad => ("grad", "main"),
+            Stage::Narrow => ("narrow", "main"),
         };
         let module = inner
             .modules
             .entry(name)
             .or_insert_with(|| {
-                let src = shader_sources()
-                    .into_iter()
-                    .find(|(n, _)| *n == name)
-                    .map(|(_, s)| s)
-                    .unwrap_or_default();
-                self.device
-                    .create_shader_module(wgpu::ShaderModuleDescriptor {
-                        label: Some(name),
-                        source: wgpu::ShaderSource::Wgsl(src.into()),
-                    })
+                let src = shader_sources().into_iter().find(|(n, _)| *n == name).map(|(_, s)| s).unwrap_or_default();
+                self.device.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(name), source: wgpu::ShaderSource::Wgsl(src.into()) })
             })
             .clone();
-        let constants = [
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        let mut constants = vec![
             ("C", key.classes as f64),
             ("LABEL_KIND", key.label_kind as f64),
-            ("SIGMOID", if key.sigmoid { 1.0 } else { 0.0 }),
-            ("TEMPERED", if key.tempered { 1.0 } else { 0.0 }),
+            ("SIGMOID", flag(key.sigmoid)),
+            ("TEMPERED", flag(key.tempered)),
+            ("NHWC", flag(key.nhwc)),
+            ("LOGIT_KIND", key.logit_kind as f64),
         ];
-        let p = self
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(entry),
-                layout: None,
-                module: &module,
-                entry_point: Some(entry),
-                compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: &constants,
-                    zero_initialize_workgroup_memory: false,
-                },
-                cache: None,
-            });
+        if key.stage == Stage::Narrow {
+            constants.push(("GRAD_KIND", key.grad_kind as f64));
+        }
+        let p = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(entry),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: wgpu::PipelineCompilationOptions { constants: &constants, zero_initialize_workgroup_memory: false },
+            cache: None,
+        });
         inner.pipelines.insert(key, p.clone());
         p
     }
 
-    fn workspace<'a>(&self, inner: &'a mut Inner, key: WorkspaceKey) -> &'a Workspace {
-        if let Some(pos) = inner.workspaces.iter().position(|(k, _)| *k == key) {
-            // Most recently used last.
+    /// A workspace for `key` that no live [`Recorded`] holds.
+    fn workspace(&self, inner: &mut Inner, key: &WorkspaceKey) -> Arc<Workspace> {
+        if let Some(pos) = inner.workspaces.iter().position(|(k, w)| k == key && Arc::strong_count(w) == 1) {
             let w = inner.workspaces.remove(pos);
-            inner.workspaces.push(w);
-            return &inner.workspaces.last().expect("just pushed").1;
+            let ws = w.1.clone();
+            inner.workspaces.push(w); // most recently used last
+            return ws;
         }
-        if inner.workspaces.len() >= WORKSPACES {
-            let (_, old) = inner.workspaces.remove(0);
-            for (k, b) in old.buffers {
-                inner.pool.release(k, b);
+        while inner.workspaces.len() >= WORKSPACES {
+            let Some(pos) = inner.workspaces.iter().position(|(_, w)| Arc::strong_count(w) == 1) else { break };
+            let (_, old) = inner.workspaces.remove(pos);
+            if let Ok(old) = Arc::try_unwrap(old) {
+                inner.bind_groups.clear(); // they reference the released buffers
+                for (k, b) in old.keys {
+                    inner.pool.release(k, b);
+                }
             }
         }
-        let shape = Shape::new(key.batch, key.classes, &[key.spatial]);
-        let n = shape.len() as u64;
-        let bs = (key.batch * key.spatial) as u64;
-        let tiles = key.spatial.div_ceil(STATS_TILE) as u64;
+        let fin_layout = FinLayout::new(key.total_batch, key.classes, key.terms);
         let width = plan::row_width(key.classes) as u64;
-        let fin_layout = FinLayout::new(key.batch, key.classes, key.terms);
-        let n_pix_max = crate::spec::MAX_PIXEL_TERMS as u64;
+        let tiles = key.spatial.div_ceil(STATS_TILE) as u64;
         let sizes = Sizes {
-            logits: 4 * n,
-            labels: 4 * match key.label_kind {
-                1 => bs.div_ceil(4),
-                0 => bs,
-                _ => n,
-            },
             params: 4 * key.params_len as u64,
-            partial: 4 * key.batch as u64 * tiles * width,
-            stats: 4 * key.batch as u64 * width,
+            partial: 4 * key.total_batch as u64 * tiles * width,
+            stats: 4 * key.total_batch as u64 * width,
             fin: 4 * fin_layout.len as u64,
-            map: if key.loss_map { 4 * n_pix_max * bs } else { 4 },
+            map: key.map.max(4),
         };
         use wgpu::BufferUsages as U;
-        let storage_in = U::STORAGE | U::COPY_DST;
-        let storage_out = U::STORAGE | U::COPY_SRC | U::COPY_DST;
-        let specs: [(u64, U); 10] = [
-            (sizes.logits, storage_in),
-            (sizes.labels, storage_in),
-            (std::mem::size_of::<Dims>() as u64, U::UNIFORM | U::COPY_DST),
-            (sizes.params, storage_in),
-            (sizes.partial, U::STORAGE),
-            (sizes.stats, storage_out),
-            (sizes.fin, storage_out),
-            (sizes.logits, storage_out),
-            (sizes.map, storage_out),
-            (
-                sizes.fin + sizes.logits + sizes.map + sizes.stats,
-                U::MAP_READ | U::COPY_DST,
-            ),
-        ];
-        let device = &self.device;
-        let buffers: Vec<(BufferKey, wgpu::Buffer)> = specs
-            .iter()
-            .map(|&(size, usage)| {
-                let k = BufferKey::new(size, usage.bits());
-                let b = inner.pool.acquire(&k, |k| {
-                    device.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some("segloss pooled"),
-                        size: k.size,
-                        usage: wgpu::BufferUsages::from_bits_truncate(k.usage),
-                        mapped_at_creation: false,
-                    })
-                });
-                (k, b)
-            })
-            .collect();
-        let entry = |binding: u32, idx: usize, size: u64| wgpu::BindGroupEntry {
-            binding,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: &buffers[idx].1,
-                offset: 0,
-                size: std::num::NonZeroU64::new(size),
-            }),
+        let mut keys = vec![];
+        let mut make = |size: u64, usage: U| {
+            let k = BufferKey::new(size, usage.bits());
+            let b = inner.pool.acquire(&k, |k| self.create_buffer(k));
+            keys.push((k, b.clone()));
+            b
         };
-        let dims_size = std::mem::size_of::<Dims>() as u64;
-        let mut bind_groups = HashMap::new();
-        for stage in [Stage::Stats, Stage::Reduce, Stage::Finalize, Stage::Grad] {
-            let pk = PipelineKey {
-                stage,
-                classes: key.classes as u32,
-                label_kind: key.label_kind,
-                sigmoid: key.sigmoid,
-                tempered: key.tempered,
-            };
-            let pipeline = self.pipeline(inner, pk);
-            let entries: Vec<wgpu::BindGroupEntry> = match stage {
-                Stage::Stats => vec![
-                    entry(0, B_LOGITS, sizes.logits),
-                    entry(1, B_LABELS, sizes.labels),
-                    entry(2, B_DIMS, dims_size),
-                    entry(3, B_PARAMS, sizes.params),
-                    entry(4, B_PARTIAL, sizes.partial),
-                    entry(8, B_MAP, sizes.map),
-                ],
-                Stage::Reduce => vec![
-                    entry(2, B_DIMS, dims_size),
-                    entry(4, B_PARTIAL, sizes.partial),
-                    entry(5, B_STATS, sizes.stats),
-                ],
-                Stage::Finalize => vec![
-                    entry(2, B_DIMS, dims_size),
-                    entry(3, B_PARAMS, sizes.params),
-                    entry(5, B_STATS, sizes.stats),
-                    entry(6, B_FIN, sizes.fin),
-                ],
-                Stage::Grad => vec![
-                    entry(0, B_LOGITS, sizes.logits),
-                    entry(1, B_LABELS, sizes.labels),
-                    entry(2, B_DIMS, dims_size),
-                    entry(3, B_PARAMS, sizes.params),
-                    entry(6, B_FIN, sizes.fin),
-                    entry(7, B_GRAD, sizes.logits),
-                ],
-            };
-            let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("segloss"),
-                layout: &pipeline.get_bind_group_layout(0),
-                entries: &entries,
-            });
-            bind_groups.insert(stage, bg);
-        }
-        inner.workspaces.push((
-            key,
-            Workspace {
-                buffers,
-                bind_groups,
-                fin_layout,
-                sizes,
-            },
-        ));
-        &inner.workspaces.last().expect("just pushed").1
+        let out = U::STORAGE | U::COPY_SRC | U::COPY_DST;
+        let dims = make(DIMS_SLOT * key.dims_slots as u64, U::UNIFORM | U::COPY_DST);
+        let params = make(sizes.params, U::STORAGE | U::COPY_DST);
+        let partial = make(sizes.partial, U::STORAGE);
+        let stats = make(sizes.stats, out);
+        let fin = make(sizes.fin, out);
+        let map = make(sizes.map, out);
+        let scratch = (key.scratch > 0).then(|| make(key.scratch, U::STORAGE));
+        let staging = make(sizes.fin + sizes.stats + sizes.map, U::MAP_READ | U::COPY_DST);
+        let ws = Arc::new(Workspace { dims, params, partial, stats, fin, map, scratch, staging, keys, sizes, fin_layout });
+        inner.workspaces.push((key.clone(), ws.clone()));
+        ws
     }
 
-    fn run(
+    fn bind_group(&self, inner: &mut Inner, pk: PipelineKey, entries: Vec<(u32, &wgpu::Buffer, u64, u64)>) -> wgpu::BindGroup {
+        let key: BindKey = (pk, entries.iter().map(|(b, buf, o, s)| (*b, (*buf).clone(), *o, *s)).collect());
+        if let Some(bg) = inner.bind_groups.get(&key) {
+            return bg.clone();
+        }
+        if inner.bind_groups.len() >= BIND_GROUPS {
+            inner.bind_groups.clear();
+        }
+        let pipeline = self.pipeline(inner, pk);
+        let wgpu_entries: Vec<wgpu::BindGroupEntry> = entries
+            .iter()
+            .map(|(binding, buffer, offset, size)| wgpu::BindGroupEntry {
+                binding: *binding,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer, offset: *offset, size: std::num::NonZeroU64::new(*size) }),
+            })
+            .collect();
+        let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some("segloss"), layout: &pipeline.get_bind_group_layout(0), entries: &wgpu_entries });
+        inner.bind_groups.insert(key, bg.clone());
+        bg
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record_inner(
         &self,
-        inner: &mut Inner,
+        enc: &mut wgpu::CommandEncoder,
         spec: &LossSpec,
-        shape: &Shape,
-        logits: &[f32],
-        labels: Labels<'_>,
-        opts: Options,
-    ) -> Result<LossOutput> {
-        let kind = label_kind(&labels, shape.classes);
-        let params = plan::pack_params(spec, shape);
-        let dims = plan::dims(spec, shape);
+        batch: &DeviceBatch<'_>,
+        grad: Option<GradTarget<'_>>,
+        given_stats: Option<&Statistics>,
+        finalize: bool,
+        poison: bool,
+    ) -> Result<Recorded> {
+        let shape = batch.shape;
+        shape.check()?;
+        spec.validate(Some(shape.classes))?;
         let (b_n, c_n, s) = (shape.batch, shape.classes, shape.pixels());
+        let total = if batch.total_batch == 0 { b_n } else { batch.total_batch };
+        if batch.image_offset + b_n > total {
+            return Err(Error::Input(format!("images {}..{} do not fit a global batch of {total}", batch.image_offset, batch.image_offset + b_n)));
+        }
+        let sigmoid = plan::sigmoid(spec);
+        if sigmoid && batch.label_format != LabelFormat::Soft {
+            return Err(Error::Input("sigmoid mode needs soft (f32) labels of the logits' shape".into()));
+        }
+        for (what, offset) in [("logits", batch.logits.offset), ("labels", batch.labels.offset)] {
+            if offset % 4 != 0 {
+                return Err(Error::Input(format!("the {what} offset {offset} is not a multiple of 4 bytes")));
+            }
+        }
+        if let Some(g) = &grad {
+            if g.region.offset % 4 != 0 {
+                return Err(Error::Input(format!("the gradient offset {} is not a multiple of 4 bytes", g.region.offset)));
+            }
+        }
+        // Bytes each bound array needs: a call's inputs must lie inside the caller's buffers.
+        let n = shape.len() as u64;
+        let lf = batch.logit_format;
+        let label_elems = if batch.label_format == LabelFormat::Soft { n } else { (b_n * s) as u64 };
+        let global_first_elem = (batch.image_offset * c_n * s) as u64;
+        let global_first_pixel = (batch.image_offset * s) as u64;
+        let need = |what: &str, r: &BufferRegion, elems: u64, per_word: u64| -> Result<()> {
+            let bytes = r.offset + elems.div_ceil(per_word) * 4;
+            if bytes > r.buffer.size() {
+                return Err(Error::Input(format!("the {what} buffer holds {} bytes, the call needs {bytes}", r.buffer.size())));
+            }
+            Ok(())
+        };
+        need("logits", &batch.logits, n, lf.per_word())?;
+        need("labels", &batch.labels, label_elems, batch.label_format.per_word())?;
+        if let Some(g) = &grad {
+            need("gradient", &g.region, n, g.format.per_word())?;
+        }
+
+        let align = storage_align(&self.device);
+        let max_binding = self.device.limits().max_storage_buffer_binding_size;
+        // Per image: logits, labels, gradient (f32 scratch when 16-bit), each one binding.
+        let image_elems = (c_n * s) as u64;
+        let per_image = [
+            image_elems * 4 / lf.per_word(),
+            if batch.label_format == LabelFormat::Soft { image_elems * 4 } else { s as u64 * 4 / batch.label_format.per_word() + 4 },
+            if grad.is_some() { image_elems * 4 } else { 0 },
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+            + 8;
+        let chunks = plan::chunks(b_n, per_image, max_binding, align).map_err(Error::Input)?;
+        let narrow = grad.map(|g| g.format != GradFormat::F32).unwrap_or(false);
+        let max_chunk = chunks.iter().map(|c| c.1).max().unwrap_or(1) as u64;
+        let params = plan::pack_params(spec, shape);
+        let map_bytes = if plan::wants_loss_map(spec) { 4 * crate::spec::MAX_PIXEL_TERMS as u64 * (total * s) as u64 } else { 4 };
         let key = WorkspaceKey {
-            batch: b_n,
+            total_batch: total,
             classes: c_n,
             spatial: s,
-            label_kind: kind,
-            sigmoid: plan::sigmoid(spec),
-            tempered: spec.tempered(),
             terms: spec.terms.len(),
             params_len: params.len(),
-            loss_map: plan::wants_loss_map(spec),
+            dims_slots: chunks.len() + 1,
+            scratch: if narrow { max_chunk * image_elems * 4 } else { 0 },
+            map: map_bytes,
         };
+        let mut inner = self.lock()?;
+        let ws = self.workspace(&mut inner, &key);
+        let base = plan::dims(spec, shape);
+        // Slot 0: the whole global batch, for reduce and finalize.
+        let mut slots = vec![Dims { batch: total as u32, total_batch: total as u32, ..base }];
         let pk = |stage| PipelineKey {
             stage,
             classes: c_n as u32,
-            label_kind: kind,
-            sigmoid: key.sigmoid,
-            tempered: key.tempered,
+            label_kind: batch.label_format.code(),
+            logit_kind: lf.code(),
+            grad_kind: grad.map(|g| g.format.code()).unwrap_or(0),
+            sigmoid,
+            tempered: spec.tempered(),
+            nhwc: batch.layout == Layout::Nhwc,
         };
-        let pipelines: HashMap<Stage, wgpu::ComputePipeline> =
-            [Stage::Stats, Stage::Reduce, Stage::Finalize, Stage::Grad]
-                .into_iter()
-                .map(|st| (st, self.pipeline(inner, pk(st))))
-                .collect();
-        let ws = self.workspace(inner, key.clone());
-        let buf = |i: usize| &ws.buffers[i].1;
+        let dims_size = std::mem::size_of::<Dims>() as u64;
         let q = &self.queue;
-        q.write_buffer(buf(B_LOGITS), 0, bytemuck::cast_slice(logits));
-        q.write_buffer(
-            buf(B_LABELS),
-            0,
-            bytemuck::cast_slice(&label_words(&labels, kind)),
-        );
-        q.write_buffer(buf(B_DIMS), 0, bytemuck::bytes_of(&dims));
-        q.write_buffer(buf(B_PARAMS), 0, bytemuck::cast_slice(&params));
-        if opts.poison {
-            for (i, size) in [
-                (B_STATS, ws.sizes.stats),
-                (B_FIN, ws.sizes.fin),
-                (B_GRAD, ws.sizes.logits),
-                (B_MAP, ws.sizes.map),
-            ] {
-                q.write_buffer(
-                    buf(i),
-                    0,
-                    bytemuck::cast_slice(&vec![f32::NAN; (size / 4) as usize]),
+        q.write_buffer(&ws.params, 0, bytemuck::cast_slice(&params));
+        if poison {
+            for (b, size) in [(&ws.stats, ws.sizes.stats), (&ws.fin, ws.sizes.fin), (&ws.map, ws.sizes.map)] {
+                q.write_buffer(b, 0, &vec![0xFFu8; size as usize]);
+            }
+        }
+        if let Some(st) = given_stats {
+            q.write_buffer(&ws.stats, 0, bytemuck::cast_slice(&stats_to_rows(st, spec, total, c_n)?));
+        }
+        // Per chunk: its bindings and its Dims slot.
+        struct ChunkPlan {
+            slot: u64,
+            groups_stats: usize,
+            groups_grad: usize,
+            logits: Region,
+            labels: Region,
+            grad: Option<Region>,
+            narrow_words: usize,
+        }
+        let mut plans = vec![];
+        for (k, &(first, count)) in chunks.iter().enumerate() {
+            let first_elem = global_first_elem + (first * c_n * s) as u64;
+            let elems = (count * c_n * s) as u64;
+            let lr = plan::region(batch.logits.offset, first_elem - global_first_elem, elems, lf.per_word(), align);
+            let (lab_first, lab_count) =
+                if batch.label_format == LabelFormat::Soft { (first_elem - global_first_elem, elems) } else { ((first * s) as u64, (count * s) as u64) };
+            let yr = plan::region(batch.labels.offset, lab_first, lab_count, batch.label_format.per_word(), align);
+            // Shifts are relative to the caller's arrays, whose element 0 is the shard's first.
+            let label_origin = if batch.label_format == LabelFormat::Soft { global_first_elem } else { global_first_pixel };
+            let gr = grad.map(|g| plan::region(g.region.offset, first_elem - global_first_elem, elems, g.format.per_word(), align));
+            let scratch_shift = (first_elem as u32).wrapping_neg();
+            let mut d = Dims {
+                batch: count as u32,
+                image_offset: (batch.image_offset + first) as u32,
+                total_batch: total as u32,
+                logit_shift: lr.shift.wrapping_sub(global_first_elem as u32),
+                label_shift: yr.shift.wrapping_sub(label_origin as u32),
+                grad_shift: if narrow { scratch_shift } else { gr.map(|r| r.shift.wrapping_sub(global_first_elem as u32)).unwrap_or(0) },
+                ..base
+            };
+            let mut narrow_words = 0;
+            if let (true, Some(r)) = (narrow, gr) {
+                d.narrow_count = elems as u32;
+                d.narrow_shift = r.shift.wrapping_add((first_elem - global_first_elem) as u32);
+                narrow_words = ((d.narrow_shift as u64 + elems - 1) / 2 - d.narrow_shift as u64 / 2 + 1) as usize;
+            }
+            slots.push(d);
+            plans.push(ChunkPlan {
+                slot: (k as u64 + 1) * DIMS_SLOT,
+                groups_stats: count * s.div_ceil(STATS_TILE),
+                groups_grad: (count * s).div_ceil(GRAD_WG),
+                logits: lr,
+                labels: yr,
+                grad: gr,
+                narrow_words,
+            });
+        }
+        let mut dims_bytes = vec![0u8; (DIMS_SLOT as usize) * slots.len()];
+        for (k, d) in slots.iter().enumerate() {
+            dims_bytes[k * DIMS_SLOT as usize..k * DIMS_SLOT as usize + dims_size as usize].copy_from_slice(bytemuck::bytes_of(d));
+        }
+        q.write_buffer(&ws.dims, 0, &dims_bytes);
+
+        let mut dispatches: Vec<(wgpu::ComputePipeline, wgpu::BindGroup, usize)> = vec![];
+        let mut add = |inner: &mut Inner, stage: Stage, entries: Vec<(u32, &wgpu::Buffer, u64, u64)>, groups: usize| {
+            let key = pk(stage);
+            let p = self.pipeline(inner, key);
+            let bg = self.bind_group(inner, key, entries);
+            dispatches.push((p, bg, groups));
+        };
+        if given_stats.is_none() {
+            for p in &plans {
+                add(
+                    &mut inner,
+                    Stage::Stats,
+                    vec![
+                        (0, batch.logits.buffer, p.logits.offset, p.logits.size),
+                        (1, batch.labels.buffer, p.labels.offset, p.labels.size),
+                        (2, &ws.dims, p.slot, dims_size),
+                        (3, &ws.params, 0, ws.sizes.params),
+                        (4, &ws.partial, 0, ws.sizes.partial),
+                        (8, &ws.map, 0, ws.sizes.map),
+                    ],
+                    p.groups_stats,
                 );
             }
+            add(
+                &mut inner,
+                Stage::Reduce,
+                vec![(2, &ws.dims, 0, dims_size), (4, &ws.partial, 0, ws.sizes.partial), (5, &ws.stats, 0, ws.sizes.stats)],
+                (total * base.row_width as usize).div_ceil(64),
+            );
         }
-        let mut enc = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("segloss"),
-            });
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("segloss"),
-                timestamp_writes: None,
-            });
-            let mut dispatch = |stage: Stage, groups: usize| {
-                let (x, y) = dispatch_2d(groups);
-                pass.set_pipeline(&pipelines[&stage]);
-                pass.set_bind_group(0, &ws.bind_groups[&stage], &[]);
-                pass.dispatch_workgroups(x, y, 1);
-            };
-            dispatch(Stage::Stats, b_n * dims.tiles_per_image as usize);
-            dispatch(Stage::Reduce, (b_n * dims.row_width as usize).div_ceil(64));
-            dispatch(Stage::Finalize, 1);
-            if opts.gradient {
-                dispatch(Stage::Grad, (b_n * s).div_ceil(GRAD_WG));
+        if finalize {
+            add(
+                &mut inner,
+                Stage::Finalize,
+                vec![(2, &ws.dims, 0, dims_size), (3, &ws.params, 0, ws.sizes.params), (5, &ws.stats, 0, ws.sizes.stats), (6, &ws.fin, 0, ws.sizes.fin)],
+                1,
+            );
+        }
+        if let (true, Some(g)) = (finalize, grad) {
+            for p in &plans {
+                let r = p.grad.expect("planned with the gradient");
+                let (gbuf, goff, gsize) = if narrow {
+                    let sc = ws.scratch.as_ref().expect("scratch planned for 16-bit gradients");
+                    (sc, 0, key.scratch)
+                } else {
+                    (g.region.buffer, r.offset, r.size)
+                };
+                add(
+                    &mut inner,
+                    Stage::Grad,
+                    vec![
+                        (0, batch.logits.buffer, p.logits.offset, p.logits.size),
+                        (1, batch.labels.buffer, p.labels.offset, p.labels.size),
+                        (2, &ws.dims, p.slot, dims_size),
+                        (3, &ws.params, 0, ws.sizes.params),
+                        (6, &ws.fin, 0, ws.sizes.fin),
+                        (7, gbuf, goff, gsize),
+                    ],
+                    p.groups_grad,
+                );
+                if narrow {
+                    let sc = ws.scratch.as_ref().expect("scratch planned for 16-bit gradients");
+                    add(&mut inner, Stage::Narrow, vec![(2, &ws.dims, p.slot, dims_size), (7, sc, 0, key.scratch), (9, g.region.buffer, r.offset, r.size)], p.narrow_words.div_ceil(256));
+                }
             }
         }
-        let fl = ws.fin_layout;
-        let report_off = 4 * fl.report as u64;
+        drop(inner);
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("segloss"), timestamp_writes: None });
+            for (p, bg, groups) in &dispatches {
+                let (x, y) = plan::dispatch_2d(*groups);
+                pass.set_pipeline(p);
+                pass.set_bind_group(0, bg, &[]);
+                pass.dispatch_workgroups(x, y, 1);
+            }
+        }
+        Ok(Recorded { ws, spec: spec.clone(), total_batch: total, classes: c_n, spatial: s })
+    }
+}
+
+/// Statistics as the device's rows (the inverse of the read-back in [`Recorded::read`]).
+fn stats_to_rows(st: &Statistics, spec: &LossSpec, total: usize, c_n: usize) -> Result<Vec<f32>> {
+    let n_pix = spec.terms.iter().filter(|t| t.is_pixel_term()).count();
+    if st.batch != total || st.classes != c_n || st.per_class.len() != total * c_n || st.pixel_sums.len() != total * n_pix {
+        return Err(Error::Input(format!(
+            "statistics for B={} C={} do not fit this call (global batch {total}, C = {c_n}, {n_pix} pixel terms)",
+            st.batch, st.classes
+        )));
+    }
+    let width = plan::row_width(c_n);
+    let mut rows = vec![0.0f32; total * width];
+    for b in 0..total {
+        for c in 0..c_n {
+            for (j, v) in st.per_class[b * c_n + c].iter().enumerate() {
+                rows[b * width + c * plan::PER_CLASS + j] = *v as f32;
+            }
+        }
+        let o = b * width + plan::PER_CLASS * c_n;
+        rows[o] = st.valid[b] as f32;
+        rows[o + 1] = st.plain_ce[b] as f32;
+        for t in 0..n_pix {
+            rows[o + 4 + t] = st.pixel_sums[b * n_pix + t][0] as f32;
+            rows[o + 8 + t] = st.pixel_sums[b * n_pix + t][1] as f32;
+        }
+    }
+    Ok(rows)
+}
+
+impl Recorded {
+    /// The buffer and byte offset of the total loss (one f32), for a caller that keeps it on
+    /// the device.
+    pub fn loss_location(&self) -> (&wgpu::Buffer, u64) {
+        (&self.ws.fin, 4 * self.ws.fin_layout.report as u64)
+    }
+
+    /// The buffer of the statistics rows (per image: 8 floats per class, then 12 scalars).
+    pub fn statistics_buffer(&self) -> &wgpu::Buffer {
+        &self.ws.stats
+    }
+
+    /// Copies the results to the host, waiting for the device: loss, terms, proportions,
+    /// decomposition, elements and statistics (not the gradient, which lives in the
+    /// caller's buffer). Submit the recording encoder first.
+    pub fn read(&self, ctx: &GpuContext) -> Result<LossOutput> {
+        let words = self.copy_and_map(ctx)?;
+        Ok(self.decode(&words))
+    }
+
+    /// Only the statistics (the two-phase API's phase 1 result).
+    pub fn statistics(&self, ctx: &GpuContext) -> Result<Statistics> {
+        let words = self.copy_and_map(ctx)?;
+        let words: &[f32] = bytemuck::cast_slice(&words);
+        Ok(self.decode_statistics(&words[(self.ws.sizes.fin / 4) as usize - self.ws.fin_layout.report..]))
+    }
+
+    /// Asynchronous read-back of the total loss: the copy is submitted now; the future
+    /// resolves once the device has finished (drive it with `device.poll`, or let another
+    /// thread poll).
+    pub fn read_loss_async(&self, ctx: &GpuContext) -> impl std::future::Future<Output = Result<f32>> + Send + 'static {
+        let ws = self.ws.clone();
+        let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("segloss loss") });
+        let off = 4 * ws.fin_layout.report as u64;
+        enc.copy_buffer_to_buffer(&ws.fin, off, &ws.staging, 0, 4);
+        ctx.queue.submit([enc.finish()]);
+        let (tx, rx) = futures_channel();
+        ws.staging.slice(0..8).map_async(wgpu::MapMode::Read, move |r| tx(r.map_err(|e| Error::Gpu(format!("mapping the loss: {e}")))));
+        async move {
+            rx.await?;
+            let v = {
+                let view = ws.staging.slice(0..8).get_mapped_range().map_err(|e| Error::Gpu(format!("{e:?}")))?;
+                bytemuck::cast_slice::<u8, f32>(&view)[0]
+            };
+            ws.staging.unmap();
+            Ok(v)
+        }
+    }
+
+    fn copy_and_map(&self, ctx: &GpuContext) -> Result<Vec<u32>> {
+        let ws = &self.ws;
+        let report_off = 4 * ws.fin_layout.report as u64;
         let report_len = ws.sizes.fin - report_off;
-        let grad_len = if opts.gradient { ws.sizes.logits } else { 0 };
-        let map_len = if key.loss_map { ws.sizes.map } else { 0 };
-        let staging = buf(B_STAGING);
-        enc.copy_buffer_to_buffer(buf(B_FIN), report_off, staging, 0, report_len);
-        enc.copy_buffer_to_buffer(buf(B_STATS), 0, staging, report_len, ws.sizes.stats);
-        if grad_len > 0 {
-            enc.copy_buffer_to_buffer(
-                buf(B_GRAD),
-                0,
-                staging,
-                report_len + ws.sizes.stats,
-                grad_len,
-            );
-        }
-        if map_len > 0 {
-            enc.copy_buffer_to_buffer(
-                buf(B_MAP),
-                0,
-                staging,
-                report_len + ws.sizes.stats + grad_len,
-                map_len,
-            );
-        }
-        q.submit([enc.finish()]);
-        let total = report_len + ws.sizes.stats + grad_len + map_len;
-        let words = read_back(&self.device, staging, total)?;
-        let (report, rest) = words.split_at((report_len / 4) as usize);
-        let (stats_w, rest) = rest.split_at((ws.sizes.stats / 4) as usize);
-        let (grad_w, map_w) = rest.split_at((grad_len / 4) as usize);
-        let at = |abs: usize| report[abs - fl.report] as f64;
-        let n_pix = dims.n_pixel_terms as usize;
-        let width = dims.row_width as usize;
-        let statistics = Statistics {
+        let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("segloss read") });
+        enc.copy_buffer_to_buffer(&ws.fin, report_off, &ws.staging, 0, report_len);
+        enc.copy_buffer_to_buffer(&ws.stats, 0, &ws.staging, report_len, ws.sizes.stats);
+        enc.copy_buffer_to_buffer(&ws.map, 0, &ws.staging, report_len + ws.sizes.stats, ws.sizes.map);
+        ctx.queue.submit([enc.finish()]);
+        map_read(&ctx.device, &ws.staging, report_len + ws.sizes.stats + ws.sizes.map)
+    }
+
+    fn decode_statistics(&self, stats_w: &[f32]) -> Statistics {
+        let (b_n, c_n) = (self.total_batch, self.classes);
+        let n_pix = self.spec.terms.iter().filter(|t| t.is_pixel_term()).count();
+        let width = plan::row_width(c_n);
+        Statistics {
             batch: b_n,
             classes: c_n,
             per_class: (0..b_n * c_n)
@@ -538,61 +895,38 @@ impl GpuContext {
                     std::array::from_fn(|j| stats_w[o + j] as f64)
                 })
                 .collect(),
-            valid: (0..b_n)
-                .map(|b| stats_w[b * width + plan::PER_CLASS * c_n] as f64)
-                .collect(),
-            plain_ce: (0..b_n)
-                .map(|b| stats_w[b * width + plan::PER_CLASS * c_n + 1] as f64)
-                .collect(),
+            valid: (0..b_n).map(|b| stats_w[b * width + plan::PER_CLASS * c_n] as f64).collect(),
+            plain_ce: (0..b_n).map(|b| stats_w[b * width + plan::PER_CLASS * c_n + 1] as f64).collect(),
             pixel_sums: (0..b_n * n_pix)
                 .map(|k| {
                     let o = (k / n_pix) * width + plan::PER_CLASS * c_n;
-                    [
-                        stats_w[o + 4 + k % n_pix] as f64,
-                        stats_w[o + 8 + k % n_pix] as f64,
-                    ]
+                    [stats_w[o + 4 + k % n_pix] as f64, stats_w[o + 8 + k % n_pix] as f64]
                 })
                 .collect(),
-        };
-        let terms: Vec<TermValue> = spec
-            .terms
-            .iter()
-            .enumerate()
-            .map(|(r, t)| TermValue {
-                kind: t.kind().into(),
-                weight: t.weight(),
-                value: at(fl.values + r),
-            })
-            .collect();
-        let rows = |off: usize| {
-            (0..b_n)
-                .map(|b| (0..c_n).map(|c| at(off + b * c_n + c)).collect())
-                .collect()
-        };
+        }
+    }
+
+    fn decode(&self, bytes: &[u32]) -> LossOutput {
+        let words: &[f32] = bytemuck::cast_slice(bytes);
+        let ws = &self.ws;
+        let fl = ws.fin_layout;
+        let (b_n, c_n, s) = (self.total_batch, self.classes, self.spatial);
+        let report_len = (ws.sizes.fin / 4) as usize - fl.report;
+        let (report, rest) = words.split_at(report_len);
+        let (stats_w, map_w) = rest.split_at((ws.sizes.stats / 4) as usize);
+        let at = |abs: usize| report[abs - fl.report] as f64;
+        let spec = &self.spec;
+        let terms: Vec<TermValue> =
+            spec.terms.iter().enumerate().map(|(r, t)| TermValue { kind: t.kind().into(), weight: t.weight(), value: at(fl.values + r) }).collect();
+        let rows = |off: usize| (0..b_n).map(|b| (0..c_n).map(|c| at(off + b * c_n + c)).collect()).collect();
         let mut pix_slot = 0;
         let mut elements = vec![];
         for (r, t) in spec.terms.iter().enumerate() {
             let e = match t {
-                crate::spec::Term::CrossEntropy {
-                    reduction: crate::spec::Reduction::None,
-                    ..
-                } => Some(
-                    map_w[pix_slot * b_n * s..(pix_slot + 1) * b_n * s]
-                        .iter()
-                        .map(|v| *v as f64)
-                        .collect(),
-                ),
-                crate::spec::Term::Dice {
-                    reduction: crate::spec::Reduction::None,
-                    batch,
-                    ..
-                } => {
+                Term::CrossEntropy { reduction: Reduction::None, .. } => Some(map_w[pix_slot * b_n * s..(pix_slot + 1) * b_n * s].iter().map(|v| *v as f64).collect()),
+                Term::Dice { reduction: Reduction::None, batch, .. } => {
                     let groups = if *batch { 1 } else { b_n };
-                    Some(
-                        (0..groups * c_n)
-                            .map(|k| at(fl.elements + r * b_n * c_n + k))
-                            .collect(),
-                    )
+                    Some((0..groups * c_n).map(|k| at(fl.elements + r * b_n * c_n + k)).collect())
                 }
                 _ => None,
             };
@@ -601,57 +935,87 @@ impl GpuContext {
             }
             elements.push(e);
         }
-        Ok(LossOutput {
+        LossOutput {
             loss: at(fl.report),
             terms,
             predicted_proportions: rows(fl.predicted),
             target_proportions: rows(fl.target),
             valid_pixels: (0..b_n).map(|b| at(fl.valid + b) as u64).collect(),
-            decomposition: if key.sigmoid {
+            decomposition: if plan::sigmoid(spec) {
                 vec![]
             } else {
                 (0..b_n)
                     .map(|b| {
                         let o = fl.decomposition + 4 * b;
-                        Decomposition {
-                            ce: at(o),
-                            kl: at(o + 1),
-                            matching: at(o + 2),
-                            dice_region: at(o + 3),
-                        }
+                        Decomposition { ce: at(o), kl: at(o + 1), matching: at(o + 2), dice_region: at(o + 3) }
                     })
                     .collect()
             },
-            elements: if elements.iter().any(Option::is_some) {
-                elements
-            } else {
-                vec![]
-            },
-            gradient: opts.gradient.then(|| grad_w.to_vec()),
-            statistics: opts.statistics.then_some(statistics),
-        })
+            elements: if elements.iter().any(Option::is_some) { elements } else { vec![] },
+            gradient: None,
+            statistics: Some(self.decode_statistics(stats_w)),
+        }
     }
 }
 
-/// Maps `len` bytes of a MAP_READ buffer and copies them out as f32.
-fn read_back(device: &wgpu::Device, buffer: &wgpu::Buffer, len: u64) -> Result<Vec<f32>> {
+type Sender = Box<dyn FnOnce(Result<()>) + Send>;
+
+/// A one-shot channel whose receiver is a future (std only: no executor assumed).
+fn futures_channel() -> (Sender, impl std::future::Future<Output = Result<()>> + Send) {
+    use std::task::{Poll, Waker};
+    #[derive(Default)]
+    struct Slot {
+        value: Option<Result<()>>,
+        waker: Option<Waker>,
+    }
+    let slot = Arc::new(Mutex::new(Slot::default()));
+    let tx_slot = slot.clone();
+    let tx: Sender = Box::new(move |v| {
+        if let Ok(mut s) = tx_slot.lock() {
+            s.value = Some(v);
+            if let Some(w) = s.waker.take() {
+                w.wake();
+            }
+        }
+    });
+    let rx = std::future::poll_fn(move |cx| {
+        let Ok(mut s) = slot.lock() else { return Poll::Ready(Err(Error::Gpu("read-back state poisoned".into()))) };
+        match s.value.take() {
+            Some(v) => Poll::Ready(v),
+            None => {
+                s.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    });
+    (tx, rx)
+}
+
+/// Maps `len` bytes of a MAP_READ buffer, waits for the device, copies them out.
+fn map_read(device: &wgpu::Device, buffer: &wgpu::Buffer, len: u64) -> Result<Vec<u32>> {
     let slice = buffer.slice(0..len);
     let (tx, rx) = std::sync::mpsc::channel();
     slice.map_async(wgpu::MapMode::Read, move |r| {
         let _ = tx.send(r);
     });
-    device
-        .poll(wgpu::PollType::wait_indefinitely())
-        .map_err(|e| Error::Gpu(format!("waiting for the device: {e}")))?;
+    device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(format!("waiting for the device: {e}")))?;
     rx.recv()
         .map_err(|_| Error::Gpu("the read-back never completed".into()))?
         .map_err(|e| Error::Gpu(format!("mapping the read-back buffer: {e}")))?;
     let out = {
-        let view = slice
-            .get_mapped_range()
-            .map_err(|e| Error::Gpu(format!("mapped range: {e:?}")))?;
-        bytemuck::cast_slice::<u8, f32>(&view).to_vec()
+        let view = slice.get_mapped_range().map_err(|e| Error::Gpu(format!("mapped range: {e:?}")))?;
+        view.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect()
     };
     buffer.unmap();
     Ok(out)
+}
+
+/// Copies a STORAGE | COPY_SRC buffer's first `len` bytes to the host through a temporary
+/// staging buffer from the caller's device.
+fn read_buffer(device: &wgpu::Device, queue: &wgpu::Queue, buffer: &wgpu::Buffer, len: u64) -> Result<Vec<u32>> {
+    let staging = device.create_buffer(&wgpu::BufferDescriptor { label: Some("segloss gradient read"), size: len, usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST, mapped_at_creation: false });
+    let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("segloss gradient read") });
+    enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, len);
+    queue.submit([enc.finish()]);
+    map_read(device, &staging, len)
 }

@@ -19,11 +19,11 @@ pub const STATS_TILE: usize = 1024;
 /// Invocations per grad workgroup.
 pub const GRAD_WG: usize = 256;
 
-/// The uniform header of every stage (`Dims` in common.wgsl).
+/// The uniform header of every dispatch (`Dims` in common.wgsl).
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Pod, Zeroable, PartialEq)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable, PartialEq, Default)]
 pub struct Dims {
-    /// B.
+    /// Images in this dispatch.
     pub batch: u32,
     /// S, pixels per image.
     pub spatial: u32,
@@ -35,14 +35,66 @@ pub struct Dims {
     pub n_terms: u32,
     /// cross_entropy, focal and bce terms.
     pub n_pixel_terms: u32,
-    /// Unused, keeps the layout of common.wgsl.
-    pub _reserved: u32,
+    /// Global index of this dispatch's first image.
+    pub image_offset: u32,
     /// Statistic terms.
     pub n_stat_terms: u32,
     /// T of the region terms.
     pub temperature: f32,
-    /// Pads the uniform to 16-byte multiples.
-    pub _pad: [u32; 3],
+    /// Images of the whole call (rows of the statistics and coefficient tables).
+    pub total_batch: u32,
+    /// Global logit element index → index in the bound range (wrapping add).
+    pub logit_shift: u32,
+    /// The same for labels (pixel or element index).
+    pub label_shift: u32,
+    /// The same for the gradient.
+    pub grad_shift: u32,
+    /// Values the narrow pass converts.
+    pub narrow_count: u32,
+    /// Where the narrow pass's first value sits in the bound output range.
+    pub narrow_shift: u32,
+    /// Pads the uniform to 64 bytes.
+    pub _pad: u32,
+}
+
+/// Byte stride of the per-dispatch `Dims` slots in one uniform buffer (a multiple of every
+/// adapter's min_uniform_buffer_offset_alignment).
+pub const DIMS_SLOT: u64 = 256;
+
+/// A bound range of a buffer: offset and size in bytes, and the shift that turns an array's
+/// element index into an index within the range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    /// Byte offset of the binding (a multiple of the alignment).
+    pub offset: u64,
+    /// Byte size of the binding.
+    pub size: u64,
+    /// Added (wrapping) to an element index of the array to index the binding.
+    pub shift: u32,
+}
+
+/// The binding that covers elements `first..first + count` of an array starting at byte
+/// `base` (a multiple of 4) with `per_word` elements per 32-bit word, its offset aligned
+/// down to `align` bytes.
+pub fn region(base: u64, first: u64, count: u64, per_word: u64, align: u64) -> Region {
+    let first_word = base / 4 + first / per_word;
+    let aligned_word = first_word * 4 / align * align / 4;
+    let end_word = base / 4 + (first + count).div_ceil(per_word);
+    let into = (first_word - aligned_word) * per_word + first % per_word;
+    Region { offset: aligned_word * 4, size: (end_word - aligned_word).max(1) * 4, shift: into.wrapping_sub(first) as u32 }
+}
+
+/// Splits B images into runs whose largest bound array fits `max_binding` bytes (with room
+/// for the alignment slack). `bytes_per_image` is the largest array's bytes per image.
+pub fn chunks(batch: usize, bytes_per_image: u64, max_binding: u64, align: u64) -> Result<Vec<(usize, usize)>, String> {
+    let room = max_binding.saturating_sub(align + 8);
+    if bytes_per_image > room {
+        return Err(format!(
+            "one image needs {bytes_per_image} bytes in one binding, more than this adapter's max_storage_buffer_binding_size ({max_binding}) allows"
+        ));
+    }
+    let per = ((room / bytes_per_image.max(1)) as usize).clamp(1, batch.max(1));
+    Ok((0..batch).step_by(per).map(|b| (b, per.min(batch - b))).collect())
 }
 
 /// Offsets into the `fin` buffer.
@@ -249,22 +301,22 @@ pub fn pack_params(spec: &LossSpec, shape: &Shape) -> Vec<f32> {
     params
 }
 
-/// The uniform header for a call.
+/// The uniform header for a call over the whole batch (chunks adjust image_offset, batch
+/// and the shifts).
 pub fn dims(spec: &LossSpec, shape: &Shape) -> Dims {
     let s = shape.pixels();
-    let tiles = s.div_ceil(STATS_TILE);
     let n_pix = spec.terms.iter().filter(|t| t.is_pixel_term()).count();
     Dims {
         batch: shape.batch as u32,
         spatial: s as u32,
-        tiles_per_image: tiles as u32,
+        tiles_per_image: s.div_ceil(STATS_TILE) as u32,
         row_width: row_width(shape.classes) as u32,
         n_terms: spec.terms.len() as u32,
         n_pixel_terms: n_pix as u32,
-        _reserved: 0,
         n_stat_terms: (spec.terms.len() - n_pix) as u32,
         temperature: spec.temperature() as f32,
-        _pad: [0; 3],
+        total_batch: shape.batch as u32,
+        ..Default::default()
     }
 }
 
@@ -284,4 +336,45 @@ pub fn wants_loss_map(spec: &LossSpec) -> bool {
 /// Whether the activation is sigmoid.
 pub fn sigmoid(spec: &LossSpec) -> bool {
     spec.activation == Activation::Sigmoid
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_align_down_and_shift_back() {
+        // f32 array at byte 0, elements 100..200, 256-byte alignment: binding from byte 256.
+        let r = region(0, 100, 100, 1, 256);
+        assert_eq!((r.offset, r.size), (256, 400));
+        assert_eq!(100u32.wrapping_add(r.shift), 36); // element 100 is word 36 of the binding
+        // u8 labels packed 4 per word at byte 1024, pixels 7..15.
+        let r = region(1024, 7, 8, 4, 256);
+        assert_eq!(r.offset, 1024);
+        assert_eq!(7u32.wrapping_add(r.shift), 7);
+        assert_eq!(r.size, 16);
+        // f16 logits: element 513 → word 256 + 0, half 1, binding at byte 1024.
+        let r = region(0, 513, 10, 2, 256);
+        assert_eq!(r.offset, 1024);
+        let idx = 513u32.wrapping_add(r.shift);
+        assert_eq!((idx >> 1, idx & 1), (0, 1));
+        assert_eq!(r.size, 4 * ((523u64).div_ceil(2) - 256));
+    }
+
+    #[test]
+    fn chunks_cover_the_batch_within_the_limit() {
+        assert_eq!(chunks(3, 100, 1 << 20, 256).unwrap(), vec![(0, 3)]);
+        let c = chunks(5, 64 << 20, 128 << 20, 256).unwrap();
+        assert_eq!(c, vec![(0, 1), (1, 1), (2, 1), (3, 1), (4, 1)]);
+        let c = chunks(7, 30 << 20, 128 << 20, 256).unwrap();
+        assert_eq!(c, vec![(0, 4), (4, 3)]);
+        assert!(chunks(1, 200 << 20, 128 << 20, 256).unwrap_err().contains("max_storage_buffer_binding_size"));
+    }
+
+    #[test]
+    fn fin_layout_is_contiguous() {
+        let l = FinLayout::new(3, 4, 2);
+        assert_eq!(l.report, 4 * 12 + MAX_PIXEL_TERMS);
+        assert_eq!(l.len, l.elements + 2 * 12);
+    }
 }

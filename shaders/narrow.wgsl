@@ -1,0 +1,44 @@
+// Optional stage 4: writes a gradient computed in f32 (a scratch range) as f16 or bf16, two
+// values per word, into the caller's buffer. One invocation per output word, so no two
+// invocations share a word; halves outside the range keep the caller's data.
+
+@group(0) @binding(2) var<uniform> dims: Dims;
+@group(0) @binding(7) var<storage, read> scratch: array<f32>;
+@group(0) @binding(9) var<storage, read_write> out16: array<u32>;
+
+// Needed by common.wgsl's helpers, never read here.
+@group(0) @binding(0) var<storage, read> logits: array<u32>;
+@group(0) @binding(1) var<storage, read> labels: array<u32>;
+@group(0) @binding(3) var<storage, read> params: array<f32>;
+
+// 1: f16, 2: bf16.
+override GRAD_KIND: u32 = 1u;
+
+fn to_bits16(v: f32) -> u32 {
+    if GRAD_KIND == 1u {
+        return pack2x16float(vec2(v, 0.0)) & 0xFFFFu;
+    }
+    // bf16: round to nearest even.
+    let b = bitcast<u32>(v);
+    return (b + 0x7FFFu + ((b >> 16u) & 1u)) >> 16u;
+}
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    // Output elements k + narrow_shift (k in 0..narrow_count) of the bound range.
+    let first_word = dims.narrow_shift >> 1u;
+    let w = first_word + flat_group(wid, nwg) * 256u + lid;
+    let last = dims.narrow_shift + dims.narrow_count - 1u;
+    if w > (last >> 1u) {
+        return;
+    }
+    var word = out16[w];
+    for (var h = 0u; h < 2u; h++) {
+        let e = 2u * w + h;
+        if e >= dims.narrow_shift && e <= last {
+            let v = to_bits16(scratch[e - dims.narrow_shift]);
+            word = (word & ~(0xFFFFu << (16u * h))) | (v << (16u * h));
+        }
+    }
+    out16[w] = word;
+}
