@@ -100,11 +100,19 @@ impl LabelFormat {
         match (labels, self) {
             (Labels::Index(y), LabelFormat::U8) => y
                 .chunks(4)
-                .map(|c| c.iter().enumerate().fold(0u32, |w, (k, &v)| w | ((if v == IGNORE { 255 } else { v }) << (8 * k))))
+                .map(|c| {
+                    c.iter().enumerate().fold(0u32, |w, (k, &v)| {
+                        w | ((if v == IGNORE { 255 } else { v }) << (8 * k))
+                    })
+                })
                 .collect(),
             (Labels::Index(y), LabelFormat::U16) => y
                 .chunks(2)
-                .map(|c| c.iter().enumerate().fold(0u32, |w, (k, &v)| w | ((if v == IGNORE { 0xFFFF } else { v }) << (16 * k))))
+                .map(|c| {
+                    c.iter().enumerate().fold(0u32, |w, (k, &v)| {
+                        w | ((if v == IGNORE { 0xFFFF } else { v }) << (16 * k))
+                    })
+                })
                 .collect(),
             (Labels::Index(y), _) => y.to_vec(),
             (Labels::Soft(g), _) => g.iter().map(|v| v.to_bits()).collect(),

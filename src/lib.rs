@@ -137,20 +137,69 @@ impl Segloss {
         labels: Labels<'_>,
         gradient: bool,
     ) -> Result<LossOutput> {
+        let batch = gpu::HostBatch {
+            shape,
+            layout: input::Layout::Nchw,
+            logits: gpu::HostLogits::F32(logits),
+            labels,
+            label_format: None,
+            grad_format: input::GradFormat::F32,
+        };
+        self.evaluate_host(spec, &batch, gradient)
+    }
+
+    /// Loss (and gradient) of host data in any layout and precision. The CPU fallback
+    /// widens 16-bit logits and works in f64; a 16-bit `grad_format` then rounds its result.
+    pub fn evaluate_host(
+        &self,
+        spec: &LossSpec,
+        batch: &gpu::HostBatch<'_>,
+        gradient: bool,
+    ) -> Result<LossOutput> {
         match &self.backend {
-            Backend::Gpu(ctx) => ctx.evaluate(
+            Backend::Gpu(ctx) => ctx.evaluate_host(
                 spec,
-                shape,
-                logits,
-                labels,
+                batch,
                 Options {
                     gradient,
                     ..Default::default()
                 },
             ),
             Backend::Cpu => {
-                let mut out = reference::evaluate(spec, shape, logits, labels, gradient)?;
+                let nhwc = batch.layout == input::Layout::Nhwc;
+                let z = batch.logits.to_f32();
+                let z = if nhwc {
+                    input::permute(&z, batch.shape, true)
+                } else {
+                    z
+                };
+                let soft;
+                let labels = match batch.labels {
+                    Labels::Soft(g) if nhwc => {
+                        soft = input::permute(g, batch.shape, true);
+                        Labels::Soft(&soft)
+                    }
+                    other => other,
+                };
+                let mut out = reference::evaluate(spec, batch.shape, &z, labels, gradient)?;
                 out.statistics = None;
+                if let Some(g) = out.gradient.take() {
+                    let g = if nhwc {
+                        input::permute(&g, batch.shape, false)
+                    } else {
+                        g
+                    };
+                    out.gradient = Some(match batch.grad_format {
+                        input::LogitFormat::F32 => g,
+                        input::LogitFormat::F16 => {
+                            g.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect()
+                        }
+                        input::LogitFormat::Bf16 => g
+                            .iter()
+                            .map(|v| half::bf16::from_f32(*v).to_f32())
+                            .collect(),
+                    });
+                }
                 Ok(out)
             }
         }

@@ -1,6 +1,7 @@
 //! Reading and writing NumPy `.npy` files (format versions 1 to 3), for the command line.
 //! Written here rather than taken from a crate so every malformed file gets an error that
-//! says what is wrong with it, and so any integer dtype converts in one place.
+//! says what is wrong with it, and so any integer dtype converts in one place (the format
+//! is a text header and raw little- or big-endian values).
 
 use crate::error::{Error, Result};
 use std::io::Write;
@@ -18,8 +19,10 @@ pub struct NpyArray {
 /// The values of an array, by kind.
 #[derive(Debug, Clone, PartialEq)]
 pub enum NpyData {
-    /// float32, or float16 widened to f32.
+    /// float32.
     Float(Vec<f32>),
+    /// float16, as stored.
+    Half(Vec<half::f16>),
     /// Any integer or bool dtype, widened to i64.
     Int(Vec<i64>),
 }
@@ -32,24 +35,6 @@ fn header_value<'a>(header: &'a str, key: &str) -> Result<&'a str> {
         .ok_or_else(|| Error::Io(format!("npy header has no '{key}' entry")))?
         + pat.len();
     Ok(header[start..].trim_start())
-}
-
-fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let frac = (h & 0x3ff) as u32;
-    let bits = match (exp, frac) {
-        (0, 0) => sign,
-        (0, f) => {
-            // Subnormal: renormalise.
-            let shift = f.leading_zeros() - 21;
-            sign | ((113 - shift) << 23) | (((f << shift) & 0x3ff) << 13)
-        }
-        (31, 0) => sign | 0x7f80_0000,
-        (31, f) => sign | 0x7f80_0000 | (f << 13),
-        (e, f) => sign | ((e + 112) << 23) | (f << 13),
-    };
-    f32::from_bits(bits)
 }
 
 /// Parses the bytes of a `.npy` file.
@@ -131,7 +116,11 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
     };
     let data = match (kind.as_bytes()[0], width) {
         (b'f', 4) => NpyData::Float((0..count).map(|k| f32::from_bits(word(k) as u32)).collect()),
-        (b'f', 2) => NpyData::Float((0..count).map(|k| f16_to_f32(word(k) as u16)).collect()),
+        (b'f', 2) => NpyData::Half(
+            (0..count)
+                .map(|k| half::f16::from_bits(word(k) as u16))
+                .collect(),
+        ),
         (b'i', 1 | 2 | 4 | 8) => {
             let bits = 64 - 8 * width as u32;
             NpyData::Int(
@@ -266,10 +255,11 @@ mod tests {
             &[0x00, 0x3c, 0x00, 0xc0, 0xff, 0x7b, 0x01, 0x00],
         ))
         .unwrap();
-        assert_eq!(
-            a.data,
-            NpyData::Float(vec![1.0, -2.0, 65504.0, 2f32.powi(-24)])
-        );
+        let NpyData::Half(h) = a.data else {
+            panic!("not f16")
+        };
+        let widened: Vec<f32> = h.iter().map(|v| v.to_f32()).collect();
+        assert_eq!(widened, vec![1.0, -2.0, 65504.0, 2f32.powi(-24)]);
     }
 
     #[test]

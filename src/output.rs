@@ -45,6 +45,37 @@ pub struct Statistics {
     pub pixel_sums: Vec<[f64; 2]>,
 }
 
+impl Statistics {
+    /// Adds another shard's statistics of the same global batch (the combination step of
+    /// the two-phase API: each shard's images are zero in the other shards).
+    pub fn add(&mut self, other: &Statistics) -> crate::Result<()> {
+        if (self.batch, self.classes, self.pixel_sums.len())
+            != (other.batch, other.classes, other.pixel_sums.len())
+        {
+            return Err(crate::Error::Input(format!(
+                "statistics of B={} C={} and B={} C={} cannot be added",
+                self.batch, self.classes, other.batch, other.classes
+            )));
+        }
+        for (a, b) in self.per_class.iter_mut().zip(&other.per_class) {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x += y;
+            }
+        }
+        for (a, b) in self.valid.iter_mut().zip(&other.valid) {
+            *a += b;
+        }
+        for (a, b) in self.plain_ce.iter_mut().zip(&other.plain_ce) {
+            *a += b;
+        }
+        for (a, b) in self.pixel_sums.iter_mut().zip(&other.pixel_sums) {
+            a[0] += b[0];
+            a[1] += b[1];
+        }
+        Ok(())
+    }
+}
+
 /// The result of one evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LossOutput {

@@ -266,3 +266,45 @@ fn info_lists_adapters() {
             > 0
     );
 }
+
+#[test]
+fn float16_logits_are_accepted() {
+    let c = case("f16");
+    let halves: Vec<half::f16> = c.logits.iter().map(|v| half::f16::from_f32(*v)).collect();
+    let header = "{'descr': '<f2', 'fortran_order': False, 'shape': (2, 3, 9, 7), }\n";
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    for h in &halves {
+        out.extend(h.to_bits().to_le_bytes());
+    }
+    std::fs::write(c.dir.join("x16.npy"), out).unwrap();
+    let widened: Vec<f32> = halves.iter().map(|h| h.to_f32()).collect();
+    let want = reference::evaluate(
+        &LossSpec::from_json(SPEC).unwrap(),
+        &c.shape,
+        &widened,
+        Labels::Index(&c.labels),
+        false,
+    )
+    .unwrap();
+    for device in ["cpu", "gpu"] {
+        let (code, out, err) = segloss(&[
+            "eval",
+            "--logits",
+            &p(&c, "x16.npy"),
+            "--labels",
+            &p(&c, "y.npy"),
+            "--spec",
+            SPEC,
+            "--device",
+            device,
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert!(
+            (v["loss"].as_f64().unwrap() - want.loss).abs() < 1e-5,
+            "{device}: {out}"
+        );
+    }
+}

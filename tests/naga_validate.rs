@@ -40,8 +40,13 @@ fn stages_validate_with_exactly_the_capabilities_they_use() {
         validate(name, &src, caps);
         if !caps.is_empty() {
             let module = naga::front::wgsl::parse_str(&src).unwrap();
-            let rejected = Validator::new(ValidationFlags::all(), Capabilities::empty()).validate(&module).is_err();
-            assert!(rejected, "{name} validated without {caps:?}: the capability list is stale");
+            let rejected = Validator::new(ValidationFlags::all(), Capabilities::empty())
+                .validate(&module)
+                .is_err();
+            assert!(
+                rejected,
+                "{name} validated without {caps:?}: the capability list is stale"
+            );
         }
     }
 }

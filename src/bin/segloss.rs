@@ -2,7 +2,8 @@
 //! Its interface is the contract of DESIGN.md; errors print one line and exit with status 2.
 
 use clap::{Parser, Subcommand, ValueEnum};
-use segloss::input::{convert_labels, Labels, Shape};
+use segloss::gpu::{HostBatch, HostLogits};
+use segloss::input::{convert_labels, GradFormat, Labels, Shape};
 use segloss::npy::{self, NpyData};
 use segloss::spec::{Activation, LossSpec};
 use segloss::{Error, Result, Segloss};
@@ -62,24 +63,6 @@ enum Command {
     },
 }
 
-/// (B, *spatial, C) ↔ (B, C, *spatial), `to_nchw` choosing the direction.
-fn permute(data: &[f32], b_n: usize, c_n: usize, s: usize, to_nchw: bool) -> Vec<f32> {
-    let mut out = vec![0.0; data.len()];
-    for b in 0..b_n {
-        for c in 0..c_n {
-            for i in 0..s {
-                let (nchw, nhwc) = ((b * c_n + c) * s + i, (b * s + i) * c_n + c);
-                if to_nchw {
-                    out[nchw] = data[nhwc];
-                } else {
-                    out[nhwc] = data[nchw];
-                }
-            }
-        }
-    }
-    out
-}
-
 fn read_spec(text: &str) -> Result<LossSpec> {
     let json = match text.strip_prefix('@') {
         Some(path) => {
@@ -100,12 +83,12 @@ fn eval(
 ) -> Result<()> {
     let spec = read_spec(&spec)?;
     let x = npy::read(&logits)?;
-    let NpyData::Float(z) = x.data else {
+    if !matches!(x.data, NpyData::Float(_) | NpyData::Half(_)) {
         return Err(Error::Input(format!(
             "{}: logits must be float32 or float16",
             logits.display()
         )));
-    };
+    }
     if x.shape.len() < 3 {
         return Err(Error::Input(format!(
             "logits have shape {:?}: expected (B, C, *spatial) with at least one spatial dimension",
@@ -123,15 +106,9 @@ fn eval(
     let shape = Shape::new(b_n, c_n, &spatial);
     shape.check()?;
     spec.validate(Some(c_n))?;
-    let s = shape.pixels();
-    let z = if layout == Layout::Nhwc {
-        permute(&z, b_n, c_n, s, true)
-    } else {
-        z
-    };
     let y = npy::read(&labels)?;
-    let (hard, soft);
-    let labels_in = match y.data {
+    let hard;
+    let labels_in = match &y.data {
         NpyData::Int(v) => {
             let want: Vec<usize> = std::iter::once(b_n)
                 .chain(spatial.iter().cloned())
@@ -142,7 +119,7 @@ fn eval(
                     y.shape
                 )));
             }
-            hard = convert_labels(&v, spec.ignore_index, c_n)?;
+            hard = convert_labels(v, spec.ignore_index, c_n)?;
             Labels::Index(&hard)
         }
         NpyData::Float(v) => {
@@ -152,13 +129,9 @@ fn eval(
                     y.shape, x.shape
                 )));
             }
-            soft = if layout == Layout::Nhwc {
-                permute(&v, b_n, c_n, s, true)
-            } else {
-                v
-            };
-            Labels::Soft(&soft)
+            Labels::Soft(v)
         }
+        NpyData::Half(_) => return Err(Error::Input("labels must be integers or float32".into())),
     };
     if spec.activation == Activation::Sigmoid && matches!(labels_in, Labels::Index(_)) {
         return Err(Error::Input(
@@ -170,7 +143,24 @@ fn eval(
         Some(Device::Cpu) => Segloss::cpu(),
         None => Segloss::new(),
     };
-    let out = engine.evaluate(&spec, &shape, &z, labels_in, grad_out.is_some())?;
+    let logits_in = match &x.data {
+        NpyData::Half(v) => HostLogits::F16(v),
+        NpyData::Float(v) => HostLogits::F32(v),
+        NpyData::Int(_) => unreachable!("checked above"),
+    };
+    let layout = match layout {
+        Layout::Nchw => segloss::input::Layout::Nchw,
+        Layout::Nhwc => segloss::input::Layout::Nhwc,
+    };
+    let batch = HostBatch {
+        shape: &shape,
+        layout,
+        logits: logits_in,
+        labels: labels_in,
+        label_format: None,
+        grad_format: GradFormat::F32,
+    };
+    let out = engine.evaluate_host(&spec, &batch, grad_out.is_some())?;
     let mut json = serde_json::json!({
         "loss": out.loss,
         "terms": out.terms,
@@ -188,11 +178,6 @@ fn eval(
             serde_json::to_value(&out.elements).map_err(|e| Error::Io(e.to_string()))?;
     }
     if let (Some(path), Some(g)) = (grad_out, out.gradient) {
-        let g = if layout == Layout::Nhwc {
-            permute(&g, b_n, c_n, s, false)
-        } else {
-            g
-        };
         npy::write_f32(&path, &x.shape, &g)?;
     }
     println!("{json}");

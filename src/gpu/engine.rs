@@ -232,7 +232,10 @@ pub struct Recorded {
 
 impl std::fmt::Debug for Recorded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Recorded").field("total_batch", &self.total_batch).field("classes", &self.classes).finish()
+        f.debug_struct("Recorded")
+            .field("total_batch", &self.total_batch)
+            .field("classes", &self.classes)
+            .finish()
     }
 }
 
@@ -243,11 +246,16 @@ pub struct GpuContext {
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
     inner: Mutex<Inner>,
+    binding_limit: std::sync::atomic::AtomicU64,
+    last_chunks: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for GpuContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GpuContext").field("adapter", &self.info.name).field("backend", &self.info.backend).finish()
+        f.debug_struct("GpuContext")
+            .field("adapter", &self.info.name)
+            .field("backend", &self.info.backend)
+            .finish()
     }
 }
 
@@ -263,8 +271,7 @@ impl GpuContext {
         Ok(Self::from_device(device, queue, adapter.get_info()))
     }
 
-    /// Opens the adapter at `index` of [`context::enumerate`] (for tests and data parallelism
-    /// over several adapters).
+    /// Opens a device on a given adapter (data parallelism over several adapters).
     pub fn on_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
         let (device, queue) = context::open(adapter)?;
         Ok(Self::from_device(device, queue, adapter.get_info()))
@@ -283,7 +290,23 @@ impl GpuContext {
                 pool: Pool::default(),
                 workspaces: vec![],
             }),
+            binding_limit: std::sync::atomic::AtomicU64::new(0),
+            last_chunks: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// How many chunks the last recorded call was split into.
+    #[doc(hidden)]
+    pub fn last_chunks(&self) -> usize {
+        self.last_chunks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Lowers the binding size the chunking plans for (0: the adapter's own limit), so tests
+    /// exercise chunking on small inputs.
+    #[doc(hidden)]
+    pub fn set_binding_limit(&self, bytes: u64) {
+        self.binding_limit
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The adapter this context runs on.
@@ -307,7 +330,9 @@ impl GpuContext {
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>> {
-        self.inner.lock().map_err(|_| Error::Gpu("a previous call panicked while holding the context".into()))
+        self.inner
+            .lock()
+            .map_err(|_| Error::Gpu("a previous call panicked while holding the context".into()))
     }
 
     /// Runs `f` inside validation and out-of-memory error scopes, so a wgpu error becomes an
@@ -325,28 +350,65 @@ impl GpuContext {
     }
 
     /// Loss (and gradient) of `spec` on f32 NCHW logits.
-    pub fn evaluate(&self, spec: &LossSpec, shape: &Shape, logits: &[f32], labels: Labels<'_>, opts: Options) -> Result<LossOutput> {
-        let batch = HostBatch { shape, layout: Layout::Nchw, logits: HostLogits::F32(logits), labels, label_format: None, grad_format: GradFormat::F32 };
+    pub fn evaluate(
+        &self,
+        spec: &LossSpec,
+        shape: &Shape,
+        logits: &[f32],
+        labels: Labels<'_>,
+        opts: Options,
+    ) -> Result<LossOutput> {
+        let batch = HostBatch {
+            shape,
+            layout: Layout::Nchw,
+            logits: HostLogits::F32(logits),
+            labels,
+            label_format: None,
+            grad_format: GradFormat::F32,
+        };
         self.evaluate_host(spec, &batch, opts)
     }
 
     /// Loss (and gradient) of `spec` on host data in any layout and precision.
-    pub fn evaluate_host(&self, spec: &LossSpec, batch: &HostBatch<'_>, opts: Options) -> Result<LossOutput> {
+    pub fn evaluate_host(
+        &self,
+        spec: &LossSpec,
+        batch: &HostBatch<'_>,
+        opts: Options,
+    ) -> Result<LossOutput> {
         let shape = batch.shape;
         if batch.logits.len() != shape.len() {
             shape.check()?;
-            return Err(Error::Input(format!("logits hold {} values, expected B·C·S = {}", batch.logits.len(), shape.len())));
+            return Err(Error::Input(format!(
+                "logits hold {} values, expected B·C·S = {}",
+                batch.logits.len(),
+                shape.len()
+            )));
         }
         let widened = batch.logits.to_f32();
         spec.check_inputs(shape, &widened, &batch.labels)?;
         let label_format = match (batch.labels, batch.label_format) {
             (Labels::Soft(_), _) => LabelFormat::Soft,
             (Labels::Index(_), None) => LabelFormat::compact(shape.classes),
-            (Labels::Index(_), Some(LabelFormat::Soft)) => return Err(Error::Input("index labels cannot be stored as soft labels".into())),
+            (Labels::Index(_), Some(LabelFormat::Soft)) => {
+                return Err(Error::Input(
+                    "index labels cannot be stored as soft labels".into(),
+                ))
+            }
             (Labels::Index(_), Some(f)) => f,
         };
-        if label_format == LabelFormat::U8 && shape.classes > 255 || label_format == LabelFormat::U16 && shape.classes > 65535 {
-            return Err(Error::Input(format!("{label_format:?} labels hold at most {} classes, C = {}", if label_format == LabelFormat::U8 { 255 } else { 65535 }, shape.classes)));
+        if label_format == LabelFormat::U8 && shape.classes > 255
+            || label_format == LabelFormat::U16 && shape.classes > 65535
+        {
+            return Err(Error::Input(format!(
+                "{label_format:?} labels hold at most {} classes, C = {}",
+                if label_format == LabelFormat::U8 {
+                    255
+                } else {
+                    65535
+                },
+                shape.classes
+            )));
         }
         let logit_bytes = batch.logits.bytes();
         let label_words = label_format.encode(&batch.labels);
@@ -354,7 +416,10 @@ impl GpuContext {
         use wgpu::BufferUsages as U;
         let (logit_key, label_key, grad_key) = (
             BufferKey::new(logit_bytes.len() as u64, (U::STORAGE | U::COPY_DST).bits()),
-            BufferKey::new(4 * label_words.len() as u64, (U::STORAGE | U::COPY_DST).bits()),
+            BufferKey::new(
+                4 * label_words.len() as u64,
+                (U::STORAGE | U::COPY_DST).bits(),
+            ),
             BufferKey::new(grad_bytes, (U::STORAGE | U::COPY_SRC | U::COPY_DST).bits()),
         );
         let (logit_buf, label_buf, grad_buf) = {
@@ -364,31 +429,58 @@ impl GpuContext {
         };
         let result = self.scoped(|| {
             self.queue.write_buffer(&logit_buf, 0, &logit_bytes);
-            self.queue.write_buffer(&label_buf, 0, bytemuck::cast_slice(&label_words));
+            self.queue
+                .write_buffer(&label_buf, 0, bytemuck::cast_slice(&label_words));
             if opts.poison {
-                self.queue.write_buffer(&grad_buf, 0, &vec![0xFFu8; grad_bytes as usize]);
+                self.queue
+                    .write_buffer(&grad_buf, 0, &vec![0xFFu8; grad_bytes as usize]);
             }
             let device_batch = DeviceBatch {
                 shape,
                 layout: batch.layout,
-                logits: BufferRegion { buffer: &logit_buf, offset: 0 },
+                logits: BufferRegion {
+                    buffer: &logit_buf,
+                    offset: 0,
+                },
                 logit_format: batch.logits.format(),
-                labels: BufferRegion { buffer: &label_buf, offset: 0 },
+                labels: BufferRegion {
+                    buffer: &label_buf,
+                    offset: 0,
+                },
                 label_format,
                 image_offset: 0,
                 total_batch: 0,
             };
-            let grad = opts.gradient.then_some(GradTarget { region: BufferRegion { buffer: &grad_buf, offset: 0 }, format: batch.grad_format });
-            let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("segloss") });
-            let rec = self.record_inner(&mut enc, spec, &device_batch, grad, None, true, opts.poison)?;
+            let grad = opts.gradient.then_some(GradTarget {
+                region: BufferRegion {
+                    buffer: &grad_buf,
+                    offset: 0,
+                },
+                format: batch.grad_format,
+            });
+            let mut enc = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("segloss"),
+                });
+            let rec =
+                self.record_inner(&mut enc, spec, &device_batch, grad, None, true, opts.poison)?;
             self.queue.submit([enc.finish()]);
             let mut out = rec.read(self)?;
             if opts.gradient {
                 let words = read_buffer(&self.device, &self.queue, &grad_buf, grad_bytes)?;
                 out.gradient = Some(match batch.grad_format {
-                    LogitFormat::F32 => bytemuck::cast_slice::<u32, f32>(&words)[..shape.len()].to_vec(),
-                    LogitFormat::F16 => bytemuck::cast_slice::<u32, u16>(&words)[..shape.len()].iter().map(|b| half::f16::from_bits(*b).to_f32()).collect(),
-                    LogitFormat::Bf16 => bytemuck::cast_slice::<u32, u16>(&words)[..shape.len()].iter().map(|b| half::bf16::from_bits(*b).to_f32()).collect(),
+                    LogitFormat::F32 => {
+                        bytemuck::cast_slice::<u32, f32>(&words)[..shape.len()].to_vec()
+                    }
+                    LogitFormat::F16 => bytemuck::cast_slice::<u32, u16>(&words)[..shape.len()]
+                        .iter()
+                        .map(|b| half::f16::from_bits(*b).to_f32())
+                        .collect(),
+                    LogitFormat::Bf16 => bytemuck::cast_slice::<u32, u16>(&words)[..shape.len()]
+                        .iter()
+                        .map(|b| half::bf16::from_bits(*b).to_f32())
+                        .collect(),
                 });
             }
             if !opts.statistics {
@@ -406,14 +498,25 @@ impl GpuContext {
     /// Backend API: records loss (and, with `grad`, gradient) passes into the caller's
     /// encoder on the caller's buffers. Nothing is submitted or awaited; the results stay on
     /// the device in the returned handle until read.
-    pub fn record(&self, encoder: &mut wgpu::CommandEncoder, spec: &LossSpec, batch: &DeviceBatch<'_>, grad: Option<GradTarget<'_>>) -> Result<Recorded> {
+    pub fn record(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        spec: &LossSpec,
+        batch: &DeviceBatch<'_>,
+        grad: Option<GradTarget<'_>>,
+    ) -> Result<Recorded> {
         self.scoped(|| self.record_inner(encoder, spec, batch, grad, None, true, false))
     }
 
     /// Two-phase API, phase 1: records only the statistics pass. Submit, then read them with
     /// [`Recorded::statistics`], combine them across devices (a sum), and pass the sum to
     /// [`GpuContext::record_with_statistics`].
-    pub fn record_statistics(&self, encoder: &mut wgpu::CommandEncoder, spec: &LossSpec, batch: &DeviceBatch<'_>) -> Result<Recorded> {
+    pub fn record_statistics(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        spec: &LossSpec,
+        batch: &DeviceBatch<'_>,
+    ) -> Result<Recorded> {
         self.scoped(|| self.record_inner(encoder, spec, batch, None, None, false, false))
     }
 
@@ -454,8 +557,16 @@ impl GpuContext {
             .modules
             .entry(name)
             .or_insert_with(|| {
-                let src = shader_sources().into_iter().find(|(n, _)| *n == name).map(|(_, s)| s).unwrap_or_default();
-                self.device.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(name), source: wgpu::ShaderSource::Wgsl(src.into()) })
+                let src = shader_sources()
+                    .into_iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, s)| s)
+                    .unwrap_or_default();
+                self.device
+                    .create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some(name),
+                        source: wgpu::ShaderSource::Wgsl(src.into()),
+                    })
             })
             .clone();
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
@@ -470,28 +581,43 @@ impl GpuContext {
         if key.stage == Stage::Narrow {
             constants.push(("GRAD_KIND", key.grad_kind as f64));
         }
-        let p = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(entry),
-            layout: None,
-            module: &module,
-            entry_point: Some(entry),
-            compilation_options: wgpu::PipelineCompilationOptions { constants: &constants, zero_initialize_workgroup_memory: false },
-            cache: None,
-        });
+        let p = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(entry),
+                layout: None,
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &constants,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
         inner.pipelines.insert(key, p.clone());
         p
     }
 
     /// A workspace for `key` that no live [`Recorded`] holds.
     fn workspace(&self, inner: &mut Inner, key: &WorkspaceKey) -> Arc<Workspace> {
-        if let Some(pos) = inner.workspaces.iter().position(|(k, w)| k == key && Arc::strong_count(w) == 1) {
+        if let Some(pos) = inner
+            .workspaces
+            .iter()
+            .position(|(k, w)| k == key && Arc::strong_count(w) == 1)
+        {
             let w = inner.workspaces.remove(pos);
             let ws = w.1.clone();
             inner.workspaces.push(w); // most recently used last
             return ws;
         }
         while inner.workspaces.len() >= WORKSPACES {
-            let Some(pos) = inner.workspaces.iter().position(|(_, w)| Arc::strong_count(w) == 1) else { break };
+            let Some(pos) = inner
+                .workspaces
+                .iter()
+                .position(|(_, w)| Arc::strong_count(w) == 1)
+            else {
+                break;
+            };
             let (_, old) = inner.workspaces.remove(pos);
             if let Ok(old) = Arc::try_unwrap(old) {
                 inner.bind_groups.clear(); // they reference the released buffers
@@ -526,14 +652,40 @@ impl GpuContext {
         let fin = make(sizes.fin, out);
         let map = make(sizes.map, out);
         let scratch = (key.scratch > 0).then(|| make(key.scratch, U::STORAGE));
-        let staging = make(sizes.fin + sizes.stats + sizes.map, U::MAP_READ | U::COPY_DST);
-        let ws = Arc::new(Workspace { dims, params, partial, stats, fin, map, scratch, staging, keys, sizes, fin_layout });
+        let staging = make(
+            sizes.fin + sizes.stats + sizes.map,
+            U::MAP_READ | U::COPY_DST,
+        );
+        let ws = Arc::new(Workspace {
+            dims,
+            params,
+            partial,
+            stats,
+            fin,
+            map,
+            scratch,
+            staging,
+            keys,
+            sizes,
+            fin_layout,
+        });
         inner.workspaces.push((key.clone(), ws.clone()));
         ws
     }
 
-    fn bind_group(&self, inner: &mut Inner, pk: PipelineKey, entries: Vec<(u32, &wgpu::Buffer, u64, u64)>) -> wgpu::BindGroup {
-        let key: BindKey = (pk, entries.iter().map(|(b, buf, o, s)| (*b, (*buf).clone(), *o, *s)).collect());
+    fn bind_group(
+        &self,
+        inner: &mut Inner,
+        pk: PipelineKey,
+        entries: Vec<(u32, &wgpu::Buffer, u64, u64)>,
+    ) -> wgpu::BindGroup {
+        let key: BindKey = (
+            pk,
+            entries
+                .iter()
+                .map(|(b, buf, o, s)| (*b, (*buf).clone(), *o, *s))
+                .collect(),
+        );
         if let Some(bg) = inner.bind_groups.get(&key) {
             return bg.clone();
         }
@@ -545,10 +697,18 @@ impl GpuContext {
             .iter()
             .map(|(binding, buffer, offset, size)| wgpu::BindGroupEntry {
                 binding: *binding,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer, offset: *offset, size: std::num::NonZeroU64::new(*size) }),
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer,
+                    offset: *offset,
+                    size: std::num::NonZeroU64::new(*size),
+                }),
             })
             .collect();
-        let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some("segloss"), layout: &pipeline.get_bind_group_layout(0), entries: &wgpu_entries });
+        let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("segloss"),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &wgpu_entries,
+        });
         inner.bind_groups.insert(key, bg.clone());
         bg
     }
@@ -568,50 +728,90 @@ impl GpuContext {
         shape.check()?;
         spec.validate(Some(shape.classes))?;
         let (b_n, c_n, s) = (shape.batch, shape.classes, shape.pixels());
-        let total = if batch.total_batch == 0 { b_n } else { batch.total_batch };
+        let total = if batch.total_batch == 0 {
+            b_n
+        } else {
+            batch.total_batch
+        };
         if batch.image_offset + b_n > total {
-            return Err(Error::Input(format!("images {}..{} do not fit a global batch of {total}", batch.image_offset, batch.image_offset + b_n)));
+            return Err(Error::Input(format!(
+                "images {}..{} do not fit a global batch of {total}",
+                batch.image_offset,
+                batch.image_offset + b_n
+            )));
         }
         let sigmoid = plan::sigmoid(spec);
         if sigmoid && batch.label_format != LabelFormat::Soft {
-            return Err(Error::Input("sigmoid mode needs soft (f32) labels of the logits' shape".into()));
+            return Err(Error::Input(
+                "sigmoid mode needs soft (f32) labels of the logits' shape".into(),
+            ));
         }
-        for (what, offset) in [("logits", batch.logits.offset), ("labels", batch.labels.offset)] {
+        for (what, offset) in [
+            ("logits", batch.logits.offset),
+            ("labels", batch.labels.offset),
+        ] {
             if offset % 4 != 0 {
-                return Err(Error::Input(format!("the {what} offset {offset} is not a multiple of 4 bytes")));
+                return Err(Error::Input(format!(
+                    "the {what} offset {offset} is not a multiple of 4 bytes"
+                )));
             }
         }
         if let Some(g) = &grad {
             if g.region.offset % 4 != 0 {
-                return Err(Error::Input(format!("the gradient offset {} is not a multiple of 4 bytes", g.region.offset)));
+                return Err(Error::Input(format!(
+                    "the gradient offset {} is not a multiple of 4 bytes",
+                    g.region.offset
+                )));
             }
         }
         // Bytes each bound array needs: a call's inputs must lie inside the caller's buffers.
         let n = shape.len() as u64;
         let lf = batch.logit_format;
-        let label_elems = if batch.label_format == LabelFormat::Soft { n } else { (b_n * s) as u64 };
+        let label_elems = if batch.label_format == LabelFormat::Soft {
+            n
+        } else {
+            (b_n * s) as u64
+        };
         let global_first_elem = (batch.image_offset * c_n * s) as u64;
         let global_first_pixel = (batch.image_offset * s) as u64;
         let need = |what: &str, r: &BufferRegion, elems: u64, per_word: u64| -> Result<()> {
             let bytes = r.offset + elems.div_ceil(per_word) * 4;
             if bytes > r.buffer.size() {
-                return Err(Error::Input(format!("the {what} buffer holds {} bytes, the call needs {bytes}", r.buffer.size())));
+                return Err(Error::Input(format!(
+                    "the {what} buffer holds {} bytes, the call needs {bytes}",
+                    r.buffer.size()
+                )));
             }
             Ok(())
         };
         need("logits", &batch.logits, n, lf.per_word())?;
-        need("labels", &batch.labels, label_elems, batch.label_format.per_word())?;
+        need(
+            "labels",
+            &batch.labels,
+            label_elems,
+            batch.label_format.per_word(),
+        )?;
         if let Some(g) = &grad {
             need("gradient", &g.region, n, g.format.per_word())?;
         }
 
         let align = storage_align(&self.device);
-        let max_binding = self.device.limits().max_storage_buffer_binding_size;
+        let max_binding = match self
+            .binding_limit
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => self.device.limits().max_storage_buffer_binding_size,
+            n => n.min(self.device.limits().max_storage_buffer_binding_size),
+        };
         // Per image: logits, labels, gradient (f32 scratch when 16-bit), each one binding.
         let image_elems = (c_n * s) as u64;
         let per_image = [
             image_elems * 4 / lf.per_word(),
-            if batch.label_format == LabelFormat::Soft { image_elems * 4 } else { s as u64 * 4 / batch.label_format.per_word() + 4 },
+            if batch.label_format == LabelFormat::Soft {
+                image_elems * 4
+            } else {
+                s as u64 * 4 / batch.label_format.per_word() + 4
+            },
             if grad.is_some() { image_elems * 4 } else { 0 },
         ]
         .into_iter()
@@ -619,10 +819,16 @@ impl GpuContext {
         .unwrap_or(0)
             + 8;
         let chunks = plan::chunks(b_n, per_image, max_binding, align).map_err(Error::Input)?;
+        self.last_chunks
+            .store(chunks.len(), std::sync::atomic::Ordering::Relaxed);
         let narrow = grad.map(|g| g.format != GradFormat::F32).unwrap_or(false);
         let max_chunk = chunks.iter().map(|c| c.1).max().unwrap_or(1) as u64;
         let params = plan::pack_params(spec, shape);
-        let map_bytes = if plan::wants_loss_map(spec) { 4 * crate::spec::MAX_PIXEL_TERMS as u64 * (total * s) as u64 } else { 4 };
+        let map_bytes = if plan::wants_loss_map(spec) {
+            4 * crate::spec::MAX_PIXEL_TERMS as u64 * (total * s) as u64
+        } else {
+            4
+        };
         let key = WorkspaceKey {
             total_batch: total,
             classes: c_n,
@@ -630,14 +836,22 @@ impl GpuContext {
             terms: spec.terms.len(),
             params_len: params.len(),
             dims_slots: chunks.len() + 1,
-            scratch: if narrow { max_chunk * image_elems * 4 } else { 0 },
+            scratch: if narrow {
+                max_chunk * image_elems * 4
+            } else {
+                0
+            },
             map: map_bytes,
         };
         let mut inner = self.lock()?;
         let ws = self.workspace(&mut inner, &key);
         let base = plan::dims(spec, shape);
         // Slot 0: the whole global batch, for reduce and finalize.
-        let mut slots = vec![Dims { batch: total as u32, total_batch: total as u32, ..base }];
+        let mut slots = vec![Dims {
+            batch: total as u32,
+            total_batch: total as u32,
+            ..base
+        }];
         let pk = |stage| PipelineKey {
             stage,
             classes: c_n as u32,
@@ -652,12 +866,20 @@ impl GpuContext {
         let q = &self.queue;
         q.write_buffer(&ws.params, 0, bytemuck::cast_slice(&params));
         if poison {
-            for (b, size) in [(&ws.stats, ws.sizes.stats), (&ws.fin, ws.sizes.fin), (&ws.map, ws.sizes.map)] {
+            for (b, size) in [
+                (&ws.stats, ws.sizes.stats),
+                (&ws.fin, ws.sizes.fin),
+                (&ws.map, ws.sizes.map),
+            ] {
                 q.write_buffer(b, 0, &vec![0xFFu8; size as usize]);
             }
         }
         if let Some(st) = given_stats {
-            q.write_buffer(&ws.stats, 0, bytemuck::cast_slice(&stats_to_rows(st, spec, total, c_n)?));
+            q.write_buffer(
+                &ws.stats,
+                0,
+                bytemuck::cast_slice(&stats_to_rows(st, spec, total, c_n)?),
+            );
         }
         // Per chunk: its bindings and its Dims slot.
         struct ChunkPlan {
@@ -673,13 +895,40 @@ impl GpuContext {
         for (k, &(first, count)) in chunks.iter().enumerate() {
             let first_elem = global_first_elem + (first * c_n * s) as u64;
             let elems = (count * c_n * s) as u64;
-            let lr = plan::region(batch.logits.offset, first_elem - global_first_elem, elems, lf.per_word(), align);
-            let (lab_first, lab_count) =
-                if batch.label_format == LabelFormat::Soft { (first_elem - global_first_elem, elems) } else { ((first * s) as u64, (count * s) as u64) };
-            let yr = plan::region(batch.labels.offset, lab_first, lab_count, batch.label_format.per_word(), align);
+            let lr = plan::region(
+                batch.logits.offset,
+                first_elem - global_first_elem,
+                elems,
+                lf.per_word(),
+                align,
+            );
+            let (lab_first, lab_count) = if batch.label_format == LabelFormat::Soft {
+                (first_elem - global_first_elem, elems)
+            } else {
+                ((first * s) as u64, (count * s) as u64)
+            };
+            let yr = plan::region(
+                batch.labels.offset,
+                lab_first,
+                lab_count,
+                batch.label_format.per_word(),
+                align,
+            );
             // Shifts are relative to the caller's arrays, whose element 0 is the shard's first.
-            let label_origin = if batch.label_format == LabelFormat::Soft { global_first_elem } else { global_first_pixel };
-            let gr = grad.map(|g| plan::region(g.region.offset, first_elem - global_first_elem, elems, g.format.per_word(), align));
+            let label_origin = if batch.label_format == LabelFormat::Soft {
+                global_first_elem
+            } else {
+                global_first_pixel
+            };
+            let gr = grad.map(|g| {
+                plan::region(
+                    g.region.offset,
+                    first_elem - global_first_elem,
+                    elems,
+                    g.format.per_word(),
+                    align,
+                )
+            });
             let scratch_shift = (first_elem as u32).wrapping_neg();
             let mut d = Dims {
                 batch: count as u32,
@@ -687,14 +936,22 @@ impl GpuContext {
                 total_batch: total as u32,
                 logit_shift: lr.shift.wrapping_sub(global_first_elem as u32),
                 label_shift: yr.shift.wrapping_sub(label_origin as u32),
-                grad_shift: if narrow { scratch_shift } else { gr.map(|r| r.shift.wrapping_sub(global_first_elem as u32)).unwrap_or(0) },
+                grad_shift: if narrow {
+                    scratch_shift
+                } else {
+                    gr.map(|r| r.shift.wrapping_sub(global_first_elem as u32))
+                        .unwrap_or(0)
+                },
                 ..base
             };
             let mut narrow_words = 0;
             if let (true, Some(r)) = (narrow, gr) {
                 d.narrow_count = elems as u32;
-                d.narrow_shift = r.shift.wrapping_add((first_elem - global_first_elem) as u32);
-                narrow_words = ((d.narrow_shift as u64 + elems - 1) / 2 - d.narrow_shift as u64 / 2 + 1) as usize;
+                d.narrow_shift = r
+                    .shift
+                    .wrapping_add((first_elem - global_first_elem) as u32);
+                narrow_words = ((d.narrow_shift as u64 + elems - 1) / 2 - d.narrow_shift as u64 / 2
+                    + 1) as usize;
             }
             slots.push(d);
             plans.push(ChunkPlan {
@@ -709,12 +966,16 @@ impl GpuContext {
         }
         let mut dims_bytes = vec![0u8; (DIMS_SLOT as usize) * slots.len()];
         for (k, d) in slots.iter().enumerate() {
-            dims_bytes[k * DIMS_SLOT as usize..k * DIMS_SLOT as usize + dims_size as usize].copy_from_slice(bytemuck::bytes_of(d));
+            dims_bytes[k * DIMS_SLOT as usize..k * DIMS_SLOT as usize + dims_size as usize]
+                .copy_from_slice(bytemuck::bytes_of(d));
         }
         q.write_buffer(&ws.dims, 0, &dims_bytes);
 
         let mut dispatches: Vec<(wgpu::ComputePipeline, wgpu::BindGroup, usize)> = vec![];
-        let mut add = |inner: &mut Inner, stage: Stage, entries: Vec<(u32, &wgpu::Buffer, u64, u64)>, groups: usize| {
+        let mut add = |inner: &mut Inner,
+                       stage: Stage,
+                       entries: Vec<(u32, &wgpu::Buffer, u64, u64)>,
+                       groups: usize| {
             let key = pk(stage);
             let p = self.pipeline(inner, key);
             let bg = self.bind_group(inner, key, entries);
@@ -739,7 +1000,11 @@ impl GpuContext {
             add(
                 &mut inner,
                 Stage::Reduce,
-                vec![(2, &ws.dims, 0, dims_size), (4, &ws.partial, 0, ws.sizes.partial), (5, &ws.stats, 0, ws.sizes.stats)],
+                vec![
+                    (2, &ws.dims, 0, dims_size),
+                    (4, &ws.partial, 0, ws.sizes.partial),
+                    (5, &ws.stats, 0, ws.sizes.stats),
+                ],
                 (total * base.row_width as usize).div_ceil(64),
             );
         }
@@ -747,7 +1012,12 @@ impl GpuContext {
             add(
                 &mut inner,
                 Stage::Finalize,
-                vec![(2, &ws.dims, 0, dims_size), (3, &ws.params, 0, ws.sizes.params), (5, &ws.stats, 0, ws.sizes.stats), (6, &ws.fin, 0, ws.sizes.fin)],
+                vec![
+                    (2, &ws.dims, 0, dims_size),
+                    (3, &ws.params, 0, ws.sizes.params),
+                    (5, &ws.stats, 0, ws.sizes.stats),
+                    (6, &ws.fin, 0, ws.sizes.fin),
+                ],
                 1,
             );
         }
@@ -755,7 +1025,10 @@ impl GpuContext {
             for p in &plans {
                 let r = p.grad.expect("planned with the gradient");
                 let (gbuf, goff, gsize) = if narrow {
-                    let sc = ws.scratch.as_ref().expect("scratch planned for 16-bit gradients");
+                    let sc = ws
+                        .scratch
+                        .as_ref()
+                        .expect("scratch planned for 16-bit gradients");
                     (sc, 0, key.scratch)
                 } else {
                     (g.region.buffer, r.offset, r.size)
@@ -774,14 +1047,29 @@ impl GpuContext {
                     p.groups_grad,
                 );
                 if narrow {
-                    let sc = ws.scratch.as_ref().expect("scratch planned for 16-bit gradients");
-                    add(&mut inner, Stage::Narrow, vec![(2, &ws.dims, p.slot, dims_size), (7, sc, 0, key.scratch), (9, g.region.buffer, r.offset, r.size)], p.narrow_words.div_ceil(256));
+                    let sc = ws
+                        .scratch
+                        .as_ref()
+                        .expect("scratch planned for 16-bit gradients");
+                    add(
+                        &mut inner,
+                        Stage::Narrow,
+                        vec![
+                            (2, &ws.dims, p.slot, dims_size),
+                            (7, sc, 0, key.scratch),
+                            (9, g.region.buffer, r.offset, r.size),
+                        ],
+                        p.narrow_words.div_ceil(256),
+                    );
                 }
             }
         }
         drop(inner);
         {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("segloss"), timestamp_writes: None });
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("segloss"),
+                timestamp_writes: None,
+            });
             for (p, bg, groups) in &dispatches {
                 let (x, y) = plan::dispatch_2d(*groups);
                 pass.set_pipeline(p);
@@ -789,14 +1077,24 @@ impl GpuContext {
                 pass.dispatch_workgroups(x, y, 1);
             }
         }
-        Ok(Recorded { ws, spec: spec.clone(), total_batch: total, classes: c_n, spatial: s })
+        Ok(Recorded {
+            ws,
+            spec: spec.clone(),
+            total_batch: total,
+            classes: c_n,
+            spatial: s,
+        })
     }
 }
 
 /// Statistics as the device's rows (the inverse of the read-back in [`Recorded::read`]).
 fn stats_to_rows(st: &Statistics, spec: &LossSpec, total: usize, c_n: usize) -> Result<Vec<f32>> {
     let n_pix = spec.terms.iter().filter(|t| t.is_pixel_term()).count();
-    if st.batch != total || st.classes != c_n || st.per_class.len() != total * c_n || st.pixel_sums.len() != total * n_pix {
+    if st.batch != total
+        || st.classes != c_n
+        || st.per_class.len() != total * c_n
+        || st.pixel_sums.len() != total * n_pix
+    {
         return Err(Error::Input(format!(
             "statistics for B={} C={} do not fit this call (global batch {total}, C = {c_n}, {n_pix} pixel terms)",
             st.batch, st.classes
@@ -845,24 +1143,41 @@ impl Recorded {
     pub fn statistics(&self, ctx: &GpuContext) -> Result<Statistics> {
         let words = self.copy_and_map(ctx)?;
         let words: &[f32] = bytemuck::cast_slice(&words);
-        Ok(self.decode_statistics(&words[(self.ws.sizes.fin / 4) as usize - self.ws.fin_layout.report..]))
+        Ok(self.decode_statistics(
+            &words[(self.ws.sizes.fin / 4) as usize - self.ws.fin_layout.report..],
+        ))
     }
 
     /// Asynchronous read-back of the total loss: the copy is submitted now; the future
     /// resolves once the device has finished (drive it with `device.poll`, or let another
     /// thread poll).
-    pub fn read_loss_async(&self, ctx: &GpuContext) -> impl std::future::Future<Output = Result<f32>> + Send + 'static {
+    pub fn read_loss_async(
+        &self,
+        ctx: &GpuContext,
+    ) -> impl std::future::Future<Output = Result<f32>> + Send + 'static {
         let ws = self.ws.clone();
-        let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("segloss loss") });
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("segloss loss"),
+            });
         let off = 4 * ws.fin_layout.report as u64;
         enc.copy_buffer_to_buffer(&ws.fin, off, &ws.staging, 0, 4);
         ctx.queue.submit([enc.finish()]);
         let (tx, rx) = futures_channel();
-        ws.staging.slice(0..8).map_async(wgpu::MapMode::Read, move |r| tx(r.map_err(|e| Error::Gpu(format!("mapping the loss: {e}")))));
+        ws.staging
+            .slice(0..8)
+            .map_async(wgpu::MapMode::Read, move |r| {
+                tx(r.map_err(|e| Error::Gpu(format!("mapping the loss: {e}"))))
+            });
         async move {
             rx.await?;
             let v = {
-                let view = ws.staging.slice(0..8).get_mapped_range().map_err(|e| Error::Gpu(format!("{e:?}")))?;
+                let view = ws
+                    .staging
+                    .slice(0..8)
+                    .get_mapped_range()
+                    .map_err(|e| Error::Gpu(format!("{e:?}")))?;
                 bytemuck::cast_slice::<u8, f32>(&view)[0]
             };
             ws.staging.unmap();
@@ -874,12 +1189,26 @@ impl Recorded {
         let ws = &self.ws;
         let report_off = 4 * ws.fin_layout.report as u64;
         let report_len = ws.sizes.fin - report_off;
-        let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("segloss read") });
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("segloss read"),
+            });
         enc.copy_buffer_to_buffer(&ws.fin, report_off, &ws.staging, 0, report_len);
         enc.copy_buffer_to_buffer(&ws.stats, 0, &ws.staging, report_len, ws.sizes.stats);
-        enc.copy_buffer_to_buffer(&ws.map, 0, &ws.staging, report_len + ws.sizes.stats, ws.sizes.map);
+        enc.copy_buffer_to_buffer(
+            &ws.map,
+            0,
+            &ws.staging,
+            report_len + ws.sizes.stats,
+            ws.sizes.map,
+        );
         ctx.queue.submit([enc.finish()]);
-        map_read(&ctx.device, &ws.staging, report_len + ws.sizes.stats + ws.sizes.map)
+        map_read(
+            &ctx.device,
+            &ws.staging,
+            report_len + ws.sizes.stats + ws.sizes.map,
+        )
     }
 
     fn decode_statistics(&self, stats_w: &[f32]) -> Statistics {
@@ -895,12 +1224,19 @@ impl Recorded {
                     std::array::from_fn(|j| stats_w[o + j] as f64)
                 })
                 .collect(),
-            valid: (0..b_n).map(|b| stats_w[b * width + plan::PER_CLASS * c_n] as f64).collect(),
-            plain_ce: (0..b_n).map(|b| stats_w[b * width + plan::PER_CLASS * c_n + 1] as f64).collect(),
+            valid: (0..b_n)
+                .map(|b| stats_w[b * width + plan::PER_CLASS * c_n] as f64)
+                .collect(),
+            plain_ce: (0..b_n)
+                .map(|b| stats_w[b * width + plan::PER_CLASS * c_n + 1] as f64)
+                .collect(),
             pixel_sums: (0..b_n * n_pix)
                 .map(|k| {
                     let o = (k / n_pix) * width + plan::PER_CLASS * c_n;
-                    [stats_w[o + 4 + k % n_pix] as f64, stats_w[o + 8 + k % n_pix] as f64]
+                    [
+                        stats_w[o + 4 + k % n_pix] as f64,
+                        stats_w[o + 8 + k % n_pix] as f64,
+                    ]
                 })
                 .collect(),
         }
@@ -916,17 +1252,45 @@ impl Recorded {
         let (stats_w, map_w) = rest.split_at((ws.sizes.stats / 4) as usize);
         let at = |abs: usize| report[abs - fl.report] as f64;
         let spec = &self.spec;
-        let terms: Vec<TermValue> =
-            spec.terms.iter().enumerate().map(|(r, t)| TermValue { kind: t.kind().into(), weight: t.weight(), value: at(fl.values + r) }).collect();
-        let rows = |off: usize| (0..b_n).map(|b| (0..c_n).map(|c| at(off + b * c_n + c)).collect()).collect();
+        let terms: Vec<TermValue> = spec
+            .terms
+            .iter()
+            .enumerate()
+            .map(|(r, t)| TermValue {
+                kind: t.kind().into(),
+                weight: t.weight(),
+                value: at(fl.values + r),
+            })
+            .collect();
+        let rows = |off: usize| {
+            (0..b_n)
+                .map(|b| (0..c_n).map(|c| at(off + b * c_n + c)).collect())
+                .collect()
+        };
         let mut pix_slot = 0;
         let mut elements = vec![];
         for (r, t) in spec.terms.iter().enumerate() {
             let e = match t {
-                Term::CrossEntropy { reduction: Reduction::None, .. } => Some(map_w[pix_slot * b_n * s..(pix_slot + 1) * b_n * s].iter().map(|v| *v as f64).collect()),
-                Term::Dice { reduction: Reduction::None, batch, .. } => {
+                Term::CrossEntropy {
+                    reduction: Reduction::None,
+                    ..
+                } => Some(
+                    map_w[pix_slot * b_n * s..(pix_slot + 1) * b_n * s]
+                        .iter()
+                        .map(|v| *v as f64)
+                        .collect(),
+                ),
+                Term::Dice {
+                    reduction: Reduction::None,
+                    batch,
+                    ..
+                } => {
                     let groups = if *batch { 1 } else { b_n };
-                    Some((0..groups * c_n).map(|k| at(fl.elements + r * b_n * c_n + k)).collect())
+                    Some(
+                        (0..groups * c_n)
+                            .map(|k| at(fl.elements + r * b_n * c_n + k))
+                            .collect(),
+                    )
                 }
                 _ => None,
             };
@@ -947,11 +1311,20 @@ impl Recorded {
                 (0..b_n)
                     .map(|b| {
                         let o = fl.decomposition + 4 * b;
-                        Decomposition { ce: at(o), kl: at(o + 1), matching: at(o + 2), dice_region: at(o + 3) }
+                        Decomposition {
+                            ce: at(o),
+                            kl: at(o + 1),
+                            matching: at(o + 2),
+                            dice_region: at(o + 3),
+                        }
                     })
                     .collect()
             },
-            elements: if elements.iter().any(Option::is_some) { elements } else { vec![] },
+            elements: if elements.iter().any(Option::is_some) {
+                elements
+            } else {
+                vec![]
+            },
             gradient: None,
             statistics: Some(self.decode_statistics(stats_w)),
         }
@@ -979,7 +1352,9 @@ fn futures_channel() -> (Sender, impl std::future::Future<Output = Result<()>> +
         }
     });
     let rx = std::future::poll_fn(move |cx| {
-        let Ok(mut s) = slot.lock() else { return Poll::Ready(Err(Error::Gpu("read-back state poisoned".into()))) };
+        let Ok(mut s) = slot.lock() else {
+            return Poll::Ready(Err(Error::Gpu("read-back state poisoned".into())));
+        };
         match s.value.take() {
             Some(v) => Poll::Ready(v),
             None => {
@@ -998,13 +1373,19 @@ fn map_read(device: &wgpu::Device, buffer: &wgpu::Buffer, len: u64) -> Result<Ve
     slice.map_async(wgpu::MapMode::Read, move |r| {
         let _ = tx.send(r);
     });
-    device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(format!("waiting for the device: {e}")))?;
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| Error::Gpu(format!("waiting for the device: {e}")))?;
     rx.recv()
         .map_err(|_| Error::Gpu("the read-back never completed".into()))?
         .map_err(|e| Error::Gpu(format!("mapping the read-back buffer: {e}")))?;
     let out = {
-        let view = slice.get_mapped_range().map_err(|e| Error::Gpu(format!("mapped range: {e:?}")))?;
-        view.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect()
+        let view = slice
+            .get_mapped_range()
+            .map_err(|e| Error::Gpu(format!("mapped range: {e:?}")))?;
+        view.chunks_exact(4)
+            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+            .collect()
     };
     buffer.unmap();
     Ok(out)
@@ -1012,9 +1393,21 @@ fn map_read(device: &wgpu::Device, buffer: &wgpu::Buffer, len: u64) -> Result<Ve
 
 /// Copies a STORAGE | COPY_SRC buffer's first `len` bytes to the host through a temporary
 /// staging buffer from the caller's device.
-fn read_buffer(device: &wgpu::Device, queue: &wgpu::Queue, buffer: &wgpu::Buffer, len: u64) -> Result<Vec<u32>> {
-    let staging = device.create_buffer(&wgpu::BufferDescriptor { label: Some("segloss gradient read"), size: len, usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST, mapped_at_creation: false });
-    let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("segloss gradient read") });
+fn read_buffer(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    buffer: &wgpu::Buffer,
+    len: u64,
+) -> Result<Vec<u32>> {
+    let staging = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("segloss gradient read"),
+        size: len,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+        label: Some("segloss gradient read"),
+    });
     enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, len);
     queue.submit([enc.finish()]);
     map_read(device, &staging, len)

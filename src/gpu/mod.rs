@@ -5,4 +5,7 @@ mod engine;
 pub mod plan;
 pub mod pool;
 
-pub use engine::{shader_sources, BufferRegion, DeviceBatch, GpuContext, GradTarget, HostBatch, HostLogits, Options, Recorded};
+pub use engine::{
+    shader_sources, BufferRegion, DeviceBatch, GpuContext, GradTarget, HostBatch, HostLogits,
+    Options, Recorded,
+};

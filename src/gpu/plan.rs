@@ -81,12 +81,21 @@ pub fn region(base: u64, first: u64, count: u64, per_word: u64, align: u64) -> R
     let aligned_word = first_word * 4 / align * align / 4;
     let end_word = base / 4 + (first + count).div_ceil(per_word);
     let into = (first_word - aligned_word) * per_word + first % per_word;
-    Region { offset: aligned_word * 4, size: (end_word - aligned_word).max(1) * 4, shift: into.wrapping_sub(first) as u32 }
+    Region {
+        offset: aligned_word * 4,
+        size: (end_word - aligned_word).max(1) * 4,
+        shift: into.wrapping_sub(first) as u32,
+    }
 }
 
 /// Splits B images into runs whose largest bound array fits `max_binding` bytes (with room
 /// for the alignment slack). `bytes_per_image` is the largest array's bytes per image.
-pub fn chunks(batch: usize, bytes_per_image: u64, max_binding: u64, align: u64) -> Result<Vec<(usize, usize)>, String> {
+pub fn chunks(
+    batch: usize,
+    bytes_per_image: u64,
+    max_binding: u64,
+    align: u64,
+) -> Result<Vec<(usize, usize)>, String> {
     let room = max_binding.saturating_sub(align + 8);
     if bytes_per_image > room {
         return Err(format!(
@@ -94,7 +103,10 @@ pub fn chunks(batch: usize, bytes_per_image: u64, max_binding: u64, align: u64) 
         ));
     }
     let per = ((room / bytes_per_image.max(1)) as usize).clamp(1, batch.max(1));
-    Ok((0..batch).step_by(per).map(|b| (b, per.min(batch - b))).collect())
+    Ok((0..batch)
+        .step_by(per)
+        .map(|b| (b, per.min(batch - b)))
+        .collect())
 }
 
 /// Offsets into the `fin` buffer.
@@ -346,9 +358,9 @@ mod tests {
     fn regions_align_down_and_shift_back() {
         // f32 array at byte 0, elements 100..200, 256-byte alignment: binding from byte 256.
         let r = region(0, 100, 100, 1, 256);
-        assert_eq!((r.offset, r.size), (256, 400));
+        assert_eq!((r.offset, r.size), (256, 544));
         assert_eq!(100u32.wrapping_add(r.shift), 36); // element 100 is word 36 of the binding
-        // u8 labels packed 4 per word at byte 1024, pixels 7..15.
+                                                      // u8 labels packed 4 per word at byte 1024, pixels 7..15.
         let r = region(1024, 7, 8, 4, 256);
         assert_eq!(r.offset, 1024);
         assert_eq!(7u32.wrapping_add(r.shift), 7);
@@ -368,7 +380,9 @@ mod tests {
         assert_eq!(c, vec![(0, 1), (1, 1), (2, 1), (3, 1), (4, 1)]);
         let c = chunks(7, 30 << 20, 128 << 20, 256).unwrap();
         assert_eq!(c, vec![(0, 4), (4, 3)]);
-        assert!(chunks(1, 200 << 20, 128 << 20, 256).unwrap_err().contains("max_storage_buffer_binding_size"));
+        assert!(chunks(1, 200 << 20, 128 << 20, 256)
+            .unwrap_err()
+            .contains("max_storage_buffer_binding_size"));
     }
 
     #[test]
