@@ -660,3 +660,49 @@ fn the_context_is_send_and_sync_and_correct_from_many_threads() {
         }
     });
 }
+
+/// 4200² pixels of one channel: 68 906 gradient workgroups, more than one dispatch
+/// dimension holds (65 535), so the 2D dispatch path runs.
+#[test]
+fn more_workgroups_than_one_dimension_holds() {
+    let shape = Shape::new(1, 1, &[4200, 4200]);
+    let n = shape.len();
+    let z: Vec<f32> = (0..n)
+        .map(|k| (((k as u64).wrapping_mul(2654435761) >> 9) % 1000) as f32 / 100.0 - 5.0)
+        .collect();
+    let m: Vec<f32> = (0..n)
+        .map(|k| ((k as u64).wrapping_mul(40503) % 3) as f32 / 2.0)
+        .collect();
+    let ctx = GpuContext::new()
+        .expect("GPU tests need a Vulkan device (apt-get install mesa-vulkan-drivers)");
+    let out = ctx
+        .evaluate(
+            &spec(r#"{"activation":"sigmoid","terms":[{"kind":"bce"}]}"#),
+            &shape,
+            &z,
+            Labels::Soft(&m),
+            Options {
+                gradient: true,
+                poison: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let softplus = |x: f64| x.max(0.0) + (-x.abs()).exp().ln_1p();
+    let mut loss = 0.0;
+    let g = out.gradient.unwrap();
+    let mut worst = 0.0f64;
+    for k in 0..n {
+        let (x, y) = (z[k] as f64, m[k] as f64);
+        loss += y * softplus(-x) + (1.0 - y) * softplus(x);
+        let want = (1.0 / (1.0 + (-x).exp()) - y) / n as f64;
+        worst = worst.max((g[k] as f64 - want).abs() * n as f64);
+    }
+    loss /= n as f64;
+    assert!(
+        (out.loss - loss).abs() < 1e-5 * loss,
+        "{} vs {loss}",
+        out.loss
+    );
+    assert!(worst < 1e-5, "largest gradient error (×N) {worst}");
+}
