@@ -13,6 +13,8 @@ override SIGMOID: bool = false;
 override TEMPERED: bool = false;
 // false: (B, C, *spatial); true: channels last, (B, *spatial, C). Read in place.
 override NHWC: bool = false;
+// Pixel terms (cross_entropy, focal, bce) of the spec: a constant so their loops unroll.
+override N_PIX: u32 = 0u;
 // 0: f32 logits, 1: f16, 2: bf16 (16-bit values two per word, widened here; the sums stay f32).
 override LOGIT_KIND: u32 = 0u;
 

@@ -18,6 +18,14 @@ fn pixel_scale(t: u32) -> f32 {
     return fin[4u * dims.total_batch * C + t];
 }
 
+// A per-class weight of a pixel term from its hoisted vector offset (1 when absent).
+fn term_weight(off: f32, c: u32) -> f32 {
+    if off < 0.0 {
+        return 1.0;
+    }
+    return params[u32(off) + c];
+}
+
 // a_c = ∂L/∂p_c of the statistic terms; without tempering, s = p and the region
 // coefficient joins a.
 fn stat_a(k: vec4<f32>, p: f32, g: f32) -> f32 {
@@ -47,6 +55,17 @@ fn main(
         return;
     }
     let temp = dims.temperature;
+    // Per pixel term, read once: kind, ε or γ, scale, offset of the class vector (−1: none).
+    var kinds = vec4<u32>(0u);
+    var opt = vec4(0.0);
+    var scales = vec4(0.0);
+    var offs = vec4(-1.0);
+    for (var t = 0u; t < N_PIX; t++) {
+        kinds[t] = u32(record(t, 0u));
+        opt[t] = record(t, 4u);
+        scales[t] = pixel_scale(t);
+        offs[t] = record(t, 3u);
+    }
 
     if SIGMOID {
         for (var c = 0u; c < C; c++) {
@@ -58,9 +77,9 @@ fn main(
             if TEMPERED {
                 dz += temp * k.w * sigmoid(temp * z) * sigmoid(-temp * z);
             }
-            for (var t = 0u; t < dims.n_pixel_terms; t++) {
-                let pw = class_param(t, c);
-                dz += pixel_scale(t) * (p * (1.0 - g + pw * g) - pw * g);
+            for (var t = 0u; t < N_PIX; t++) {
+                let pw = term_weight(offs[t], c);
+                dz += scales[t] * (p * (1.0 - g + pw * g) - pw * g);
             }
             grad[elem(b, c, i) + dims.grad_shift] = dz;
         }
@@ -87,13 +106,13 @@ fn main(
         if TEMPERED {
             us += k.w * exp(temp * z - smt.x) / smt.y;
         }
-        for (var t = 0u; t < dims.n_pixel_terms; t++) {
-            if u32(record(t, 0u)) == KIND_CE {
-                let eps = record(t, 4u);
-                pixel_sum[t] += class_param(t, c) * ((1.0 - eps) * g + eps / f32(C));
+        for (var t = 0u; t < N_PIX; t++) {
+            if kinds[t] == KIND_CE {
+                let eps = opt[t];
+                pixel_sum[t] += term_weight(offs[t], c) * ((1.0 - eps) * g + eps / f32(C));
             } else if g != 0.0 {
                 let q = max(sm.y - e, 0.0) / sm.y;
-                pixel_sum[t] += focal_h(p, q, z - sm.x - log_se, class_param(t, c) * g, record(t, 4u));
+                pixel_sum[t] += focal_h(p, q, z - sm.x - log_se, term_weight(offs[t], c) * g, opt[t]);
             }
         }
     }
@@ -109,21 +128,21 @@ fn main(
             let s = exp(temp * z - smt.x) / smt.y;
             dz += temp * s * (k.w - us);
         }
-        for (var t = 0u; t < dims.n_pixel_terms; t++) {
+        for (var t = 0u; t < N_PIX; t++) {
             var h = 0.0;
-            if u32(record(t, 0u)) == KIND_CE {
-                let eps = record(t, 4u);
-                h = -class_param(t, c) * ((1.0 - eps) * g + eps / f32(C));
+            if kinds[t] == KIND_CE {
+                let eps = opt[t];
+                h = -term_weight(offs[t], c) * ((1.0 - eps) * g + eps / f32(C));
             } else if g != 0.0 {
                 let q = max(sm.y - e, 0.0) / sm.y;
-                h = focal_h(p, q, z - sm.x - log_se, class_param(t, c) * g, record(t, 4u));
+                h = focal_h(p, q, z - sm.x - log_se, term_weight(offs[t], c) * g, opt[t]);
             }
             // CE: p_c·Σ w t − w_c t_c; focal: h_c − p_c·Σ h.
             var ps = -p * pixel_sum[t];
-            if u32(record(t, 0u)) == KIND_CE {
+            if kinds[t] == KIND_CE {
                 ps = -ps;
             }
-            dz += pixel_scale(t) * (h + ps);
+            dz += scales[t] * (h + ps);
         }
         grad[elem(b, c, i) + dims.grad_shift] = dz;
     }

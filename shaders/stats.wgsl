@@ -14,7 +14,7 @@
 const WG: u32 = 256u;
 // Pixels per invocation: the per-pixel softmax pieces stay in registers (a const-sized
 // array indexed by unrolled loops) while the class loop reuses them.
-const PPT: u32 = 4u;
+const PPT: u32 = 16u;
 const TILE: u32 = WG * PPT;
 // The reduction folds WG values in two steps of FOLD (FOLD² = WG).
 const FOLD: u32 = 16u;
@@ -98,7 +98,7 @@ fn main(
         }
         y[k] = yk;
         if yk == IGNORE {
-            for (var t = 0u; t < dims.n_pixel_terms; t++) {
+            for (var t = 0u; t < N_PIX; t++) {
                 if record(t, 5u) == 2.0 {
                     loss_map[t * n_maps + b * dims.spatial + i] = 0.0;
                 }
@@ -108,7 +108,7 @@ fn main(
         ok[k] = true;
         counts.x += 1.0;
         if SIGMOID {
-            for (var t = 0u; t < dims.n_pixel_terms; t++) {
+            for (var t = 0u; t < N_PIX; t++) {
                 // bce: Σ_c pw_c·y_c·softplus(−z_c) + (1 − y_c)·softplus(z_c)
                 var l = 0.0;
                 for (var c = 0u; c < C; c++) {
@@ -137,7 +137,7 @@ fn main(
             plain = lse - logit(b, yk, i);
         }
         counts.y += plain;
-        for (var t = 0u; t < dims.n_pixel_terms; t++) {
+        for (var t = 0u; t < N_PIX; t++) {
             let kind = u32(record(t, 0u));
             var l = 0.0;
             var n = 1.0;

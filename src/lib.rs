@@ -32,6 +32,7 @@
 
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod error;
 pub mod gpu;
 pub mod input;

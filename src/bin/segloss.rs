@@ -33,10 +33,42 @@ enum Device {
     Cpu,
 }
 
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum LabelKind {
+    U8,
+    U16,
+    U32,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// List the adapters found, the one chosen, its features and limits.
+    #[command(after_help = "Example:\n  WGPU_BACKEND=vulkan segloss info")]
     Info,
+    /// Time loss + gradient on random data against a device copy of the logits.
+    #[command(
+        after_help = "Example:\n  segloss bench --shape 8,4,256,256 --spec '{\"terms\":[{\"kind\":\"cross_entropy\"},{\"kind\":\"dice\"}]}' --json\n\nmedian_ms: loss + gradient, submit to completion, after warm-up; copy_median_ms: a device copy\nof the logits in the same run (loss + gradient cannot beat about 1.5× of it)."
+    )]
+    Bench {
+        /// B,C,H,W (or B,C,D,H,W, or B,C,N).
+        #[arg(long)]
+        shape: String,
+        /// The loss spec: JSON text, or @path to a JSON file.
+        #[arg(long)]
+        spec: String,
+        /// Timed repetitions.
+        #[arg(long, default_value_t = 30)]
+        reps: usize,
+        /// Memory layout of the logits.
+        #[arg(long, value_enum, default_value = "nchw")]
+        layout: Layout,
+        /// Label storage on the device.
+        #[arg(long, value_enum, default_value = "u8")]
+        labels: LabelKind,
+        /// Print one JSON object instead of a line of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Loss (and gradient) of a spec on logits and labels stored as .npy files.
     #[command(
         after_help = "Example:\n  segloss eval --logits x.npy --labels y.npy \\\n    --spec '{\"terms\":[{\"kind\":\"cross_entropy\"},{\"kind\":\"dice\"}]}' --grad-out g.npy\n\nlogits: float32 or float16, (B, C, *spatial) for nchw or (B, *spatial, C) for nhwc.\nlabels: any integer dtype (B, *spatial), or float32 of the logits' shape (soft labels, sigmoid masks).\nSPEC: JSON text or @path to a JSON file."
@@ -215,10 +247,84 @@ fn info() -> Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
+fn bench(
+    shape: String,
+    spec: String,
+    reps: usize,
+    layout: Layout,
+    labels: LabelKind,
+    json: bool,
+) -> Result<()> {
+    let dims: Vec<usize> = shape
+        .split(',')
+        .map(|d| {
+            d.trim()
+                .parse::<usize>()
+                .map_err(|_| Error::Input(format!("--shape {shape}: '{d}' is not a size")))
+        })
+        .collect::<Result<_>>()?;
+    if dims.len() < 3 {
+        return Err(Error::Input(format!(
+            "--shape {shape}: expected B,C,H,W (at least B,C and one spatial size)"
+        )));
+    }
+    let shape = Shape::new(dims[0], dims[1], &dims[2..]);
+    let spec = read_spec(&spec)?;
+    let ctx = segloss::GpuContext::new()?;
+    let layout = match layout {
+        Layout::Nchw => segloss::input::Layout::Nchw,
+        Layout::Nhwc => segloss::input::Layout::Nhwc,
+    };
+    let format = match labels {
+        LabelKind::U8 => segloss::input::LabelFormat::U8,
+        LabelKind::U16 => segloss::input::LabelFormat::U16,
+        LabelKind::U32 => segloss::input::LabelFormat::U32,
+    };
+    let problem = segloss::bench::Problem::new(&ctx, &spec, &shape, layout, Some(format))?;
+    let bar = indicatif::ProgressBar::new(reps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message("segloss bench");
+    let result = segloss::bench::run(&ctx, &problem, reps, 3, || bar.inc(1));
+    bar.finish_and_clear();
+    let r = result?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&r).map_err(|e| Error::Io(e.to_string()))?
+        );
+    } else {
+        println!(
+            "{}: loss + gradient {:.3} ms, device copy {:.3} ms, ratio {:.2}{} ({} on {})",
+            r.shape,
+            r.median_ms,
+            r.copy_median_ms,
+            r.ratio_to_copy,
+            r.device_median_ms
+                .map(|d| format!(", device time {d:.3} ms"))
+                .unwrap_or_default(),
+            r.adapter,
+            r.backend
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info => info(),
+        Command::Bench {
+            shape,
+            spec,
+            reps,
+            layout,
+            labels,
+            json,
+        } => bench(shape, spec, reps, layout, labels, json),
         Command::Eval {
             logits,
             labels,

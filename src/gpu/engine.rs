@@ -40,6 +40,7 @@ enum Stage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct PipelineKey {
     stage: Stage,
+    pixel_terms: u32,
     classes: u32,
     label_kind: u32,
     logit_kind: u32,
@@ -463,8 +464,16 @@ impl GpuContext {
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("segloss"),
                 });
-            let rec =
-                self.record_inner(&mut enc, spec, &device_batch, grad, None, true, opts.poison)?;
+            let rec = self.record_inner(
+                &mut enc,
+                spec,
+                &device_batch,
+                grad,
+                None,
+                true,
+                opts.poison,
+                None,
+            )?;
             self.queue.submit([enc.finish()]);
             let mut out = rec.read(self)?;
             if opts.gradient {
@@ -505,7 +514,32 @@ impl GpuContext {
         batch: &DeviceBatch<'_>,
         grad: Option<GradTarget<'_>>,
     ) -> Result<Recorded> {
-        self.scoped(|| self.record_inner(encoder, spec, batch, grad, None, true, false))
+        self.scoped(|| self.record_inner(encoder, spec, batch, grad, None, true, false, None))
+    }
+
+    /// [`GpuContext::record`] with the pass's start and end written to timestamps 0 and 1 of
+    /// `query_set` (benchmarks; needs `Features::TIMESTAMP_QUERY`).
+    #[doc(hidden)]
+    pub fn record_timed(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        spec: &LossSpec,
+        batch: &DeviceBatch<'_>,
+        grad: Option<GradTarget<'_>>,
+        query_set: &wgpu::QuerySet,
+    ) -> Result<Recorded> {
+        self.scoped(|| {
+            self.record_inner(
+                encoder,
+                spec,
+                batch,
+                grad,
+                None,
+                true,
+                false,
+                Some(query_set),
+            )
+        })
     }
 
     /// Two-phase API, phase 1: records only the statistics pass. Submit, then read them with
@@ -517,7 +551,7 @@ impl GpuContext {
         spec: &LossSpec,
         batch: &DeviceBatch<'_>,
     ) -> Result<Recorded> {
-        self.scoped(|| self.record_inner(encoder, spec, batch, None, None, false, false))
+        self.scoped(|| self.record_inner(encoder, spec, batch, None, None, false, false, None))
     }
 
     /// Two-phase API, phase 2: records finalize (from `stats`, the combined statistics of the
@@ -530,7 +564,9 @@ impl GpuContext {
         stats: &Statistics,
         grad: Option<GradTarget<'_>>,
     ) -> Result<Recorded> {
-        self.scoped(|| self.record_inner(encoder, spec, batch, grad, Some(stats), true, false))
+        self.scoped(|| {
+            self.record_inner(encoder, spec, batch, grad, Some(stats), true, false, None)
+        })
     }
 
     fn create_buffer(&self, k: &BufferKey) -> wgpu::Buffer {
@@ -577,6 +613,7 @@ impl GpuContext {
             ("TEMPERED", flag(key.tempered)),
             ("NHWC", flag(key.nhwc)),
             ("LOGIT_KIND", key.logit_kind as f64),
+            ("N_PIX", key.pixel_terms as f64),
         ];
         if key.stage == Stage::Narrow {
             constants.push(("GRAD_KIND", key.grad_kind as f64));
@@ -723,6 +760,7 @@ impl GpuContext {
         given_stats: Option<&Statistics>,
         finalize: bool,
         poison: bool,
+        timestamps: Option<&wgpu::QuerySet>,
     ) -> Result<Recorded> {
         let shape = batch.shape;
         shape.check()?;
@@ -852,8 +890,10 @@ impl GpuContext {
             total_batch: total as u32,
             ..base
         }];
+        let pixel_terms = spec.terms.iter().filter(|t| t.is_pixel_term()).count() as u32;
         let pk = |stage| PipelineKey {
             stage,
+            pixel_terms,
             classes: c_n as u32,
             label_kind: batch.label_format.code(),
             logit_kind: lf.code(),
@@ -1068,7 +1108,11 @@ impl GpuContext {
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("segloss"),
-                timestamp_writes: None,
+                timestamp_writes: timestamps.map(|q| wgpu::ComputePassTimestampWrites {
+                    query_set: q,
+                    beginning_of_pass_write_index: Some(0),
+                    end_of_pass_write_index: Some(1),
+                }),
             });
             for (p, bg, groups) in &dispatches {
                 let (x, y) = plan::dispatch_2d(*groups);

@@ -1,0 +1,98 @@
+//! Device time of each stage alone, for performance work: the statistics pass, the whole
+//! forward (statistics + finalize) and forward + gradient, against a copy of the logits.
+//!
+//! cargo run --release --example stage_times -- 8,4,256,256
+
+use segloss::gpu::{BufferRegion, DeviceBatch, GpuContext, GradTarget};
+use segloss::input::{GradFormat, LabelFormat, Labels, Layout, LogitFormat, Shape};
+use segloss::testing::{random_labels, random_logits, Rng};
+use segloss::LossSpec;
+use std::time::Instant;
+use wgpu::util::DeviceExt;
+
+fn main() -> segloss::Result<()> {
+    let arg = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "8,4,256,256".into());
+    let d: Vec<usize> = arg.split(',').filter_map(|v| v.parse().ok()).collect();
+    let shape = Shape::new(d[0], d[1], &d[2..]);
+    let spec = LossSpec::from_json(r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice"}]}"#)?;
+    let ctx = GpuContext::new()?;
+    let dev = ctx.device();
+    let mut rng = Rng::new(1);
+    let z = random_logits(&mut rng, &shape, 3.0);
+    let y = random_labels(&mut rng, &shape, 0.0);
+    let usage =
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let logits = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: None,
+        contents: bytemuck::cast_slice(&z),
+        usage,
+    });
+    let words = LabelFormat::U8.encode(&Labels::Index(&y));
+    let labels = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: None,
+        contents: bytemuck::cast_slice(&words),
+        usage,
+    });
+    let grad = dev.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: logits.size(),
+        usage,
+        mapped_at_creation: false,
+    });
+    let batch = DeviceBatch {
+        shape: &shape,
+        layout: Layout::Nchw,
+        logits: BufferRegion {
+            buffer: &logits,
+            offset: 0,
+        },
+        logit_format: LogitFormat::F32,
+        labels: BufferRegion {
+            buffer: &labels,
+            offset: 0,
+        },
+        label_format: LabelFormat::U8,
+        image_offset: 0,
+        total_batch: 0,
+    };
+    let time =
+        |f: &dyn Fn(&mut wgpu::CommandEncoder) -> segloss::Result<()>| -> segloss::Result<f64> {
+            let mut v = vec![];
+            for _ in 0..7 {
+                let t = Instant::now();
+                let mut enc = dev.create_command_encoder(&Default::default());
+                f(&mut enc)?;
+                ctx.queue().submit([enc.finish()]);
+                dev.poll(wgpu::PollType::wait_indefinitely())
+                    .map_err(|e| segloss::Error::Gpu(e.to_string()))?;
+                v.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            v.sort_by(f64::total_cmp);
+            Ok(v[3])
+        };
+    let copy = time(&|enc| {
+        enc.copy_buffer_to_buffer(&logits, 0, &grad, 0, logits.size());
+        Ok(())
+    })?;
+    let stats = time(&|enc| ctx.record_statistics(enc, &spec, &batch).map(|_| ()))?;
+    let forward = time(&|enc| ctx.record(enc, &spec, &batch, None).map(|_| ()))?;
+    let full = time(&|enc| {
+        ctx.record(
+            enc,
+            &spec,
+            &batch,
+            Some(GradTarget {
+                region: BufferRegion {
+                    buffer: &grad,
+                    offset: 0,
+                },
+                format: GradFormat::F32,
+            }),
+        )
+        .map(|_| ())
+    })?;
+    println!("{arg} on {}: copy {copy:.3} ms | stats {stats:.3} | stats+finalize {forward:.3} | +grad {full:.3} ms", ctx.adapter_info().name);
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! Timing loss + gradient on the device against a device copy of the same logits, in one
+//! run: what `segloss bench` and the criterion benches report.
+
+use crate::error::{Error, Result};
+use crate::gpu::{BufferRegion, DeviceBatch, GpuContext, GradTarget};
+use crate::input::{GradFormat, LabelFormat, Labels, Layout, LogitFormat, Shape};
+use crate::spec::{Activation, LossSpec};
+use crate::testing::{random_labels, random_logits, random_masks, Rng};
+use serde::Serialize;
+use std::time::Instant;
+use wgpu::util::DeviceExt;
+
+/// Device buffers holding one random problem, ready to time.
+pub struct Problem {
+    shape: Shape,
+    spec: LossSpec,
+    layout: Layout,
+    label_format: LabelFormat,
+    logits: wgpu::Buffer,
+    labels: wgpu::Buffer,
+    grad: wgpu::Buffer,
+    copy_dst: wgpu::Buffer,
+    queries: Option<(wgpu::QuerySet, wgpu::Buffer, wgpu::Buffer)>,
+}
+
+/// One benchmark's figures (milliseconds; medians after warm-up).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    /// The shape, as B,C,spatial….
+    pub shape: String,
+    /// Loss + gradient, submit to completion.
+    pub median_ms: f64,
+    /// A device copy of the logits (read + write of 4·B·C·S bytes), same adapter, same run.
+    pub copy_median_ms: f64,
+    /// median_ms / copy_median_ms (the floor for loss + gradient is about 1.5).
+    pub ratio_to_copy: f64,
+    /// Device time of the passes from timestamp queries, when the adapter has them.
+    pub device_median_ms: Option<f64>,
+    /// Bytes of logits.
+    pub logit_bytes: u64,
+    /// Repetitions timed.
+    pub reps: usize,
+    /// The adapter's name.
+    pub adapter: String,
+    /// The backend (Vulkan, Metal, Dx12).
+    pub backend: String,
+}
+
+impl Problem {
+    /// Random logits and labels for `shape` on `ctx`'s device.
+    pub fn new(
+        ctx: &GpuContext,
+        spec: &LossSpec,
+        shape: &Shape,
+        layout: Layout,
+        label_format: Option<LabelFormat>,
+    ) -> Result<Self> {
+        shape.check()?;
+        spec.validate(Some(shape.classes))?;
+        let device = ctx.device();
+        let mut rng = Rng::new(7);
+        let z = random_logits(&mut rng, shape, 3.0);
+        let (label_format, words) = if spec.activation == Activation::Sigmoid {
+            let m = random_masks(&mut rng, shape);
+            (
+                LabelFormat::Soft,
+                LabelFormat::Soft.encode(&Labels::Soft(&m)),
+            )
+        } else {
+            let y = random_labels(&mut rng, shape, 0.0);
+            let f = label_format.unwrap_or(LabelFormat::compact(shape.classes));
+            (f, f.encode(&Labels::Index(&y)))
+        };
+        use wgpu::BufferUsages as U;
+        let storage = U::STORAGE | U::COPY_SRC | U::COPY_DST;
+        let logits = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("bench logits"),
+            contents: bytemuck::cast_slice(&z),
+            usage: storage,
+        });
+        let labels = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("bench labels"),
+            contents: bytemuck::cast_slice(&words),
+            usage: storage,
+        });
+        let bytes = 4 * shape.len() as u64;
+        let grad = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("bench grad"),
+            size: bytes,
+            usage: storage,
+            mapped_at_creation: false,
+        });
+        let copy_dst = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("bench copy"),
+            size: bytes,
+            usage: storage,
+            mapped_at_creation: false,
+        });
+        let queries = device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+            .then(|| {
+                let set = device.create_query_set(&wgpu::QuerySetDescriptor {
+                    label: Some("bench"),
+                    ty: wgpu::QueryType::Timestamp,
+                    count: 2,
+                });
+                let resolve = device.create_buffer(&wgpu::BufferDescriptor {
+                    label: None,
+                    size: 16,
+                    usage: U::QUERY_RESOLVE | U::COPY_SRC,
+                    mapped_at_creation: false,
+                });
+                let read = device.create_buffer(&wgpu::BufferDescriptor {
+                    label: None,
+                    size: 16,
+                    usage: U::MAP_READ | U::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                (set, resolve, read)
+            });
+        Ok(Problem {
+            shape: shape.clone(),
+            spec: spec.clone(),
+            layout,
+            label_format,
+            logits,
+            labels,
+            grad,
+            copy_dst,
+            queries,
+        })
+    }
+
+    fn batch(&self) -> DeviceBatch<'_> {
+        DeviceBatch {
+            shape: &self.shape,
+            layout: self.layout,
+            logits: BufferRegion {
+                buffer: &self.logits,
+                offset: 0,
+            },
+            logit_format: LogitFormat::F32,
+            labels: BufferRegion {
+                buffer: &self.labels,
+                offset: 0,
+            },
+            label_format: self.label_format,
+            image_offset: 0,
+            total_batch: 0,
+        }
+    }
+
+    /// One loss + gradient call, submit to completion; returns (wall ms, device ms).
+    pub fn run_once(&self, ctx: &GpuContext, timed: bool) -> Result<(f64, Option<f64>)> {
+        let device = ctx.device();
+        let start = Instant::now();
+        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("bench"),
+        });
+        let grad = Some(GradTarget {
+            region: BufferRegion {
+                buffer: &self.grad,
+                offset: 0,
+            },
+            format: GradFormat::F32,
+        });
+        let _rec = match (&self.queries, timed) {
+            (Some((set, resolve, read)), true) => {
+                let rec = ctx.record_timed(&mut enc, &self.spec, &self.batch(), grad, set)?;
+                enc.resolve_query_set(set, 0..2, resolve, 0);
+                enc.copy_buffer_to_buffer(resolve, 0, read, 0, 16);
+                rec
+            }
+            _ => ctx.record(&mut enc, &self.spec, &self.batch(), grad)?,
+        };
+        ctx.queue().submit([enc.finish()]);
+        device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        let wall = start.elapsed().as_secs_f64() * 1e3;
+        let dev = match (&self.queries, timed) {
+            (Some((_, _, read)), true) => {
+                read.slice(..).map_async(wgpu::MapMode::Read, |_| {});
+                device
+                    .poll(wgpu::PollType::wait_indefinitely())
+                    .map_err(|e| Error::Gpu(e.to_string()))?;
+                let t: Vec<u64> = {
+                    let view = read
+                        .slice(..)
+                        .get_mapped_range()
+                        .map_err(|e| Error::Gpu(format!("{e:?}")))?;
+                    view.chunks_exact(8)
+                        .map(|w| u64::from_le_bytes(w.try_into().unwrap_or([0; 8])))
+                        .collect()
+                };
+                read.unmap();
+                Some(
+                    t[1].saturating_sub(t[0]) as f64 * ctx.queue().get_timestamp_period() as f64
+                        / 1e6,
+                )
+            }
+            _ => None,
+        };
+        Ok((wall, dev))
+    }
+
+    /// One device copy of the logits, submit to completion (ms).
+    pub fn copy_once(&self, ctx: &GpuContext) -> Result<f64> {
+        let device = ctx.device();
+        let start = Instant::now();
+        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("bench copy"),
+        });
+        enc.copy_buffer_to_buffer(&self.logits, 0, &self.copy_dst, 0, self.logits.size());
+        ctx.queue().submit([enc.finish()]);
+        device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    }
+
+    /// Bytes of logits.
+    pub fn logit_bytes(&self) -> u64 {
+        self.logits.size()
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Times `reps` loss + gradient calls and `reps` copies, interleaved so both see the same
+/// machine state, after `warmup` untimed rounds. `tick` is called once per repetition.
+pub fn run(
+    ctx: &GpuContext,
+    problem: &Problem,
+    reps: usize,
+    warmup: usize,
+    mut tick: impl FnMut(),
+) -> Result<BenchResult> {
+    for _ in 0..warmup {
+        problem.run_once(ctx, true)?;
+        problem.copy_once(ctx)?;
+    }
+    let reps = reps.max(1);
+    let (mut wall, mut dev, mut copy) = (vec![], vec![], vec![]);
+    for _ in 0..reps {
+        let (w, _) = problem.run_once(ctx, false)?;
+        wall.push(w);
+        if let (_, Some(d)) = problem.run_once(ctx, true)? {
+            dev.push(d);
+        }
+        copy.push(problem.copy_once(ctx)?);
+        tick();
+    }
+    let info = ctx.adapter_info();
+    let (m, c) = (median(wall), median(copy));
+    let dims: Vec<String> = std::iter::once(problem.shape.batch)
+        .chain(std::iter::once(problem.shape.classes))
+        .chain(problem.shape.spatial.iter().cloned())
+        .map(|d| d.to_string())
+        .collect();
+    Ok(BenchResult {
+        shape: dims.join(","),
+        median_ms: m,
+        copy_median_ms: c,
+        ratio_to_copy: m / c,
+        device_median_ms: (!dev.is_empty()).then(|| median(dev)),
+        logit_bytes: problem.logit_bytes(),
+        reps,
+        adapter: info.name.clone(),
+        backend: format!("{:?}", info.backend),
+    })
+}
