@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The whole speed comparison on a machine with an NVIDIA GPU, PyTorch and no network:
+# segloss (Vulkan) against a device copy and against PyTorch eager and torch.compile, for
+# the same shapes, printed as one table last.
+#
+# Stage here (a machine with the network):
+#   cargo build --release                                  # target/release/segloss
+#   mkdir -p .gl && (cd .gl && apt-get download libvulkan1)   # the Vulkan loader
+#   cp ../shared/gpu-peer/torch_losses.py scripts/          # the PyTorch side
+# Carry target/release/segloss, .gl and scripts/ to the GPU machine, then run:
+#   bash scripts/gpu-bench.sh [OUTDIR]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-/tmp/segloss-gpu-bench}}
+mkdir -p "$out"
+if ! ldconfig -p 2>/dev/null | grep -q libvulkan.so.1 && [ -d .gl ]; then
+  for f in .gl/*.deb; do dpkg -x "$f" /; done
+  ldconfig
+fi
+for icd in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json /usr/share/vulkan/icd.d/nvidia_icd.json /etc/vulkan/icd.d/nvidia_icd.json; do
+  if [ -z "${VK_DRIVER_FILES:-}" ] && [ -f "$icd" ]; then export VK_DRIVER_FILES=$icd; fi
+done
+export WGPU_BACKEND=vulkan
+bin=target/release/segloss
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee "$out/gpu.txt"
+$bin info >"$out/info.json" 2>"$out/info.err" || { cat "$out/info.err"; exit 1; }
+grep '"chosen"' "$out/info.json"
+
+shapes="1,2,64,64 8,4,256,256 2,4,96,96,96 16,21,512,512"
+declare -A specs=(
+  [ce]='{"terms":[{"kind":"cross_entropy"}]}'
+  [dicece]='{"terms":[{"kind":"cross_entropy"},{"kind":"dice"}]}'
+  [ce_l1]='{"terms":[{"kind":"cross_entropy"},{"kind":"region","penalty":"l1","temperature":10}]}'
+)
+: >"$out/segloss.jsonl"
+for s in $shapes; do
+  for name in ce dicece ce_l1; do
+    r=$($bin bench --shape "$s" --spec "${specs[$name]}" --reps 50 --json 2>>"$out/bench.err")
+    echo "{\"loss\":\"$name\",\"result\":$r}" | tee -a "$out/segloss.jsonl"
+  done
+done
+PYTHONUNBUFFERED=1 python3 scripts/torch_losses.py --compile $shapes 2>"$out/torch.err" | tee "$out/torch.jsonl"
+
+python3 - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+seg = {}
+for line in open(f"{out}/segloss.jsonl"):
+    d = json.loads(line); r = d["result"]; seg[(r["shape"], d["loss"])] = r
+torch = {}
+for line in open(f"{out}/torch.jsonl"):
+    d = json.loads(line)
+    if "median_ms" in d: torch[(d["shape"], d["loss"], d["mode"])] = d
+print(f"{'shape':16} {'loss':7} {'segloss ms':>10} {'copy ms':>8} {'x copy':>7} {'eager ms':>9} {'compile ms':>10} {'vs eager':>8} {'vs compile':>10}")
+for (shape, loss), r in seg.items():
+    e = torch.get((shape, loss, "eager")); c = torch.get((shape, loss, "compile"))
+    em = e["median_ms"] if e else float("nan"); cm = c["median_ms"] if c else float("nan")
+    print(f"{shape:16} {loss:7} {r['median_ms']:10.3f} {r['copy_median_ms']:8.3f} {r['ratio_to_copy']:7.2f} {em:9.3f} {cm:10.3f} {em / r['median_ms']:8.2f} {cm / r['median_ms']:10.2f}")
+PY
