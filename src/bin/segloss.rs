@@ -14,7 +14,8 @@ use std::process::ExitCode;
 #[command(
     name = "segloss",
     version,
-    about = "Fused segmentation losses and gradients on the GPU (wgpu), with an f64 CPU fallback"
+    about = "Fused segmentation losses and gradients on the GPU (wgpu), with an f64 CPU fallback",
+    after_help = "Examples:\n  segloss info\n  segloss eval --logits x.npy --labels y.npy --spec '{\"terms\":[{\"kind\":\"cross_entropy\"},{\"kind\":\"dice\"}]}' --grad-out g.npy\n  segloss bench --shape 8,4,256,256 --spec @dicece.json --json\n\nWithout a GPU: install Mesa's lavapipe (apt-get install mesa-vulkan-drivers) and set WGPU_BACKEND=vulkan,\nor pass --device cpu to eval."
 )]
 struct Cli {
     #[command(subcommand)]
