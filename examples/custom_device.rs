@@ -30,12 +30,29 @@ fn main() -> segloss::Result<()> {
 
     let shape = Shape::new(2, 3, &[64, 64]);
     let labels = random_labels(&mut Rng::new(5), &shape, 0.0);
-    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
-    let logits = device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some("my logits"), contents: &vec![0u8; 4 * shape.len()], usage });
-    let label_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some("my labels"), contents: bytemuck::cast_slice(&labels), usage });
-    let grad = device.create_buffer(&wgpu::BufferDescriptor { label: Some("my grad"), size: 4 * shape.len() as u64, usage, mapped_at_creation: false });
+    let usage =
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
+    let logits = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some("my logits"),
+        contents: &vec![0u8; 4 * shape.len()],
+        usage,
+    });
+    let label_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some("my labels"),
+        contents: bytemuck::cast_slice(&labels),
+        usage,
+    });
+    let grad = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("my grad"),
+        size: 4 * shape.len() as u64,
+        usage,
+        mapped_at_creation: false,
+    });
 
-    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some("sgd"), source: wgpu::ShaderSource::Wgsl(SGD.into()) });
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("sgd"),
+        source: wgpu::ShaderSource::Wgsl(SGD.into()),
+    });
     let sgd = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
         label: Some("sgd"),
         layout: None,
@@ -48,26 +65,53 @@ fn main() -> segloss::Result<()> {
         label: None,
         layout: &sgd.get_bind_group_layout(0),
         entries: &[
-            wgpu::BindGroupEntry { binding: 0, resource: logits.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 1, resource: grad.as_entire_binding() },
+            wgpu::BindGroupEntry {
+                binding: 0,
+                resource: logits.as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: 1,
+                resource: grad.as_entire_binding(),
+            },
         ],
     });
 
-    let spec = LossSpec::from_json(r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice","weight":0.5}]}"#)?;
+    let spec = LossSpec::from_json(
+        r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice","weight":0.5}]}"#,
+    )?;
     let batch = DeviceBatch {
         shape: &shape,
         layout: Layout::Nchw,
-        logits: BufferRegion { buffer: &logits, offset: 0 },
+        logits: BufferRegion {
+            buffer: &logits,
+            offset: 0,
+        },
         logit_format: LogitFormat::F32,
-        labels: BufferRegion { buffer: &label_buf, offset: 0 },
+        labels: BufferRegion {
+            buffer: &label_buf,
+            offset: 0,
+        },
         label_format: LabelFormat::U32,
         image_offset: 0,
         total_batch: 0,
     };
     for step in 0..=30 {
         // One encoder: segloss's passes, then the program's update, then the next step.
-        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("train step") });
-        let rec = ctx.record(&mut enc, &spec, &batch, Some(GradTarget { region: BufferRegion { buffer: &grad, offset: 0 }, format: GradFormat::F32 }))?;
+        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("train step"),
+        });
+        let rec = ctx.record(
+            &mut enc,
+            &spec,
+            &batch,
+            Some(GradTarget {
+                region: BufferRegion {
+                    buffer: &grad,
+                    offset: 0,
+                },
+                format: GradFormat::F32,
+            }),
+        )?;
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
             pass.set_pipeline(&sgd);
@@ -78,7 +122,9 @@ fn main() -> segloss::Result<()> {
         if step % 5 == 0 {
             // The loss of this step (computed before the update), read asynchronously.
             let loss = rec.read_loss_async(&ctx);
-            device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| segloss::Error::Gpu(e.to_string()))?;
+            device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| segloss::Error::Gpu(e.to_string()))?;
             println!("step {step:>2}: loss {:.5}", pollster::block_on(loss)?);
         }
     }

@@ -25,9 +25,15 @@ fn device_batch(sh: &Shard) -> DeviceBatch<'_> {
     DeviceBatch {
         shape: &sh.shape,
         layout: Layout::Nchw,
-        logits: BufferRegion { buffer: &sh.logits, offset: 0 },
+        logits: BufferRegion {
+            buffer: &sh.logits,
+            offset: 0,
+        },
         logit_format: LogitFormat::F32,
-        labels: BufferRegion { buffer: &sh.labels, offset: 0 },
+        labels: BufferRegion {
+            buffer: &sh.labels,
+            offset: 0,
+        },
         label_format: LabelFormat::U32,
         image_offset: sh.first,
         total_batch: sh.total,
@@ -50,7 +56,10 @@ fn main() -> segloss::Result<()> {
 
     // Every adapter; with only one, two devices on it stand in for two GPUs.
     let adapters = context::enumerate();
-    let mut devices: Vec<GpuContext> = adapters.iter().map(GpuContext::on_adapter).collect::<segloss::Result<_>>()?;
+    let mut devices: Vec<GpuContext> = adapters
+        .iter()
+        .map(GpuContext::on_adapter)
+        .collect::<segloss::Result<_>>()?;
     if devices.is_empty() {
         return Err(segloss::Error::NoAdapter(context::NO_ADAPTER_HELP.into()));
     }
@@ -59,10 +68,13 @@ fn main() -> segloss::Result<()> {
         devices.push(GpuContext::on_adapter(&adapters[0])?);
     }
     let n = devices.len();
-    let shards: Vec<(usize, usize)> = (0..n).map(|k| (k * batch / n, (k + 1) * batch / n - k * batch / n)).collect();
+    let shards: Vec<(usize, usize)> = (0..n)
+        .map(|k| (k * batch / n, (k + 1) * batch / n - k * batch / n))
+        .collect();
 
     // Each device's own buffers hold its images only.
-    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let usage =
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
     let shard_data: Vec<Shard> = devices
         .iter()
         .zip(&shards)
@@ -74,9 +86,22 @@ fn main() -> segloss::Result<()> {
                 shape: Shape::new(count, classes, &hw),
                 first,
                 total: batch,
-                logits: dev.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: None, contents: bytemuck::cast_slice(z), usage }),
-                labels: dev.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: None, contents: bytemuck::cast_slice(y), usage }),
-                grad: dev.create_buffer(&wgpu::BufferDescriptor { label: None, size: 4 * z.len() as u64, usage, mapped_at_creation: false }),
+                logits: dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: None,
+                    contents: bytemuck::cast_slice(z),
+                    usage,
+                }),
+                labels: dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: None,
+                    contents: bytemuck::cast_slice(y),
+                    usage,
+                }),
+                grad: dev.create_buffer(&wgpu::BufferDescriptor {
+                    label: None,
+                    size: 4 * z.len() as u64,
+                    usage,
+                    mapped_at_creation: false,
+                }),
             }
         })
         .collect();
@@ -99,20 +124,47 @@ fn main() -> segloss::Result<()> {
     let mut losses = vec![];
     for (ctx, sh) in devices.iter().zip(&shard_data) {
         let mut enc = ctx.device().create_command_encoder(&Default::default());
-        let grad = GradTarget { region: BufferRegion { buffer: &sh.grad, offset: 0 }, format: GradFormat::F32 };
-        let rec = ctx.record_with_statistics(&mut enc, &spec, &device_batch(sh), &total, Some(grad))?;
+        let grad = GradTarget {
+            region: BufferRegion {
+                buffer: &sh.grad,
+                offset: 0,
+            },
+            format: GradFormat::F32,
+        };
+        let rec =
+            ctx.record_with_statistics(&mut enc, &spec, &device_batch(sh), &total, Some(grad))?;
         ctx.queue().submit([enc.finish()]);
         losses.push(rec.read(ctx)?);
     }
 
     // The same batch on one device.
-    let single = devices[0].evaluate(&spec, &shape, &logits, Labels::Index(&labels), Options { gradient: true, ..Default::default() })?;
+    let single = devices[0].evaluate(
+        &spec,
+        &shape,
+        &logits,
+        Labels::Index(&labels),
+        Options {
+            gradient: true,
+            ..Default::default()
+        },
+    )?;
     println!("{n} shards {shards:?}");
     for (k, out) in losses.iter().enumerate() {
-        println!("device {k}: loss {:.7}  terms {:?}", out.loss, out.terms.iter().map(|t| t.value).collect::<Vec<_>>());
+        println!(
+            "device {k}: loss {:.7}  terms {:?}",
+            out.loss,
+            out.terms.iter().map(|t| t.value).collect::<Vec<_>>()
+        );
     }
-    println!("one device: loss {:.7}  terms {:?}", single.loss, single.terms.iter().map(|t| t.value).collect::<Vec<_>>());
-    let worst = losses.iter().map(|o| (o.loss - single.loss).abs()).fold(0.0, f64::max);
+    println!(
+        "one device: loss {:.7}  terms {:?}",
+        single.loss,
+        single.terms.iter().map(|t| t.value).collect::<Vec<_>>()
+    );
+    let worst = losses
+        .iter()
+        .map(|o| (o.loss - single.loss).abs())
+        .fold(0.0, f64::max);
     println!("largest loss difference to one device: {worst:.2e}");
     Ok(())
 }

@@ -36,7 +36,11 @@ fn make_data(rng: &mut Rng, images: usize) -> Data {
     let mut intensity = vec![0f32; images * s];
     for b in 0..images {
         for _ in 0..rng.range(1, 4) {
-            let (cx, cy, r) = (rng.range(6, SIZE - 6) as f64, rng.range(6, SIZE - 6) as f64, 2.0 + 3.5 * rng.uniform());
+            let (cx, cy, r) = (
+                rng.range(6, SIZE - 6) as f64,
+                rng.range(6, SIZE - 6) as f64,
+                2.0 + 3.5 * rng.uniform(),
+            );
             for y in 0..SIZE {
                 for x in 0..SIZE {
                     if (x as f64 - cx).powi(2) + (y as f64 - cy).powi(2) <= r * r {
@@ -67,7 +71,11 @@ fn make_data(rng: &mut Rng, images: usize) -> Data {
             }
         }
     }
-    Data { shape: Shape::new(images, 2, &[SIZE, SIZE]), features, labels }
+    Data {
+        shape: Shape::new(images, 2, &[SIZE, SIZE]),
+        features,
+        labels,
+    }
 }
 
 /// Logits (NCHW) of the per-pixel linear model W (2 × FEATURES).
@@ -78,7 +86,8 @@ fn logits(w: &[[f64; FEATURES]; 2], d: &Data) -> Vec<f32> {
         for c in 0..2 {
             for i in 0..s {
                 let f = &d.features[b * s + i];
-                z[(b * 2 + c) * s + i] = (0..FEATURES).map(|k| w[c][k] * f[k] as f64).sum::<f64>() as f32;
+                z[(b * 2 + c) * s + i] =
+                    (0..FEATURES).map(|k| w[c][k] * f[k] as f64).sum::<f64>() as f32;
             }
         }
     }
@@ -99,7 +108,8 @@ struct Scores {
 fn evaluate(w: &[[f64; FEATURES]; 2], d: &Data) -> Scores {
     let s = d.shape.pixels();
     let z = logits(w, d);
-    let (mut soft_gap, mut hard_gap, mut inter, mut pred_sum, mut true_sum) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    let (mut soft_gap, mut hard_gap, mut inter, mut pred_sum, mut true_sum) =
+        (0.0, 0.0, 0.0, 0.0, 0.0);
     for b in 0..d.shape.batch {
         let (mut soft, mut hard, mut t) = (0.0, 0.0, 0.0);
         for i in 0..s {
@@ -116,11 +126,20 @@ fn evaluate(w: &[[f64; FEATURES]; 2], d: &Data) -> Scores {
         true_sum += t;
     }
     let n = d.shape.batch as f64;
-    Scores { soft_gap: soft_gap / n, hard_gap: hard_gap / n, dice: 2.0 * inter / (pred_sum + true_sum).max(1.0) }
+    Scores {
+        soft_gap: soft_gap / n,
+        hard_gap: hard_gap / n,
+        dice: 2.0 * inter / (pred_sum + true_sum).max(1.0),
+    }
 }
 
 /// Adam on the six weights, driven by segloss's ∂loss/∂logits through the chain rule.
-fn train(engine: &Segloss, spec: &LossSpec, d: &Data, steps: usize) -> segloss::Result<(Vec<f64>, [[f64; FEATURES]; 2])> {
+fn train(
+    engine: &Segloss,
+    spec: &LossSpec,
+    d: &Data,
+    steps: usize,
+) -> segloss::Result<(Vec<f64>, [[f64; FEATURES]; 2])> {
     let s = d.shape.pixels();
     let mut w = [[0.0; FEATURES]; 2];
     w[1][2] = -1.0; // start predicting background
@@ -147,7 +166,10 @@ fn train(engine: &Segloss, spec: &LossSpec, d: &Data, steps: usize) -> segloss::
             for k in 0..FEATURES {
                 m[c][k] = b1 * m[c][k] + (1.0 - b1) * dw[c][k];
                 v[c][k] = b2 * v[c][k] + (1.0 - b2) * dw[c][k] * dw[c][k];
-                let (mh, vh) = (m[c][k] / (1.0 - b1.powi(step as i32)), v[c][k] / (1.0 - b2.powi(step as i32)));
+                let (mh, vh) = (
+                    m[c][k] / (1.0 - b1.powi(step as i32)),
+                    v[c][k] / (1.0 - b2.powi(step as i32)),
+                );
                 w[c][k] -= lr * mh / (vh.sqrt() + 1e-8);
             }
         }
@@ -159,15 +181,50 @@ fn train(engine: &Segloss, spec: &LossSpec, d: &Data, steps: usize) -> segloss::
 // ---- a small PNG line plot (no plotting dependency: lines, axes and a 3×5 pixel font) ----
 
 const FONT: &[(char, [u8; 5])] = &[
-    ('0', [7, 5, 5, 5, 7]), ('1', [2, 6, 2, 2, 7]), ('2', [7, 1, 7, 4, 7]), ('3', [7, 1, 7, 1, 7]), ('4', [5, 5, 7, 1, 1]),
-    ('5', [7, 4, 7, 1, 7]), ('6', [7, 4, 7, 5, 7]), ('7', [7, 1, 1, 1, 1]), ('8', [7, 5, 7, 5, 7]), ('9', [7, 5, 7, 1, 7]),
-    ('.', [0, 0, 0, 0, 2]), ('+', [0, 2, 7, 2, 0]), ('=', [0, 7, 0, 7, 0]), ('(', [1, 2, 2, 2, 1]), (')', [4, 2, 2, 2, 4]),
-    ('-', [0, 0, 7, 0, 0]), (':', [0, 2, 0, 2, 0]), (',', [0, 0, 0, 2, 4]), ('|', [2, 2, 2, 2, 2]),
-    ('A', [2, 5, 7, 5, 5]), ('B', [6, 5, 6, 5, 6]), ('C', [7, 4, 4, 4, 7]), ('D', [6, 5, 5, 5, 6]), ('E', [7, 4, 6, 4, 7]),
-    ('F', [7, 4, 6, 4, 4]), ('G', [7, 4, 5, 5, 7]), ('H', [5, 5, 7, 5, 5]), ('I', [7, 2, 2, 2, 7]), ('J', [1, 1, 1, 5, 7]),
-    ('K', [5, 5, 6, 5, 5]), ('L', [4, 4, 4, 4, 7]), ('M', [5, 7, 7, 5, 5]), ('N', [6, 5, 5, 5, 5]), ('O', [7, 5, 5, 5, 7]),
-    ('P', [7, 5, 7, 4, 4]), ('Q', [7, 5, 5, 7, 1]), ('R', [7, 5, 6, 5, 5]), ('S', [7, 4, 7, 1, 7]), ('T', [7, 2, 2, 2, 2]),
-    ('U', [5, 5, 5, 5, 7]), ('V', [5, 5, 5, 5, 2]), ('W', [5, 5, 7, 7, 5]), ('X', [5, 5, 2, 5, 5]), ('Y', [5, 5, 2, 2, 2]),
+    ('0', [7, 5, 5, 5, 7]),
+    ('1', [2, 6, 2, 2, 7]),
+    ('2', [7, 1, 7, 4, 7]),
+    ('3', [7, 1, 7, 1, 7]),
+    ('4', [5, 5, 7, 1, 1]),
+    ('5', [7, 4, 7, 1, 7]),
+    ('6', [7, 4, 7, 5, 7]),
+    ('7', [7, 1, 1, 1, 1]),
+    ('8', [7, 5, 7, 5, 7]),
+    ('9', [7, 5, 7, 1, 7]),
+    ('.', [0, 0, 0, 0, 2]),
+    ('+', [0, 2, 7, 2, 0]),
+    ('=', [0, 7, 0, 7, 0]),
+    ('(', [1, 2, 2, 2, 1]),
+    (')', [4, 2, 2, 2, 4]),
+    ('-', [0, 0, 7, 0, 0]),
+    (':', [0, 2, 0, 2, 0]),
+    (',', [0, 0, 0, 2, 4]),
+    ('|', [2, 2, 2, 2, 2]),
+    ('A', [2, 5, 7, 5, 5]),
+    ('B', [6, 5, 6, 5, 6]),
+    ('C', [7, 4, 4, 4, 7]),
+    ('D', [6, 5, 5, 5, 6]),
+    ('E', [7, 4, 6, 4, 7]),
+    ('F', [7, 4, 6, 4, 4]),
+    ('G', [7, 4, 5, 5, 7]),
+    ('H', [5, 5, 7, 5, 5]),
+    ('I', [7, 2, 2, 2, 7]),
+    ('J', [1, 1, 1, 5, 7]),
+    ('K', [5, 5, 6, 5, 5]),
+    ('L', [4, 4, 4, 4, 7]),
+    ('M', [5, 7, 7, 5, 5]),
+    ('N', [6, 5, 5, 5, 5]),
+    ('O', [7, 5, 5, 5, 7]),
+    ('P', [7, 5, 7, 4, 4]),
+    ('Q', [7, 5, 5, 7, 1]),
+    ('R', [7, 5, 6, 5, 5]),
+    ('S', [7, 4, 7, 1, 7]),
+    ('T', [7, 2, 2, 2, 2]),
+    ('U', [5, 5, 5, 5, 7]),
+    ('V', [5, 5, 5, 5, 2]),
+    ('W', [5, 5, 7, 7, 5]),
+    ('X', [5, 5, 2, 5, 5]),
+    ('Y', [5, 5, 2, 2, 2]),
     ('Z', [7, 1, 2, 4, 7]),
 ];
 
@@ -179,7 +236,11 @@ struct Canvas {
 
 impl Canvas {
     fn new(w: usize, h: usize) -> Self {
-        Canvas { w, h, px: vec![255; w * h * 3] }
+        Canvas {
+            w,
+            h,
+            px: vec![255; w * h * 3],
+        }
     }
 
     fn dot(&mut self, x: i64, y: i64, rgb: [u8; 3]) {
@@ -193,7 +254,10 @@ impl Canvas {
         let n = ((x1 - x0).abs().max((y1 - y0).abs()) as usize).max(1);
         for k in 0..=n {
             let t = k as f64 / n as f64;
-            let (x, y) = ((x0 + t * (x1 - x0)).round() as i64, (y0 + t * (y1 - y0)).round() as i64);
+            let (x, y) = (
+                (x0 + t * (x1 - x0)).round() as i64,
+                (y0 + t * (y1 - y0)).round() as i64,
+            );
             for dx in 0..width {
                 for dy in 0..width {
                     self.dot(x + dx - width / 2, y + dy - width / 2, rgb);
@@ -204,13 +268,19 @@ impl Canvas {
 
     fn text(&mut self, x: i64, y: i64, s: &str, scale: i64, rgb: [u8; 3]) {
         for (n, ch) in s.to_uppercase().chars().enumerate() {
-            let Some((_, rows)) = FONT.iter().find(|(c, _)| *c == ch) else { continue };
+            let Some((_, rows)) = FONT.iter().find(|(c, _)| *c == ch) else {
+                continue;
+            };
             for (r, bits) in rows.iter().enumerate() {
                 for col in 0..3 {
                     if bits & (4 >> col) != 0 {
                         for dy in 0..scale {
                             for dx in 0..scale {
-                                self.dot(x + (n as i64 * 4 + col) * scale + dx, y + r as i64 * scale + dy, rgb);
+                                self.dot(
+                                    x + (n as i64 * 4 + col) * scale + dx,
+                                    y + r as i64 * scale + dy,
+                                    rgb,
+                                );
                             }
                         }
                     }
@@ -221,23 +291,45 @@ impl Canvas {
 
     fn save(&self, path: &str) -> std::io::Result<()> {
         let file = std::fs::File::create(path)?;
-        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), self.w as u32, self.h as u32);
+        let mut enc =
+            png::Encoder::new(std::io::BufWriter::new(file), self.w as u32, self.h as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         let mut writer = enc.write_header().map_err(std::io::Error::other)?;
-        writer.write_image_data(&self.px).map_err(std::io::Error::other)
+        writer
+            .write_image_data(&self.px)
+            .map_err(std::io::Error::other)
     }
 }
 
 fn plot(curves: &[(String, Vec<f64>)], path: &str) -> std::io::Result<()> {
-    const COLORS: [[u8; 3]; 8] = [[31, 119, 180], [214, 39, 40], [148, 103, 189], [44, 160, 44], [255, 127, 14], [23, 190, 207], [140, 86, 75], [0, 0, 0]];
+    const COLORS: [[u8; 3]; 8] = [
+        [31, 119, 180],
+        [214, 39, 40],
+        [148, 103, 189],
+        [44, 160, 44],
+        [255, 127, 14],
+        [23, 190, 207],
+        [140, 86, 75],
+        [0, 0, 0],
+    ];
     let (w, h, left, right, top, bottom) = (960usize, 560usize, 80.0, 300.0, 50.0, 60.0);
     let mut cv = Canvas::new(w, h);
     let steps = curves.iter().map(|c| c.1.len()).max().unwrap_or(1);
     // The scale skips the first steps, where every model still predicts almost nothing.
-    let ymax = curves.iter().flat_map(|c| c.1.iter().skip(c.1.len() / 20).cloned()).fold(0.0f64, f64::max).max(1e-3) * 1.05;
+    let ymax = curves
+        .iter()
+        .flat_map(|c| c.1.iter().skip(c.1.len() / 20).cloned())
+        .fold(0.0f64, f64::max)
+        .max(1e-3)
+        * 1.05;
     let (pw, ph) = (w as f64 - left - right, h as f64 - top - bottom);
-    let to_px = |step: usize, v: f64| (left + pw * step as f64 / (steps - 1).max(1) as f64, top + ph * (1.0 - v / ymax));
+    let to_px = |step: usize, v: f64| {
+        (
+            left + pw * step as f64 / (steps - 1).max(1) as f64,
+            top + ph * (1.0 - v / ymax),
+        )
+    };
     let grey = [120, 120, 120];
     cv.line((left, top), (left, top + ph), grey, 2);
     cv.line((left, top + ph), (left + pw, top + ph), grey, 2);
@@ -249,16 +341,38 @@ fn plot(curves: &[(String, Vec<f64>)], path: &str) -> std::io::Result<()> {
         let step = (steps - 1) * k / 4;
         let (x, _) = to_px(step, 0.0);
         cv.line((x, top + ph), (x, top + ph + 6.0), grey, 1);
-        cv.text(x as i64 - 8, (top + ph + 12.0) as i64, &step.to_string(), 2, grey);
+        cv.text(
+            x as i64 - 8,
+            (top + ph + 12.0) as i64,
+            &step.to_string(),
+            2,
+            grey,
+        );
     }
-    cv.text(left as i64, 14, "TRAIN |PREDICTED - TRUE| FOREGROUND PROPORTION (ARGMAX) PER TRAINING STEP", 2, [0, 0, 0]);
+    cv.text(
+        left as i64,
+        14,
+        "TRAIN |PREDICTED - TRUE| FOREGROUND PROPORTION (ARGMAX) PER TRAINING STEP",
+        2,
+        [0, 0, 0],
+    );
     for (n, (name, ys)) in curves.iter().enumerate() {
         let rgb = COLORS[n % COLORS.len()];
         for k in 1..ys.len() {
-            cv.line(to_px(k - 1, ys[k - 1].min(ymax)), to_px(k, ys[k].min(ymax)), rgb, 2);
+            cv.line(
+                to_px(k - 1, ys[k - 1].min(ymax)),
+                to_px(k, ys[k].min(ymax)),
+                rgb,
+                2,
+            );
         }
         let ly = top + 10.0 + 26.0 * n as f64;
-        cv.line((w as f64 - right + 20.0, ly + 5.0), (w as f64 - right + 50.0, ly + 5.0), rgb, 4);
+        cv.line(
+            (w as f64 - right + 20.0, ly + 5.0),
+            (w as f64 - right + 50.0, ly + 5.0),
+            rgb,
+            4,
+        );
         cv.text((w as f64 - right + 58.0) as i64, ly as i64, name, 2, rgb);
     }
     cv.save(path)
@@ -266,14 +380,25 @@ fn plot(curves: &[(String, Vec<f64>)], path: &str) -> std::io::Result<()> {
 
 fn main() -> segloss::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let arg = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let arg = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     let out = arg("--out").unwrap_or_else(|| "region_bias.png".into());
     let steps: usize = arg("--steps").and_then(|s| s.parse().ok()).unwrap_or(300);
     let mut rng = Rng::new(2024);
     let train_set = make_data(&mut rng, 8);
     let test_set = make_data(&mut rng, 8);
     let engine = Segloss::new();
-    println!("training on {} ({} steps, {} train and {} test images of {SIZE}×{SIZE})", engine.describe(), steps, 8, 8);
+    println!(
+        "training on {} ({} steps, {} train and {} test images of {SIZE}×{SIZE})",
+        engine.describe(),
+        steps,
+        8,
+        8
+    );
     let dice = r#"{"kind":"dice","include_background":false}"#;
     let losses: Vec<(String, String)> = vec![
         ("CE".into(), r#"{"terms":[{"kind":"cross_entropy"}]}"#.into()),
@@ -283,13 +408,19 @@ fn main() -> segloss::Result<()> {
         ("CE+1 L1".into(), r#"{"terms":[{"kind":"cross_entropy"},{"kind":"region","weight":1,"penalty":"l1","temperature":10}]}"#.into()),
         ("CE+10 L1".into(), r#"{"terms":[{"kind":"cross_entropy"},{"kind":"region","weight":10,"penalty":"l1","temperature":10}]}"#.into()),
     ];
-    println!("{:<10} {:>10} {:>16} {:>16}", "loss", "test Dice", "soft gap |û−τ|", "argmax gap");
+    println!(
+        "{:<10} {:>10} {:>16} {:>16}",
+        "loss", "test Dice", "soft gap |û−τ|", "argmax gap"
+    );
     let mut curves = vec![];
     for (name, json) in &losses {
         let spec = LossSpec::from_json(json)?;
         let (gaps, w) = train(&engine, &spec, &train_set, steps)?;
         let sc = evaluate(&w, &test_set);
-        println!("{name:<10} {:>10.4} {:>16.4} {:>16.4}", sc.dice, sc.soft_gap, sc.hard_gap);
+        println!(
+            "{name:<10} {:>10.4} {:>16.4} {:>16.4}",
+            sc.dice, sc.soft_gap, sc.hard_gap
+        );
         curves.push((name.clone(), gaps));
     }
     plot(&curves, &out).map_err(|e| segloss::Error::Io(format!("{out}: {e}")))?;
