@@ -142,6 +142,11 @@ fn sigmoid(x: f32) -> f32 {
     return select(e * s, s, x >= 0.0);
 }
 
+// Finite (neither NaN nor ±∞), from the bits: WGSL has no isnan.
+fn finite(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
+}
+
 // xʸ with 0⁰ = 1 and 0ʸ = 0 (WGSL's pow leaves both undefined).
 fn safe_pow(x: f32, y: f32) -> f32 {
     if y == 0.0 {

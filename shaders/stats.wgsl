@@ -10,6 +10,35 @@
 @group(0) @binding(3) var<storage, read> params: array<f32>;
 @group(0) @binding(4) var<storage, read_write> partial: array<f32>;
 @group(0) @binding(8) var<storage, read_write> loss_map: array<f32>;
+// Bad input found on the device: [non-finite logits, first such element, invalid labels,
+// first such label position] (the host sets the firsts to 0xFFFFFFFF before each call).
+@group(0) @binding(10) var<storage, read_write> check: array<atomic<u32>, 4>;
+
+// Counts and locates non-finite logits and invalid labels of one pixel; true when clean.
+fn check_pixel(b: u32, i: u32, y: u32) -> bool {
+    var clean = true;
+    for (var c = 0u; c < C; c++) {
+        if !finite(logit(b, c, i)) {
+            atomicAdd(&check[0], 1u);
+            atomicMin(&check[1], elem(b, c, i));
+            clean = false;
+        }
+        if LABEL_KIND == 2u {
+            let g = target_of(b, c, i, y);
+            if !finite(g) || g < 0.0 || g > 1.0 {
+                atomicAdd(&check[2], 1u);
+                atomicMin(&check[3], elem(b, c, i));
+                clean = false;
+            }
+        }
+    }
+    if LABEL_KIND != 2u && y != IGNORE && y >= C {
+        atomicAdd(&check[2], 1u);
+        atomicMin(&check[3], b * dims.spatial + i);
+        clean = false;
+    }
+    return clean;
+}
 
 const WG: u32 = 256u;
 // Pixels per invocation: the per-pixel softmax pieces stay in registers (a const-sized
@@ -97,6 +126,11 @@ fn main(
             yk = class_label(b, i);
         }
         y[k] = yk;
+        if !check_pixel(b, i, yk) {
+            // Reported by the host as an error; the pixel is left out of every sum.
+            yk = IGNORE;
+            y[k] = IGNORE;
+        }
         if yk == IGNORE {
             for (var t = 0u; t < N_PIX; t++) {
                 if record(t, 5u) == 2.0 {

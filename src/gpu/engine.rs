@@ -71,6 +71,7 @@ struct Workspace {
     stats: wgpu::Buffer,
     fin: wgpu::Buffer,
     map: wgpu::Buffer,
+    check: wgpu::Buffer,
     scratch: Option<wgpu::Buffer>,
     staging: wgpu::Buffer,
     keys: Vec<(BufferKey, wgpu::Buffer)>,
@@ -249,6 +250,9 @@ pub struct GpuContext {
     inner: Mutex<Inner>,
     binding_limit: std::sync::atomic::AtomicU64,
     last_chunks: std::sync::atomic::AtomicUsize,
+    created_bytes: std::sync::atomic::AtomicU64,
+    lost: Arc<Mutex<Option<String>>>,
+    uncaptured: Arc<Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -267,15 +271,51 @@ fn storage_align(device: &wgpu::Device) -> u64 {
 impl GpuContext {
     /// Opens the preferred adapter (see [`context::choose`]) and a device on it.
     pub fn new() -> Result<Self> {
-        let adapter = context::choose(context::enumerate())?;
-        let (device, queue) = context::open(&adapter)?;
-        Ok(Self::from_device(device, queue, adapter.get_info()))
+        Self::on_adapter(&context::choose(context::enumerate())?)
     }
 
-    /// Opens a device on a given adapter (data parallelism over several adapters).
+    /// Opens a device on a given adapter (data parallelism over several adapters). A lost
+    /// device is reported by the next call; build a new context to carry on.
     pub fn on_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
         let (device, queue) = context::open(adapter)?;
-        Ok(Self::from_device(device, queue, adapter.get_info()))
+        let ctx = Self::from_device(device, queue, adapter.get_info());
+        let flag = ctx.lost.clone();
+        ctx.device.set_device_lost_callback(move |reason, message| {
+            if let Ok(mut f) = flag.lock() {
+                *f = Some(format!("{reason:?}: {message}"));
+            }
+        });
+        // Errors outside segloss's error scopes must not panic the caller's program: keep
+        // the last one and report it from the next call.
+        let last = ctx.uncaptured.clone();
+        ctx.device
+            .on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                if let Ok(mut l) = last.lock() {
+                    *l = Some(e.to_string().replace('\n', " "));
+                }
+            }));
+        Ok(ctx)
+    }
+
+    /// Bytes of device memory the context's pool has created so far (its high-water mark:
+    /// pooled buffers are reused, never freed while the context lives).
+    pub fn pool_bytes(&self) -> u64 {
+        self.created_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// An error when the device was lost (for contexts opened by segloss).
+    pub fn check_device(&self) -> Result<()> {
+        if let Some(e) = self.uncaptured.lock().ok().and_then(|mut u| u.take()) {
+            return Err(Error::Gpu(format!("an earlier device error: {e}")));
+        }
+        match self.lost.lock().map(|l| l.clone()) {
+            Ok(None) => Ok(()),
+            Ok(Some(why)) => Err(Error::Gpu(format!(
+                "the device was lost ({why}); create a new GpuContext to carry on"
+            ))),
+            Err(_) => Err(Error::Gpu("the device-lost flag is poisoned".into())),
+        }
     }
 
     /// Wraps a device and queue the caller already owns.
@@ -293,6 +333,9 @@ impl GpuContext {
             }),
             binding_limit: std::sync::atomic::AtomicU64::new(0),
             last_chunks: std::sync::atomic::AtomicUsize::new(0),
+            created_bytes: std::sync::atomic::AtomicU64::new(0),
+            lost: Arc::new(Mutex::new(None)),
+            uncaptured: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -339,11 +382,13 @@ impl GpuContext {
     /// Runs `f` inside validation and out-of-memory error scopes, so a wgpu error becomes an
     /// `Err` instead of a panic.
     fn scoped<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.check_device()?;
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let result = f();
         let oom_err = pollster::block_on(oom.pop());
         let val_err = pollster::block_on(validation.pop());
+        self.check_device()?;
         if let Some(e) = oom_err.or(val_err) {
             return Err(Error::Gpu(e.to_string().replace('\n', " ")));
         }
@@ -377,6 +422,7 @@ impl GpuContext {
         batch: &HostBatch<'_>,
         opts: Options,
     ) -> Result<LossOutput> {
+        self.check_device()?;
         let shape = batch.shape;
         if batch.logits.len() != shape.len() {
             shape.check()?;
@@ -570,6 +616,8 @@ impl GpuContext {
     }
 
     fn create_buffer(&self, k: &BufferKey) -> wgpu::Buffer {
+        self.created_bytes
+            .fetch_add(k.size, std::sync::atomic::Ordering::Relaxed);
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("segloss pooled"),
             size: k.size,
@@ -688,9 +736,10 @@ impl GpuContext {
         let stats = make(sizes.stats, out);
         let fin = make(sizes.fin, out);
         let map = make(sizes.map, out);
+        let check = make(16, out);
         let scratch = (key.scratch > 0).then(|| make(key.scratch, U::STORAGE));
         let staging = make(
-            sizes.fin + sizes.stats + sizes.map,
+            sizes.fin + sizes.stats + sizes.map + 16,
             U::MAP_READ | U::COPY_DST,
         );
         let ws = Arc::new(Workspace {
@@ -700,6 +749,7 @@ impl GpuContext {
             stats,
             fin,
             map,
+            check,
             scratch,
             staging,
             keys,
@@ -914,6 +964,11 @@ impl GpuContext {
                 q.write_buffer(b, 0, &vec![0xFFu8; size as usize]);
             }
         }
+        q.write_buffer(
+            &ws.check,
+            0,
+            bytemuck::cast_slice(&[0u32, u32::MAX, 0, u32::MAX]),
+        );
         if let Some(st) = given_stats {
             q.write_buffer(
                 &ws.stats,
@@ -1033,6 +1088,7 @@ impl GpuContext {
                         (3, &ws.params, 0, ws.sizes.params),
                         (4, &ws.partial, 0, ws.sizes.partial),
                         (8, &ws.map, 0, ws.sizes.map),
+                        (10, &ws.check, 0, 16),
                     ],
                     p.groups_stats,
                 );
@@ -1240,6 +1296,7 @@ impl Recorded {
             });
         enc.copy_buffer_to_buffer(&ws.fin, report_off, &ws.staging, 0, report_len);
         enc.copy_buffer_to_buffer(&ws.stats, 0, &ws.staging, report_len, ws.sizes.stats);
+        let check_at = report_len + ws.sizes.stats + ws.sizes.map;
         enc.copy_buffer_to_buffer(
             &ws.map,
             0,
@@ -1247,12 +1304,23 @@ impl Recorded {
             report_len + ws.sizes.stats,
             ws.sizes.map,
         );
+        enc.copy_buffer_to_buffer(&ws.check, 0, &ws.staging, check_at, 16);
         ctx.queue.submit([enc.finish()]);
-        map_read(
-            &ctx.device,
-            &ws.staging,
-            report_len + ws.sizes.stats + ws.sizes.map,
-        )
+        let words = map_read(&ctx.device, &ws.staging, check_at + 16)?;
+        let check = &words[(check_at / 4) as usize..];
+        if check[0] > 0 {
+            return Err(Error::Input(format!(
+                "the logits hold {} non-finite values (NaN or infinite); the first at flat position {}",
+                check[0], check[1]
+            )));
+        }
+        if check[2] > 0 {
+            return Err(Error::Input(format!(
+                "the labels hold {} invalid values (a class index ≥ C that is not ignore_index, or a soft label outside [0, 1]); the first at flat position {}",
+                check[2], check[3]
+            )));
+        }
+        Ok(words)
     }
 
     fn decode_statistics(&self, stats_w: &[f32]) -> Statistics {

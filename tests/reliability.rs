@@ -1,0 +1,236 @@
+//! Bad input found on the device, a lost device, determinism and load.
+
+mod common;
+
+use common::{close, gpu};
+use segloss::gpu::{BufferRegion, DeviceBatch, GpuContext, Options};
+use segloss::input::{LabelFormat, Labels, Layout, LogitFormat, Shape};
+use segloss::testing::{random_labels, random_logits, Rng};
+use segloss::{reference, LossSpec};
+use wgpu::util::DeviceExt;
+
+fn spec(json: &str) -> LossSpec {
+    LossSpec::from_json(json).unwrap()
+}
+
+fn new_ctx() -> GpuContext {
+    GpuContext::new().expect("GPU tests need a Vulkan device (apt-get install mesa-vulkan-drivers)")
+}
+
+/// Device-resident inputs are checked on the device: the read-back reports the count and
+/// the first offending position instead of a NaN loss.
+#[test]
+fn device_inputs_with_nan_or_bad_labels_are_errors() {
+    let ctx = gpu();
+    let dev = ctx.device();
+    let shape = Shape::new(2, 3, &[40, 30]);
+    let mut rng = Rng::new(41);
+    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+    let run = |z: &[f32], y: &[u32]| {
+        let logits = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(z),
+            usage,
+        });
+        let labels = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(y),
+            usage,
+        });
+        let batch = DeviceBatch {
+            shape: &shape,
+            layout: Layout::Nchw,
+            logits: BufferRegion {
+                buffer: &logits,
+                offset: 0,
+            },
+            logit_format: LogitFormat::F32,
+            labels: BufferRegion {
+                buffer: &labels,
+                offset: 0,
+            },
+            label_format: LabelFormat::U32,
+            image_offset: 0,
+            total_batch: 0,
+        };
+        let mut enc = dev.create_command_encoder(&Default::default());
+        let rec = ctx
+            .record(
+                &mut enc,
+                &spec(r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice"}]}"#),
+                &batch,
+                None,
+            )
+            .unwrap();
+        ctx.queue().submit([enc.finish()]);
+        rec.read(ctx)
+    };
+    let z = random_logits(&mut rng, &shape, 3.0);
+    let y = random_labels(&mut rng, &shape, 0.0);
+    assert!(run(&z, &y).is_ok());
+    let mut bad = z.clone();
+    bad[2000] = f32::NAN;
+    bad[3000] = f32::INFINITY;
+    let e = run(&bad, &y).unwrap_err().to_string();
+    assert!(
+        e.contains("2 non-finite") && e.contains("position 2000"),
+        "{e}"
+    );
+    let mut bad_y = y.clone();
+    bad_y[777] = 3;
+    bad_y[1500] = 99;
+    let e = run(&z, &bad_y).unwrap_err().to_string();
+    assert!(e.contains("2 invalid") && e.contains("position 777"), "{e}");
+    // The next call with good inputs on the same workspace is clean again.
+    assert!(run(&z, &y).is_ok());
+}
+
+/// After the device is lost, calls return errors (no panic), and a new context works.
+#[test]
+fn a_lost_device_is_reported_and_a_new_context_works() {
+    let shape = Shape::new(1, 2, &[16, 16]);
+    let mut rng = Rng::new(42);
+    let z = random_logits(&mut rng, &shape, 2.0);
+    let y = random_labels(&mut rng, &shape, 0.0);
+    let sp = spec(r#"{"terms":[{"kind":"cross_entropy"}]}"#);
+    let ctx = new_ctx();
+    ctx.evaluate(&sp, &shape, &z, Labels::Index(&y), Options::default())
+        .unwrap();
+    ctx.device().destroy();
+    let _ = ctx.device().poll(wgpu::PollType::wait_indefinitely());
+    let e = ctx.evaluate(&sp, &shape, &z, Labels::Index(&y), Options::default());
+    assert!(e.is_err(), "a destroyed device still answered");
+    let again = new_ctx()
+        .evaluate(&sp, &shape, &z, Labels::Index(&y), Options::default())
+        .unwrap();
+    assert!(again.loss.is_finite());
+}
+
+/// 100 runs, with pool reuse between shapes and from four threads, give bitwise-identical
+/// loss, statistics and gradient.
+#[test]
+fn results_are_bitwise_deterministic() {
+    let ctx = new_ctx();
+    let shape = Shape::new(3, 5, &[45, 37]);
+    let other = Shape::new(2, 5, &[20, 20]);
+    let mut rng = Rng::new(43);
+    let z = random_logits(&mut rng, &shape, 3.0);
+    let y = random_labels(&mut rng, &shape, 0.1);
+    let zo = random_logits(&mut rng, &other, 3.0);
+    let yo = random_labels(&mut rng, &other, 0.1);
+    let sp = spec(
+        r#"{"terms":[{"kind":"cross_entropy","label_smoothing":0.1},{"kind":"dice","batch":true},{"kind":"region","weight":0.2,"penalty":"kl","temperature":10}]}"#,
+    );
+    let opts = Options {
+        gradient: true,
+        statistics: true,
+        poison: false,
+    };
+    let first = ctx
+        .evaluate(&sp, &shape, &z, Labels::Index(&y), opts)
+        .unwrap();
+    let same = |out: &segloss::LossOutput| {
+        out.loss.to_bits() == first.loss.to_bits()
+            && out.gradient == first.gradient
+            && out.statistics == first.statistics
+    };
+    for k in 0..60 {
+        if k % 10 == 0 {
+            ctx.evaluate(&sp, &other, &zo, Labels::Index(&yo), opts)
+                .unwrap();
+        }
+        assert!(
+            same(
+                &ctx.evaluate(&sp, &shape, &z, Labels::Index(&y), opts)
+                    .unwrap()
+            ),
+            "run {k} differs"
+        );
+    }
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..10 {
+                    assert!(
+                        same(
+                            &ctx.evaluate(&sp, &shape, &z, Labels::Index(&y), opts)
+                                .unwrap()
+                        ),
+                        "a concurrent run differs"
+                    );
+                }
+            });
+        }
+    });
+}
+
+/// 8 threads × 200 calls of mixed shapes and specs on one context: every result correct,
+/// and the pool stops growing once every (shape, spec) has been seen.
+#[test]
+fn load_from_eight_threads() {
+    let ctx = new_ctx();
+    let specs = [
+        r#"{"terms":[{"kind":"cross_entropy"}]}"#,
+        r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice"}]}"#,
+        r#"{"terms":[{"kind":"focal"},{"kind":"region","penalty":"l1","temperature":10}]}"#,
+        r#"{"terms":[{"kind":"tversky"},{"kind":"generalized_dice"}]}"#,
+    ];
+    let shapes = [
+        Shape::new(1, 2, &[16, 16]),
+        Shape::new(2, 3, &[13, 11]),
+        Shape::new(3, 4, &[9, 9, 3]),
+    ];
+    let cases: Vec<(LossSpec, Shape, Vec<f32>, Vec<u32>, f64)> = (0..specs.len() * shapes.len())
+        .map(|k| {
+            let (sp, sh) = (
+                spec(specs[k % specs.len()]),
+                shapes[k / specs.len()].clone(),
+            );
+            let mut rng = Rng::new(k as u64);
+            let z = random_logits(&mut rng, &sh, 3.0);
+            let y = random_labels(&mut rng, &sh, 0.1);
+            let want = reference::evaluate(&sp, &sh, &z, Labels::Index(&y), false)
+                .unwrap()
+                .loss;
+            (sp, sh, z, y, want)
+        })
+        .collect();
+    let run_all = |calls: usize| {
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let (ctx, cases) = (&ctx, &cases);
+                s.spawn(move || {
+                    for k in 0..calls {
+                        let (sp, sh, z, y, want) = &cases[(t * 7 + k) % cases.len()];
+                        let out = ctx
+                            .evaluate(
+                                sp,
+                                sh,
+                                z,
+                                Labels::Index(y),
+                                Options {
+                                    gradient: k % 2 == 0,
+                                    ..Default::default()
+                                },
+                            )
+                            .unwrap();
+                        assert!(
+                            close(out.loss, *want),
+                            "thread {t} call {k}: {} vs {want}",
+                            out.loss
+                        );
+                    }
+                });
+            }
+        });
+    };
+    run_all(100);
+    let high_water = ctx.pool_bytes();
+    run_all(100);
+    println!("pool high-water mark after 8 × 200 mixed calls: {high_water} bytes ({} after the second half)", ctx.pool_bytes());
+    assert!(
+        ctx.pool_bytes() <= high_water * 2,
+        "the pool keeps growing: {high_water} → {}",
+        ctx.pool_bytes()
+    );
+}
