@@ -234,3 +234,64 @@ fn load_from_eight_threads() {
         ctx.pool_bytes()
     );
 }
+
+/// A random spec: one to four terms of any kind with random options (softmax mode).
+fn random_spec(rng: &mut Rng, classes: usize) -> String {
+    let f = |rng: &mut Rng, lo: f64, hi: f64| lo + (hi - lo) * rng.uniform();
+    let b = |rng: &mut Rng| rng.uniform() < 0.5;
+    let weights = |rng: &mut Rng| {
+        if rng.uniform() < 0.5 {
+            "null".to_string()
+        } else {
+            format!("[{}]", (0..classes).map(|_| format!("{:.3}", 0.1 + 2.0 * rng.uniform())).collect::<Vec<_>>().join(","))
+        }
+    };
+    let reduction = |rng: &mut Rng| ["mean", "sum", "none"][rng.range(0, 3)];
+    let temperature = [1.0, 10.0, 0.5][rng.range(0, 3)];
+    let mut terms = vec![];
+    for _ in 0..rng.range(1, 5) {
+        let w = f(rng, 0.1, 2.0);
+        terms.push(match rng.range(0, 6) {
+            0 => format!(
+                r#"{{"kind":"cross_entropy","weight":{w},"class_weights":{},"label_smoothing":{},"reduction":"{}"}}"#,
+                weights(rng),
+                f(rng, 0.0, 0.3),
+                reduction(rng)
+            ),
+            1 => format!(r#"{{"kind":"focal","weight":{w},"gamma":{},"alpha":{}}}"#, f(rng, 0.0, 3.0), weights(rng)),
+            2 => format!(
+                r#"{{"kind":"dice","weight":{w},"include_background":{},"squared":{},"jaccard":{},"log":{},"batch":{},"skip_empty":{},"smooth_nr":{},"smooth_dr":{},"class_weights":{},"reduction":"{}"}}"#,
+                b(rng), b(rng), b(rng), b(rng), b(rng), b(rng), f(rng, 0.0, 1e-3), f(rng, 1e-5, 1e-3), weights(rng), reduction(rng)
+            ),
+            3 => format!(
+                r#"{{"kind":"tversky","weight":{w},"alpha":{},"beta":{},"gamma":{},"include_background":{},"batch":{}}}"#,
+                f(rng, 0.0, 1.0), f(rng, 0.0, 1.0), f(rng, 0.75, 2.0), b(rng), b(rng)
+            ),
+            4 => format!(
+                r#"{{"kind":"generalized_dice","weight":{w},"w_type":"{}","include_background":{},"batch":{}}}"#,
+                ["square", "simple", "uniform"][rng.range(0, 3)], b(rng), b(rng)
+            ),
+            _ => format!(
+                r#"{{"kind":"region","weight":{w},"penalty":"{}","target":"{}","temperature":{temperature}}}"#,
+                ["l1", "kl", "l2", "log_sum"][rng.range(0, 4)],
+                ["ground_truth", "uniform"][rng.range(0, 2)]
+            ),
+        });
+    }
+    format!(r#"{{"terms":[{}]}}"#, terms.join(","))
+}
+
+/// Property: for random shapes, labels and specs, the GPU equals the f64 reference.
+#[test]
+fn random_specs_on_random_shapes_match_the_reference() {
+    let mut rng = Rng::new(44);
+    for case in 0..24 {
+        let classes = rng.range(2, 9);
+        let spatial: Vec<usize> = (0..rng.range(1, 4)).map(|_| rng.range(1, 40)).collect();
+        let shape = Shape::new(rng.range(1, 4), classes, &spatial);
+        let json = random_spec(&mut rng, classes);
+        let z = random_logits(&mut rng, &shape, 4.0);
+        let y = random_labels(&mut rng, &shape, [0.0, 0.2, 0.9][case % 3]);
+        common::check(&spec(&json), &shape, &z, Labels::Index(&y), &format!("case {case}: {json} on {shape:?}"));
+    }
+}
