@@ -87,14 +87,17 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| Error::Io("the .npy shape overflows".into()))?;
+    // descr is a byte order ('<', '>', '|' or '='), a kind letter and a width in bytes.
+    let unsupported = || Error::Io(format!("unsupported dtype '{descr}' (float32, float16 or an integer type)"));
+    if descr.len() < 3 || !descr.is_ascii() {
+        return Err(unsupported());
+    }
     let (order, kind) = descr.split_at(1);
     let big = order == ">";
     if !matches!(order, "<" | ">" | "|" | "=") {
-        return Err(Error::Io(format!("unsupported dtype '{descr}'")));
+        return Err(unsupported());
     }
-    let width: usize = kind[1..]
-        .parse()
-        .map_err(|_| Error::Io(format!("unsupported dtype '{descr}'")))?;
+    let width: usize = kind[1..].parse().map_err(|_| unsupported())?;
     let body = &bytes[end..];
     let need = count
         .checked_mul(width)
@@ -278,6 +281,9 @@ mod tests {
             .to_string()
             .contains("unsupported"));
         assert!(parse(&npy("<f4", "(a,)", &[0; 4])).is_err());
+        // Found by the fuzzer: an empty or non-ASCII dtype.
+        assert!(parse(&npy("", "(4,)", &[0; 4])).unwrap_err().to_string().contains("unsupported"));
+        assert!(parse(&npy("<é4", "(1,)", &[0; 4])).is_err());
         let header = "{'descr': '<f4', 'fortran_order': True, 'shape': (1,), }\n";
         let mut f = b"\x93NUMPY\x01\x00".to_vec();
         f.extend((header.len() as u16).to_le_bytes());

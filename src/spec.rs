@@ -638,6 +638,14 @@ mod tests {
     }
 
     #[test]
+    fn floats_survive_a_json_round_trip() {
+        // Found by the fuzzer: long mantissas need serde_json's exact float parsing.
+        let spec = LossSpec::from_json(r#"{"terms":[{"kind":"cross_entropy","class_weights":[0.0,2.01111111111011111111111111111111111,1.1e20]}]}"#).unwrap();
+        let again = LossSpec::from_json(&serde_json::to_string(&spec).unwrap()).unwrap();
+        assert_eq!(again, spec);
+    }
+
+    #[test]
     fn mistakes_name_the_field() {
         assert!(err(r#"{"terms":[]}"#, None).contains("terms"));
         assert!(err(r#"{"terms":[{"kind":"softdice"}]}"#, None).contains("softdice"));
