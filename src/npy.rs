@@ -88,7 +88,11 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| Error::Io("the .npy shape overflows".into()))?;
     // descr is a byte order ('<', '>', '|' or '='), a kind letter and a width in bytes.
-    let unsupported = || Error::Io(format!("unsupported dtype '{descr}' (float32, float16 or an integer type)"));
+    let unsupported = || {
+        Error::Io(format!(
+            "unsupported dtype '{descr}' (float32, float16 or an integer type)"
+        ))
+    };
     if descr.len() < 3 || !descr.is_ascii() {
         return Err(unsupported());
     }
@@ -282,7 +286,10 @@ mod tests {
             .contains("unsupported"));
         assert!(parse(&npy("<f4", "(a,)", &[0; 4])).is_err());
         // Found by the fuzzer: an empty or non-ASCII dtype.
-        assert!(parse(&npy("", "(4,)", &[0; 4])).unwrap_err().to_string().contains("unsupported"));
+        assert!(parse(&npy("", "(4,)", &[0; 4]))
+            .unwrap_err()
+            .to_string()
+            .contains("unsupported"));
         assert!(parse(&npy("<é4", "(1,)", &[0; 4])).is_err());
         let header = "{'descr': '<f4', 'fortran_order': True, 'shape': (1,), }\n";
         let mut f = b"\x93NUMPY\x01\x00".to_vec();

@@ -180,7 +180,9 @@ fn load_from_eight_threads() {
         Shape::new(2, 3, &[13, 11]),
         Shape::new(3, 4, &[9, 9, 3]),
     ];
-    let cases: Vec<(LossSpec, Shape, Vec<f32>, Vec<u32>, f64)> = (0..specs.len() * shapes.len())
+    // (spec, shape, logits, labels, reference loss)
+    type Case = (LossSpec, Shape, Vec<f32>, Vec<u32>, f64);
+    let cases: Vec<Case> = (0..specs.len() * shapes.len())
         .map(|k| {
             let (sp, sh) = (
                 spec(specs[k % specs.len()]),
@@ -243,7 +245,13 @@ fn random_spec(rng: &mut Rng, classes: usize) -> String {
         if rng.uniform() < 0.5 {
             "null".to_string()
         } else {
-            format!("[{}]", (0..classes).map(|_| format!("{:.3}", 0.1 + 2.0 * rng.uniform())).collect::<Vec<_>>().join(","))
+            format!(
+                "[{}]",
+                (0..classes)
+                    .map(|_| format!("{:.3}", 0.1 + 2.0 * rng.uniform()))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
         }
     };
     let reduction = |rng: &mut Rng| ["mean", "sum", "none"][rng.range(0, 3)];
@@ -292,6 +300,12 @@ fn random_specs_on_random_shapes_match_the_reference() {
         let json = random_spec(&mut rng, classes);
         let z = random_logits(&mut rng, &shape, 4.0);
         let y = random_labels(&mut rng, &shape, [0.0, 0.2, 0.9][case % 3]);
-        common::check(&spec(&json), &shape, &z, Labels::Index(&y), &format!("case {case}: {json} on {shape:?}"));
+        common::check(
+            &spec(&json),
+            &shape,
+            &z,
+            Labels::Index(&y),
+            &format!("case {case}: {json} on {shape:?}"),
+        );
     }
 }
