@@ -5,7 +5,7 @@
 //! cargo run --release --example custom_device
 
 use segloss::gpu::{context, BufferRegion, DeviceBatch, GpuContext, GradTarget};
-use segloss::input::{GradFormat, LabelFormat, Layout, LogitFormat};
+use segloss::input::{GradFormat, LabelFormat};
 use segloss::testing::{random_labels, Rng};
 use segloss::{LossSpec, Shape};
 use wgpu::util::DeviceExt;
@@ -79,22 +79,7 @@ fn main() -> segloss::Result<()> {
     let spec = LossSpec::from_json(
         r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice","weight":0.5}]}"#,
     )?;
-    let batch = DeviceBatch {
-        shape: &shape,
-        layout: Layout::Nchw,
-        logits: BufferRegion {
-            buffer: &logits,
-            offset: 0,
-        },
-        logit_format: LogitFormat::F32,
-        labels: BufferRegion {
-            buffer: &label_buf,
-            offset: 0,
-        },
-        label_format: LabelFormat::U32,
-        image_offset: 0,
-        total_batch: 0,
-    };
+    let batch = DeviceBatch::new(&shape, &logits, &label_buf, LabelFormat::U32);
     for step in 0..=30 {
         // One encoder: segloss's passes, then the program's update, then the next step.
         let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {

@@ -4,7 +4,7 @@
 //! cargo run --release --example stage_times -- 8,4,256,256
 
 use segloss::gpu::{BufferRegion, DeviceBatch, GpuContext, GradTarget};
-use segloss::input::{GradFormat, LabelFormat, Labels, Layout, LogitFormat, Shape};
+use segloss::input::{GradFormat, LabelFormat, Labels, Shape};
 use segloss::testing::{random_labels, random_logits, Rng};
 use segloss::LossSpec;
 use std::time::Instant;
@@ -41,22 +41,7 @@ fn main() -> segloss::Result<()> {
         usage,
         mapped_at_creation: false,
     });
-    let batch = DeviceBatch {
-        shape: &shape,
-        layout: Layout::Nchw,
-        logits: BufferRegion {
-            buffer: &logits,
-            offset: 0,
-        },
-        logit_format: LogitFormat::F32,
-        labels: BufferRegion {
-            buffer: &labels,
-            offset: 0,
-        },
-        label_format: LabelFormat::U8,
-        image_offset: 0,
-        total_batch: 0,
-    };
+    let batch = DeviceBatch::new(&shape, &logits, &labels, LabelFormat::U8);
     let time =
         |f: &dyn Fn(&mut wgpu::CommandEncoder) -> segloss::Result<()>| -> segloss::Result<f64> {
             let mut v = vec![];

@@ -3,8 +3,8 @@
 mod common;
 
 use common::{close, gpu};
-use segloss::gpu::{BufferRegion, DeviceBatch, GpuContext, Options};
-use segloss::input::{LabelFormat, Labels, Layout, LogitFormat, Shape};
+use segloss::gpu::{DeviceBatch, GpuContext, Options};
+use segloss::input::{LabelFormat, Labels, Shape};
 use segloss::testing::{random_labels, random_logits, Rng};
 use segloss::{reference, LossSpec};
 use wgpu::util::DeviceExt;
@@ -37,22 +37,7 @@ fn device_inputs_with_nan_or_bad_labels_are_errors() {
             contents: bytemuck::cast_slice(y),
             usage,
         });
-        let batch = DeviceBatch {
-            shape: &shape,
-            layout: Layout::Nchw,
-            logits: BufferRegion {
-                buffer: &logits,
-                offset: 0,
-            },
-            logit_format: LogitFormat::F32,
-            labels: BufferRegion {
-                buffer: &labels,
-                offset: 0,
-            },
-            label_format: LabelFormat::U32,
-            image_offset: 0,
-            total_batch: 0,
-        };
+        let batch = DeviceBatch::new(&shape, &logits, &labels, LabelFormat::U32);
         let mut enc = dev.create_command_encoder(&Default::default());
         let rec = ctx
             .record(

@@ -214,6 +214,34 @@ pub struct DeviceBatch<'a> {
     pub total_batch: usize,
 }
 
+impl<'a> DeviceBatch<'a> {
+    /// The common case: f32 NCHW logits and labels each at offset 0 of their buffers, this
+    /// call being the whole batch. Adjust fields with struct update syntax for the rest.
+    pub fn new(
+        shape: &'a Shape,
+        logits: &'a wgpu::Buffer,
+        labels: &'a wgpu::Buffer,
+        label_format: LabelFormat,
+    ) -> Self {
+        DeviceBatch {
+            shape,
+            layout: Layout::Nchw,
+            logits: BufferRegion {
+                buffer: logits,
+                offset: 0,
+            },
+            logit_format: LogitFormat::F32,
+            labels: BufferRegion {
+                buffer: labels,
+                offset: 0,
+            },
+            label_format,
+            image_offset: 0,
+            total_batch: 0,
+        }
+    }
+}
+
 /// Where the backend API writes the gradient.
 #[derive(Debug, Clone, Copy)]
 pub struct GradTarget<'a> {
