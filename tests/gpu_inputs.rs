@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::spec;
+
 use common::{check, close, gpu};
 use segloss::gpu::{
     BufferRegion, DeviceBatch, GpuContext, GradTarget, HostBatch, HostLogits, Options,
@@ -11,14 +13,9 @@ use segloss::gpu::{
 use segloss::input::{
     permute, GradFormat, LabelFormat, Labels, Layout, LogitFormat, Shape, IGNORE,
 };
-use segloss::spec::LossSpec;
 use segloss::testing::{random_labels, random_logits, random_masks, random_soft_labels, Rng};
 use segloss::{reference, LossOutput};
 use wgpu::util::DeviceExt;
-
-fn spec(json: &str) -> LossSpec {
-    LossSpec::from_json(json).unwrap()
-}
 
 const MIXED: &str = r#"{"terms":[{"kind":"cross_entropy","label_smoothing":0.1},{"kind":"focal","weight":0.5},{"kind":"dice","weight":0.7},{"kind":"region","weight":0.1,"temperature":10}]}"#;
 

@@ -4,14 +4,11 @@
 
 mod common;
 
+use common::spec;
+
 use common::check;
 use segloss::input::{Labels, Shape, IGNORE};
-use segloss::spec::LossSpec;
 use segloss::testing::{random_labels, random_logits, random_masks, random_soft_labels, Rng};
-
-fn spec(json: &str) -> LossSpec {
-    LossSpec::from_json(json).unwrap_or_else(|e| panic!("{json}: {e}"))
-}
 
 /// Every option of every statistic term at least once, several combined.
 const GRID: &[&str] = &[

@@ -4,10 +4,11 @@
 
 mod common;
 
+use common::spec;
+
 use common::{check, gpu};
 use segloss::gpu::Options;
 use segloss::input::{Labels, Shape, IGNORE};
-use segloss::spec::LossSpec;
 use segloss::testing::{random_labels, random_logits, random_masks, random_soft_labels, Rng};
 
 /// A random shape: 1 to 5 images, C in `classes`, 1 to 3 spatial dimensions of odd sizes.
@@ -20,10 +21,6 @@ fn random_shape(rng: &mut Rng, classes: (usize, usize)) -> Shape {
         _ => vec![rng.range(1, 14), rng.range(1, 14), rng.range(1, 14)],
     };
     Shape::new(b, c, &spatial)
-}
-
-fn spec(json: &str) -> LossSpec {
-    LossSpec::from_json(json).unwrap()
 }
 
 /// Fills per-class vectors of the JSON template ("{W}") with C random positive values.

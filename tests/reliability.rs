@@ -2,16 +2,14 @@
 
 mod common;
 
+use common::spec;
+
 use common::{close, gpu};
 use segloss::gpu::{DeviceBatch, GpuContext, Options};
 use segloss::input::{LabelFormat, Labels, Shape};
 use segloss::testing::{random_labels, random_logits, Rng};
 use segloss::{reference, LossSpec};
 use wgpu::util::DeviceExt;
-
-fn spec(json: &str) -> LossSpec {
-    LossSpec::from_json(json).unwrap()
-}
 
 fn new_ctx() -> GpuContext {
     GpuContext::new().expect("GPU tests need a Vulkan device (apt-get install mesa-vulkan-drivers)")

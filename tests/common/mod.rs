@@ -8,6 +8,11 @@ use segloss::reference;
 use segloss::spec::LossSpec;
 use std::sync::OnceLock;
 
+/// A spec from JSON, panicking with the JSON on a mistake in the test itself.
+pub fn spec(json: &str) -> LossSpec {
+    LossSpec::from_json(json).unwrap_or_else(|e| panic!("{json}: {e}"))
+}
+
 /// The test device. Without one the tests fail, saying how to install lavapipe: a GPU test
 /// never passes silently.
 pub fn gpu() -> &'static GpuContext {
