@@ -21,6 +21,7 @@ pub struct Problem {
     grad: wgpu::Buffer,
     copy_dst: wgpu::Buffer,
     queries: Option<(wgpu::QuerySet, wgpu::Buffer, wgpu::Buffer)>,
+    empty: wgpu::ComputePipeline,
 }
 
 /// One benchmark's figures (milliseconds; medians after warm-up).
@@ -34,6 +35,8 @@ pub struct BenchResult {
     pub copy_median_ms: f64,
     /// median_ms / copy_median_ms (the floor for loss + gradient is about 1.5).
     pub ratio_to_copy: f64,
+    /// One empty dispatch, submit to completion: the latency floor of any call.
+    pub empty_dispatch_median_ms: f64,
     /// Device time of the passes from timestamp queries, when the adapter has them.
     pub device_median_ms: Option<f64>,
     /// Bytes of logits.
@@ -119,7 +122,20 @@ impl Problem {
                 });
                 (set, resolve, read)
             });
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("bench empty"),
+            source: wgpu::ShaderSource::Wgsl("@compute @workgroup_size(1) fn main() {}".into()),
+        });
+        let empty = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("bench empty"),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
         Ok(Problem {
+            empty,
             shape: shape.clone(),
             spec: spec.clone(),
             layout,
@@ -220,6 +236,25 @@ impl Problem {
         Ok(start.elapsed().as_secs_f64() * 1e3)
     }
 
+    /// One empty compute dispatch, submit to completion (ms).
+    pub fn empty_once(&self, ctx: &GpuContext) -> Result<f64> {
+        let device = ctx.device();
+        let start = Instant::now();
+        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("bench empty"),
+        });
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&self.empty);
+            pass.dispatch_workgroups(1, 1, 1);
+        }
+        ctx.queue().submit([enc.finish()]);
+        device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    }
+
     /// Bytes of logits.
     pub fn logit_bytes(&self) -> u64 {
         self.logits.size()
@@ -245,7 +280,7 @@ pub fn run(
         problem.copy_once(ctx)?;
     }
     let reps = reps.max(1);
-    let (mut wall, mut dev, mut copy) = (vec![], vec![], vec![]);
+    let (mut wall, mut dev, mut copy, mut empty) = (vec![], vec![], vec![], vec![]);
     for _ in 0..reps {
         let (w, _) = problem.run_once(ctx, false)?;
         wall.push(w);
@@ -253,6 +288,7 @@ pub fn run(
             dev.push(d);
         }
         copy.push(problem.copy_once(ctx)?);
+        empty.push(problem.empty_once(ctx)?);
         tick();
     }
     let info = ctx.adapter_info();
@@ -267,6 +303,7 @@ pub fn run(
         median_ms: m,
         copy_median_ms: c,
         ratio_to_copy: m / c,
+        empty_dispatch_median_ms: median(empty),
         device_median_ms: (!dev.is_empty()).then(|| median(dev)),
         logit_bytes: problem.logit_bytes(),
         reps,
