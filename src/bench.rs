@@ -67,12 +67,12 @@ impl Problem {
             let m = random_masks(&mut rng, shape);
             (
                 LabelFormat::Soft,
-                LabelFormat::Soft.encode(&Labels::Soft(&m)),
+                LabelFormat::Soft.encode(&Labels::Soft(&m)).into_owned(),
             )
         } else {
             let y = random_labels(&mut rng, shape, 0.0);
             let f = label_format.unwrap_or(LabelFormat::compact(shape.classes));
-            (f, f.encode(&Labels::Index(&y)))
+            (f, f.encode(&Labels::Index(&y)).into_owned())
         };
         use wgpu::BufferUsages as U;
         let storage = U::STORAGE | U::COPY_SRC | U::COPY_DST;

@@ -95,8 +95,18 @@ impl LabelFormat {
         }
     }
 
-    /// The 32-bit words the device reads for host labels.
-    pub fn encode(self, labels: &Labels<'_>) -> Vec<u32> {
+    /// The 32-bit words the device reads for host labels (borrowed when the labels already
+    /// are those words: u32 indices and f32 soft labels).
+    pub fn encode<'a>(self, labels: &Labels<'a>) -> std::borrow::Cow<'a, [u32]> {
+        use std::borrow::Cow;
+        match (*labels, self) {
+            (Labels::Index(y), LabelFormat::U32) => Cow::Borrowed(y),
+            (Labels::Soft(g), _) => Cow::Borrowed(bytemuck::cast_slice(g)),
+            (labels, format) => Cow::Owned(format.pack(&labels)),
+        }
+    }
+
+    fn pack(self, labels: &Labels<'_>) -> Vec<u32> {
         match (labels, self) {
             (Labels::Index(y), LabelFormat::U8) => y
                 .chunks(4)

@@ -191,8 +191,7 @@ fn label_formats_give_identical_results() {
 #[test]
 fn chunked_runs_equal_the_unchunked_one() {
     let mut rng = Rng::new(34);
-    let ctx = GpuContext::new()
-        .expect("GPU tests need a Vulkan device (apt-get install mesa-vulkan-drivers)");
+    let ctx = common::new_ctx();
     for (layout, format) in [
         (Layout::Nchw, GradFormat::F32),
         (Layout::Nhwc, GradFormat::F16),
@@ -260,8 +259,7 @@ fn logits_beyond_one_binding() {
             }
         })
         .collect();
-    let ctx = GpuContext::new()
-        .expect("GPU tests need a Vulkan device (apt-get install mesa-vulkan-drivers)");
+    let ctx = common::new_ctx();
     let out = ctx
         .evaluate(
             &spec(r#"{"terms":[{"kind":"cross_entropy"}]}"#),
@@ -455,9 +453,7 @@ fn backend_api_on_caller_buffers() {
 /// API equal the single-device result.
 #[test]
 fn two_phase_across_two_devices() {
-    let devices: Vec<GpuContext> = (0..2)
-        .map(|_| GpuContext::new().expect("GPU tests need a Vulkan device"))
-        .collect();
+    let devices: Vec<GpuContext> = (0..2).map(|_| common::new_ctx()).collect();
     let mut rng = Rng::new(36);
     let shape = Shape::new(5, 4, &[29, 31]);
     let z = random_logits(&mut rng, &shape, 3.0);
@@ -506,20 +502,9 @@ fn two_phase_across_two_devices() {
             mapped_at_creation: false,
         });
         let batch = DeviceBatch {
-            shape: &part,
-            layout: Layout::Nchw,
-            logits: BufferRegion {
-                buffer: &logits,
-                offset: 0,
-            },
-            logit_format: LogitFormat::F32,
-            labels: BufferRegion {
-                buffer: &labels,
-                offset: 0,
-            },
-            label_format: LabelFormat::U32,
             image_offset: first,
             total_batch: 5,
+            ..DeviceBatch::new(&part, &logits, &labels, LabelFormat::U32)
         };
         let mut enc = dev.create_command_encoder(&Default::default());
         let rec = ctx.record_statistics(&mut enc, &sp, &batch).unwrap();
@@ -539,20 +524,9 @@ fn two_phase_across_two_devices() {
     // Phase 2 on each device with the combined statistics.
     for (ctx, (part, logits, labels, grad, first, count)) in devices.iter().zip(&shards) {
         let batch = DeviceBatch {
-            shape: part,
-            layout: Layout::Nchw,
-            logits: BufferRegion {
-                buffer: logits,
-                offset: 0,
-            },
-            logit_format: LogitFormat::F32,
-            labels: BufferRegion {
-                buffer: labels,
-                offset: 0,
-            },
-            label_format: LabelFormat::U32,
             image_offset: *first,
             total_batch: 5,
+            ..DeviceBatch::new(part, logits, labels, LabelFormat::U32)
         };
         let mut enc = ctx.device().create_command_encoder(&Default::default());
         let rec = ctx
@@ -670,8 +644,7 @@ fn more_workgroups_than_one_dimension_holds() {
     let m: Vec<f32> = (0..n)
         .map(|k| ((k as u64).wrapping_mul(40503) % 3) as f32 / 2.0)
         .collect();
-    let ctx = GpuContext::new()
-        .expect("GPU tests need a Vulkan device (apt-get install mesa-vulkan-drivers)");
+    let ctx = common::new_ctx();
     let out = ctx
         .evaluate(
             &spec(r#"{"activation":"sigmoid","terms":[{"kind":"bce"}]}"#),

@@ -207,8 +207,7 @@ fn soft_label_cross_entropy_and_focal() {
 #[test]
 fn weights_are_data_and_results_are_deterministic() {
     // A context of its own: the shared one creates buffers for tests running beside this one.
-    let ctx = segloss::GpuContext::new()
-        .expect("GPU tests need a Vulkan device (apt-get install mesa-vulkan-drivers)");
+    let ctx = common::new_ctx();
     let mut rng = Rng::new(17);
     let shape = Shape::new(2, 4, &[50, 41]);
     let z = random_logits(&mut rng, &shape, 3.0);

@@ -4,16 +4,12 @@ mod common;
 
 use common::spec;
 
-use common::{close, gpu};
-use segloss::gpu::{DeviceBatch, GpuContext, Options};
+use common::{close, gpu, new_ctx};
+use segloss::gpu::{DeviceBatch, Options};
 use segloss::input::{LabelFormat, Labels, Shape};
 use segloss::testing::{random_labels, random_logits, Rng};
 use segloss::{reference, LossSpec};
 use wgpu::util::DeviceExt;
-
-fn new_ctx() -> GpuContext {
-    GpuContext::new().expect("GPU tests need a Vulkan device (apt-get install mesa-vulkan-drivers)")
-}
 
 /// Device-resident inputs are checked on the device: the read-back reports the count and
 /// the first offending position instead of a NaN loss.

@@ -171,14 +171,15 @@ impl HostLogits<'_> {
     }
 
     /// The bytes as the device reads them (16-bit values two per word, padded to a word).
-    fn bytes(&self) -> Vec<u8> {
+    /// f32 logits are uploaded as they are: no copy on the hot path.
+    fn bytes(&self) -> std::borrow::Cow<'_, [u8]> {
         let mut b: Vec<u8> = match self {
-            HostLogits::F32(v) => bytemuck::cast_slice(v).to_vec(),
+            HostLogits::F32(v) => return std::borrow::Cow::Borrowed(bytemuck::cast_slice(v)),
             HostLogits::F16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
             HostLogits::Bf16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
         };
         b.resize(b.len().div_ceil(4) * 4, 0);
-        b
+        std::borrow::Cow::Owned(b)
     }
 }
 
@@ -460,8 +461,16 @@ impl GpuContext {
                 shape.len()
             )));
         }
-        let widened = batch.logits.to_f32();
-        spec.check_inputs(shape, &widened, &batch.labels)?;
+        // Checked as f32; only 16-bit logits need a widened copy.
+        let widened;
+        let checked: &[f32] = match batch.logits {
+            HostLogits::F32(v) => v,
+            other => {
+                widened = other.to_f32();
+                &widened
+            }
+        };
+        spec.check_inputs(shape, checked, &batch.labels)?;
         let label_format = match (batch.labels, batch.label_format) {
             (Labels::Soft(_), _) => LabelFormat::Soft,
             (Labels::Index(_), None) => LabelFormat::compact(shape.classes),

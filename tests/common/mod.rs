@@ -13,7 +13,13 @@ pub fn spec(json: &str) -> LossSpec {
     LossSpec::from_json(json).unwrap_or_else(|e| panic!("{json}: {e}"))
 }
 
-/// The test device. Without one the tests fail, saying how to install lavapipe: a GPU test
+/// A context of its own (for tests that count allocations, lose the device or need a
+/// second device). Without a device the test fails, saying how to install lavapipe.
+pub fn new_ctx() -> GpuContext {
+    GpuContext::new().unwrap_or_else(|e| panic!("GPU tests need a Vulkan device: {e}"))
+}
+
+/// The shared test device. Without one the tests fail, saying how to install lavapipe: a GPU test
 /// never passes silently.
 pub fn gpu() -> &'static GpuContext {
     static CTX: OnceLock<GpuContext> = OnceLock::new();
