@@ -121,6 +121,14 @@ fn class_param(slot: u32, c: u32) -> f32 {
     return params[u32(off) + c];
 }
 
+// A per-class weight of a pixel term from its hoisted vector offset (1 when absent).
+fn term_weight(off: f32, c: u32) -> f32 {
+    if off < 0.0 {
+        return 1.0;
+    }
+    return params[u32(off) + c];
+}
+
 // log(1 + x) for x ≥ 0, accurate for small x (WGSL has no log1p).
 fn log1p_pos(x: f32) -> f32 {
     let u = 1.0 + x;
@@ -168,15 +176,58 @@ fn focal_h(p: f32, one_minus_p: f32, log_p: f32, alpha_g: f32, gamma: f32) -> f3
     return alpha_g * (first - qg);
 }
 
+// Classes whose logits (and soft targets) a pixel keeps in registers once read, so each is
+// read from memory once per pass when C ≤ BLOCK; classes past BLOCK are read again where
+// used. Reads are the cost that matters on CPU Vulkan (lavapipe loads lane by lane) and they
+// cost bandwidth or L1 traffic on GPUs.
+const BLOCK: u32 = 8u;
+alias Block = array<f32, BLOCK>;
+
+// The first min(C, BLOCK) logits of pixel i of global image b.
+fn load_logits(b: u32, i: u32) -> Block {
+    var z: Block;
+    for (var c = 0u; c < min(C, BLOCK); c++) {
+        z[c] = logit(b, c, i);
+    }
+    return z;
+}
+
+// The first min(C, BLOCK) soft targets of a pixel (zeros for class-index labels).
+fn load_targets(b: u32, i: u32) -> Block {
+    var g: Block;
+    if LABEL_KIND == 2u {
+        for (var c = 0u; c < min(C, BLOCK); c++) {
+            g[c] = bitcast<f32>(labels[elem(b, c, i) + dims.label_shift]);
+        }
+    }
+    return g;
+}
+
+// Logit c of the pixel whose first logits are in z.
+fn z_of(z: ptr<function, Block>, b: u32, c: u32, i: u32) -> f32 {
+    if c < BLOCK {
+        return (*z)[c];
+    }
+    return logit(b, c, i);
+}
+
+// Target c of the pixel whose first soft targets are in g (y: its class index).
+fn g_of(g: ptr<function, Block>, b: u32, c: u32, i: u32, y: u32) -> f32 {
+    if LABEL_KIND == 2u && c < BLOCK {
+        return (*g)[c];
+    }
+    return target_of(b, c, i, y);
+}
+
 // Max and Σ exp(t·z − max) over the classes of one pixel: the pieces of a (tempered) softmax.
-fn softmax_pieces(b: u32, i: u32, t: f32) -> vec2<f32> {
+fn pieces(z: ptr<function, Block>, b: u32, i: u32, t: f32) -> vec2<f32> {
     var m = -3.4e38;
     for (var c = 0u; c < C; c++) {
-        m = max(m, t * logit(b, c, i));
+        m = max(m, t * z_of(z, b, c, i));
     }
     var se = 0.0;
     for (var c = 0u; c < C; c++) {
-        se += exp(t * logit(b, c, i) - m);
+        se += exp(t * z_of(z, b, c, i) - m);
     }
     return vec2(m, se);
 }

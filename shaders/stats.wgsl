@@ -15,17 +15,17 @@
 @group(0) @binding(10) var<storage, read_write> check: array<atomic<u32>, 4>;
 
 // Counts and locates non-finite logits and invalid labels of one pixel; true when clean.
-fn check_pixel(b: u32, i: u32, y: u32) -> bool {
+fn check_pixel(b: u32, i: u32, y: u32, z: ptr<function, Block>, g: ptr<function, Block>) -> bool {
     var clean = true;
     for (var c = 0u; c < C; c++) {
-        if !finite(logit(b, c, i)) {
+        if !finite(z_of(z, b, c, i)) {
             atomicAdd(&check[0], 1u);
             atomicMin(&check[1], elem(b, c, i));
             clean = false;
         }
         if LABEL_KIND == 2u {
-            let g = target_of(b, c, i, y);
-            if !finite(g) || g < 0.0 || g > 1.0 {
+            let t = g_of(g, b, c, i, y);
+            if !finite(t) || t < 0.0 || t > 1.0 {
                 atomicAdd(&check[2], 1u);
                 atomicMin(&check[3], elem(b, c, i));
                 clean = false;
@@ -41,8 +41,8 @@ fn check_pixel(b: u32, i: u32, y: u32) -> bool {
 }
 
 const WG: u32 = 256u;
-// Pixels per invocation: the per-pixel softmax pieces stay in registers (a const-sized
-// array indexed by unrolled loops) while the class loop reuses them.
+// Pixels per invocation (at most 32: one bit each in `counted`); more pixels per workgroup
+// means fewer workgroup reductions.
 const PPT: u32 = 16u;
 const TILE: u32 = WG * PPT;
 // The reduction folds WG values in two steps of FOLD (FOLD² = WG).
@@ -89,158 +89,26 @@ fn reduce3(lid: u32, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>) {
     workgroupBarrier();
 }
 
-@compute @workgroup_size(256)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let tile = flat_group(wid, nwg);
-    if tile >= dims.batch * dims.tiles_per_image {
-        return;
-    }
-    // b is the global image: rows of every dispatch of a call land in one partial buffer.
-    let b = dims.image_offset + tile / dims.tiles_per_image;
-    let base = (tile % dims.tiles_per_image) * TILE;
-    let row = (b * dims.tiles_per_image + tile % dims.tiles_per_image) * dims.row_width;
-    let n_maps = dims.total_batch * dims.spatial;
+// Per-class sums of one invocation for a block of classes: (P, Q, I, G) and (H, U).
+struct ClassSums {
+    a: array<vec4<f32>, BLOCK>,
+    b: array<vec2<f32>, BLOCK>,
+}
 
-    var pix: array<u32, PPT>;
-    var y: array<u32, PPT>;
-    var ok: array<bool, PPT>;
-    var sm: array<vec2<f32>, PPT>;   // (max, Σexp) of softmax(z)
-    var smt: array<vec2<f32>, PPT>;  // the same for softmax(T·z)
-    var counts = vec4(0.0);          // valid pixels, plain CE
-    var losses = vec4(0.0);          // per pixel term
-    var norms = vec4(0.0);           // per pixel term
+// Adds one pixel's class c (local index k in the block) to the sums.
+fn accumulate(sums: ptr<function, ClassSums>, k: u32, p: f32, s: f32, g: f32) {
+    (*sums).a[k] += vec4(p, p * p, p * g, g);
+    (*sums).b[k] += vec2(g * g, s);
+}
 
-    for (var k = 0u; k < PPT; k++) {
-        let i = base + k * WG + lid;
-        pix[k] = i;
-        ok[k] = false;
-        if i >= dims.spatial {
-            continue;
-        }
-        var yk = 0u;
-        if LABEL_KIND != 2u {
-            yk = class_label(b, i);
-        }
-        y[k] = yk;
-        if !check_pixel(b, i, yk) {
-            // Reported by the host as an error; the pixel is left out of every sum.
-            yk = IGNORE;
-            y[k] = IGNORE;
-        }
-        if yk == IGNORE {
-            for (var t = 0u; t < N_PIX; t++) {
-                if record(t, 5u) == 2.0 {
-                    loss_map[t * n_maps + b * dims.spatial + i] = 0.0;
-                }
-            }
-            continue;
-        }
-        ok[k] = true;
-        counts.x += 1.0;
-        if SIGMOID {
-            for (var t = 0u; t < N_PIX; t++) {
-                // bce: Σ_c pw_c·y_c·softplus(−z_c) + (1 − y_c)·softplus(z_c)
-                var l = 0.0;
-                for (var c = 0u; c < C; c++) {
-                    let z = logit(b, c, i);
-                    let g = target_of(b, c, i, yk);
-                    l += class_param(t, c) * g * softplus(-z) + (1.0 - g) * softplus(z);
-                }
-                losses[t] += l;
-                norms[t] += f32(C);
-            }
-            continue;
-        }
-        let p = softmax_pieces(b, i, 1.0);
-        sm[k] = p;
-        if TEMPERED {
-            smt[k] = softmax_pieces(b, i, dims.temperature);
-        }
-        let lse = p.x + log(p.y);
-        // The decomposition's plain CE: −Σ_c g_c log p_c.
-        var plain = 0.0;
-        if LABEL_KIND == 2u {
-            for (var c = 0u; c < C; c++) {
-                plain += target_of(b, c, i, yk) * (lse - logit(b, c, i));
-            }
-        } else {
-            plain = lse - logit(b, yk, i);
-        }
-        counts.y += plain;
-        for (var t = 0u; t < N_PIX; t++) {
-            let kind = u32(record(t, 0u));
-            var l = 0.0;
-            var n = 1.0;
-            if kind == KIND_CE {
-                let eps = record(t, 4u);
-                var smoothing = 0.0;
-                if eps > 0.0 {
-                    for (var c = 0u; c < C; c++) {
-                        smoothing += class_param(t, c) * (lse - logit(b, c, i));
-                    }
-                    smoothing *= eps / f32(C);
-                }
-                if LABEL_KIND == 2u {
-                    for (var c = 0u; c < C; c++) {
-                        l += class_param(t, c) * target_of(b, c, i, yk) * (lse - logit(b, c, i));
-                    }
-                    l = (1.0 - eps) * l + smoothing;
-                } else {
-                    n = class_param(t, yk);
-                    l = (1.0 - eps) * n * plain + smoothing;
-                }
-                if record(t, 5u) == 2.0 {
-                    loss_map[t * n_maps + b * dims.spatial + i] = l;
-                }
-            } else {
-                // focal: Σ_c α_c g_c (1 − p_c)^γ (−log p_c), 1 − p_c = Σ_{k≠c} e_k / Σe
-                let gamma = record(t, 4u);
-                for (var c = 0u; c < C; c++) {
-                    let g = target_of(b, c, i, yk);
-                    if g != 0.0 {
-                        let z = logit(b, c, i);
-                        let e = exp(z - p.x);
-                        let q = max(p.y - e, 0.0) / p.y;
-                        l += class_param(t, c) * g * safe_pow(q, gamma) * (lse - z);
-                    }
-                }
-            }
-            losses[t] += l;
-            norms[t] += n;
-        }
-    }
-
-    for (var c = 0u; c < C; c++) {
-        var acc_a = vec4(0.0);
-        var acc_b = vec4(0.0);
-        for (var k = 0u; k < PPT; k++) {
-            if ok[k] {
-                let i = pix[k];
-                let z = logit(b, c, i);
-                let g = target_of(b, c, i, y[k]);
-                var p: f32;
-                var s: f32;
-                if SIGMOID {
-                    p = sigmoid(z);
-                    s = select(p, sigmoid(dims.temperature * z), TEMPERED);
-                } else {
-                    p = exp(z - sm[k].x) / sm[k].y;
-                    s = p;
-                    if TEMPERED {
-                        s = exp(dims.temperature * z - smt[k].x) / smt[k].y;
-                    }
-                }
-                acc_a += vec4(p, p * p, p * g, g);
-                acc_b += vec4(g * g, s, 0.0, 0.0);
-            }
-        }
-        reduce3(lid, acc_a, acc_b, vec4(0.0));
+// Sums classes c0..c0+n over the workgroup, two classes per reduction, and writes them to
+// the tile's row.
+fn flush(lid: u32, row: u32, c0: u32, n: u32, sums: ptr<function, ClassSums>) {
+    for (var k = 0u; k < n; k += 2u) {
+        let k1 = min(k + 1u, BLOCK - 1u);
+        reduce3(lid, (*sums).a[k], vec4((*sums).b[k], (*sums).b[k1]), (*sums).a[k1]);
         if lid == 0u {
-            let o = row + c * PER_CLASS;
+            let o = row + (c0 + k) * PER_CLASS;
             let ra = red_a[0];
             let rb = red_b[0];
             partial[o] = ra.x;
@@ -251,8 +119,203 @@ fn main(
             partial[o + 5u] = rb.y;
             partial[o + 6u] = 0.0;
             partial[o + 7u] = 0.0;
+            if k + 1u < n {
+                let rc = red_c[0];
+                let o1 = o + PER_CLASS;
+                partial[o1] = rc.x;
+                partial[o1 + 1u] = rc.y;
+                partial[o1 + 2u] = rc.z;
+                partial[o1 + 3u] = rc.w;
+                partial[o1 + 4u] = rb.z;
+                partial[o1 + 5u] = rb.w;
+                partial[o1 + 6u] = 0.0;
+                partial[o1 + 7u] = 0.0;
+            }
         }
     }
+}
+
+// p and s (the region term's tempered probability) of class c from its logit.
+fn probs(z: f32, sm: vec2<f32>, smt: vec2<f32>) -> vec2<f32> {
+    if SIGMOID {
+        let p = sigmoid(z);
+        return vec2(p, select(p, sigmoid(dims.temperature * z), TEMPERED));
+    }
+    let p = exp(z - sm.x) / sm.y;
+    return vec2(p, select(p, exp(dims.temperature * z - smt.x) / smt.y, TEMPERED));
+}
+
+@compute @workgroup_size(256)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    // Per pixel term, read once before any branch: kind, ε or γ, map flag, class vector.
+    var kinds = vec4<u32>(0u);
+    var opt = vec4(0.0);
+    var maps = vec4<bool>(false);
+    var offs = vec4(-1.0);
+    for (var t = 0u; t < N_PIX; t++) {
+        kinds[t] = u32(record(t, 0u));
+        opt[t] = record(t, 4u);
+        maps[t] = record(t, 5u) == 2.0;
+        offs[t] = record(t, 3u);
+    }
+    let tile = flat_group(wid, nwg);
+    if tile >= dims.batch * dims.tiles_per_image {
+        return;
+    }
+    // b is the global image: rows of every dispatch of a call land in one partial buffer.
+    let b = dims.image_offset + tile / dims.tiles_per_image;
+    let base = (tile % dims.tiles_per_image) * TILE;
+    let row = (b * dims.tiles_per_image + tile % dims.tiles_per_image) * dims.row_width;
+    let n_maps = dims.total_batch * dims.spatial;
+    let first = min(C, BLOCK);
+
+    // Bit k: pixel k was counted; the class blocks past the first (C > BLOCK) read those
+    // pixels again. (A bit mask, not arrays indexed by k: those would live in scratch memory.)
+    var counted = 0u;
+    var counts = vec4(0.0);          // valid pixels, plain CE
+    var losses = vec4(0.0);          // per pixel term
+    var norms = vec4(0.0);           // per pixel term
+    var sums: ClassSums;             // the first block of classes
+
+    for (var k = 0u; k < PPT; k++) {
+        let i = base + k * WG + lid;
+        if i >= dims.spatial {
+            continue;
+        }
+        var yk = 0u;
+        if LABEL_KIND != 2u {
+            yk = class_label(b, i);
+        }
+        var z = load_logits(b, i);
+        var g = load_targets(b, i);
+        if !check_pixel(b, i, yk, &z, &g) {
+            // Reported by the host as an error; the pixel is left out of every sum.
+            yk = IGNORE;
+        }
+        if yk == IGNORE {
+            for (var t = 0u; t < N_PIX; t++) {
+                if maps[t] {
+                    loss_map[t * n_maps + b * dims.spatial + i] = 0.0;
+                }
+            }
+            continue;
+        }
+        counted |= 1u << k;
+        counts.x += 1.0;
+        if SIGMOID {
+            for (var t = 0u; t < N_PIX; t++) {
+                // bce: Σ_c pw_c·y_c·softplus(−z_c) + (1 − y_c)·softplus(z_c)
+                var l = 0.0;
+                for (var c = 0u; c < C; c++) {
+                    let zc = z_of(&z, b, c, i);
+                    let gc = g_of(&g, b, c, i, yk);
+                    l += term_weight(offs[t], c) * gc * softplus(-zc) + (1.0 - gc) * softplus(zc);
+                }
+                losses[t] += l;
+                norms[t] += f32(C);
+            }
+            for (var c = 0u; c < first; c++) {
+                let ps = probs(z[c], vec2(0.0), vec2(0.0));
+                accumulate(&sums, c, ps.x, ps.y, g_of(&g, b, c, i, yk));
+            }
+            continue;
+        }
+        let p = pieces(&z, b, i, 1.0);
+        var pt = vec2(0.0, 1.0);
+        if TEMPERED {
+            pt = pieces(&z, b, i, dims.temperature);
+        }
+        let lse = p.x + log(p.y);
+        // The decomposition's plain CE: −Σ_c g_c log p_c.
+        var plain = 0.0;
+        if LABEL_KIND == 2u {
+            for (var c = 0u; c < C; c++) {
+                plain += g_of(&g, b, c, i, yk) * (lse - z_of(&z, b, c, i));
+            }
+        } else {
+            plain = lse - z_of(&z, b, yk, i);
+        }
+        counts.y += plain;
+        for (var t = 0u; t < N_PIX; t++) {
+            var l = 0.0;
+            var n = 1.0;
+            if kinds[t] == KIND_CE {
+                let eps = opt[t];
+                var smoothing = 0.0;
+                if eps > 0.0 {
+                    for (var c = 0u; c < C; c++) {
+                        smoothing += term_weight(offs[t], c) * (lse - z_of(&z, b, c, i));
+                    }
+                    smoothing *= eps / f32(C);
+                }
+                if LABEL_KIND == 2u {
+                    for (var c = 0u; c < C; c++) {
+                        l += term_weight(offs[t], c) * g_of(&g, b, c, i, yk) * (lse - z_of(&z, b, c, i));
+                    }
+                    l = (1.0 - eps) * l + smoothing;
+                } else {
+                    n = term_weight(offs[t], yk);
+                    l = (1.0 - eps) * n * plain + smoothing;
+                }
+                if maps[t] {
+                    loss_map[t * n_maps + b * dims.spatial + i] = l;
+                }
+            } else {
+                // focal: Σ_c α_c g_c (1 − p_c)^γ (−log p_c), 1 − p_c = Σ_{k≠c} e_k / Σe
+                let gamma = opt[t];
+                for (var c = 0u; c < C; c++) {
+                    let gc = g_of(&g, b, c, i, yk);
+                    if gc != 0.0 {
+                        let zc = z_of(&z, b, c, i);
+                        let e = exp(zc - p.x);
+                        let q = max(p.y - e, 0.0) / p.y;
+                        l += term_weight(offs[t], c) * gc * safe_pow(q, gamma) * (lse - zc);
+                    }
+                }
+            }
+            losses[t] += l;
+            norms[t] += n;
+        }
+        for (var c = 0u; c < first; c++) {
+            let ps = probs(z[c], p, pt);
+            accumulate(&sums, c, ps.x, ps.y, g_of(&g, b, c, i, yk));
+        }
+    }
+    flush(lid, row, 0u, first, &sums);
+
+    // Classes past the first block (C > BLOCK): read the pixels again, a block at a time.
+    for (var c0 = BLOCK; c0 < C; c0 += BLOCK) {
+        let n = min(C - c0, BLOCK);
+        var more: ClassSums;
+        for (var k = 0u; k < PPT; k++) {
+            if (counted & (1u << k)) != 0u {
+                let i = base + k * WG + lid;
+                var yk = 0u;
+                if LABEL_KIND != 2u {
+                    yk = class_label(b, i);
+                }
+                var z = load_logits(b, i);
+                var sm = vec2(0.0);
+                var smt = vec2(0.0);
+                if !SIGMOID {
+                    sm = pieces(&z, b, i, 1.0);
+                    if TEMPERED {
+                        smt = pieces(&z, b, i, dims.temperature);
+                    }
+                }
+                for (var c = 0u; c < n; c++) {
+                    let ps = probs(logit(b, c0 + c, i), sm, smt);
+                    accumulate(&more, c, ps.x, ps.y, target_of(b, c0 + c, i, yk));
+                }
+            }
+        }
+        flush(lid, row, c0, n, &more);
+    }
+
     reduce3(lid, counts, losses, norms);
     if lid == 0u {
         let o = row + C * PER_CLASS;

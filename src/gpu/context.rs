@@ -61,6 +61,25 @@ pub fn choose(mut adapters: Vec<wgpu::Adapter>) -> Result<wgpu::Adapter> {
     Ok(adapters.remove(0))
 }
 
+/// Keeps freed heap memory mapped in this process (glibc on Linux; elsewhere a no-op).
+///
+/// Mesa's lavapipe allocates about a megabyte per compute workgroup for the shader's
+/// per-invocation state and frees it when the workgroup ends; glibc gives that memory back
+/// to the kernel each time (heap trimming), so every workgroup pays for fresh pages: 25–30 %
+/// of segloss's time on lavapipe, in `perf` as page faults under the JIT code. Raising glibc's
+/// trim and mmap thresholds (the same as `GLIBC_TUNABLES=glibc.malloc.trim_threshold=…:
+/// glibc.malloc.mmap_threshold=…`) keeps those pages. [`crate::gpu::GpuContext::new`] and
+/// [`crate::gpu::GpuContext::on_adapter`] call it for CPU adapters; call it yourself when you
+/// hand segloss a lavapipe device of your own. The process keeps up to 256 MiB of freed heap.
+pub fn keep_freed_memory_mapped() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; any value is valid for these two.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+    }
+}
+
 /// Opens a device on `adapter` with the adapter's own limits and the optional features it
 /// offers.
 pub fn open(adapter: &wgpu::Adapter) -> Result<(wgpu::Device, wgpu::Queue)> {

@@ -306,6 +306,9 @@ impl GpuContext {
     /// Opens a device on a given adapter (data parallelism over several adapters). A lost
     /// device is reported by the next call; build a new context to carry on.
     pub fn on_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
+        if adapter.get_info().device_type == wgpu::DeviceType::Cpu {
+            context::keep_freed_memory_mapped();
+        }
         let (device, queue) = context::open(adapter)?;
         let ctx = Self::from_device(device, queue, adapter.get_info());
         let flag = ctx.lost.clone();
@@ -1089,7 +1092,7 @@ impl GpuContext {
             plans.push(ChunkPlan {
                 slot: (k as u64 + 1) * DIMS_SLOT,
                 groups_stats: count * s.div_ceil(STATS_TILE),
-                groups_grad: (count * s).div_ceil(GRAD_WG),
+                groups_grad: count * s.div_ceil(GRAD_WG),
                 logits: lr,
                 labels: yr,
                 grad: gr,

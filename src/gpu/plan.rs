@@ -16,7 +16,7 @@ pub const PER_CLASS: usize = 8;
 pub const ROW_SCALARS: usize = 12;
 /// Pixels per stats workgroup (WG · PPT in stats.wgsl).
 pub const STATS_TILE: usize = 4096;
-/// Invocations per grad workgroup.
+/// Invocations per grad workgroup (a workgroup covers pixels of one image).
 pub const GRAD_WG: usize = 256;
 
 /// The uniform header of every dispatch (`Dims` in common.wgsl).
