@@ -78,6 +78,18 @@ fn main() -> segloss::Result<()> {
         )
         .map(|_| ())
     })?;
-    println!("{arg} on {}: copy {copy:.3} ms | stats {stats:.3} | stats+finalize {forward:.3} | +grad {full:.3} ms", ctx.adapter_info().name);
+    // Finalize alone: the two-phase API given the statistics, without the gradient.
+    let mut enc = dev.create_command_encoder(&Default::default());
+    let st = ctx.record_statistics(&mut enc, &spec, &batch)?;
+    ctx.queue().submit([enc.finish()]);
+    let st = st.statistics(&ctx)?;
+    let finalize = time(&|enc| {
+        ctx.record_with_statistics(enc, &spec, &batch, &st, None)
+            .map(|_| ())
+    })?;
+    println!(
+        "{arg} on {}: copy {copy:.3} ms | stats {stats:.3} | stats+finalize {forward:.3} | +grad {full:.3} ms | finalize alone {finalize:.3} ms",
+        ctx.adapter_info().name
+    );
     Ok(())
 }

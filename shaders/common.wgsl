@@ -219,15 +219,29 @@ fn g_of(g: ptr<function, Block>, b: u32, c: u32, i: u32, y: u32) -> f32 {
     return target_of(b, c, i, y);
 }
 
-// Max and Σ exp(t·z − max) over the classes of one pixel: the pieces of a (tempered) softmax.
-fn pieces(z: ptr<function, Block>, b: u32, i: u32, t: f32) -> vec2<f32> {
+// Max and Σ exp(t·z − max) over the classes of one pixel: the pieces of a (tempered)
+// softmax. The exponentials of the first BLOCK classes are kept in e, so callers do not
+// compute them again.
+fn pieces(z: ptr<function, Block>, e: ptr<function, Block>, b: u32, i: u32, t: f32) -> vec2<f32> {
     var m = -3.4e38;
     for (var c = 0u; c < C; c++) {
         m = max(m, t * z_of(z, b, c, i));
     }
     var se = 0.0;
     for (var c = 0u; c < C; c++) {
-        se += exp(t * z_of(z, b, c, i) - m);
+        let ec = exp(t * z_of(z, b, c, i) - m);
+        if c < BLOCK {
+            (*e)[c] = ec;
+        }
+        se += ec;
     }
     return vec2(m, se);
+}
+
+// exp(t·z_c − max) of class c, from e (filled by `pieces` with the same t) when it holds it.
+fn exp_of(e: ptr<function, Block>, z: ptr<function, Block>, b: u32, c: u32, i: u32, t: f32, m: f32) -> f32 {
+    if c < BLOCK {
+        return (*e)[c];
+    }
+    return exp(t * z_of(z, b, c, i) - m);
 }

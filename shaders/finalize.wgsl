@@ -4,7 +4,9 @@
 //
 // `fin` layout (offsets also in src/gpu/plan.rs): coefficients [∂L/∂P, ∂L/∂Q, ∂L/∂I, ∂L/∂U]
 // per (image, class); one scale per pixel term; then the report: total, the term values,
-// û (B·C), τ (B·C), valid counts (B), decomposition (4·B), elements (terms·B·C).
+// elements (terms·B·C). The proportions û, τ and the decomposition are reporting only: the
+// host derives them from the statistic rows it reads back (src/reference/finalize.rs
+// `proportions`), so no device pass spends time on them.
 
 @group(0) @binding(2) var<uniform> dims: Dims;
 @group(0) @binding(3) var<storage, read> params: array<f32>;
@@ -15,6 +17,15 @@
 // Needed by common.wgsl's label helpers, never read here.
 @group(0) @binding(0) var<storage, read> logits: array<u32>;
 @group(0) @binding(1) var<storage, read> labels: array<u32>;
+
+// The statistic-term kinds of the spec, bit k for kind code k: the rules of absent kinds
+// are compiled out. (On lavapipe, which runs every branch of a one-invocation shader under
+// a mask, the four rules together cost ~20 ms a call; one rule costs well under 1 ms.)
+override STAT_KINDS: u32 = 0xFFu;
+
+fn has_kind(kind: u32) -> bool {
+    return (STAT_KINDS & (1u << kind)) != 0u;
+}
 
 const EPS: f32 = 1e-10;
 const FLOOR: f32 = 1e-7;
@@ -41,7 +52,8 @@ fn stat(b: u32, col: u32) -> f32 {
 // Σ over images b0..b1 of statistic k (0 P, 1 Q, 2 I, 3 G, 4 H, 5 U) of class c.
 fn pooled(b0: u32, b1: u32, c: u32, k: u32) -> f32 {
     var s = 0.0;
-    for (var b = b0; b < b1; b++) {
+    for (var j = 0u; j < min(b1 - b0, 64u); j++) {
+        let b = b0 + j;
         s += stat(b, c * PER_CLASS + k);
     }
     return s;
@@ -56,7 +68,8 @@ fn valid_in(b0: u32, b1: u32) -> f32 {
 }
 
 fn add_coef(b0: u32, b1: u32, c: u32, slot: u32, v: f32) {
-    for (var b = b0; b < b1; b++) {
+    for (var j = 0u; j < min(b1 - b0, 64u); j++) {
+        let b = b0 + j;
         fin[(b * C + c) * 4u + slot] += v;
     }
 }
@@ -305,11 +318,7 @@ fn finalize_terms() {
     let bc = dims.batch * C;
     let report = 4u * bc + MAX_PIXEL_TERMS;
     let values_off = report + 1u;
-    let pred_off = report + 17u;
-    let target_off = pred_off + bc;
-    let valid_off = target_off + bc;
-    let decomp_off = valid_off + dims.batch;
-    let elem_off = decomp_off + 4u * dims.batch;
+    let elem_off = report + 17u;
     for (var k = 0u; k < 4u * bc + MAX_PIXEL_TERMS; k++) {
         fin[k] = 0.0;
     }
@@ -342,43 +351,20 @@ fn finalize_terms() {
         let lambda = record(slot, 1u);
         let r = u32(record(slot, 2u));
         var value = 0.0;
-        if kind == KIND_DICE {
+        if has_kind(KIND_DICE) && kind == KIND_DICE {
             value = dice_term(slot, lambda, r, elem_off);
-        } else if kind == KIND_TVERSKY {
+        }
+        if has_kind(KIND_TVERSKY) && kind == KIND_TVERSKY {
             value = tversky_term(slot, lambda);
-        } else if kind == KIND_GDL {
+        }
+        if has_kind(KIND_GDL) && kind == KIND_GDL {
             value = gdl_term(slot, lambda);
-        } else {
+        }
+        if has_kind(KIND_REGION) && kind == KIND_REGION {
             value = region_term(slot, lambda);
         }
         fin[values_off + r] = value;
         total += lambda * value;
     }
     fin[report] = total;
-    for (var b = 0u; b < dims.batch; b++) {
-        let n = valid_in(b, b + 1u);
-        fin[valid_off + b] = n;
-        var kl = 0.0;
-        var dice_region = 0.0;
-        for (var c = 0u; c < C; c++) {
-            var u = 0.0;
-            var tau = 0.0;
-            if n > 0.0 {
-                u = (pooled(b, b + 1u, c, 0u) + EPS) / (n + EPS);
-                tau = (pooled(b, b + 1u, c, 3u) + EPS) / (n + EPS);
-                kl += xlogy(tau, u);
-                dice_region += log(u + tau) / f32(C);
-            }
-            fin[pred_off + b * C + c] = u;
-            fin[target_off + b * C + c] = tau;
-        }
-        var ce = 0.0;
-        if n > 0.0 {
-            ce = stat(b, C * PER_CLASS + 1u) / n;
-        }
-        fin[decomp_off + 4u * b] = ce;
-        fin[decomp_off + 4u * b + 1u] = kl;
-        fin[decomp_off + 4u * b + 2u] = max(ce - kl, 0.0);
-        fin[decomp_off + 4u * b + 3u] = dice_region;
-    }
 }

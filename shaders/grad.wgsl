@@ -98,11 +98,13 @@ fn main(
         return;
     }
 
-    let sm = pieces(&z, b, i, 1.0);
+    var ez: Block;   // exp(z − max), computed once per class
+    var et: Block;   // exp(T·z − max_T)
+    let sm = pieces(&z, &ez, b, i, 1.0);
     let log_se = log(sm.y);
     var smt = vec2(0.0, 1.0);
     if TEMPERED {
-        smt = pieces(&z, b, i, temp);
+        smt = pieces(&z, &et, b, i, temp);
     }
     // First class loop: the sums every class's gradient needs.
     var ap = 0.0;               // Σ_k a_k p_k
@@ -111,12 +113,12 @@ fn main(
     for (var c = 0u; c < C; c++) {
         let zc = z_of(&z, b, c, i);
         let gc = g_of(&g, b, c, i, y);
-        let e = exp(zc - sm.x);
+        let e = exp_of(&ez, &z, b, c, i, 1.0, sm.x);
         let p = e / sm.y;
         let k = coef_of(&kc, b, c);
         ap += stat_a(k, p, gc) * p;
         if TEMPERED {
-            us += k.w * exp(temp * zc - smt.x) / smt.y;
+            us += k.w * exp_of(&et, &z, b, c, i, temp, smt.x) / smt.y;
         }
         for (var t = 0u; t < N_PIX; t++) {
             if kinds[t] == KIND_CE {
@@ -132,12 +134,12 @@ fn main(
     for (var c = 0u; c < C; c++) {
         let zc = z_of(&z, b, c, i);
         let gc = g_of(&g, b, c, i, y);
-        let e = exp(zc - sm.x);
+        let e = exp_of(&ez, &z, b, c, i, 1.0, sm.x);
         let p = e / sm.y;
         let k = coef_of(&kc, b, c);
         var dz = p * (stat_a(k, p, gc) - ap);
         if TEMPERED {
-            let s = exp(temp * zc - smt.x) / smt.y;
+            let s = exp_of(&et, &z, b, c, i, temp, smt.x) / smt.y;
             dz += temp * s * (k.w - us);
         }
         for (var t = 0u; t < N_PIX; t++) {

@@ -1,5 +1,6 @@
 // Stage 1: one pass over logits and labels. A workgroup covers a tile of TILE pixels of one
-// image and writes one row of partial sums: per class (P, Q, I, G, H, U), then the valid
+// image and writes one row of partial sums, summed over the workgroup by `reduce3`
+// (reduce_subgroup.wgsl or reduce_workgroup.wgsl, whichever the adapter supports): per class (P, Q, I, G, H, U), then the valid
 // count, the plain CE and (loss, normaliser) per pixel term. No float atomics: the order
 // of every sum is fixed, so the results are bitwise reproducible.
 // CPU port: src/reference/stats.rs.
@@ -45,50 +46,6 @@ const WG: u32 = 256u;
 // means fewer workgroup reductions.
 const PPT: u32 = 16u;
 const TILE: u32 = WG * PPT;
-// The reduction folds WG values in two steps of FOLD (FOLD² = WG).
-const FOLD: u32 = 16u;
-
-var<workgroup> red_a: array<vec4<f32>, WG>;
-var<workgroup> red_b: array<vec4<f32>, WG>;
-var<workgroup> red_c: array<vec4<f32>, WG>;
-
-// Sums three vec4 over the workgroup in a fixed order; the totals land in red_*[0].
-fn reduce3(lid: u32, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>) {
-    workgroupBarrier();
-    red_a[lid] = a;
-    red_b[lid] = b;
-    red_c[lid] = c;
-    workgroupBarrier();
-    if lid < FOLD {
-        var sa = vec4(0.0);
-        var sb = vec4(0.0);
-        var sc = vec4(0.0);
-        for (var k = 0u; k < FOLD; k++) {
-            sa += red_a[lid * FOLD + k];
-            sb += red_b[lid * FOLD + k];
-            sc += red_c[lid * FOLD + k];
-        }
-        red_a[lid * FOLD] = sa;
-        red_b[lid * FOLD] = sb;
-        red_c[lid * FOLD] = sc;
-    }
-    workgroupBarrier();
-    if lid == 0u {
-        var sa = vec4(0.0);
-        var sb = vec4(0.0);
-        var sc = vec4(0.0);
-        for (var k = 0u; k < FOLD; k++) {
-            sa += red_a[k * FOLD];
-            sb += red_b[k * FOLD];
-            sc += red_c[k * FOLD];
-        }
-        red_a[0] = sa;
-        red_b[0] = sb;
-        red_c[0] = sc;
-    }
-    workgroupBarrier();
-}
-
 // Per-class sums of one invocation for a block of classes: (P, Q, I, G) and (H, U).
 struct ClassSums {
     a: array<vec4<f32>, BLOCK>,
@@ -145,12 +102,9 @@ fn probs(z: f32, sm: vec2<f32>, smt: vec2<f32>) -> vec2<f32> {
     return vec2(p, select(p, exp(dims.temperature * z - smt.x) / smt.y, TEMPERED));
 }
 
-@compute @workgroup_size(256)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
+// The body of the entry point `main`, which the reduction strategy's file declares (it
+// needs builtins of its own).
+fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
     // Per pixel term, read once before any branch: kind, ε or γ, map flag, class vector.
     var kinds = vec4<u32>(0u);
     var opt = vec4(0.0);
@@ -224,10 +178,12 @@ fn main(
             }
             continue;
         }
-        let p = pieces(&z, b, i, 1.0);
+        var ez: Block;   // exp(z − max), computed once per class
+        var et: Block;   // exp(T·z − max_T)
+        let p = pieces(&z, &ez, b, i, 1.0);
         var pt = vec2(0.0, 1.0);
         if TEMPERED {
-            pt = pieces(&z, b, i, dims.temperature);
+            pt = pieces(&z, &et, b, i, dims.temperature);
         }
         let lse = p.x + log(p.y);
         // The decomposition's plain CE: −Σ_c g_c log p_c.
@@ -271,7 +227,7 @@ fn main(
                     let gc = g_of(&g, b, c, i, yk);
                     if gc != 0.0 {
                         let zc = z_of(&z, b, c, i);
-                        let e = exp(zc - p.x);
+                        let e = exp_of(&ez, &z, b, c, i, 1.0, p.x);
                         let q = max(p.y - e, 0.0) / p.y;
                         l += term_weight(offs[t], c) * gc * safe_pow(q, gamma) * (lse - zc);
                     }
@@ -281,8 +237,9 @@ fn main(
             norms[t] += n;
         }
         for (var c = 0u; c < first; c++) {
-            let ps = probs(z[c], p, pt);
-            accumulate(&sums, c, ps.x, ps.y, g_of(&g, b, c, i, yk));
+            let pc = ez[c] / p.y;
+            let sc = select(pc, et[c] / pt.y, TEMPERED);
+            accumulate(&sums, c, pc, sc, g_of(&g, b, c, i, yk));
         }
     }
     flush(lid, row, 0u, first, &sums);
@@ -302,9 +259,10 @@ fn main(
                 var sm = vec2(0.0);
                 var smt = vec2(0.0);
                 if !SIGMOID {
-                    sm = pieces(&z, b, i, 1.0);
+                    var e: Block;
+                    sm = pieces(&z, &e, b, i, 1.0);
                     if TEMPERED {
-                        smt = pieces(&z, b, i, dims.temperature);
+                        smt = pieces(&z, &e, b, i, dims.temperature);
                     }
                 }
                 for (var c = 0u; c < n; c++) {

@@ -6,7 +6,7 @@ mod common;
 
 use common::spec;
 
-use common::check;
+use common::{check, check_on, new_ctx};
 use segloss::input::{Labels, Shape, IGNORE};
 use segloss::testing::{random_labels, random_logits, random_masks, random_soft_labels, Rng};
 
@@ -148,5 +148,44 @@ fn edge_cases_of_the_region_size_family() {
         assert!(out.gradient.unwrap()[5 * s..10 * s]
             .iter()
             .all(|g| *g == 0.0));
+    }
+}
+
+/// The stats stage's two reduction strategies (subgroup operations where the adapter has
+/// them, workgroup memory alone otherwise) on one device, each against the reference, with
+/// class counts on both sides of the register block (8) and partial tiles.
+#[test]
+fn both_reduction_strategies_match_the_reference() {
+    let ctx = new_ctx();
+    let info = ctx.adapter_info();
+    let has = ctx.device().features().contains(wgpu::Features::SUBGROUP);
+    assert_eq!(
+        ctx.uses_subgroups(),
+        has && info.subgroup_min_size >= 4 && info.subgroup_max_size <= 128,
+        "subgroup reductions are used exactly where the adapter supports them"
+    );
+    let mut strategies = vec![false];
+    if ctx.uses_subgroups() {
+        strategies.push(true);
+    }
+    let mut rng = Rng::new(77);
+    for round in 0..6 {
+        let classes = [2, 3, 8, 9, 17, 23][round];
+        let shape = Shape::new(2, classes, &[45, 101]);
+        let z = random_logits(&mut rng, &shape, 3.0);
+        let y = random_labels(&mut rng, &shape, 0.1);
+        let json = [GRID[GRID.len() - 1], GRID[GRID.len() - 2], GRID[14]][round % 3];
+        for &on in &strategies {
+            ctx.set_subgroups(on);
+            assert_eq!(ctx.uses_subgroups(), on);
+            check_on(
+                &ctx,
+                &spec(json),
+                &shape,
+                &z,
+                Labels::Index(&y),
+                &format!("subgroups {on}: {json} on {shape:?}"),
+            );
+        }
     }
 }

@@ -6,21 +6,29 @@ use super::plan::{self, Dims, FinLayout, Region, DIMS_SLOT, GRAD_WG, STATS_TILE}
 use super::pool::{BufferKey, Pool};
 use crate::error::{Error, Result};
 use crate::input::{GradFormat, LabelFormat, Labels, Layout, LogitFormat, Shape};
-use crate::output::{Decomposition, LossOutput, Statistics, TermValue};
+use crate::output::{LossOutput, Statistics, TermValue};
 use crate::spec::{LossSpec, Reduction, Term};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const STATS: &str = include_str!("../../shaders/stats.wgsl");
+const REDUCE_WORKGROUP: &str = include_str!("../../shaders/reduce_workgroup.wgsl");
+const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
 const FINALIZE: &str = include_str!("../../shaders/finalize.wgsl");
 const GRAD: &str = include_str!("../../shaders/grad.wgsl");
 const NARROW: &str = include_str!("../../shaders/narrow.wgsl");
 
 /// The WGSL source of each stage as the device compiles it (common helpers first).
-pub fn shader_sources() -> [(&'static str, String); 4] {
+/// `stats` sums its workgroups in workgroup memory; `stats_subgroup`, for adapters with
+/// subgroup operations, with them.
+pub fn shader_sources() -> [(&'static str, String); 5] {
     [
-        ("stats", format!("{COMMON}\n{STATS}")),
+        ("stats", format!("{COMMON}\n{STATS}\n{REDUCE_WORKGROUP}")),
+        (
+            "stats_subgroup",
+            format!("{COMMON}\n{STATS}\n{REDUCE_SUBGROUP}"),
+        ),
         ("finalize", format!("{COMMON}\n{FINALIZE}")),
         ("grad", format!("{COMMON}\n{GRAD}")),
         ("narrow", format!("{COMMON}\n{NARROW}")),
@@ -48,6 +56,10 @@ struct PipelineKey {
     sigmoid: bool,
     tempered: bool,
     nhwc: bool,
+    /// Finalize only (0 elsewhere): the statistic-term kinds present (`plan::stat_kinds`).
+    stat_kinds: u32,
+    /// Stats only: the subgroup reduction strategy.
+    subgroups: bool,
 }
 
 /// The small per-call buffers (uniforms, term table, statistics, coefficients, read-back),
@@ -278,6 +290,7 @@ pub struct GpuContext {
     info: wgpu::AdapterInfo,
     inner: Mutex<Inner>,
     binding_limit: std::sync::atomic::AtomicU64,
+    subgroups: std::sync::atomic::AtomicBool,
     last_chunks: std::sync::atomic::AtomicUsize,
     created_bytes: std::sync::atomic::AtomicU64,
     lost: Arc<Mutex<Option<String>>>,
@@ -352,6 +365,11 @@ impl GpuContext {
 
     /// Wraps a device and queue the caller already owns.
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, info: wgpu::AdapterInfo) -> Self {
+        // Subgroup reductions need the feature and subgroup sizes reduce_subgroup.wgsl
+        // handles (4 to 128).
+        let subgroups = device.features().contains(wgpu::Features::SUBGROUP)
+            && info.subgroup_min_size >= 4
+            && info.subgroup_max_size <= 128;
         GpuContext {
             device,
             queue,
@@ -364,6 +382,7 @@ impl GpuContext {
                 workspaces: vec![],
             }),
             binding_limit: std::sync::atomic::AtomicU64::new(0),
+            subgroups: std::sync::atomic::AtomicBool::new(subgroups),
             last_chunks: std::sync::atomic::AtomicUsize::new(0),
             created_bytes: std::sync::atomic::AtomicU64::new(0),
             lost: Arc::new(Mutex::new(None)),
@@ -375,6 +394,23 @@ impl GpuContext {
     #[doc(hidden)]
     pub fn last_chunks(&self) -> usize {
         self.last_chunks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the stats stage sums with subgroup operations (the default where the adapter
+    /// has them) or in workgroup memory alone; tests run both strategies on one device.
+    /// Turning subgroups on where the device lacks them is ignored.
+    #[doc(hidden)]
+    pub fn set_subgroups(&self, on: bool) {
+        let ok = self.device.features().contains(wgpu::Features::SUBGROUP)
+            && self.info.subgroup_min_size >= 4
+            && self.info.subgroup_max_size <= 128;
+        self.subgroups
+            .store(on && ok, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the stats stage uses subgroup operations.
+    pub fn uses_subgroups(&self) -> bool {
+        self.subgroups.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Lowers the binding size the chunking plans for (0: the adapter's own limit), so tests
@@ -671,6 +707,7 @@ impl GpuContext {
             return p.clone();
         }
         let (name, entry) = match key.stage {
+            Stage::Stats if key.subgroups => ("stats_subgroup", "main"),
             Stage::Stats => ("stats", "main"),
             Stage::Reduce => ("finalize", "reduce_tiles"),
             Stage::Finalize => ("finalize", "finalize_terms"),
@@ -705,6 +742,9 @@ impl GpuContext {
         ];
         if key.stage == Stage::Narrow {
             constants.push(("GRAD_KIND", key.grad_kind as f64));
+        }
+        if key.stage == Stage::Finalize {
+            constants.push(("STAT_KINDS", key.stat_kinds as f64));
         }
         let p = self
             .device
@@ -991,6 +1031,12 @@ impl GpuContext {
             sigmoid,
             tempered: spec.tempered(),
             nhwc: batch.layout == Layout::Nhwc,
+            stat_kinds: if stage == Stage::Finalize {
+                plan::stat_kinds(spec)
+            } else {
+                0
+            },
+            subgroups: stage == Stage::Stats && self.uses_subgroups(),
         };
         let dims_size = std::mem::size_of::<Dims>() as u64;
         let q = &self.queue;
@@ -1414,11 +1460,6 @@ impl Recorded {
                 value: at(fl.values + r),
             })
             .collect();
-        let rows = |off: usize| {
-            (0..b_n)
-                .map(|b| (0..c_n).map(|c| at(off + b * c_n + c)).collect())
-                .collect()
-        };
         let mut pix_slot = 0;
         let mut elements = vec![];
         for (r, t) in spec.terms.iter().enumerate() {
@@ -1451,34 +1492,23 @@ impl Recorded {
             }
             elements.push(e);
         }
+        let statistics = self.decode_statistics(stats_w);
+        let (predicted, target, decomposition) = crate::reference::proportions(spec, &statistics);
+        let rows = |v: &[f64]| v.chunks(c_n.max(1)).map(|r| r.to_vec()).collect();
         LossOutput {
             loss: at(fl.report),
             terms,
-            predicted_proportions: rows(fl.predicted),
-            target_proportions: rows(fl.target),
-            valid_pixels: (0..b_n).map(|b| at(fl.valid + b) as u64).collect(),
-            decomposition: if plan::sigmoid(spec) {
-                vec![]
-            } else {
-                (0..b_n)
-                    .map(|b| {
-                        let o = fl.decomposition + 4 * b;
-                        Decomposition {
-                            ce: at(o),
-                            kl: at(o + 1),
-                            matching: at(o + 2),
-                            dice_region: at(o + 3),
-                        }
-                    })
-                    .collect()
-            },
+            predicted_proportions: rows(&predicted),
+            target_proportions: rows(&target),
+            valid_pixels: statistics.valid.iter().map(|v| *v as u64).collect(),
+            decomposition,
             elements: if elements.iter().any(Option::is_some) {
                 elements
             } else {
                 vec![]
             },
             gradient: None,
-            statistics: Some(self.decode_statistics(stats_w)),
+            statistics: Some(statistics),
         }
     }
 }

@@ -116,14 +116,6 @@ pub struct FinLayout {
     pub report: usize,
     /// Term values, spec order.
     pub values: usize,
-    /// û, B·C.
-    pub predicted: usize,
-    /// τ, B·C.
-    pub target: usize,
-    /// Valid counts, B.
-    pub valid: usize,
-    /// (ce, kl, matching, dice_region) per image.
-    pub decomposition: usize,
     /// Elements of reduction-none terms, B·C per term.
     pub elements: usize,
     /// Floats in the buffer.
@@ -135,22 +127,29 @@ impl FinLayout {
     pub fn new(batch: usize, classes: usize, terms: usize) -> Self {
         let bc = batch * classes;
         let report = 4 * bc + MAX_PIXEL_TERMS;
-        let predicted = report + 1 + MAX_TERMS;
-        let target = predicted + bc;
-        let valid = target + bc;
-        let decomposition = valid + batch;
-        let elements = decomposition + 4 * batch;
+        let elements = report + 1 + MAX_TERMS;
         FinLayout {
             report,
             values: report + 1,
-            predicted,
-            target,
-            valid,
-            decomposition,
             elements,
             len: elements + terms * bc,
         }
     }
+}
+
+/// The statistic-term kinds of a spec as a bit mask (bit k: kind code k of common.wgsl), an
+/// override of the finalize pipeline so only the term rules the spec uses are compiled.
+pub fn stat_kinds(spec: &LossSpec) -> u32 {
+    spec.terms
+        .iter()
+        .map(|t| match t {
+            Term::Dice { .. } => 1 << 3,
+            Term::Tversky { .. } => 1 << 4,
+            Term::GeneralizedDice { .. } => 1 << 5,
+            Term::Region { .. } => 1 << 6,
+            _ => 0,
+        })
+        .fold(0, |a, b| a | b)
 }
 
 /// Width of a statistics row for C classes.

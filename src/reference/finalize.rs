@@ -55,6 +55,37 @@ fn pooled(st: &Statistics, group: &[usize], c: usize) -> [f64; 6] {
     s
 }
 
+/// The untempered proportions û and τ (B·C each, from Σp and ΣG) and, in softmax mode, the
+/// decomposition of each image: reporting only, so the GPU path computes them here too,
+/// from the statistics it reads back.
+pub fn proportions(spec: &LossSpec, st: &Statistics) -> (Vec<f64>, Vec<f64>, Vec<Decomposition>) {
+    let (b_n, c_n) = (st.batch, st.classes);
+    let mut predicted = vec![0.0; b_n * c_n];
+    let mut target = vec![0.0; b_n * c_n];
+    let mut decomposition = vec![];
+    for b in 0..b_n {
+        let n = st.valid[b];
+        let mut d = Decomposition::default();
+        if n > 0.0 {
+            for c in 0..c_n {
+                let s = st.per_class[b * c_n + c];
+                let u = (s[0] + PROPORTION_EPS) / (n + PROPORTION_EPS);
+                let t = (s[3] + PROPORTION_EPS) / (n + PROPORTION_EPS);
+                predicted[b * c_n + c] = u;
+                target[b * c_n + c] = t;
+                d.kl += t * (t / u).ln();
+                d.dice_region += (u + t).ln() / c_n as f64;
+            }
+            d.ce = st.plain_ce[b] / n;
+            d.matching = (d.ce - d.kl).max(0.0);
+        }
+        if spec.activation == Activation::Softmax {
+            decomposition.push(d);
+        }
+    }
+    (predicted, target, decomposition)
+}
+
 /// Runs the finalize stage.
 pub fn finalize(spec: &LossSpec, st: &Statistics) -> Finalized {
     let (b_n, c_n) = (st.batch, st.classes);
@@ -326,30 +357,7 @@ pub fn finalize(spec: &LossSpec, st: &Statistics) -> Finalized {
         elements.push(elems);
     }
 
-    // Proportions and the decomposition (untempered: û from Σp).
-    let mut predicted = vec![0.0; b_n * c_n];
-    let mut target = vec![0.0; b_n * c_n];
-    let mut decomposition = vec![];
-    for b in 0..b_n {
-        let n = st.valid[b];
-        let mut d = Decomposition::default();
-        if n > 0.0 {
-            for c in 0..c_n {
-                let s = st.per_class[b * c_n + c];
-                let u = (s[0] + PROPORTION_EPS) / (n + PROPORTION_EPS);
-                let t = (s[3] + PROPORTION_EPS) / (n + PROPORTION_EPS);
-                predicted[b * c_n + c] = u;
-                target[b * c_n + c] = t;
-                d.kl += t * (t / u).ln();
-                d.dice_region += (u + t).ln() / c_n as f64;
-            }
-            d.ce = st.plain_ce[b] / n;
-            d.matching = (d.ce - d.kl).max(0.0);
-        }
-        if spec.activation == Activation::Softmax {
-            decomposition.push(d);
-        }
-    }
+    let (predicted, target, decomposition) = proportions(spec, st);
     Finalized {
         coef,
         pixel_scale,

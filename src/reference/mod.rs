@@ -7,7 +7,7 @@ mod finalize;
 mod grad;
 mod stats;
 
-pub use finalize::{finalize, Finalized};
+pub use finalize::{finalize, proportions, Finalized};
 pub use grad::gradient;
 pub use stats::statistics;
 

@@ -51,8 +51,20 @@ pub fn check(
     labels: Labels<'_>,
     what: &str,
 ) -> LossOutput {
+    check_on(gpu(), spec, shape, logits, labels, what)
+}
+
+/// [`check`] on a given context.
+pub fn check_on(
+    ctx: &GpuContext,
+    spec: &LossSpec,
+    shape: &Shape,
+    logits: &[f32],
+    labels: Labels<'_>,
+    what: &str,
+) -> LossOutput {
     let want = reference::evaluate(spec, shape, logits, labels, true).unwrap();
-    let got = gpu()
+    let got = ctx
         .evaluate(
             spec,
             shape,
