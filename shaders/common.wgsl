@@ -15,6 +15,9 @@ override TEMPERED: bool = false;
 override NHWC: bool = false;
 // Pixel terms (cross_entropy, focal, bce) of the spec: a constant so their loops unroll.
 override N_PIX: u32 = 0u;
+// The pixel-term kinds of the spec, bit k for kind code k (0 CE, 1 focal, 2 BCE), so the
+// code of absent kinds is compiled out: SIMD CPUs run both sides of a branch.
+override PIXEL_KINDS: u32 = 7u;
 // 0: f32 logits, 1: f16, 2: bf16 (16-bit values two per word, widened here; the sums stay f32).
 override LOGIT_KIND: u32 = 0u;
 
@@ -102,6 +105,18 @@ fn target_of(b: u32, c: u32, i: u32, y: u32) -> f32 {
         return bitcast<f32>(labels[elem(b, c, i) + dims.label_shift]);
     }
     return select(0.0, 1.0, y == c);
+}
+
+// Whether a softmax pixel term of this kind is CE (else focal); a constant when the spec
+// has only one of the two.
+fn is_ce(kind: u32) -> bool {
+    if (PIXEL_KINDS & (1u << KIND_FOCAL)) == 0u {
+        return true;
+    }
+    if (PIXEL_KINDS & (1u << KIND_CE)) == 0u {
+        return false;
+    }
+    return kind == KIND_CE;
 }
 
 fn param(i: u32) -> f32 {

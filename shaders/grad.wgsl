@@ -121,7 +121,7 @@ fn main(
             us += k.w * exp_of(&et, &z, b, c, i, temp, smt.x) / smt.y;
         }
         for (var t = 0u; t < N_PIX; t++) {
-            if kinds[t] == KIND_CE {
+            if is_ce(kinds[t]) {
                 let eps = opt[t];
                 pixel_sum[t] += term_weight(offs[t], c) * ((1.0 - eps) * gc + eps / f32(C));
             } else if gc != 0.0 {
@@ -144,7 +144,7 @@ fn main(
         }
         for (var t = 0u; t < N_PIX; t++) {
             var h = 0.0;
-            if kinds[t] == KIND_CE {
+            if is_ce(kinds[t]) {
                 let eps = opt[t];
                 h = -term_weight(offs[t], c) * ((1.0 - eps) * gc + eps / f32(C));
             } else if gc != 0.0 {
@@ -153,7 +153,7 @@ fn main(
             }
             // CE: p_c·Σ w t − w_c t_c; focal: h_c − p_c·Σ h.
             var ps = -p * pixel_sum[t];
-            if kinds[t] == KIND_CE {
+            if is_ce(kinds[t]) {
                 ps = -ps;
             }
             dz += scales[t] * (h + ps);

@@ -199,7 +199,7 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
         for (var t = 0u; t < N_PIX; t++) {
             var l = 0.0;
             var n = 1.0;
-            if kinds[t] == KIND_CE {
+            if is_ce(kinds[t]) {
                 let eps = opt[t];
                 var smoothing = 0.0;
                 if eps > 0.0 {

@@ -22,7 +22,23 @@ pub struct Problem {
     copy_dst: wgpu::Buffer,
     queries: Option<(wgpu::QuerySet, wgpu::Buffer, wgpu::Buffer)>,
     empty: wgpu::ComputePipeline,
+    shader_copy: (wgpu::ComputePipeline, wgpu::BindGroup, usize),
 }
+
+/// The simplest compute kernel that reads every logit and writes it elsewhere, 16 bytes an
+/// invocation: the floor of any shader that touches the logits. On GPUs it matches the
+/// transfer copy; on lavapipe, which loads and stores lane by lane, it costs far more.
+const SHADER_COPY: &str = "
+@group(0) @binding(0) var<storage, read> src: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read_write> dst: array<vec4<u32>>;
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * nwg.x) * 256u + lid;
+    if i < arrayLength(&src) {
+        dst[i] = src[i];
+    }
+}";
 
 /// One benchmark's figures (milliseconds; medians after warm-up).
 #[derive(Debug, Clone, Serialize)]
@@ -37,6 +53,9 @@ pub struct BenchResult {
     pub ratio_to_copy: f64,
     /// One empty dispatch, submit to completion: the latency floor of any call.
     pub empty_dispatch_median_ms: f64,
+    /// A compute kernel that reads the logits and writes them to another buffer (16 bytes
+    /// an invocation): the floor of any shader pass over the logits on this adapter.
+    pub shader_copy_median_ms: f64,
     /// Device time of the passes from timestamp queries, when the adapter has them.
     pub device_median_ms: Option<f64>,
     /// Bytes of logits.
@@ -134,8 +153,46 @@ impl Problem {
             compilation_options: Default::default(),
             cache: None,
         });
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("bench shader copy"),
+            source: wgpu::ShaderSource::Wgsl(SHADER_COPY.into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("bench shader copy"),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        // Whole 16-byte words only (a tail of up to 12 bytes is left out of the floor).
+        let words = (logits.size() / 16).max(1);
+        let bind = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("bench shader copy"),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &[
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: &logits,
+                        offset: 0,
+                        size: wgpu::BufferSize::new(words * 16),
+                    }),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: &copy_dst,
+                        offset: 0,
+                        size: wgpu::BufferSize::new(words * 16),
+                    }),
+                },
+            ],
+        });
+        let shader_copy = (pipeline, bind, (words as usize).div_ceil(256));
         Ok(Problem {
             empty,
+            shader_copy,
             shape: shape.clone(),
             spec: spec.clone(),
             layout,
@@ -255,6 +312,28 @@ impl Problem {
         Ok(start.elapsed().as_secs_f64() * 1e3)
     }
 
+    /// One shader copy of the logits (see [`BenchResult::shader_copy_median_ms`]), ms.
+    pub fn shader_copy_once(&self, ctx: &GpuContext) -> Result<f64> {
+        let device = ctx.device();
+        let (pipeline, bind, groups) = &self.shader_copy;
+        let start = Instant::now();
+        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("bench shader copy"),
+        });
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(pipeline);
+            pass.set_bind_group(0, bind, &[]);
+            let (x, y) = crate::gpu::plan::dispatch_2d(*groups);
+            pass.dispatch_workgroups(x, y, 1);
+        }
+        ctx.queue().submit([enc.finish()]);
+        device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    }
+
     /// Bytes of logits.
     pub fn logit_bytes(&self) -> u64 {
         self.logits.size()
@@ -281,6 +360,7 @@ pub fn run(
     }
     let reps = reps.max(1);
     let (mut wall, mut dev, mut copy, mut empty) = (vec![], vec![], vec![], vec![]);
+    let mut shader_copy = vec![];
     for _ in 0..reps {
         let (w, _) = problem.run_once(ctx, false)?;
         wall.push(w);
@@ -289,6 +369,7 @@ pub fn run(
         }
         copy.push(problem.copy_once(ctx)?);
         empty.push(problem.empty_once(ctx)?);
+        shader_copy.push(problem.shader_copy_once(ctx)?);
         tick();
     }
     let info = ctx.adapter_info();
@@ -304,6 +385,7 @@ pub fn run(
         copy_median_ms: c,
         ratio_to_copy: m / c,
         empty_dispatch_median_ms: median(empty),
+        shader_copy_median_ms: median(shader_copy),
         device_median_ms: (!dev.is_empty()).then(|| median(dev)),
         logit_bytes: problem.logit_bytes(),
         reps,

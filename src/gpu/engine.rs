@@ -60,6 +60,8 @@ struct PipelineKey {
     stat_kinds: u32,
     /// Stats only: the subgroup reduction strategy.
     subgroups: bool,
+    /// Stats and grad (0 elsewhere): the pixel-term kinds present (`plan::pixel_kinds`).
+    pixel_kinds: u32,
 }
 
 /// The small per-call buffers (uniforms, term table, statistics, coefficients, read-back),
@@ -746,6 +748,9 @@ impl GpuContext {
         if key.stage == Stage::Finalize {
             constants.push(("STAT_KINDS", key.stat_kinds as f64));
         }
+        if matches!(key.stage, Stage::Stats | Stage::Grad) {
+            constants.push(("PIXEL_KINDS", key.pixel_kinds as f64));
+        }
         let p = self
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -1037,6 +1042,11 @@ impl GpuContext {
                 0
             },
             subgroups: stage == Stage::Stats && self.uses_subgroups(),
+            pixel_kinds: if matches!(stage, Stage::Stats | Stage::Grad) {
+                plan::pixel_kinds(spec)
+            } else {
+                0
+            },
         };
         let dims_size = std::mem::size_of::<Dims>() as u64;
         let q = &self.queue;

@@ -152,6 +152,20 @@ pub fn stat_kinds(spec: &LossSpec) -> u32 {
         .fold(0, |a, b| a | b)
 }
 
+/// The pixel-term kinds of a spec as a bit mask (0 CE, 1 focal, 2 BCE), an override of the
+/// stats and grad pipelines.
+pub fn pixel_kinds(spec: &LossSpec) -> u32 {
+    spec.terms
+        .iter()
+        .map(|t| match t {
+            Term::CrossEntropy { .. } => 1,
+            Term::Focal { .. } => 2,
+            Term::Bce { .. } => 4,
+            _ => 0,
+        })
+        .fold(0, |a, b| a | b)
+}
+
 /// Width of a statistics row for C classes.
 pub fn row_width(classes: usize) -> usize {
     PER_CLASS * classes + ROW_SCALARS
