@@ -30,17 +30,7 @@ fn reduce3(lid: u32, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>) {
     }
     workgroupBarrier();
     if lid == 0u {
-        var ta = red_a[0];
-        var tb = red_b[0];
-        var tc = red_c[0];
-        for (var k = 1u; k < subgroup.z; k++) {
-            ta += red_a[k];
-            tb += red_b[k];
-            tc += red_c[k];
-        }
-        red_a[0] = ta;
-        red_b[0] = tb;
-        red_c[0] = tc;
+        gather_sums(0u, subgroup.z, 1u);
     }
     workgroupBarrier();
 }

@@ -17,31 +17,11 @@ fn reduce3(lid: u32, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>) {
     red_c[lid] = c;
     workgroupBarrier();
     if lid < FOLD {
-        var sa = vec4(0.0);
-        var sb = vec4(0.0);
-        var sc = vec4(0.0);
-        for (var k = 0u; k < FOLD; k++) {
-            sa += red_a[lid * FOLD + k];
-            sb += red_b[lid * FOLD + k];
-            sc += red_c[lid * FOLD + k];
-        }
-        red_a[lid * FOLD] = sa;
-        red_b[lid * FOLD] = sb;
-        red_c[lid * FOLD] = sc;
+        gather_sums(lid * FOLD, FOLD, 1u);
     }
     workgroupBarrier();
     if lid == 0u {
-        var sa = vec4(0.0);
-        var sb = vec4(0.0);
-        var sc = vec4(0.0);
-        for (var k = 0u; k < FOLD; k++) {
-            sa += red_a[k * FOLD];
-            sb += red_b[k * FOLD];
-            sc += red_c[k * FOLD];
-        }
-        red_a[0] = sa;
-        red_b[0] = sb;
-        red_c[0] = sc;
+        gather_sums(0u, FOLD, FOLD);
     }
     workgroupBarrier();
 }

@@ -66,30 +66,40 @@ fn flush(lid: u32, row: u32, c0: u32, n: u32, sums: ptr<function, ClassSums>) {
         reduce3(lid, (*sums).a[k], vec4((*sums).b[k], (*sums).b[k1]), (*sums).a[k1]);
         if lid == 0u {
             let o = row + (c0 + k) * PER_CLASS;
-            let ra = red_a[0];
-            let rb = red_b[0];
-            partial[o] = ra.x;
-            partial[o + 1u] = ra.y;
-            partial[o + 2u] = ra.z;
-            partial[o + 3u] = ra.w;
-            partial[o + 4u] = rb.x;
-            partial[o + 5u] = rb.y;
-            partial[o + 6u] = 0.0;
-            partial[o + 7u] = 0.0;
+            write_class(o, red_a[0], red_b[0].xy);
             if k + 1u < n {
-                let rc = red_c[0];
-                let o1 = o + PER_CLASS;
-                partial[o1] = rc.x;
-                partial[o1 + 1u] = rc.y;
-                partial[o1 + 2u] = rc.z;
-                partial[o1 + 3u] = rc.w;
-                partial[o1 + 4u] = rb.z;
-                partial[o1 + 5u] = rb.w;
-                partial[o1 + 6u] = 0.0;
-                partial[o1 + 7u] = 0.0;
+                write_class(o + PER_CLASS, red_c[0], red_b[0].zw);
             }
         }
     }
+}
+
+// One class's sums (P, Q, I, G), (H, U) into a row, with the two spare floats zeroed.
+fn write_class(o: u32, pqig: vec4<f32>, hu: vec2<f32>) {
+    partial[o] = pqig.x;
+    partial[o + 1u] = pqig.y;
+    partial[o + 2u] = pqig.z;
+    partial[o + 3u] = pqig.w;
+    partial[o + 4u] = hu.x;
+    partial[o + 5u] = hu.y;
+    partial[o + 6u] = 0.0;
+    partial[o + 7u] = 0.0;
+}
+
+// Adds red_*[first + k·stride] for k < n into red_*[first] (the strategy files declare the
+// red_* arrays and call this in their last steps, in a fixed order).
+fn gather_sums(first: u32, n: u32, stride: u32) {
+    var sa = red_a[first];
+    var sb = red_b[first];
+    var sc = red_c[first];
+    for (var k = 1u; k < n; k++) {
+        sa += red_a[first + k * stride];
+        sb += red_b[first + k * stride];
+        sc += red_c[first + k * stride];
+    }
+    red_a[first] = sa;
+    red_b[first] = sb;
+    red_c[first] = sc;
 }
 
 // p and s (the region term's tempered probability) of class c from its logit.

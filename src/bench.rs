@@ -167,27 +167,18 @@ impl Problem {
         });
         // Whole 16-byte words only (a tail of up to 12 bytes is left out of the floor).
         let words = (logits.size() / 16).max(1);
+        let whole_words = |binding, buffer| wgpu::BindGroupEntry {
+            binding,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer,
+                offset: 0,
+                size: wgpu::BufferSize::new(words * 16),
+            }),
+        };
         let bind = device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some("bench shader copy"),
             layout: &pipeline.get_bind_group_layout(0),
-            entries: &[
-                wgpu::BindGroupEntry {
-                    binding: 0,
-                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                        buffer: &logits,
-                        offset: 0,
-                        size: wgpu::BufferSize::new(words * 16),
-                    }),
-                },
-                wgpu::BindGroupEntry {
-                    binding: 1,
-                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                        buffer: &copy_dst,
-                        offset: 0,
-                        size: wgpu::BufferSize::new(words * 16),
-                    }),
-                },
-            ],
+            entries: &[whole_words(0, &logits), whole_words(1, &copy_dst)],
         });
         let shader_copy = (pipeline, bind, (words as usize).div_ceil(256));
         Ok(Problem {
