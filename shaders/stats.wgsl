@@ -44,7 +44,7 @@ fn check_pixel(b: u32, i: u32, y: u32, z: ptr<function, Block>, g: ptr<function,
 const WG: u32 = 256u;
 // Pixels per invocation (at most 32: one bit each in `counted`); more pixels per workgroup
 // means fewer workgroup reductions.
-const PPT: u32 = 16u;
+const PPT: u32 = 32u;
 const TILE: u32 = WG * PPT;
 // Per-class sums of one invocation for a block of classes: (P, Q, I, G) and (H, U).
 struct ClassSums {

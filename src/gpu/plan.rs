@@ -15,7 +15,7 @@ pub const PER_CLASS: usize = 8;
 /// Scalars after the classes in a statistics row: (valid, plain CE, ·, ·), losses, normalisers.
 pub const ROW_SCALARS: usize = 12;
 /// Pixels per stats workgroup (WG · PPT in stats.wgsl).
-pub const STATS_TILE: usize = 4096;
+pub const STATS_TILE: usize = 8192;
 /// Invocations per grad workgroup (a workgroup covers pixels of one image).
 pub const GRAD_WG: usize = 256;
 
