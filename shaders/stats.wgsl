@@ -1,7 +1,8 @@
 // Stage 1: one pass over logits and labels. A workgroup covers a tile of TILE pixels of one
-// image and writes one row of partial sums, summed over the workgroup by `reduce3`
-// (reduce_subgroup.wgsl or reduce_workgroup.wgsl, whichever the adapter supports): per class (P, Q, I, G, H, U), then the valid
-// count, the plain CE and (loss, normaliser) per pixel term. No float atomics: the order
+// image and writes one row of partial sums: per class (P, Q, I, G, H, U), then the valid
+// count, the plain CE and (loss, normaliser) per pixel term. The workgroup sum, `reduce3`,
+// is a strategy per hardware path: reduce_subgroup.wgsl where the adapter has subgroup
+// operations, reduce_workgroup.wgsl otherwise. No float atomics: the order
 // of every sum is fixed, so the results are bitwise reproducible.
 // CPU port: src/reference/stats.rs.
 
