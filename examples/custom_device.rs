@@ -4,8 +4,8 @@
 //!
 //! cargo run --release --example custom_device
 
-use segloss::gpu::{context, BufferRegion, DeviceBatch, GpuContext, GradTarget};
-use segloss::input::{GradFormat, LabelFormat};
+use segloss::gpu::{context, DeviceBatch, GpuContext, GradTarget};
+use segloss::input::LabelFormat;
 use segloss::testing::{random_labels, Rng};
 use segloss::{LossSpec, Shape};
 use wgpu::util::DeviceExt;
@@ -85,18 +85,7 @@ fn main() -> segloss::Result<()> {
         let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("train step"),
         });
-        let rec = ctx.record(
-            &mut enc,
-            &spec,
-            &batch,
-            Some(GradTarget {
-                region: BufferRegion {
-                    buffer: &grad,
-                    offset: 0,
-                },
-                format: GradFormat::F32,
-            }),
-        )?;
+        let rec = ctx.record(&mut enc, &spec, &batch, Some(GradTarget::f32(&grad)))?;
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
             pass.set_pipeline(&sgd);

@@ -6,7 +6,7 @@
 //! cargo run --release --example data_parallel
 
 use segloss::gpu::{context, BufferRegion, DeviceBatch, GpuContext, GradTarget, Options};
-use segloss::input::{GradFormat, LabelFormat, Labels, Layout, LogitFormat};
+use segloss::input::{LabelFormat, Labels, Layout, LogitFormat};
 use segloss::output::Statistics;
 use segloss::testing::{random_labels, random_logits, Rng};
 use segloss::{LossSpec, Shape};
@@ -124,13 +124,7 @@ fn main() -> segloss::Result<()> {
     let mut losses = vec![];
     for (ctx, sh) in devices.iter().zip(&shard_data) {
         let mut enc = ctx.device().create_command_encoder(&Default::default());
-        let grad = GradTarget {
-            region: BufferRegion {
-                buffer: &sh.grad,
-                offset: 0,
-            },
-            format: GradFormat::F32,
-        };
+        let grad = GradTarget::f32(&sh.grad);
         let rec =
             ctx.record_with_statistics(&mut enc, &spec, &device_batch(sh), &total, Some(grad))?;
         ctx.queue().submit([enc.finish()]);

@@ -3,8 +3,8 @@
 //!
 //! cargo run --release --example stage_times -- 8,4,256,256
 
-use segloss::gpu::{BufferRegion, DeviceBatch, GpuContext, GradTarget};
-use segloss::input::{GradFormat, LabelFormat, Labels, Shape};
+use segloss::gpu::{DeviceBatch, GpuContext, GradTarget};
+use segloss::input::{LabelFormat, Labels, Shape};
 use segloss::testing::{random_labels, random_logits, Rng};
 use segloss::LossSpec;
 use std::time::Instant;
@@ -64,19 +64,8 @@ fn main() -> segloss::Result<()> {
     let stats = time(&|enc| ctx.record_statistics(enc, &spec, &batch).map(|_| ()))?;
     let forward = time(&|enc| ctx.record(enc, &spec, &batch, None).map(|_| ()))?;
     let full = time(&|enc| {
-        ctx.record(
-            enc,
-            &spec,
-            &batch,
-            Some(GradTarget {
-                region: BufferRegion {
-                    buffer: &grad,
-                    offset: 0,
-                },
-                format: GradFormat::F32,
-            }),
-        )
-        .map(|_| ())
+        ctx.record(enc, &spec, &batch, Some(GradTarget::f32(&grad)))
+            .map(|_| ())
     })?;
     // Finalize alone: the two-phase API given the statistics, without the gradient.
     let mut enc = dev.create_command_encoder(&Default::default());

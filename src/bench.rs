@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{BufferRegion, DeviceBatch, GpuContext, GradTarget};
-use crate::input::{GradFormat, LabelFormat, Labels, Layout, LogitFormat, Shape};
+use crate::input::{LabelFormat, Labels, Layout, LogitFormat, Shape};
 use crate::spec::{Activation, LossSpec};
 use crate::testing::{random_labels, random_logits, random_masks, Rng};
 use serde::Serialize;
@@ -222,13 +222,7 @@ impl Problem {
         let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("bench"),
         });
-        let grad = Some(GradTarget {
-            region: BufferRegion {
-                buffer: &self.grad,
-                offset: 0,
-            },
-            format: GradFormat::F32,
-        });
+        let grad = Some(GradTarget::f32(&self.grad));
         let _rec = match (&self.queries, timed) {
             (Some((set, resolve, read)), true) => {
                 let rec = ctx.record_timed(&mut enc, &self.spec, &self.batch(), grad, set)?;

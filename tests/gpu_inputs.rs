@@ -266,11 +266,7 @@ fn logits_beyond_one_binding() {
             &shape,
             &z,
             Labels::Index(&y),
-            Options {
-                gradient: true,
-                poison: true,
-                ..Default::default()
-            },
+            common::GRADIENT,
         )
         .unwrap();
     assert!(
@@ -651,11 +647,7 @@ fn more_workgroups_than_one_dimension_holds() {
             &shape,
             &z,
             Labels::Soft(&m),
-            Options {
-                gradient: true,
-                poison: true,
-                ..Default::default()
-            },
+            common::GRADIENT,
         )
         .unwrap();
     let softplus = |x: f64| x.max(0.0) + (-x.abs()).exp().ln_1p();

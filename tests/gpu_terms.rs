@@ -170,11 +170,7 @@ fn ignored_images_contribute_nothing() {
                 &shape,
                 &z,
                 Labels::Index(&y),
-                Options {
-                    gradient: true,
-                    poison: true,
-                    ..Default::default()
-                },
+                common::GRADIENT,
             )
             .unwrap();
         assert_eq!(out.loss, 0.0, "{json}");
@@ -217,16 +213,10 @@ fn weights_are_data_and_results_are_deterministic() {
         statistics: true,
         poison: false,
     };
+    let half_dice =
+        spec(r#"{"terms":[{"kind":"cross_entropy","weight":1.0},{"kind":"dice","weight":0.5}]}"#);
     let first = ctx
-        .evaluate(
-            &spec(
-                r#"{"terms":[{"kind":"cross_entropy","weight":1.0},{"kind":"dice","weight":0.5}]}"#,
-            ),
-            &shape,
-            &z,
-            Labels::Index(&y),
-            opts,
-        )
+        .evaluate(&half_dice, &shape, &z, Labels::Index(&y), opts)
         .unwrap();
     let created = ctx.buffers_created();
     for lambda in [0.25, 2.0, 1.0] {
@@ -242,15 +232,7 @@ fn weights_are_data_and_results_are_deterministic() {
     // Changing λ created no buffer; the same inputs give bitwise-identical outputs.
     assert_eq!(ctx.buffers_created(), created);
     let again = ctx
-        .evaluate(
-            &spec(
-                r#"{"terms":[{"kind":"cross_entropy","weight":1.0},{"kind":"dice","weight":0.5}]}"#,
-            ),
-            &shape,
-            &z,
-            Labels::Index(&y),
-            opts,
-        )
+        .evaluate(&half_dice, &shape, &z, Labels::Index(&y), opts)
         .unwrap();
     assert_eq!(first.loss.to_bits(), again.loss.to_bits());
     assert_eq!(first.gradient, again.gradient);

@@ -266,6 +266,16 @@ pub struct GradTarget<'a> {
     pub format: GradFormat,
 }
 
+impl<'a> GradTarget<'a> {
+    /// The common case: an f32 gradient written from the start of `buffer`.
+    pub fn f32(buffer: &'a wgpu::Buffer) -> Self {
+        GradTarget {
+            region: BufferRegion { buffer, offset: 0 },
+            format: GradFormat::F32,
+        }
+    }
+}
+
 /// The device-resident results of a recorded call; they stay valid while this handle lives.
 pub struct Recorded {
     ws: Arc<Workspace>,

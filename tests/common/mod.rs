@@ -8,6 +8,13 @@ use segloss::reference;
 use segloss::spec::LossSpec;
 use std::sync::OnceLock;
 
+/// Loss and gradient, outputs poisoned first (no raw statistics).
+pub const GRADIENT: Options = Options {
+    gradient: true,
+    statistics: false,
+    poison: true,
+};
+
 /// A spec from JSON, panicking with the JSON on a mistake in the test itself.
 pub fn spec(json: &str) -> LossSpec {
     LossSpec::from_json(json).unwrap_or_else(|e| panic!("{json}: {e}"))
