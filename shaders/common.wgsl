@@ -18,6 +18,11 @@ override N_PIX: u32 = 0u;
 // The pixel-term kinds of the spec, bit k for kind code k (0 CE, 1 focal, 2 BCE), so the
 // code of absent kinds is compiled out: SIMD CPUs run both sides of a branch.
 override PIXEL_KINDS: u32 = 7u;
+// Bit t: pixel term t has a per-class vector (CE class weights, focal α, BCE pos_weight).
+// Without one its weight is the constant 1 and no read of it is compiled.
+override PIXEL_WEIGHTED: u32 = 15u;
+// Bit t: pixel term t writes a per-pixel loss map (cross-entropy with reduction "none").
+override PIXEL_MAPS: u32 = 15u;
 // 0: f32 logits, 1: f16, 2: bf16 (16-bit values two per word, widened here; the sums stay f32).
 override LOGIT_KIND: u32 = 0u;
 
@@ -136,9 +141,9 @@ fn class_param(slot: u32, c: u32) -> f32 {
     return params[u32(off) + c];
 }
 
-// A per-class weight of a pixel term from its hoisted vector offset (1 when absent).
-fn term_weight(off: f32, c: u32) -> f32 {
-    if off < 0.0 {
+// Class c's weight in pixel term t from the term's hoisted vector offset (1 when absent).
+fn term_weight(t: u32, off: f32, c: u32) -> f32 {
+    if (PIXEL_WEIGHTED & (1u << t)) == 0u || off < 0.0 {
         return 1.0;
     }
     return params[u32(off) + c];

@@ -1,5 +1,8 @@
-// Stage 3: one invocation per pixel recomputes p from the logits (cheaper than storing it)
-// and writes ∂L/∂z for every class from the coefficient table and the pixel-term scales.
+// Stage 3: recomputes p from the logits (cheaper than storing it) and writes ∂L/∂z for
+// every class from the coefficient table and the pixel-term scales. An invocation covers
+// PPT pixels of one image: the image's coefficients and the per-term constants, read once,
+// serve all of them (lavapipe reads memory lane by lane, ~20 cycles a value, so reading them
+// per pixel cost more than the pixel's own logits).
 // CPU port: src/reference/grad.rs.
 
 @group(0) @binding(0) var<storage, read> logits: array<u32>;
@@ -9,15 +12,31 @@
 @group(0) @binding(6) var<storage, read> fin: array<f32>;
 @group(0) @binding(7) var<storage, read_write> grad: array<f32>;
 
+const WG: u32 = 256u;
+// Pixels per invocation (plan::GRAD_TILE = WG · PPT); pixel k of an invocation is
+// base + k·WG + lid, so a workgroup's reads and writes stay contiguous.
+const PPT: u32 = 8u;
+const TILE: u32 = WG * PPT;
+
+// What an invocation reads once for all its pixels: the first BLOCK classes' coefficients
+// and, per pixel term, its kind, ε or γ, scale and class-vector offset (−1: none).
+struct Consts {
+    kc: array<vec4<f32>, BLOCK>,
+    kinds: vec4<u32>,
+    opt: vec4<f32>,
+    scales: vec4<f32>,
+    offs: vec4<f32>,
+}
+
 fn coef(b: u32, c: u32) -> vec4<f32> {
     let o = (b * C + c) * 4u;
     return vec4(fin[o], fin[o + 1u], fin[o + 2u], fin[o + 3u]);
 }
 
-// Class c's coefficients, from the workgroup's copy for the first BLOCK classes.
-fn coef_of(kc: ptr<function, array<vec4<f32>, BLOCK>>, b: u32, c: u32) -> vec4<f32> {
+// Class c's coefficients, from the invocation's copy for the first BLOCK classes.
+fn coef_of(k: ptr<function, Consts>, b: u32, c: u32) -> vec4<f32> {
     if c < BLOCK {
-        return (*kc)[c];
+        return (*k).kc[c];
     }
     return coef(b, c);
 }
@@ -32,50 +51,50 @@ fn stat_a(k: vec4<f32>, p: f32, g: f32) -> f32 {
     return k.x + 2.0 * p * k.y + g * k.z + select(k.w, 0.0, TEMPERED);
 }
 
-const WG: u32 = 256u;
-
 @compute @workgroup_size(256)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    // A workgroup covers WG pixels of one image, so the image and everything read from it
-    // below are uniform over the workgroup, read before any branch: one scalar load per
-    // SIMD row on CPU Vulkan, a broadcast on GPUs, instead of a load per pixel.
+    // A workgroup covers TILE pixels of one image, so the image and everything read from it
+    // below are uniform over the workgroup, read before any branch.
     let group = flat_group(wid, nwg);
-    let per_image = (dims.spatial + WG - 1u) / WG;
+    let per_image = (dims.spatial + TILE - 1u) / TILE;
     let b = dims.image_offset + min(group / per_image, dims.batch - 1u);
-    let i = (group % per_image) * WG + lid;
-    let temp = dims.temperature;
-    var kc: array<vec4<f32>, BLOCK>;
+    let base = (group % per_image) * TILE;
+    var cs: Consts;
     for (var c = 0u; c < min(C, BLOCK); c++) {
-        kc[c] = coef(b, c);
+        cs.kc[c] = coef(b, c);
     }
-    // Per pixel term: kind, ε or γ, scale, offset of the class vector (−1: none).
-    var kinds = vec4<u32>(0u);
-    var opt = vec4(0.0);
-    var scales = vec4(0.0);
-    var offs = vec4(-1.0);
     for (var t = 0u; t < N_PIX; t++) {
-        kinds[t] = u32(record(t, 0u));
-        opt[t] = record(t, 4u);
-        scales[t] = pixel_scale(t);
-        offs[t] = record(t, 3u);
+        cs.kinds[t] = u32(record(t, 0u));
+        cs.opt[t] = record(t, 4u);
+        cs.scales[t] = pixel_scale(t);
+        cs.offs[t] = record(t, 3u);
     }
-    if group >= dims.batch * per_image || i >= dims.spatial {
+    if group >= dims.batch * per_image {
         return;
     }
+    for (var j = 0u; j < PPT; j++) {
+        let i = base + j * WG + lid;
+        if i >= dims.spatial {
+            break;
+        }
+        grad_pixel(b, i, &cs);
+    }
+}
+
+// ∂L/∂z of every class of pixel i of global image b. An ignored pixel runs the same code
+// (its targets are all 0) and writes zeros: one store per class either way, no branch
+// with stores of its own.
+fn grad_pixel(b: u32, i: u32, cs: ptr<function, Consts>) {
+    let temp = dims.temperature;
     var y = 0u;
     if LABEL_KIND != 2u {
         y = class_label(b, i);
     }
-    if y == IGNORE {
-        for (var c = 0u; c < C; c++) {
-            grad[elem(b, c, i) + dims.grad_shift] = 0.0;
-        }
-        return;
-    }
+    let keep = y != IGNORE;
     var z = load_logits(b, i);
     var g = load_targets(b, i);
 
@@ -84,16 +103,16 @@ fn main(
             let zc = z_of(&z, b, c, i);
             let gc = g_of(&g, b, c, i, y);
             let p = sigmoid(zc);
-            let k = coef_of(&kc, b, c);
+            let k = coef_of(cs, b, c);
             var dz = stat_a(k, p, gc) * p * sigmoid(-zc);
             if TEMPERED {
                 dz += temp * k.w * sigmoid(temp * zc) * sigmoid(-temp * zc);
             }
             for (var t = 0u; t < N_PIX; t++) {
-                let pw = term_weight(offs[t], c);
-                dz += scales[t] * (p * (1.0 - gc + pw * gc) - pw * gc);
+                let pw = term_weight(t, (*cs).offs[t], c);
+                dz += (*cs).scales[t] * (p * (1.0 - gc + pw * gc) - pw * gc);
             }
-            grad[elem(b, c, i) + dims.grad_shift] = dz;
+            grad[elem(b, c, i) + dims.grad_shift] = select(0.0, dz, keep);
         }
         return;
     }
@@ -115,18 +134,18 @@ fn main(
         let gc = g_of(&g, b, c, i, y);
         let e = exp_of(&ez, &z, b, c, i, 1.0, sm.x);
         let p = e / sm.y;
-        let k = coef_of(&kc, b, c);
+        let k = coef_of(cs, b, c);
         ap += stat_a(k, p, gc) * p;
         if TEMPERED {
             us += k.w * exp_of(&et, &z, b, c, i, temp, smt.x) / smt.y;
         }
         for (var t = 0u; t < N_PIX; t++) {
-            if is_ce(kinds[t]) {
-                let eps = opt[t];
-                pixel_sum[t] += term_weight(offs[t], c) * ((1.0 - eps) * gc + eps / f32(C));
+            if is_ce((*cs).kinds[t]) {
+                let eps = (*cs).opt[t];
+                pixel_sum[t] += term_weight(t, (*cs).offs[t], c) * ((1.0 - eps) * gc + eps / f32(C));
             } else if gc != 0.0 {
                 let q = max(sm.y - e, 0.0) / sm.y;
-                pixel_sum[t] += focal_h(p, q, zc - sm.x - log_se, term_weight(offs[t], c) * gc, opt[t]);
+                pixel_sum[t] += focal_h(p, q, zc - sm.x - log_se, term_weight(t, (*cs).offs[t], c) * gc, (*cs).opt[t]);
             }
         }
     }
@@ -136,7 +155,7 @@ fn main(
         let gc = g_of(&g, b, c, i, y);
         let e = exp_of(&ez, &z, b, c, i, 1.0, sm.x);
         let p = e / sm.y;
-        let k = coef_of(&kc, b, c);
+        let k = coef_of(cs, b, c);
         var dz = p * (stat_a(k, p, gc) - ap);
         if TEMPERED {
             let s = exp_of(&et, &z, b, c, i, temp, smt.x) / smt.y;
@@ -144,20 +163,20 @@ fn main(
         }
         for (var t = 0u; t < N_PIX; t++) {
             var h = 0.0;
-            if is_ce(kinds[t]) {
-                let eps = opt[t];
-                h = -term_weight(offs[t], c) * ((1.0 - eps) * gc + eps / f32(C));
+            if is_ce((*cs).kinds[t]) {
+                let eps = (*cs).opt[t];
+                h = -term_weight(t, (*cs).offs[t], c) * ((1.0 - eps) * gc + eps / f32(C));
             } else if gc != 0.0 {
                 let q = max(sm.y - e, 0.0) / sm.y;
-                h = focal_h(p, q, zc - sm.x - log_se, term_weight(offs[t], c) * gc, opt[t]);
+                h = focal_h(p, q, zc - sm.x - log_se, term_weight(t, (*cs).offs[t], c) * gc, (*cs).opt[t]);
             }
             // CE: p_c·Σ w t − w_c t_c; focal: h_c − p_c·Σ h.
             var ps = -p * pixel_sum[t];
-            if is_ce(kinds[t]) {
+            if is_ce((*cs).kinds[t]) {
                 ps = -ps;
             }
-            dz += scales[t] * (h + ps);
+            dz += (*cs).scales[t] * (h + ps);
         }
-        grad[elem(b, c, i) + dims.grad_shift] = dz;
+        grad[elem(b, c, i) + dims.grad_shift] = select(0.0, dz, keep);
     }
 }

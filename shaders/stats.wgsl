@@ -16,30 +16,58 @@
 // first such label position] (the host sets the firsts to 0xFFFFFFFF before each call).
 @group(0) @binding(10) var<storage, read_write> check: array<atomic<u32>, 4>;
 
+// Bad input among one invocation's pixels: counts and first flat positions of non-finite
+// logits and of invalid labels. Kept in registers and published with atomics once per
+// invocation (`publish`): an atomic in the pixel loop is a lane-by-lane loop per pixel on
+// lavapipe even when no lane has bad input.
+struct BadInput {
+    logits: u32,
+    first_logit: u32,
+    labels: u32,
+    first_label: u32,
+}
+
 // Counts and locates non-finite logits and invalid labels of one pixel; true when clean.
-fn check_pixel(b: u32, i: u32, y: u32, z: ptr<function, Block>, g: ptr<function, Block>) -> bool {
+fn check_pixel(b: u32, i: u32, y: u32, z: ptr<function, Block>, g: ptr<function, Block>, bad: ptr<function, BadInput>) -> bool {
     var clean = true;
     for (var c = 0u; c < C; c++) {
         if !finite(z_of(z, b, c, i)) {
-            atomicAdd(&check[0], 1u);
-            atomicMin(&check[1], elem(b, c, i));
+            (*bad).logits += 1u;
+            (*bad).first_logit = min((*bad).first_logit, elem(b, c, i));
             clean = false;
         }
         if LABEL_KIND == 2u {
             let t = g_of(g, b, c, i, y);
             if !finite(t) || t < 0.0 || t > 1.0 {
-                atomicAdd(&check[2], 1u);
-                atomicMin(&check[3], elem(b, c, i));
+                (*bad).labels += 1u;
+                (*bad).first_label = min((*bad).first_label, elem(b, c, i));
                 clean = false;
             }
         }
     }
     if LABEL_KIND != 2u && y != IGNORE && y >= C {
-        atomicAdd(&check[2], 1u);
-        atomicMin(&check[3], b * dims.spatial + i);
+        (*bad).labels += 1u;
+        (*bad).first_label = min((*bad).first_label, b * dims.spatial + i);
         clean = false;
     }
     return clean;
+}
+
+// Adds an invocation's bad-input counts to `check` and lowers its first positions.
+fn publish(bad: BadInput) {
+    if bad.logits > 0u {
+        atomicAdd(&check[0], bad.logits);
+        atomicMin(&check[1], bad.first_logit);
+    }
+    if bad.labels > 0u {
+        atomicAdd(&check[2], bad.labels);
+        atomicMin(&check[3], bad.first_label);
+    }
+}
+
+// Whether pixel term t writes a loss map (a constant: the writes compile out otherwise).
+fn has_map(t: u32) -> bool {
+    return (PIXEL_MAPS & (1u << t)) != 0u;
 }
 
 const WG: u32 = 256u;
@@ -116,15 +144,13 @@ fn probs(z: f32, sm: vec2<f32>, smt: vec2<f32>) -> vec2<f32> {
 // The body of the entry point `main`, which the reduction strategy's file declares (it
 // needs builtins of its own).
 fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
-    // Per pixel term, read once before any branch: kind, ε or γ, map flag, class vector.
+    // Per pixel term, read once before any branch: kind, ε or γ, class vector.
     var kinds = vec4<u32>(0u);
     var opt = vec4(0.0);
-    var maps = vec4<bool>(false);
     var offs = vec4(-1.0);
     for (var t = 0u; t < N_PIX; t++) {
         kinds[t] = u32(record(t, 0u));
         opt[t] = record(t, 4u);
-        maps[t] = record(t, 5u) == 2.0;
         offs[t] = record(t, 3u);
     }
     let tile = flat_group(wid, nwg);
@@ -145,6 +171,7 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
     var losses = vec4(0.0);          // per pixel term
     var norms = vec4(0.0);           // per pixel term
     var sums: ClassSums;             // the first block of classes
+    var bad = BadInput(0u, IGNORE, 0u, IGNORE);
 
     for (var k = 0u; k < PPT; k++) {
         let i = base + k * WG + lid;
@@ -157,13 +184,13 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
         }
         var z = load_logits(b, i);
         var g = load_targets(b, i);
-        if !check_pixel(b, i, yk, &z, &g) {
+        if !check_pixel(b, i, yk, &z, &g, &bad) {
             // Reported by the host as an error; the pixel is left out of every sum.
             yk = IGNORE;
         }
         if yk == IGNORE {
             for (var t = 0u; t < N_PIX; t++) {
-                if maps[t] {
+                if has_map(t) {
                     loss_map[t * n_maps + b * dims.spatial + i] = 0.0;
                 }
             }
@@ -178,7 +205,7 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
                 for (var c = 0u; c < C; c++) {
                     let zc = z_of(&z, b, c, i);
                     let gc = g_of(&g, b, c, i, yk);
-                    l += term_weight(offs[t], c) * gc * softplus(-zc) + (1.0 - gc) * softplus(zc);
+                    l += term_weight(t, offs[t], c) * gc * softplus(-zc) + (1.0 - gc) * softplus(zc);
                 }
                 losses[t] += l;
                 norms[t] += f32(C);
@@ -215,20 +242,20 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
                 var smoothing = 0.0;
                 if eps > 0.0 {
                     for (var c = 0u; c < C; c++) {
-                        smoothing += term_weight(offs[t], c) * (lse - z_of(&z, b, c, i));
+                        smoothing += term_weight(t, offs[t], c) * (lse - z_of(&z, b, c, i));
                     }
                     smoothing *= eps / f32(C);
                 }
                 if LABEL_KIND == 2u {
                     for (var c = 0u; c < C; c++) {
-                        l += term_weight(offs[t], c) * g_of(&g, b, c, i, yk) * (lse - z_of(&z, b, c, i));
+                        l += term_weight(t, offs[t], c) * g_of(&g, b, c, i, yk) * (lse - z_of(&z, b, c, i));
                     }
                     l = (1.0 - eps) * l + smoothing;
                 } else {
-                    n = term_weight(offs[t], yk);
+                    n = term_weight(t, offs[t], yk);
                     l = (1.0 - eps) * n * plain + smoothing;
                 }
-                if maps[t] {
+                if has_map(t) {
                     loss_map[t * n_maps + b * dims.spatial + i] = l;
                 }
             } else {
@@ -240,7 +267,7 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
                         let zc = z_of(&z, b, c, i);
                         let e = exp_of(&ez, &z, b, c, i, 1.0, p.x);
                         let q = max(p.y - e, 0.0) / p.y;
-                        l += term_weight(offs[t], c) * gc * safe_pow(q, gamma) * (lse - zc);
+                        l += term_weight(t, offs[t], c) * gc * safe_pow(q, gamma) * (lse - zc);
                     }
                 }
             }
@@ -253,6 +280,7 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
             accumulate(&sums, c, pc, sc, g_of(&g, b, c, i, yk));
         }
     }
+    publish(bad);
     flush(lid, row, 0u, first, &sums);
 
     // Classes past the first block (C > BLOCK): read the pixels again, a block at a time.

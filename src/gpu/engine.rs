@@ -2,7 +2,7 @@
 //! encoder on any buffers, the caller's or pooled ones; the convenient host API on top.
 
 use super::context;
-use super::plan::{self, Dims, FinLayout, Region, DIMS_SLOT, GRAD_WG, STATS_TILE};
+use super::plan::{self, Dims, FinLayout, Region, DIMS_SLOT, GRAD_TILE, STATS_TILE};
 use super::pool::{BufferKey, Pool};
 use crate::error::{Error, Result};
 use crate::input::{GradFormat, LabelFormat, Labels, Layout, LogitFormat, Shape};
@@ -62,6 +62,11 @@ struct PipelineKey {
     subgroups: bool,
     /// Stats and grad (0 elsewhere): the pixel-term kinds present (`plan::pixel_kinds`).
     pixel_kinds: u32,
+    /// Stats and grad (0 elsewhere): the pixel terms with class vectors
+    /// (`plan::pixel_weighted`).
+    pixel_weighted: u32,
+    /// Stats (0 elsewhere): the pixel terms with loss maps (`plan::pixel_maps`).
+    pixel_maps: u32,
 }
 
 /// The small per-call buffers (uniforms, term table, statistics, coefficients, read-back),
@@ -760,6 +765,10 @@ impl GpuContext {
         }
         if matches!(key.stage, Stage::Stats | Stage::Grad) {
             constants.push(("PIXEL_KINDS", key.pixel_kinds as f64));
+            constants.push(("PIXEL_WEIGHTED", key.pixel_weighted as f64));
+        }
+        if key.stage == Stage::Stats {
+            constants.push(("PIXEL_MAPS", key.pixel_maps as f64));
         }
         let p = self
             .device
@@ -1057,6 +1066,16 @@ impl GpuContext {
             } else {
                 0
             },
+            pixel_weighted: if matches!(stage, Stage::Stats | Stage::Grad) {
+                plan::pixel_weighted(spec)
+            } else {
+                0
+            },
+            pixel_maps: if stage == Stage::Stats {
+                plan::pixel_maps(spec)
+            } else {
+                0
+            },
         };
         let dims_size = std::mem::size_of::<Dims>() as u64;
         let q = &self.queue;
@@ -1158,7 +1177,7 @@ impl GpuContext {
             plans.push(ChunkPlan {
                 slot: (k as u64 + 1) * DIMS_SLOT,
                 groups_stats: count * s.div_ceil(STATS_TILE),
-                groups_grad: count * s.div_ceil(GRAD_WG),
+                groups_grad: count * s.div_ceil(GRAD_TILE),
                 logits: lr,
                 labels: yr,
                 grad: gr,

@@ -16,8 +16,8 @@ pub const PER_CLASS: usize = 8;
 pub const ROW_SCALARS: usize = 12;
 /// Pixels per stats workgroup (WG · PPT in stats.wgsl).
 pub const STATS_TILE: usize = 8192;
-/// Invocations per grad workgroup (a workgroup covers pixels of one image).
-pub const GRAD_WG: usize = 256;
+/// Pixels per grad workgroup (WG · PPT in grad.wgsl; a workgroup covers pixels of one image).
+pub const GRAD_TILE: usize = 2048;
 
 /// The uniform header of every dispatch (`Dims` in common.wgsl).
 #[repr(C)]
@@ -164,6 +164,41 @@ pub fn pixel_kinds(spec: &LossSpec) -> u32 {
             _ => 0,
         })
         .fold(0, |a, b| a | b)
+}
+
+/// Bit t set where the spec's t-th pixel term has a per-class vector (CE class weights,
+/// focal α, BCE pos_weight): the `PIXEL_WEIGHTED` override, so unweighted terms compile no
+/// reads of one.
+pub fn pixel_weighted(spec: &LossSpec) -> u32 {
+    pixel_term_bits(spec, |t| match t {
+        Term::CrossEntropy { class_weights, .. } => class_weights.is_some(),
+        Term::Focal { alpha, .. } => alpha.is_some(),
+        Term::Bce { pos_weight, .. } => pos_weight.is_some(),
+        _ => false,
+    })
+}
+
+/// Bit t set where the spec's t-th pixel term writes a per-pixel loss map (cross-entropy with
+/// reduction "none"): the `PIXEL_MAPS` override.
+pub fn pixel_maps(spec: &LossSpec) -> u32 {
+    pixel_term_bits(spec, |t| {
+        matches!(
+            t,
+            Term::CrossEntropy {
+                reduction: Reduction::None,
+                ..
+            }
+        )
+    })
+}
+
+fn pixel_term_bits(spec: &LossSpec, has: impl Fn(&Term) -> bool) -> u32 {
+    spec.terms
+        .iter()
+        .filter(|t| t.is_pixel_term())
+        .enumerate()
+        .filter(|(_, t)| has(t))
+        .fold(0, |bits, (k, _)| bits | 1 << k)
 }
 
 /// Width of a statistics row for C classes.
@@ -347,15 +382,7 @@ pub fn dims(spec: &LossSpec, shape: &Shape) -> Dims {
 
 /// Whether any term needs a per-pixel loss map (cross-entropy with reduction none).
 pub fn wants_loss_map(spec: &LossSpec) -> bool {
-    spec.terms.iter().any(|t| {
-        matches!(
-            t,
-            Term::CrossEntropy {
-                reduction: Reduction::None,
-                ..
-            }
-        )
-    })
+    pixel_maps(spec) != 0
 }
 
 /// Whether the activation is sigmoid.
