@@ -8,7 +8,11 @@
 // host derives them from the statistic rows it reads back (src/reference/finalize.rs
 // `proportions`), so no device pass spends time on them.
 
-@group(0) @binding(2) var<uniform> dims: Dims;
+// The header is bound as a storage buffer here, not a uniform one as in the pixel stages:
+// lavapipe (Mesa 22) inlines uniform values that loop bounds depend on (dims.batch,
+// dims.n_terms, ...) and, for shaders that grow when their loops unroll, recompiles them at
+// every dispatch. That cost ~10 ms a call for B = 8; the loops here are short anyway.
+@group(0) @binding(2) var<storage, read> dims: Dims;
 @group(0) @binding(3) var<storage, read> params: array<f32>;
 @group(0) @binding(4) var<storage, read> partial: array<f32>;
 @group(0) @binding(5) var<storage, read_write> stats: array<f32>;

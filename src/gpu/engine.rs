@@ -834,7 +834,11 @@ impl GpuContext {
             b
         };
         let out = U::STORAGE | U::COPY_SRC | U::COPY_DST;
-        let dims = make(DIMS_SLOT * key.dims_slots as u64, U::UNIFORM | U::COPY_DST);
+        // Storage too: finalize reads it as a storage buffer (see finalize.wgsl).
+        let dims = make(
+            DIMS_SLOT * key.dims_slots as u64,
+            U::UNIFORM | U::STORAGE | U::COPY_DST,
+        );
         let params = make(sizes.params, U::STORAGE | U::COPY_DST);
         let partial = make(sizes.partial, U::STORAGE);
         let stats = make(sizes.stats, out);
