@@ -60,7 +60,7 @@ struct Dims {
     grad_shift: u32,
     narrow_count: u32,
     narrow_shift: u32,
-    _pad: u32,
+    rows_per_tile: u32,
 }
 
 // A flat workgroup index from a 2D dispatch (one dimension holds at most 65535 groups).

@@ -14,7 +14,7 @@
 // every dispatch. That cost ~10 ms a call for B = 8; the loops here are short anyway.
 @group(0) @binding(2) var<storage, read> dims: Dims;
 @group(0) @binding(3) var<storage, read> params: array<f32>;
-@group(0) @binding(4) var<storage, read> partial: array<f32>;
+@group(0) @binding(4) var<storage, read_write> partial: array<f32>;
 @group(0) @binding(5) var<storage, read_write> stats: array<f32>;
 @group(0) @binding(6) var<storage, read_write> fin: array<f32>;
 
@@ -34,6 +34,24 @@ fn has_kind(kind: u32) -> bool {
 const EPS: f32 = 1e-10;
 const FLOOR: f32 = 1e-7;
 
+// With a partial row per subgroup (dims.rows_per_tile > 1), adds each tile's rows into its
+// first row, before reduce_tiles adds the tiles. Two passes, not one loop over every row:
+// llvmpipe ends an invocation's loops after 65 535 iterations in all (a 4200² image has
+// 2154 tiles of 32 rows there).
+@compute @workgroup_size(64)
+fn reduce_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let j = gid.x + gid.y * nwg.x * 64u;
+    if j >= dims.batch * dims.tiles_per_image * dims.row_width {
+        return;
+    }
+    let first = (j / dims.row_width) * dims.rows_per_tile * dims.row_width + j % dims.row_width;
+    var s = 0.0;
+    for (var r = 0u; r < dims.rows_per_tile; r++) {
+        s += partial[first + r * dims.row_width];
+    }
+    partial[first] = s;
+}
+
 @compute @workgroup_size(64)
 fn reduce_tiles(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let j = gid.x + gid.y * nwg.x * 64u;
@@ -42,11 +60,37 @@ fn reduce_tiles(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     }
     let b = j / dims.row_width;
     let col = j % dims.row_width;
+    // Each tile's rows were added into its first row by reduce_rows (or it has one row).
+    let stride = dims.rows_per_tile * dims.row_width;
     var s = 0.0;
     for (var t = 0u; t < dims.tiles_per_image; t++) {
-        s += partial[(b * dims.tiles_per_image + t) * dims.row_width + col];
+        s += partial[(b * dims.tiles_per_image + t) * stride + col];
     }
     stats[j] = s;
+}
+
+// finalize_terms runs as one workgroup of FIN_WG invocations that split each term's classes
+// (or, for generalized Dice, its groups) between them. Why not one invocation: llvmpipe ends
+// an invocation's loops after 65 535 iterations in all, which one invocation doing every
+// term reached at about B·C = 2 000 (16 images of 150 classes gave a wrong loss); GPUs get
+// 64-way parallelism for free. Each invocation writes the coefficients of its own classes
+// (or groups), and the term values are summed over the workgroup in a fixed order.
+const FIN_WG: u32 = 64u;
+
+var<workgroup> part: array<f32, FIN_WG>;
+
+// The sum of every invocation's v, in invocation order (the result is for invocation 0).
+fn workgroup_total(lid: u32, v: f32) -> f32 {
+    part[lid] = v;
+    workgroupBarrier();
+    var s = 0.0;
+    if lid == 0u {
+        for (var k = 0u; k < FIN_WG; k++) {
+            s += part[k];
+        }
+    }
+    workgroupBarrier();
+    return s;
 }
 
 fn stat(b: u32, col: u32) -> f32 {

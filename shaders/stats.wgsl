@@ -1,8 +1,8 @@
 // Stage 1: one pass over logits and labels. A workgroup covers a tile of TILE pixels of one
-// image and writes one row of partial sums: per class (P, Q, I, G, H, U), then the valid
-// count, the plain CE and (loss, normaliser) per pixel term. The workgroup sum, `reduce3`,
-// is a strategy per hardware path: reduce_subgroup.wgsl where the adapter has subgroup
-// operations, reduce_workgroup.wgsl otherwise. No float atomics: the order
+// image and writes rows of partial sums: per class (P, Q, I, G, H, U), then the valid
+// count, the plain CE and (loss, normaliser) per pixel term. The sum, `reduce3`, is a
+// strategy per hardware path: reduce_subgroup.wgsl (a row per subgroup) where the adapter
+// has subgroup operations, reduce_workgroup.wgsl (a row per tile) otherwise. No float atomics: the order
 // of every sum is fixed, so the results are bitwise reproducible.
 // CPU port: src/reference/stats.rs.
 
@@ -87,17 +87,25 @@ fn accumulate(sums: ptr<function, ClassSums>, k: u32, p: f32, s: f32, g: f32) {
     (*sums).b[k] += vec2(g * g, s);
 }
 
-// Sums classes c0..c0+n over the workgroup, two classes per reduction, and writes them to
-// the tile's row.
+// Three vec4 summed by the reduction strategy's `reduce3`, and whether this invocation
+// holds the totals and writes them.
+struct Sums3 {
+    writer: bool,
+    a: vec4<f32>,
+    b: vec4<f32>,
+    c: vec4<f32>,
+}
+
+// Sums classes c0..c0+n, two classes per reduction, and writes them to the row.
 fn flush(lid: u32, row: u32, c0: u32, n: u32, sums: ptr<function, ClassSums>) {
     for (var k = 0u; k < n; k += 2u) {
         let k1 = min(k + 1u, BLOCK - 1u);
-        reduce3(lid, (*sums).a[k], vec4((*sums).b[k], (*sums).b[k1]), (*sums).a[k1]);
-        if lid == 0u {
+        let s = reduce3(lid, (*sums).a[k], vec4((*sums).b[k], (*sums).b[k1]), (*sums).a[k1]);
+        if s.writer {
             let o = row + (c0 + k) * PER_CLASS;
-            write_class(o, red_a[0], red_b[0].xy);
+            write_class(o, s.a, s.b.xy);
             if k + 1u < n {
-                write_class(o + PER_CLASS, red_c[0], red_b[0].zw);
+                write_class(o + PER_CLASS, s.c, s.b.zw);
             }
         }
     }
@@ -113,22 +121,6 @@ fn write_class(o: u32, pqig: vec4<f32>, hu: vec2<f32>) {
     partial[o + 5u] = hu.y;
     partial[o + 6u] = 0.0;
     partial[o + 7u] = 0.0;
-}
-
-// Adds red_*[first + k·stride] for k < n into red_*[first] (the strategy files declare the
-// red_* arrays and call this in their last steps, in a fixed order).
-fn gather_sums(first: u32, n: u32, stride: u32) {
-    var sa = red_a[first];
-    var sb = red_b[first];
-    var sc = red_c[first];
-    for (var k = 1u; k < n; k++) {
-        sa += red_a[first + k * stride];
-        sb += red_b[first + k * stride];
-        sc += red_c[first + k * stride];
-    }
-    red_a[first] = sa;
-    red_b[first] = sb;
-    red_c[first] = sc;
 }
 
 // p and s (the region term's tempered probability) of class c from its logit.
@@ -160,7 +152,9 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
     // b is the global image: rows of every dispatch of a call land in one partial buffer.
     let b = dims.image_offset + tile / dims.tiles_per_image;
     let base = (tile % dims.tiles_per_image) * TILE;
-    let row = (b * dims.tiles_per_image + tile % dims.tiles_per_image) * dims.row_width;
+    // The tile's first partial row, and the row this invocation's sums go to.
+    let tile_row = (b * dims.tiles_per_image + tile % dims.tiles_per_image) * dims.rows_per_tile;
+    let row = (tile_row + sub_row()) * dims.row_width;
     let n_maps = dims.total_batch * dims.spatial;
     let first = min(C, BLOCK);
 
@@ -313,13 +307,14 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
         flush(lid, row, c0, n, &more);
     }
 
-    reduce3(lid, counts, losses, norms);
-    if lid == 0u {
+    let s = reduce3(lid, counts, losses, norms);
+    if s.writer {
         let o = row + C * PER_CLASS;
         for (var k = 0u; k < 4u; k++) {
-            partial[o + k] = red_a[0][k];
-            partial[o + 4u + k] = red_b[0][k];
-            partial[o + 8u + k] = red_c[0][k];
+            partial[o + k] = s.a[k];
+            partial[o + 4u + k] = s.b[k];
+            partial[o + 8u + k] = s.c[k];
         }
     }
+    clear_spare_rows(tile_row);
 }

@@ -38,6 +38,7 @@ pub fn shader_sources() -> [(&'static str, String); 5] {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Stage {
     Stats,
+    ReduceRows,
     Reduce,
     Finalize,
     Grad,
@@ -81,6 +82,8 @@ struct WorkspaceKey {
     dims_slots: usize,
     scratch: u64,
     map: u64,
+    /// Partial rows per stats tile (`plan::rows_per_tile`).
+    rows_per_tile: usize,
 }
 
 struct Workspace {
@@ -726,6 +729,7 @@ impl GpuContext {
         let (name, entry) = match key.stage {
             Stage::Stats if key.subgroups => ("stats_subgroup", "main"),
             Stage::Stats => ("stats", "main"),
+            Stage::ReduceRows => ("finalize", "reduce_rows"),
             Stage::Reduce => ("finalize", "reduce_tiles"),
             Stage::Finalize => ("finalize", "finalize_terms"),
             Stage::Grad => ("grad", "main"),
@@ -820,7 +824,7 @@ impl GpuContext {
         let tiles = key.spatial.div_ceil(STATS_TILE) as u64;
         let sizes = Sizes {
             params: 4 * key.params_len as u64,
-            partial: 4 * key.total_batch as u64 * tiles * width,
+            partial: 4 * key.total_batch as u64 * tiles * key.rows_per_tile as u64 * width,
             stats: 4 * key.total_batch as u64 * width,
             fin: 4 * fin_layout.len as u64,
             map: key.map.max(4),
@@ -1025,6 +1029,7 @@ impl GpuContext {
         } else {
             4
         };
+        let rows_per_tile = plan::rows_per_tile(self.uses_subgroups(), self.info.subgroup_min_size);
         let key = WorkspaceKey {
             total_batch: total,
             classes: c_n,
@@ -1038,10 +1043,14 @@ impl GpuContext {
                 0
             },
             map: map_bytes,
+            rows_per_tile,
         };
         let mut inner = self.lock()?;
         let ws = self.workspace(&mut inner, &key);
-        let base = plan::dims(spec, shape);
+        let base = Dims {
+            rows_per_tile: rows_per_tile as u32,
+            ..plan::dims(spec, shape)
+        };
         // Slot 0: the whole global batch, for reduce and finalize.
         let mut slots = vec![Dims {
             batch: total as u32,
@@ -1220,6 +1229,18 @@ impl GpuContext {
                         (10, &ws.check, 0, 16),
                     ],
                     p.groups_stats,
+                );
+            }
+            if rows_per_tile > 1 {
+                add(
+                    &mut inner,
+                    Stage::ReduceRows,
+                    vec![
+                        (2, &ws.dims, 0, dims_size),
+                        (4, &ws.partial, 0, ws.sizes.partial),
+                    ],
+                    (total * base.tiles_per_image as usize * base.row_width as usize)
+                        .div_ceil(64),
                 );
             }
             add(

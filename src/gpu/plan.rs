@@ -16,6 +16,8 @@ pub const PER_CLASS: usize = 8;
 pub const ROW_SCALARS: usize = 12;
 /// Pixels per stats workgroup (WG · PPT in stats.wgsl).
 pub const STATS_TILE: usize = 8192;
+/// Invocations per stats workgroup (WG in stats.wgsl).
+pub const STATS_WG: usize = 256;
 /// Pixels per grad workgroup (WG · PPT in grad.wgsl; a workgroup covers pixels of one image).
 pub const GRAD_TILE: usize = 2048;
 
@@ -53,8 +55,9 @@ pub struct Dims {
     pub narrow_count: u32,
     /// Where the narrow pass's first value sits in the bound output range.
     pub narrow_shift: u32,
-    /// Pads the uniform to 64 bytes.
-    pub _pad: u32,
+    /// Partial rows per stats tile: 1, or one per subgroup with the subgroup strategy
+    /// (`rows_per_tile`).
+    pub rows_per_tile: u32,
 }
 
 /// Byte stride of the per-dispatch `Dims` slots in one uniform buffer (a multiple of every
@@ -199,6 +202,16 @@ fn pixel_term_bits(spec: &LossSpec, has: impl Fn(&Term) -> bool) -> u32 {
         .enumerate()
         .filter(|(_, t)| has(t))
         .fold(0, |bits, (k, _)| bits | 1 << k)
+}
+
+/// Partial rows a stats tile writes: one per subgroup, planned for the adapter's smallest
+/// subgroup size, when the stats stage sums with subgroup operations; else one.
+pub fn rows_per_tile(subgroups: bool, subgroup_min_size: u32) -> usize {
+    if subgroups {
+        STATS_WG / subgroup_min_size.max(1) as usize
+    } else {
+        1
+    }
 }
 
 /// Width of a statistics row for C classes.
@@ -376,6 +389,7 @@ pub fn dims(spec: &LossSpec, shape: &Shape) -> Dims {
         n_stat_terms: (spec.terms.len() - n_pix) as u32,
         temperature: spec.temperature() as f32,
         total_batch: shape.batch as u32,
+        rows_per_tile: 1,
         ..Default::default()
     }
 }
