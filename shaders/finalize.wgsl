@@ -1,10 +1,10 @@
-// Stage 2: adds the partial rows in a fixed order (reduce_tiles), then turns the statistics
-// into every term's value, the decomposition and the gradient coefficients (finalize_terms).
-// It reads kilobytes. CPU port: src/reference/finalize.rs.
+// Stage 2: adds the partial rows in a fixed order (reduce_rows, reduce_tiles), then one
+// workgroup turns the statistics into every term's value and the gradient coefficients
+// (finalize_terms). It reads kilobytes. CPU port: src/reference/finalize.rs.
 //
 // `fin` layout (offsets also in src/gpu/plan.rs): coefficients [∂L/∂P, ∂L/∂Q, ∂L/∂I, ∂L/∂U]
 // per (image, class); one scale per pixel term; then the report: total, the term values,
-// elements (terms·B·C). The proportions û, τ and the decomposition are reporting only: the
+// elements (terms·B·C); then a statistics row summed over all images. The proportions û, τ and the decomposition are reporting only: the
 // host derives them from the statistic rows it reads back (src/reference/finalize.rs
 // `proportions`), so no device pass spends time on them.
 
@@ -23,14 +23,16 @@
 @group(0) @binding(1) var<storage, read> labels: array<u32>;
 
 // The statistic-term kinds of the spec, bit k for kind code k: the rules of absent kinds
-// are compiled out. (On lavapipe, which runs every branch of a one-invocation shader under
-// a mask, the four rules together cost ~20 ms a call; one rule costs well under 1 ms.)
+// are compiled out (SIMD CPUs run every branch under a mask; most of the ~20 ms the four
+// rules once cost on lavapipe turned out to be the per-dispatch recompilation above).
 override STAT_KINDS: u32 = 0xFFu;
 
 fn has_kind(kind: u32) -> bool {
     return (STAT_KINDS & (1u << kind)) != 0u;
 }
 
+// Term values in the report (plan.rs MAX_TERMS).
+const MAX_TERMS: u32 = 16u;
 const EPS: f32 = 1e-10;
 const FLOOR: f32 = 1e-7;
 
@@ -97,27 +99,30 @@ fn stat(b: u32, col: u32) -> f32 {
     return stats[b * dims.row_width + col];
 }
 
-// Σ over images b0..b1 of statistic k (0 P, 1 Q, 2 I, 3 G, 4 H, 5 U) of class c.
+// Start of the pooled row in `fin`: column sums of the statistics over all images, written
+// first, so a batch-pooled statistic is one read (plan.rs `FinLayout::pooled`).
+fn pooled_row() -> u32 {
+    return 4u * dims.batch * C + MAX_PIXEL_TERMS + 1u + MAX_TERMS + dims.n_terms * dims.batch * C;
+}
+
+// Statistic k (0 P, 1 Q, 2 I, 3 G, 4 H, 5 U) of class c over the group b0..b1: one image, or
+// all of them.
 fn pooled(b0: u32, b1: u32, c: u32, k: u32) -> f32 {
-    var s = 0.0;
-    for (var j = 0u; j < min(b1 - b0, 64u); j++) {
-        let b = b0 + j;
-        s += stat(b, c * PER_CLASS + k);
+    if b1 - b0 == 1u {
+        return stat(b0, c * PER_CLASS + k);
     }
-    return s;
+    return fin[pooled_row() + c * PER_CLASS + k];
 }
 
 fn valid_in(b0: u32, b1: u32) -> f32 {
-    var s = 0.0;
-    for (var b = b0; b < b1; b++) {
-        s += stat(b, C * PER_CLASS);
+    if b1 - b0 == 1u {
+        return stat(b0, C * PER_CLASS);
     }
-    return s;
+    return fin[pooled_row() + C * PER_CLASS];
 }
 
 fn add_coef(b0: u32, b1: u32, c: u32, slot: u32, v: f32) {
-    for (var j = 0u; j < min(b1 - b0, 64u); j++) {
-        let b = b0 + j;
+    for (var b = b0; b < b1; b++) {
         fin[(b * C + c) * 4u + slot] += v;
     }
 }
@@ -130,7 +135,8 @@ fn group_end(g: u32, pooled_batch: bool) -> u32 {
     return select(g + 1u, dims.batch, pooled_batch);
 }
 
-fn dice_term(slot: u32, lambda: f32, r: u32, elem_off: u32) -> f32 {
+// This invocation's share of a Dice-family term (its classes c0 + lid, c0 + lid + FIN_WG, …).
+fn dice_term(lid: u32, slot: u32, lambda: f32, r: u32, elem_off: u32) -> f32 {
     let c0 = select(1u, 0u, record(slot, 4u) != 0.0);
     let squared = record(slot, 5u) != 0.0;
     let jaccard = record(slot, 6u) != 0.0;
@@ -146,18 +152,15 @@ fn dice_term(slot: u32, lambda: f32, r: u32, elem_off: u32) -> f32 {
         norm = f32(groups * (C - c0));
     }
     var total = 0.0;
-    for (var g = 0u; g < groups; g++) {
-        let b0 = group_start(g, batch);
-        let b1 = group_end(g, batch);
-        if valid_in(b0, b1) == 0.0 {
-            continue;
-        }
-        for (var c = c0; c < C; c++) {
+    for (var c = c0 + lid; c < C; c += FIN_WG) {
+        let w = class_param(slot, c);
+        for (var g = 0u; g < groups; g++) {
+            let b0 = group_start(g, batch);
+            let b1 = group_end(g, batch);
             let gs = pooled(b0, b1, c, 3u);
-            if skip_empty && gs == 0.0 {
+            if valid_in(b0, b1) == 0.0 || (skip_empty && gs == 0.0) {
                 continue;
             }
-            let w = class_param(slot, c);
             let i = pooled(b0, b1, c, 2u);
             var pp = pooled(b0, b1, c, 0u);
             var gg = gs;
@@ -201,7 +204,7 @@ fn dice_term(slot: u32, lambda: f32, r: u32, elem_off: u32) -> f32 {
     return total / norm;
 }
 
-fn tversky_term(slot: u32, lambda: f32) -> f32 {
+fn tversky_term(lid: u32, slot: u32, lambda: f32) -> f32 {
     let alpha = record(slot, 4u);
     let beta = record(slot, 5u);
     let gamma = record(slot, 6u);
@@ -212,13 +215,13 @@ fn tversky_term(slot: u32, lambda: f32) -> f32 {
     let groups = select(dims.batch, 1u, batch);
     let norm = f32(groups * (C - c0));
     var total = 0.0;
-    for (var g = 0u; g < groups; g++) {
-        let b0 = group_start(g, batch);
-        let b1 = group_end(g, batch);
-        if valid_in(b0, b1) == 0.0 {
-            continue;
-        }
-        for (var c = c0; c < C; c++) {
+    for (var c = c0 + lid; c < C; c += FIN_WG) {
+        for (var g = 0u; g < groups; g++) {
+            let b0 = group_start(g, batch);
+            let b1 = group_end(g, batch);
+            if valid_in(b0, b1) == 0.0 {
+                continue;
+            }
             let p = pooled(b0, b1, c, 0u);
             let i = pooled(b0, b1, c, 2u);
             let gs = pooled(b0, b1, c, 3u);
@@ -258,7 +261,9 @@ fn gdl_weight(w_type: u32, gs: f32) -> f32 {
     return select(1.0 / (gs * gs), 1.0 / gs, w_type == 1u);
 }
 
-fn gdl_term(slot: u32, lambda: f32) -> f32 {
+// This invocation's share of a generalized Dice term: its groups (the classes of a group
+// are tied together by the class weights).
+fn gdl_term(lid: u32, slot: u32, lambda: f32) -> f32 {
     let w_type = u32(record(slot, 4u));
     let c0 = select(1u, 0u, record(slot, 5u) != 0.0);
     let batch = record(slot, 6u) != 0.0;
@@ -267,7 +272,7 @@ fn gdl_term(slot: u32, lambda: f32) -> f32 {
     let groups = select(dims.batch, 1u, batch);
     let norm = f32(groups);
     var total = 0.0;
-    for (var g = 0u; g < groups; g++) {
+    for (var g = lid; g < groups; g += FIN_WG) {
         let b0 = group_start(g, batch);
         let b1 = group_end(g, batch);
         if valid_in(b0, b1) == 0.0 {
@@ -308,7 +313,7 @@ fn xlogy(x: f32, y: f32) -> f32 {
     return x * log(x / y);
 }
 
-fn region_term(slot: u32, lambda: f32) -> f32 {
+fn region_term(lid: u32, slot: u32, lambda: f32) -> f32 {
     let penalty = u32(record(slot, 4u)); // 0 l1, 1 kl, 2 l2, 3 log_sum
     let tgt = u32(record(slot, 5u));     // 0 ground truth, 1 uniform, 2 prior
     var norm = f32(dims.batch * C);
@@ -316,12 +321,12 @@ fn region_term(slot: u32, lambda: f32) -> f32 {
         norm = f32(dims.batch);
     }
     var total = 0.0;
-    for (var b = 0u; b < dims.batch; b++) {
-        let n = valid_in(b, b + 1u);
-        if n == 0.0 {
-            continue;
-        }
-        for (var c = 0u; c < C; c++) {
+    for (var c = lid; c < C; c += FIN_WG) {
+        for (var b = 0u; b < dims.batch; b++) {
+            let n = valid_in(b, b + 1u);
+            if n == 0.0 {
+                continue;
+            }
             let us = pooled(b, b + 1u, c, 5u);
             let gs = pooled(b, b + 1u, c, 3u);
             let u = (us + EPS) / (n + EPS);
@@ -361,37 +366,49 @@ fn region_term(slot: u32, lambda: f32) -> f32 {
     return total / norm;
 }
 
-@compute @workgroup_size(1)
-fn finalize_terms() {
+@compute @workgroup_size(64)
+fn finalize_terms(@builtin(local_invocation_index) lid: u32) {
     let bc = dims.batch * C;
     let report = 4u * bc + MAX_PIXEL_TERMS;
     let values_off = report + 1u;
-    let elem_off = report + 17u;
-    for (var k = 0u; k < 4u * bc + MAX_PIXEL_TERMS; k++) {
+    let elem_off = report + 1u + MAX_TERMS;
+    for (var k = lid; k < 4u * bc + MAX_PIXEL_TERMS; k += FIN_WG) {
         fin[k] = 0.0;
     }
-    for (var k = 0u; k < dims.n_terms * bc; k++) {
+    for (var k = lid; k < dims.n_terms * bc; k += FIN_WG) {
         fin[elem_off + k] = 0.0;
     }
+    // The pooled row, column by column.
+    for (var col = lid; col < dims.row_width; col += FIN_WG) {
+        var s = 0.0;
+        for (var b = 0u; b < dims.batch; b++) {
+            s += stat(b, col);
+        }
+        fin[pooled_row() + col] = s;
+    }
+    storageBarrier();
     var total = 0.0;
     for (var t = 0u; t < dims.n_pixel_terms; t++) {
-        let lambda = record(t, 1u);
-        let r = u32(record(t, 2u));
         var loss = 0.0;
         var n = 0.0;
-        for (var b = 0u; b < dims.batch; b++) {
+        for (var b = lid; b < dims.batch; b += FIN_WG) {
             loss += stat(b, C * PER_CLASS + 4u + t);
             n += stat(b, C * PER_CLASS + 8u + t);
         }
-        let mean = !(u32(record(t, 0u)) == KIND_CE && record(t, 5u) != 0.0);
-        let w = select(1.0, n, mean);
-        var value = 0.0;
-        if w > 0.0 {
-            value = loss / w;
-            fin[4u * bc + t] = lambda / w;
+        loss = workgroup_total(lid, loss);
+        n = workgroup_total(lid, n);
+        if lid == 0u {
+            let lambda = record(t, 1u);
+            let mean = !(u32(record(t, 0u)) == KIND_CE && record(t, 5u) != 0.0);
+            let w = select(1.0, n, mean);
+            var value = 0.0;
+            if w > 0.0 {
+                value = loss / w;
+                fin[4u * bc + t] = lambda / w;
+            }
+            fin[values_off + u32(record(t, 2u))] = value;
+            total += lambda * value;
         }
-        fin[values_off + r] = value;
-        total += lambda * value;
     }
     for (var j = 0u; j < dims.n_stat_terms; j++) {
         let slot = MAX_PIXEL_TERMS + j;
@@ -400,19 +417,26 @@ fn finalize_terms() {
         let r = u32(record(slot, 2u));
         var value = 0.0;
         if has_kind(KIND_DICE) && kind == KIND_DICE {
-            value = dice_term(slot, lambda, r, elem_off);
+            value = dice_term(lid, slot, lambda, r, elem_off);
         }
         if has_kind(KIND_TVERSKY) && kind == KIND_TVERSKY {
-            value = tversky_term(slot, lambda);
+            value = tversky_term(lid, slot, lambda);
         }
         if has_kind(KIND_GDL) && kind == KIND_GDL {
-            value = gdl_term(slot, lambda);
+            value = gdl_term(lid, slot, lambda);
         }
         if has_kind(KIND_REGION) && kind == KIND_REGION {
-            value = region_term(slot, lambda);
+            value = region_term(lid, slot, lambda);
         }
-        fin[values_off + r] = value;
-        total += lambda * value;
+        value = workgroup_total(lid, value);
+        // The next term adds to coefficients this one wrote.
+        storageBarrier();
+        if lid == 0u {
+            fin[values_off + r] = value;
+            total += lambda * value;
+        }
     }
-    fin[report] = total;
+    if lid == 0u {
+        fin[report] = total;
+    }
 }

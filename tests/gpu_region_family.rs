@@ -189,3 +189,20 @@ fn both_reduction_strategies_match_the_reference() {
         }
     }
 }
+
+/// Many images and classes in one call: finalize's work grows with B·C (lavapipe once gave
+/// a wrong loss at 16 images × 150 classes, where one invocation did every term and
+/// llvmpipe's cap of 65 535 loop iterations an invocation cut it short), and batch-pooled
+/// statistics over more than 64 images.
+#[test]
+fn many_images_and_classes() {
+    let mut rng = Rng::new(150);
+    let all = r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice"},{"kind":"tversky"},{"kind":"generalized_dice"},{"kind":"region","penalty":"l1"}]}"#;
+    let pooled = r#"{"terms":[{"kind":"dice","batch":true},{"kind":"tversky","batch":true},{"kind":"generalized_dice","batch":true,"w_type":"simple"},{"kind":"region","penalty":"kl"}]}"#;
+    for (b, c, json) in [(16, 150, all), (33, 151, all), (70, 5, pooled), (67, 97, pooled)] {
+        let shape = Shape::new(b, c, &[3, 5]);
+        let z = random_logits(&mut rng, &shape, 3.0);
+        let y = random_labels(&mut rng, &shape, 0.1);
+        check(&spec(json), &shape, &z, Labels::Index(&y), &format!("B={b} C={c}: {json}"));
+    }
+}

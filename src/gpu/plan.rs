@@ -121,6 +121,8 @@ pub struct FinLayout {
     pub values: usize,
     /// Elements of reduction-none terms, B·C per term.
     pub elements: usize,
+    /// A statistics row summed over all images (finalize's batch-pooled statistics).
+    pub pooled: usize,
     /// Floats in the buffer.
     pub len: usize,
 }
@@ -131,11 +133,13 @@ impl FinLayout {
         let bc = batch * classes;
         let report = 4 * bc + MAX_PIXEL_TERMS;
         let elements = report + 1 + MAX_TERMS;
+        let pooled = elements + terms * bc;
         FinLayout {
             report,
             values: report + 1,
             elements,
-            len: elements + terms * bc,
+            pooled,
+            len: pooled + row_width(classes),
         }
     }
 }
@@ -443,6 +447,7 @@ mod tests {
     fn fin_layout_is_contiguous() {
         let l = FinLayout::new(3, 4, 2);
         assert_eq!(l.report, 4 * 12 + MAX_PIXEL_TERMS);
-        assert_eq!(l.len, l.elements + 2 * 12);
+        assert_eq!(l.pooled, l.elements + 2 * 12);
+        assert_eq!(l.len, l.pooled + row_width(4));
     }
 }
