@@ -2,8 +2,8 @@
 // image and writes rows of partial sums: per class (P, Q, I, G, H, U), then the valid
 // count, the plain CE and (loss, normaliser) per pixel term. The sum, `reduce3`, is a
 // strategy per hardware path: reduce_subgroup.wgsl (a row per subgroup) where the adapter
-// has subgroup operations, reduce_workgroup.wgsl (a row per tile) otherwise. No float atomics: the order
-// of every sum is fixed, so the results are bitwise reproducible.
+// has subgroup operations, reduce_workgroup.wgsl (a row per tile) otherwise. No float
+// atomics: the order of every sum is fixed, so the results are bitwise reproducible.
 // CPU port: src/reference/stats.rs.
 
 @group(0) @binding(0) var<storage, read> logits: array<u32>;

@@ -199,10 +199,21 @@ fn many_images_and_classes() {
     let mut rng = Rng::new(150);
     let all = r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice"},{"kind":"tversky"},{"kind":"generalized_dice"},{"kind":"region","penalty":"l1"}]}"#;
     let pooled = r#"{"terms":[{"kind":"dice","batch":true},{"kind":"tversky","batch":true},{"kind":"generalized_dice","batch":true,"w_type":"simple"},{"kind":"region","penalty":"kl"}]}"#;
-    for (b, c, json) in [(16, 150, all), (33, 151, all), (70, 5, pooled), (67, 97, pooled)] {
+    for (b, c, json) in [
+        (16, 150, all),
+        (33, 151, all),
+        (70, 5, pooled),
+        (67, 97, pooled),
+    ] {
         let shape = Shape::new(b, c, &[3, 5]);
         let z = random_logits(&mut rng, &shape, 3.0);
         let y = random_labels(&mut rng, &shape, 0.1);
-        check(&spec(json), &shape, &z, Labels::Index(&y), &format!("B={b} C={c}: {json}"));
+        check(
+            &spec(json),
+            &shape,
+            &z,
+            Labels::Index(&y),
+            &format!("B={b} C={c}: {json}"),
+        );
     }
 }

@@ -1239,8 +1239,7 @@ impl GpuContext {
                         (2, &ws.dims, 0, dims_size),
                         (4, &ws.partial, 0, ws.sizes.partial),
                     ],
-                    (total * base.tiles_per_image as usize * base.row_width as usize)
-                        .div_ceil(64),
+                    (total * base.tiles_per_image as usize * base.row_width as usize).div_ceil(64),
                 );
             }
             add(
