@@ -187,6 +187,21 @@ fn both_reduction_strategies_match_the_reference() {
                 &format!("subgroups {on}: {json} on {shape:?}"),
             );
         }
+        if ctx.uses_subgroups() {
+            // Rows planned for subgroups half the adapter's smallest size: half of each
+            // tile's rows are left to clear_spare_rows (the poisoned partial buffer holds
+            // NaN until then).
+            ctx.set_planned_subgroup_size((info.subgroup_min_size / 2).max(1));
+            check_on(
+                &ctx,
+                &spec(json),
+                &shape,
+                &z,
+                Labels::Index(&y),
+                &format!("spare subgroup rows: {json} on {shape:?}"),
+            );
+            ctx.set_planned_subgroup_size(0);
+        }
     }
 }
 

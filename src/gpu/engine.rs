@@ -311,6 +311,8 @@ pub struct GpuContext {
     inner: Mutex<Inner>,
     binding_limit: std::sync::atomic::AtomicU64,
     subgroups: std::sync::atomic::AtomicBool,
+    /// The subgroup size the stats partial rows are planned for (0: the adapter's smallest).
+    planned_subgroup: std::sync::atomic::AtomicU32,
     last_chunks: std::sync::atomic::AtomicUsize,
     created_bytes: std::sync::atomic::AtomicU64,
     lost: Arc<Mutex<Option<String>>>,
@@ -403,6 +405,7 @@ impl GpuContext {
             }),
             binding_limit: std::sync::atomic::AtomicU64::new(0),
             subgroups: std::sync::atomic::AtomicBool::new(subgroups),
+            planned_subgroup: std::sync::atomic::AtomicU32::new(0),
             last_chunks: std::sync::atomic::AtomicUsize::new(0),
             created_bytes: std::sync::atomic::AtomicU64::new(0),
             lost: Arc::new(Mutex::new(None)),
@@ -426,6 +429,32 @@ impl GpuContext {
             && self.info.subgroup_max_size <= 128;
         self.subgroups
             .store(on && ok, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Plans the stats stage's partial rows for subgroups of `size` invocations instead of
+    /// the adapter's smallest (0 restores that), so tests can make the subgroup strategy
+    /// leave rows to `clear_spare_rows`. Sizes above the adapter's smallest would leave
+    /// rows unplanned; they are ignored.
+    #[doc(hidden)]
+    pub fn set_planned_subgroup_size(&self, size: u32) {
+        let size = if size > self.info.subgroup_min_size {
+            0
+        } else {
+            size
+        };
+        self.planned_subgroup
+            .store(size, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The subgroup size the stats stage's partial rows are planned for.
+    fn planned_subgroup_size(&self) -> u32 {
+        match self
+            .planned_subgroup
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => self.info.subgroup_min_size,
+            n => n,
+        }
     }
 
     /// Whether the stats stage uses subgroup operations.
@@ -844,7 +873,7 @@ impl GpuContext {
             U::UNIFORM | U::STORAGE | U::COPY_DST,
         );
         let params = make(sizes.params, U::STORAGE | U::COPY_DST);
-        let partial = make(sizes.partial, U::STORAGE);
+        let partial = make(sizes.partial, U::STORAGE | U::COPY_DST);
         let stats = make(sizes.stats, out);
         let fin = make(sizes.fin, out);
         let map = make(sizes.map, out);
@@ -1029,7 +1058,8 @@ impl GpuContext {
         } else {
             4
         };
-        let rows_per_tile = plan::rows_per_tile(self.uses_subgroups(), self.info.subgroup_min_size);
+        let rows_per_tile =
+            plan::rows_per_tile(self.uses_subgroups(), self.planned_subgroup_size());
         let key = WorkspaceKey {
             total_batch: total,
             classes: c_n,
@@ -1095,6 +1125,7 @@ impl GpuContext {
         q.write_buffer(&ws.params, 0, bytemuck::cast_slice(&params));
         if poison {
             for (b, size) in [
+                (&ws.partial, ws.sizes.partial),
                 (&ws.stats, ws.sizes.stats),
                 (&ws.fin, ws.sizes.fin),
                 (&ws.map, ws.sizes.map),
