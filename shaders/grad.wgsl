@@ -13,8 +13,7 @@
 @group(0) @binding(7) var<storage, read_write> grad: array<f32>;
 
 const WG: u32 = 256u;
-// Pixels per invocation (plan::GRAD_TILE = WG · PPT); pixel k of an invocation is
-// base + k·WG + lid, so a workgroup's reads and writes stay contiguous.
+// Pixels per invocation (plan::GRAD_TILE = WG · PPT); which ones: `pixel_of`.
 const PPT: u32 = 8u;
 const TILE: u32 = WG * PPT;
 
@@ -77,7 +76,7 @@ fn main(
         return;
     }
     for (var j = 0u; j < PPT; j++) {
-        let i = base + j * WG + lid;
+        let i = pixel_of(base, j, lid, WG, PPT);
         if i >= dims.spatial {
             break;
         }

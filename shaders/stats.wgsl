@@ -168,7 +168,7 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
     var bad = BadInput(0u, IGNORE, 0u, IGNORE);
 
     for (var k = 0u; k < PPT; k++) {
-        let i = base + k * WG + lid;
+        let i = pixel_of(base, k, lid, WG, PPT);
         if i >= dims.spatial {
             continue;
         }
@@ -283,7 +283,7 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
         var more: ClassSums;
         for (var k = 0u; k < PPT; k++) {
             if (counted & (1u << k)) != 0u {
-                let i = base + k * WG + lid;
+                let i = pixel_of(base, k, lid, WG, PPT);
                 var yk = 0u;
                 if LABEL_KIND != 2u {
                     yk = class_label(b, i);

@@ -232,3 +232,47 @@ fn many_images_and_classes() {
         );
     }
 }
+
+/// Both pixel orders of the stats and grad stages (runs of consecutive pixels per
+/// invocation, the CPU default; neighbouring pixels across invocations, the GPU default) on
+/// one device, with partial tiles, class blocks past the first (C > 8), soft labels, class
+/// weights and a loss map.
+#[test]
+fn both_pixel_orders_match_the_reference() {
+    let ctx = new_ctx();
+    let default = ctx.contiguous_pixels();
+    assert_eq!(
+        default,
+        ctx.adapter_info().device_type == wgpu::DeviceType::Cpu,
+        "runs of consecutive pixels exactly on CPU adapters"
+    );
+    let mut rng = Rng::new(4242);
+    let weighted = r#"{"terms":[{"kind":"cross_entropy","class_weights":[0.5,1.0,2.0],"reduction":"none"},{"kind":"dice"}]}"#;
+    let cases: [(Shape, &str); 4] = [
+        (Shape::new(2, 3, &[45, 101]), weighted),
+        (Shape::new(1, 11, &[37, 29]), GRID[GRID.len() - 1]),
+        (Shape::new(3, 2, &[9000]), GRID[14]),
+        (Shape::new(2, 4, &[17, 19]), GRID[3]),
+    ];
+    for (shape, json) in cases {
+        let z = random_logits(&mut rng, &shape, 3.0);
+        let y = random_labels(&mut rng, &shape, 0.1);
+        let soft = random_soft_labels(&mut rng, &shape);
+        for on in [false, true] {
+            ctx.set_contiguous_pixels(on);
+            let what = format!("contiguous {on}: {json} on {shape:?}");
+            check_on(&ctx, &spec(json), &shape, &z, Labels::Index(&y), &what);
+            if !json.contains("class_weights\":[0.5,1.0,2.0]") {
+                check_on(
+                    &ctx,
+                    &spec(json),
+                    &shape,
+                    &z,
+                    Labels::Soft(&soft),
+                    &format!("soft, {what}"),
+                );
+            }
+        }
+    }
+    ctx.set_contiguous_pixels(default);
+}

@@ -68,6 +68,8 @@ struct PipelineKey {
     pixel_weighted: u32,
     /// Stats (0 elsewhere): the pixel terms with loss maps (`plan::pixel_maps`).
     pixel_maps: u32,
+    /// Stats and grad: each invocation takes a run of consecutive pixels (CPU adapters).
+    contiguous: bool,
 }
 
 /// The small per-call buffers (uniforms, term table, statistics, coefficients, read-back),
@@ -313,6 +315,9 @@ pub struct GpuContext {
     subgroups: std::sync::atomic::AtomicBool,
     /// The subgroup size the stats partial rows are planned for (0: the adapter's smallest).
     planned_subgroup: std::sync::atomic::AtomicU32,
+    /// Stats and grad invocations take runs of consecutive pixels (see `CONTIGUOUS` in
+    /// common.wgsl): on CPU adapters.
+    contiguous: std::sync::atomic::AtomicBool,
     last_chunks: std::sync::atomic::AtomicUsize,
     created_bytes: std::sync::atomic::AtomicU64,
     lost: Arc<Mutex<Option<String>>>,
@@ -392,6 +397,7 @@ impl GpuContext {
         let subgroups = device.features().contains(wgpu::Features::SUBGROUP)
             && info.subgroup_min_size >= 4
             && info.subgroup_max_size <= 128;
+        let cpu = info.device_type == wgpu::DeviceType::Cpu;
         GpuContext {
             device,
             queue,
@@ -406,6 +412,7 @@ impl GpuContext {
             binding_limit: std::sync::atomic::AtomicU64::new(0),
             subgroups: std::sync::atomic::AtomicBool::new(subgroups),
             planned_subgroup: std::sync::atomic::AtomicU32::new(0),
+            contiguous: std::sync::atomic::AtomicBool::new(cpu),
             last_chunks: std::sync::atomic::AtomicUsize::new(0),
             created_bytes: std::sync::atomic::AtomicU64::new(0),
             lost: Arc::new(Mutex::new(None)),
@@ -455,6 +462,20 @@ impl GpuContext {
             0 => self.info.subgroup_min_size,
             n => n,
         }
+    }
+
+    /// Whether stats and grad invocations take runs of consecutive pixels (the default on
+    /// CPU adapters) or neighbouring invocations neighbouring pixels (GPUs); tests run both
+    /// on one device.
+    #[doc(hidden)]
+    pub fn set_contiguous_pixels(&self, on: bool) {
+        self.contiguous
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether stats and grad invocations take runs of consecutive pixels.
+    pub fn contiguous_pixels(&self) -> bool {
+        self.contiguous.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether the stats stage uses subgroup operations.
@@ -800,6 +821,9 @@ impl GpuContext {
             constants.push(("PIXEL_KINDS", key.pixel_kinds as f64));
             constants.push(("PIXEL_WEIGHTED", key.pixel_weighted as f64));
         }
+        if matches!(key.stage, Stage::Stats | Stage::Grad) {
+            constants.push(("CONTIGUOUS", flag(key.contiguous)));
+        }
         if key.stage == Stage::Stats {
             constants.push(("PIXEL_MAPS", key.pixel_maps as f64));
         }
@@ -1119,6 +1143,7 @@ impl GpuContext {
             } else {
                 0
             },
+            contiguous: matches!(stage, Stage::Stats | Stage::Grad) && self.contiguous_pixels(),
         };
         let dims_size = std::mem::size_of::<Dims>() as u64;
         let q = &self.queue;
