@@ -165,6 +165,10 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
     var losses = vec4(0.0);          // per pixel term
     var norms = vec4(0.0);           // per pixel term
     var sums: ClassSums;             // the first block of classes
+    // C > BLOCK: pixel k's softmax pieces (max, Σe, and the tempered pair), so the later
+    // class blocks read only their own logits (not all C again: C²/4 reads a pixel at
+    // C = 150, and more loop iterations than llvmpipe allows an invocation).
+    var softmax_of: array<vec4<f32>, PPT>;
     var bad = BadInput(0u, IGNORE, 0u, IGNORE);
 
     for (var k = 0u; k < PPT; k++) {
@@ -216,6 +220,9 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
         var pt = vec2(0.0, 1.0);
         if TEMPERED {
             pt = pieces(&z, &et, b, i, dims.temperature);
+        }
+        if C > BLOCK {
+            softmax_of[k] = vec4(p, pt);
         }
         let lse = p.x + log(p.y);
         // The decomposition's plain CE: −Σ_c g_c log p_c.
@@ -277,7 +284,7 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
     publish(bad);
     flush(lid, row, 0u, first, &sums);
 
-    // Classes past the first block (C > BLOCK): read the pixels again, a block at a time.
+    // Classes past the first block (C > BLOCK): read their logits, a block at a time.
     for (var c0 = BLOCK; c0 < C; c0 += BLOCK) {
         let n = min(C - c0, BLOCK);
         var more: ClassSums;
@@ -288,16 +295,8 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
                 if LABEL_KIND != 2u {
                     yk = class_label(b, i);
                 }
-                var z = load_logits(b, i);
-                var sm = vec2(0.0);
-                var smt = vec2(0.0);
-                if !SIGMOID {
-                    var e: Block;
-                    sm = pieces(&z, &e, b, i, 1.0);
-                    if TEMPERED {
-                        smt = pieces(&z, &e, b, i, dims.temperature);
-                    }
-                }
+                let sm = softmax_of[k].xy;
+                let smt = softmax_of[k].zw;
                 for (var c = 0u; c < n; c++) {
                     let ps = probs(logit(b, c0 + c, i), sm, smt);
                     accumulate(&more, c, ps.x, ps.y, target_of(b, c0 + c, i, yk));
