@@ -208,8 +208,8 @@ fn both_reduction_strategies_match_the_reference() {
 /// Many images and classes in one call: finalize's work grows with B·C (lavapipe once gave
 /// a wrong loss at 16 images × 150 classes, where one invocation did every term and
 /// llvmpipe's cap of 65 535 loop iterations an invocation cut it short), and batch-pooled
-/// statistics over more than 64 images; and the stats pass's loops at 150 classes over
-/// full tiles.
+/// statistics over more than 64 images; and the stats pass's loops at 150 and 600 classes
+/// over full tiles.
 #[test]
 fn many_images_and_classes() {
     let mut rng = Rng::new(150);
