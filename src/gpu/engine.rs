@@ -2,7 +2,7 @@
 //! encoder on any buffers, the caller's or pooled ones; the convenient host API on top.
 
 use super::context;
-use super::plan::{self, Dims, FinLayout, Region, DIMS_SLOT, GRAD_TILE, STATS_TILE};
+use super::plan::{self, Dims, FinLayout, Region, DIMS_SLOT, GRAD_WG, STATS_TILE};
 use super::pool::{BufferKey, Pool};
 use crate::error::{Error, Result};
 use crate::input::{GradFormat, LabelFormat, Labels, Layout, LogitFormat, Shape};
@@ -824,6 +824,10 @@ impl GpuContext {
         if matches!(key.stage, Stage::Stats | Stage::Grad) {
             constants.push(("CONTIGUOUS", flag(key.contiguous)));
         }
+        if key.stage == Stage::Grad {
+            let ppt = plan::grad_pixels_per_invocation(key.contiguous);
+            constants.push(("PPT", ppt as f64));
+        }
         if key.stage == Stage::Stats {
             constants.push(("PIXEL_MAPS", key.pixel_maps as f64));
         }
@@ -1246,7 +1250,10 @@ impl GpuContext {
             plans.push(ChunkPlan {
                 slot: (k as u64 + 1) * DIMS_SLOT,
                 groups_stats: count * s.div_ceil(STATS_TILE),
-                groups_grad: count * s.div_ceil(GRAD_TILE),
+                groups_grad: count
+                    * s.div_ceil(
+                        GRAD_WG * plan::grad_pixels_per_invocation(self.contiguous_pixels()),
+                    ),
                 logits: lr,
                 labels: yr,
                 grad: gr,

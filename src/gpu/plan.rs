@@ -18,8 +18,18 @@ pub const ROW_SCALARS: usize = 12;
 pub const STATS_TILE: usize = 8192;
 /// Invocations per stats workgroup (WG in stats.wgsl).
 pub const STATS_WG: usize = 256;
-/// Pixels per grad workgroup (WG · PPT in grad.wgsl; a workgroup covers pixels of one image).
-pub const GRAD_TILE: usize = 2048;
+/// Invocations per grad workgroup (WG in grad.wgsl; a workgroup covers pixels of one image).
+pub const GRAD_WG: usize = 256;
+
+/// Pixels per grad invocation (the `PPT` override of grad.wgsl): 32 where invocations take
+/// runs of consecutive pixels (CPU adapters), else 8.
+pub fn grad_pixels_per_invocation(contiguous: bool) -> usize {
+    if contiguous {
+        32
+    } else {
+        8
+    }
+}
 
 /// The uniform header of every dispatch (`Dims` in common.wgsl).
 #[repr(C)]
