@@ -1,5 +1,5 @@
 // The stats stage's workgroup sum in workgroup memory alone, for adapters without subgroup
-// operations: 4 barriers a call, one partial row per tile. CPU port: none needed (a sum;
+// operations: 3 barriers a call, one partial row per tile. CPU port: none needed (a sum;
 // the oracle is src/reference/stats.rs).
 
 // The reduction folds WG values in two steps of FOLD (FOLD² = WG).
