@@ -1086,8 +1086,10 @@ impl GpuContext {
         } else {
             4
         };
-        let rows_per_tile =
-            plan::rows_per_tile(self.uses_subgroups(), self.planned_subgroup_size());
+        // Each strategy switch read once: pipelines and dispatch sizes of this call follow it.
+        let subgroups = self.uses_subgroups();
+        let rows_per_tile = plan::rows_per_tile(subgroups, self.planned_subgroup_size());
+        let contiguous = self.contiguous_pixels();
         let key = WorkspaceKey {
             total_batch: total,
             classes: c_n,
@@ -1131,7 +1133,7 @@ impl GpuContext {
             } else {
                 0
             },
-            subgroups: stage == Stage::Stats && self.uses_subgroups(),
+            subgroups: stage == Stage::Stats && subgroups,
             pixel_kinds: if matches!(stage, Stage::Stats | Stage::Grad) {
                 plan::pixel_kinds(spec)
             } else {
@@ -1147,7 +1149,7 @@ impl GpuContext {
             } else {
                 0
             },
-            contiguous: matches!(stage, Stage::Stats | Stage::Grad) && self.contiguous_pixels(),
+            contiguous: matches!(stage, Stage::Stats | Stage::Grad) && contiguous,
         };
         let dims_size = std::mem::size_of::<Dims>() as u64;
         let q = &self.queue;
@@ -1251,9 +1253,7 @@ impl GpuContext {
                 slot: (k as u64 + 1) * DIMS_SLOT,
                 groups_stats: count * s.div_ceil(STATS_TILE),
                 groups_grad: count
-                    * s.div_ceil(
-                        GRAD_WG * plan::grad_pixels_per_invocation(self.contiguous_pixels()),
-                    ),
+                    * s.div_ceil(GRAD_WG * plan::grad_pixels_per_invocation(contiguous)),
                 logits: lr,
                 labels: yr,
                 grad: gr,
