@@ -6,9 +6,8 @@
 
 use segloss::gpu::{context, DeviceBatch, GpuContext, GradTarget};
 use segloss::input::LabelFormat;
-use segloss::testing::{random_labels, Rng};
+use segloss::wgpu::{self, util::DeviceExt};
 use segloss::{LossSpec, Shape};
-use wgpu::util::DeviceExt;
 
 /// The program's own kernel: one plain gradient step on the logits, z -= lr · ∂L/∂z.
 const SGD: &str = r#"
@@ -23,13 +22,35 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
 "#;
 
 fn main() -> segloss::Result<()> {
-    // The program opens its device as it likes; segloss wraps it.
-    let adapter = context::choose(context::enumerate())?;
-    let (device, queue) = context::open(&adapter)?;
+    // The program opens its own device, on segloss's instance (one wgpu instance per
+    // process: wgpu cannot tell buffers of two instances apart), with the features and
+    // limits segloss wants (`device_descriptor`; add the program's own features to it).
+    let adapter = pollster::block_on(
+        context::instance().request_adapter(&wgpu::RequestAdapterOptions::default()),
+    )
+    .map_err(|e| segloss::Error::NoAdapter(format!("{e}: {}", context::NO_ADAPTER_HELP)))?;
+    if adapter.get_info().device_type == wgpu::DeviceType::Cpu {
+        context::keep_freed_memory_mapped(); // lavapipe: see its documentation
+    }
+    let (device, queue) =
+        pollster::block_on(adapter.request_device(&context::device_descriptor(&adapter)))
+            .map_err(|e| segloss::Error::Gpu(e.to_string()))?;
     let ctx = GpuContext::from_device(device.clone(), queue.clone(), adapter.get_info());
 
     let shape = Shape::new(2, 3, &[64, 64]);
-    let labels = random_labels(&mut Rng::new(5), &shape, 0.0);
+    // Labels: a disc of class 1 and a band of class 2 on class 0 in each image.
+    let labels: Vec<u32> = (0..shape.batch * 64 * 64)
+        .map(|k| {
+            let (x, y) = ((k % 64) as i32 - 32, ((k / 64) % 64) as i32 - 32);
+            if x * x + y * y < 150 {
+                1
+            } else if y > 20 {
+                2
+            } else {
+                0
+            }
+        })
+        .collect();
     let usage =
         wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
     let logits = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {

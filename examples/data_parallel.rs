@@ -136,7 +136,7 @@ fn main() -> segloss::Result<()> {
         &spec,
         &shape,
         &logits,
-        Labels::Index(&labels),
+        Labels::index(&labels),
         Options {
             gradient: true,
             ..Default::default()

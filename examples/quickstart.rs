@@ -23,8 +23,8 @@ fn main() -> segloss::Result<()> {
 
     let engine = Segloss::new();
     println!("segloss on {}", engine.describe());
-    let out = engine.evaluate(&spec, &shape, &logits, Labels::Index(&labels), true)?;
-    let cpu = reference::evaluate(&spec, &shape, &logits, Labels::Index(&labels), true)?;
+    let out = engine.evaluate(&spec, &shape, &logits, Labels::index(&labels), true)?;
+    let cpu = reference::evaluate(&spec, &shape, &logits, Labels::index(&labels), true)?;
 
     println!("{:<14} {:>12} {:>12}", "term", "engine", "f64 reference");
     for (a, b) in out.terms.iter().zip(&cpu.terms) {
@@ -54,7 +54,7 @@ fn main() -> segloss::Result<()> {
     let reps = 10;
     let start = Instant::now();
     for _ in 0..reps {
-        engine.evaluate(&spec, &shape, &logits, Labels::Index(&labels), true)?;
+        engine.evaluate(&spec, &shape, &logits, Labels::index(&labels), true)?;
     }
     let ms = start.elapsed().as_secs_f64() * 1e3 / reps as f64;
     let bytes = 4.0 * shape.len() as f64;

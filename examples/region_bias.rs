@@ -148,7 +148,7 @@ fn train(
     let mut gaps = vec![];
     for step in 1..=steps {
         let z = logits(&w, d);
-        let out = engine.evaluate(spec, &d.shape, &z, Labels::Index(&d.labels), true)?;
+        let out = engine.evaluate(spec, &d.shape, &z, Labels::index(&d.labels), true)?;
         let g = out.gradient.expect("requested");
         let mut dw = [[0.0; FEATURES]; 2];
         for b in 0..d.shape.batch {

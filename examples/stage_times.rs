@@ -29,7 +29,7 @@ fn main() -> segloss::Result<()> {
         contents: bytemuck::cast_slice(&z),
         usage,
     });
-    let words = LabelFormat::U8.encode(&Labels::Index(&y));
+    let words = LabelFormat::U8.encode(&Labels::index(&y), -100, shape.classes)?;
     let labels = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
         label: None,
         contents: bytemuck::cast_slice(&words),

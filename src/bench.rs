@@ -86,12 +86,19 @@ impl Problem {
             let m = random_masks(&mut rng, shape);
             (
                 LabelFormat::Soft,
-                LabelFormat::Soft.encode(&Labels::Soft(&m)).into_owned(),
+                LabelFormat::Soft
+                    .encode(&Labels::Soft(&m), -100, shape.classes)?
+                    .into_owned(),
             )
         } else {
             let y = random_labels(&mut rng, shape, 0.0);
             let f = label_format.unwrap_or(LabelFormat::compact(shape.classes));
-            (f, f.encode(&Labels::Index(&y)).into_owned())
+            f.check_classes(shape.classes)?;
+            (
+                f,
+                f.encode(&Labels::index(&y), -100, shape.classes)?
+                    .into_owned(),
+            )
         };
         use wgpu::BufferUsages as U;
         let storage = U::STORAGE | U::COPY_SRC | U::COPY_DST;

@@ -14,8 +14,11 @@ pub enum Error {
     NoAdapter(String),
     /// The GPU reported an error (validation, out of memory, device lost).
     Gpu(String),
-    /// Reading or writing a file failed.
+    /// Reading or writing a file failed (the operating system's error).
     Io(String),
+    /// A file was read but its contents are not what was expected (a malformed `.npy`
+    /// header, an unsupported dtype); the message names the file and the reason.
+    Format(String),
 }
 
 impl fmt::Display for Error {
@@ -26,6 +29,7 @@ impl fmt::Display for Error {
             Error::NoAdapter(m) => write!(f, "no GPU adapter: {m}"),
             Error::Gpu(m) => write!(f, "GPU error: {m}"),
             Error::Io(m) => write!(f, "I/O error: {m}"),
+            Error::Format(m) => write!(f, "unreadable file: {m}"),
         }
     }
 }

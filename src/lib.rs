@@ -23,7 +23,7 @@
 //! let labels: Vec<u32> = (0..2 * 16).map(|i| (i % 3) as u32).collect();
 //!
 //! let engine = Segloss::new(); // the GPU if there is one, the CPU reference otherwise
-//! let out = engine.evaluate(&spec, &shape, &logits, Labels::Index(&labels), true)?;
+//! let out = engine.evaluate(&spec, &shape, &logits, Labels::index(&labels), true)?;
 //! assert!(out.loss > 0.0);
 //! assert_eq!(out.gradient.unwrap().len(), logits.len());
 //! println!("loss {:.4}, KL part of image 0: {:.4}", out.loss, out.decomposition[0].kl);
@@ -45,9 +45,14 @@ pub mod testing;
 
 pub use error::{Error, Result};
 pub use gpu::{GpuContext, Options};
-pub use input::{Labels, Shape};
+/// The `half` crate of [`gpu::HostLogits`]'s 16-bit variants.
+pub use half;
+pub use input::{IndexLabels, Labels, Shape};
 pub use output::LossOutput;
 pub use spec::{LossSpec, Term};
+/// The wgpu this crate is built against: a backend user names its types through this, so
+/// versions cannot drift apart.
+pub use wgpu;
 
 use std::sync::Once;
 

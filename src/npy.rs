@@ -19,7 +19,7 @@ pub struct NpyArray {
 /// The values of an array, by kind.
 #[derive(Debug, Clone, PartialEq)]
 pub enum NpyData {
-    /// float32.
+    /// float32, or float64 converted once to float32.
     Float(Vec<f32>),
     /// float16, as stored.
     Half(Vec<half::f16>),
@@ -27,12 +27,23 @@ pub enum NpyData {
     Int(Vec<i64>),
 }
 
+impl NpyData {
+    /// Floating-point values widened (or kept) as f32; integers converted as numbers.
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            NpyData::Float(v) => v.clone(),
+            NpyData::Half(v) => v.iter().map(|x| x.to_f32()).collect(),
+            NpyData::Int(v) => v.iter().map(|x| *x as f32).collect(),
+        }
+    }
+}
+
 /// The value of a `'key': value` entry of the header dictionary.
 fn header_value<'a>(header: &'a str, key: &str) -> Result<&'a str> {
     let pat = format!("'{key}':");
     let start = header
         .find(&pat)
-        .ok_or_else(|| Error::Io(format!("npy header has no '{key}' entry")))?
+        .ok_or_else(|| Error::Format(format!("npy header has no '{key}' entry")))?
         + pat.len();
     Ok(header[start..].trim_start())
 }
@@ -40,57 +51,61 @@ fn header_value<'a>(header: &'a str, key: &str) -> Result<&'a str> {
 /// Parses the bytes of a `.npy` file.
 pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
-        return Err(Error::Io("not a .npy file (bad magic bytes)".into()));
+        return Err(Error::Format("not a .npy file (bad magic bytes)".into()));
     }
     let (header_len, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10usize),
         2 | 3 => {
             if bytes.len() < 12 {
-                return Err(Error::Io("truncated .npy header".into()));
+                return Err(Error::Format("truncated .npy header".into()));
             }
             (
                 u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
                 12,
             )
         }
-        v => return Err(Error::Io(format!("unsupported .npy format version {v}"))),
+        v => {
+            return Err(Error::Format(format!(
+                "unsupported .npy format version {v}"
+            )))
+        }
     };
     let end = start
         .checked_add(header_len)
         .filter(|e| *e <= bytes.len())
-        .ok_or_else(|| Error::Io("truncated .npy header".into()))?;
+        .ok_or_else(|| Error::Format("truncated .npy header".into()))?;
     let header = std::str::from_utf8(&bytes[start..end])
-        .map_err(|_| Error::Io("the .npy header is not text".into()))?;
+        .map_err(|_| Error::Format("the .npy header is not text".into()))?;
     let descr = header_value(header, "descr")?;
     let descr = descr
         .strip_prefix('\'')
         .and_then(|d| d.split('\'').next())
-        .ok_or_else(|| Error::Io("unreadable dtype in .npy header".into()))?;
+        .ok_or_else(|| Error::Format("unreadable dtype in .npy header".into()))?;
     if header_value(header, "fortran_order")?.starts_with("True") {
-        return Err(Error::Io("Fortran-ordered arrays are not supported: save a C-ordered array (np.ascontiguousarray)".into()));
+        return Err(Error::Format("Fortran-ordered arrays are not supported: save a C-ordered array (np.ascontiguousarray)".into()));
     }
     let shape_text = header_value(header, "shape")?;
     let inner = shape_text
         .strip_prefix('(')
         .and_then(|s| s.split(')').next())
-        .ok_or_else(|| Error::Io("unreadable shape in .npy header".into()))?;
+        .ok_or_else(|| Error::Format("unreadable shape in .npy header".into()))?;
     let shape: Vec<usize> = inner
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|s| {
             s.parse::<usize>()
-                .map_err(|_| Error::Io(format!("bad dimension '{s}' in .npy shape")))
+                .map_err(|_| Error::Format(format!("bad dimension '{s}' in .npy shape")))
         })
         .collect::<Result<_>>()?;
     let count = shape
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| Error::Io("the .npy shape overflows".into()))?;
+        .ok_or_else(|| Error::Format("the .npy shape overflows".into()))?;
     // descr is a byte order ('<', '>', '|' or '='), a kind letter and a width in bytes.
     let unsupported = || {
-        Error::Io(format!(
-            "unsupported dtype '{descr}' (float32, float16 or an integer type)"
+        Error::Format(format!(
+            "unsupported dtype '{descr}' (float32, float16, float64 or an integer type)"
         ))
     };
     if descr.len() < 3 || !descr.is_ascii() {
@@ -105,9 +120,9 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
     let body = &bytes[end..];
     let need = count
         .checked_mul(width)
-        .ok_or_else(|| Error::Io("the .npy shape overflows".into()))?;
+        .ok_or_else(|| Error::Format("the .npy shape overflows".into()))?;
     if body.len() < need {
-        return Err(Error::Io(format!(
+        return Err(Error::Format(format!(
             "truncated .npy data: {} bytes for {count} values of {width} bytes",
             body.len()
         )));
@@ -123,6 +138,8 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
     };
     let data = match (kind.as_bytes()[0], width) {
         (b'f', 4) => NpyData::Float((0..count).map(|k| f32::from_bits(word(k) as u32)).collect()),
+        // float64 (numpy's default) is converted once: every sum in the kernels is f32.
+        (b'f', 8) => NpyData::Float((0..count).map(|k| f64::from_bits(word(k)) as f32).collect()),
         (b'f', 2) => NpyData::Half(
             (0..count)
                 .map(|k| half::f16::from_bits(word(k) as u16))
@@ -150,8 +167,8 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
                 .collect::<Result<_>>()?,
         ),
         _ => {
-            return Err(Error::Io(format!(
-                "unsupported dtype '{descr}' (float32, float16 or an integer type)"
+            return Err(Error::Format(format!(
+                "unsupported dtype '{descr}' (float32, float16, float64 or an integer type)"
             )))
         }
     };
@@ -162,7 +179,8 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
 pub fn read(path: &Path) -> Result<NpyArray> {
     let bytes = std::fs::read(path).map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
     parse(&bytes).map_err(|e| match e {
-        Error::Io(m) => Error::Io(format!("{}: {m}", path.display())),
+        Error::Format(m) => Error::Format(format!("{}: {m}", path.display())),
+        Error::Input(m) => Error::Input(format!("{}: {m}", path.display())),
         other => other,
     })
 }
@@ -297,5 +315,26 @@ mod tests {
         f.extend(header.as_bytes());
         f.extend([0u8; 4]);
         assert!(parse(&f).unwrap_err().to_string().contains("Fortran"));
+        // A malformed file is a format error, never an "I/O error".
+        for bad in [
+            &b"hello"[..],
+            &npy("<c8", "(1,)", &[0; 8]),
+            &npy("<f4", "(3,)", &[0; 8]),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(matches!(e, Error::Format(_)), "{e}");
+            assert!(!e.to_string().contains("I/O"), "{e}");
+        }
+    }
+
+    #[test]
+    fn reads_float64_as_f32() {
+        let vals = [1.5f64, -2.25, 1e-3];
+        let body: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let a = parse(&npy("<f8", "(3,)", &body)).unwrap();
+        assert_eq!(a.data, NpyData::Float(vec![1.5, -2.25, 1e-3f64 as f32]));
+        let body: Vec<u8> = vals.iter().flat_map(|v| v.to_be_bytes()).collect();
+        let a = parse(&npy(">f8", "(3,)", &body)).unwrap();
+        assert_eq!(a.data, NpyData::Float(vec![1.5, -2.25, 1e-3f64 as f32]));
     }
 }

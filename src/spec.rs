@@ -226,7 +226,10 @@ pub enum Term {
         /// ground_truth / uniform / a prior vector.
         #[serde(default)]
         target: RegionTarget,
-        /// Softmax temperature T of the predicted proportions.
+        /// T of the predicted proportions û = mean of softmax(T·z) (sigmoid(T·z) in sigmoid
+        /// mode): T *multiplies* the logits, so T = 10 (the paper's value) sharpens the
+        /// probabilities towards the argmax sizes and T = 1 is the plain softmax. All region
+        /// terms of one spec share one T.
         #[serde(default = "one")]
         temperature: f64,
     },
@@ -552,7 +555,7 @@ impl LossSpec {
         labels: &crate::input::Labels<'_>,
     ) -> Result<()> {
         crate::input::check_logits(logits, shape)?;
-        labels.check(shape)?;
+        labels.check(shape, self.ignore_index)?;
         self.validate(Some(shape.classes))?;
         self.check_labels(labels)
     }

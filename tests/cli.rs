@@ -95,7 +95,7 @@ fn eval_prints_the_contract_fields_and_writes_the_gradient() {
         assert_eq!(code, 0, "{device}: {err}");
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         let spec = LossSpec::from_json(SPEC).unwrap();
-        let want = reference::evaluate(&spec, &c.shape, &c.logits, Labels::Index(&c.labels), true)
+        let want = reference::evaluate(&spec, &c.shape, &c.logits, Labels::index(&c.labels), true)
             .unwrap();
         assert!(
             (v["loss"].as_f64().unwrap() - want.loss).abs() < 1e-5,
@@ -284,7 +284,7 @@ fn float16_logits_are_accepted() {
         &LossSpec::from_json(SPEC).unwrap(),
         &c.shape,
         &widened,
-        Labels::Index(&c.labels),
+        Labels::index(&c.labels),
         false,
     )
     .unwrap();
@@ -306,5 +306,202 @@ fn float16_logits_are_accepted() {
             (v["loss"].as_f64().unwrap() - want.loss).abs() < 1e-5,
             "{device}: {out}"
         );
+    }
+}
+
+/// A .npy file of any dtype from its raw little-endian body.
+fn write_npy(path: &Path, descr: &str, shape: &[usize], body: &[u8]) {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let header = format!(
+        "{{'descr': '{descr}', 'fortran_order': False, 'shape': ({},), }}\n",
+        dims.join(", ")
+    );
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    out.extend(body);
+    std::fs::write(path, out).unwrap();
+}
+
+fn eval_loss(c: &Case, x: &str, y: &str, spec: &str) -> f64 {
+    let (code, out, err) = segloss(&[
+        "eval",
+        "--logits",
+        &p(c, x),
+        "--labels",
+        &p(c, y),
+        "--spec",
+        spec,
+        "--device",
+        "gpu",
+    ]);
+    assert_eq!(code, 0, "{x} {y}: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["loss"].as_f64().unwrap()
+}
+
+/// NumPy's default float64 logits and soft labels, float16 soft labels and MONAI's
+/// (B, 1, H, W) index labels are read as they are.
+#[test]
+fn float64_float16_soft_and_channel_axis_labels_are_accepted() {
+    let c = case("dtypes");
+    let sp = LossSpec::from_json(SPEC).unwrap();
+    let want = reference::evaluate(&sp, &c.shape, &c.logits, Labels::index(&c.labels), false)
+        .unwrap()
+        .loss;
+    let f64_body: Vec<u8> = c
+        .logits
+        .iter()
+        .flat_map(|v| (*v as f64).to_le_bytes())
+        .collect();
+    write_npy(&c.dir.join("x64.npy"), "<f8", &[2, 3, 9, 7], &f64_body);
+    assert!((eval_loss(&c, "x64.npy", "y.npy", SPEC) - want).abs() < 1e-5);
+    // (B, 1, H, W) labels: the same values with a class axis of size 1.
+    let y: Vec<i64> = c
+        .labels
+        .iter()
+        .map(|&v| if v == u32::MAX { 255 } else { v as i64 })
+        .collect();
+    write_i64(&c.dir.join("y1.npy"), &[2, 1, 9, 7], &y);
+    assert!((eval_loss(&c, "x.npy", "y1.npy", SPEC) - want).abs() < 1e-5);
+    // Soft labels (one-hot of the same labels, ignored pixels dropped) as f64 and f16.
+    let soft_spec = r#"{"terms": [{"kind": "cross_entropy"}, {"kind": "dice"}]}"#;
+    let mut rng = Rng::new(9);
+    let soft = segloss::testing::random_soft_labels(&mut rng, &c.shape);
+    let soft16: Vec<half::f16> = soft.iter().map(|v| half::f16::from_f32(*v)).collect();
+    let widened: Vec<f32> = soft16.iter().map(|h| h.to_f32()).collect();
+    let sp = LossSpec::from_json(soft_spec).unwrap();
+    let want16 = reference::evaluate(&sp, &c.shape, &c.logits, Labels::Soft(&widened), false)
+        .unwrap()
+        .loss;
+    let want64 = reference::evaluate(&sp, &c.shape, &c.logits, Labels::Soft(&soft), false)
+        .unwrap()
+        .loss;
+    let body16: Vec<u8> = soft16
+        .iter()
+        .flat_map(|h| h.to_bits().to_le_bytes())
+        .collect();
+    write_npy(&c.dir.join("g16.npy"), "<f2", &[2, 3, 9, 7], &body16);
+    let body64: Vec<u8> = soft
+        .iter()
+        .flat_map(|v| (*v as f64).to_le_bytes())
+        .collect();
+    write_npy(&c.dir.join("g64.npy"), "<f8", &[2, 3, 9, 7], &body64);
+    assert!((eval_loss(&c, "x.npy", "g16.npy", soft_spec) - want16).abs() < 1e-5);
+    assert!((eval_loss(&c, "x.npy", "g64.npy", soft_spec) - want64).abs() < 1e-5);
+    // A format problem names the file and the reason, never "I/O error".
+    write_npy(
+        &c.dir.join("complex.npy"),
+        "<c8",
+        &[2, 3, 9, 7],
+        &[0; 8 * 378],
+    );
+    let (code, _, err) = segloss(&[
+        "eval",
+        "--logits",
+        &p(&c, "complex.npy"),
+        "--labels",
+        &p(&c, "y.npy"),
+        "--spec",
+        SPEC,
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("complex.npy") && err.contains("unsupported dtype"),
+        "{err}"
+    );
+    assert!(!err.contains("I/O error"), "{err}");
+}
+
+/// `segloss eval … | head`: a reader that closes the pipe ends the program quietly.
+#[test]
+fn a_closed_stdout_pipe_ends_quietly() {
+    let c = case("pipe");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_segloss"))
+        .args([
+            "eval",
+            "--logits",
+            &p(&c, "x.npy"),
+            "--labels",
+            &p(&c, "y.npy"),
+            "--spec",
+            SPEC,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // closed before the program writes
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}
+
+/// A `WGPU_BACKEND` that selects nothing is named, with the adapters that exist.
+#[test]
+fn a_backend_variable_that_selects_nothing_is_named() {
+    for value in ["gl", "vulkn"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_segloss"))
+            .arg("info")
+            .env("WGPU_BACKEND", value)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(&format!("WGPU_BACKEND={value}")), "{err}");
+        assert!(err.contains("adapters present are"), "{err}");
+        assert!(!err.contains("install"), "{err}");
+    }
+}
+
+/// `--reps 0` and u8 labels for more than 255 classes are refused by `bench`.
+#[test]
+fn bench_refuses_what_it_cannot_time() {
+    let spec = r#"{"terms":[{"kind":"cross_entropy"}]}"#;
+    let (code, out, err) = segloss(&["bench", "--shape", "1,2,8,8", "--spec", spec, "--reps", "0"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("--reps 0"), "{err}");
+    let (code, out, err) = segloss(&[
+        "bench",
+        "--shape",
+        "1,300,4,4",
+        "--spec",
+        spec,
+        "--labels",
+        "u8",
+    ]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("at most 255 classes"), "{err}");
+}
+
+/// `info` lists the features by name; `eval --help` documents every term kind.
+#[test]
+fn info_and_help_read_plainly() {
+    let (code, out, err) = segloss(&["info"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for f in v["features"].as_array().unwrap() {
+        let name = f.as_str().unwrap();
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'),
+            "{name}"
+        );
+    }
+    let (code, out, _) = segloss(&["eval", "--help"]);
+    assert_eq!(code, 0);
+    for kind in [
+        "cross_entropy",
+        "focal",
+        "dice",
+        "tversky",
+        "generalized_dice",
+        "region",
+        "bce",
+        "temperature",
+        "ignore_index",
+    ] {
+        assert!(out.contains(kind), "eval --help lacks {kind}");
     }
 }

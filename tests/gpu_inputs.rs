@@ -40,14 +40,14 @@ fn nhwc_is_read_in_place() {
         let shape = Shape::new(3, 5, &spatial);
         let z = random_logits(&mut rng, &shape, 3.0);
         let y = random_labels(&mut rng, &shape, 0.1);
-        let want = reference::evaluate(&spec(MIXED), &shape, &z, Labels::Index(&y), true).unwrap();
+        let want = reference::evaluate(&spec(MIXED), &shape, &z, Labels::index(&y), true).unwrap();
         let zh = permute(&z, &shape, false);
         let got = host(
             &HostBatch {
                 shape: &shape,
                 layout: Layout::Nhwc,
                 logits: HostLogits::F32(&zh),
-                labels: Labels::Index(&y),
+                labels: Labels::index(&y),
                 label_format: None,
                 grad_format: GradFormat::F32,
             },
@@ -98,7 +98,7 @@ fn half_precision_logits_and_gradients() {
         // The reference sees the same (rounded) values, widened.
         let widened = logits.to_f32();
         let want =
-            reference::evaluate(&spec(MIXED), &shape, &widened, Labels::Index(&y), true).unwrap();
+            reference::evaluate(&spec(MIXED), &shape, &widened, Labels::index(&y), true).unwrap();
         for grad_format in [GradFormat::F32, logits.format()] {
             for layout in [Layout::Nchw, Layout::Nhwc] {
                 let (lg, wg);
@@ -122,7 +122,7 @@ fn half_precision_logits_and_gradients() {
                         shape: &shape,
                         layout,
                         logits: input,
-                        labels: Labels::Index(&y),
+                        labels: Labels::index(&y),
                         label_format: None,
                         grad_format,
                     },
@@ -172,7 +172,7 @@ fn label_formats_give_identical_results() {
                 shape: &shape,
                 layout: Layout::Nchw,
                 logits: HostLogits::F32(&z),
-                labels: Labels::Index(&y),
+                labels: Labels::index(&y),
                 label_format: Some(f),
                 grad_format: GradFormat::F32,
             },
@@ -185,7 +185,7 @@ fn label_formats_give_identical_results() {
         assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "{f:?}");
         assert_eq!(a.gradient, b.gradient, "{f:?}");
     }
-    check(&spec(MIXED), &shape, &z, Labels::Index(&y), "u8 labels");
+    check(&spec(MIXED), &shape, &z, Labels::index(&y), "u8 labels");
 }
 
 #[test]
@@ -202,7 +202,7 @@ fn chunked_runs_equal_the_unchunked_one() {
         let y = random_labels(&mut rng, &shape, 0.1);
         let m = random_masks(&mut rng, &shape);
         for (json, labels) in [
-            (MIXED, Labels::Index(&y)),
+            (MIXED, Labels::index(&y)),
             (
                 r#"{"activation":"sigmoid","terms":[{"kind":"bce"},{"kind":"dice","batch":true}]}"#,
                 Labels::Soft(&m),
@@ -265,7 +265,7 @@ fn logits_beyond_one_binding() {
             &spec(r#"{"terms":[{"kind":"cross_entropy"}]}"#),
             &shape,
             &z,
-            Labels::Index(&y),
+            Labels::index(&y),
             common::GRADIENT,
         )
         .unwrap();
@@ -318,7 +318,7 @@ fn backend_api_on_caller_buffers() {
     let shape = Shape::new(2, 3, &[45, 13]);
     let z = random_logits(&mut rng, &shape, 3.0);
     let y = random_labels(&mut rng, &shape, 0.1);
-    let want = reference::evaluate(&spec(MIXED), &shape, &z, Labels::Index(&y), true).unwrap();
+    let want = reference::evaluate(&spec(MIXED), &shape, &z, Labels::index(&y), true).unwrap();
     let usage =
         wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
     // Logits after 36 bytes of other data, labels as u32 after 8 bytes, gradient after 12.
@@ -461,7 +461,7 @@ fn two_phase_across_two_devices() {
             &sp,
             &shape,
             &z,
-            Labels::Index(&y),
+            Labels::index(&y),
             Options {
                 gradient: true,
                 statistics: true,
@@ -604,14 +604,14 @@ fn the_context_is_send_and_sync_and_correct_from_many_threads() {
                     let z = random_logits(&mut rng, &shape, 3.0);
                     let y = random_labels(&mut rng, &shape, 0.1);
                     let want =
-                        reference::evaluate(&spec(MIXED), &shape, &z, Labels::Index(&y), true)
+                        reference::evaluate(&spec(MIXED), &shape, &z, Labels::index(&y), true)
                             .unwrap();
                     let got = ctx
                         .evaluate(
                             &spec(MIXED),
                             &shape,
                             &z,
-                            Labels::Index(&y),
+                            Labels::index(&y),
                             Options {
                                 gradient: true,
                                 ..Default::default()

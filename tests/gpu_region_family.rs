@@ -7,6 +7,7 @@ mod common;
 use common::spec;
 
 use common::{check, check_on, new_ctx};
+use segloss::gpu::TileSum;
 use segloss::input::{Labels, Shape, IGNORE};
 use segloss::testing::{random_labels, random_logits, random_masks, random_soft_labels, Rng};
 
@@ -44,7 +45,7 @@ fn option_grid_with_hard_labels() {
     let s = shape.pixels();
     y[..s].iter_mut().filter(|v| **v == 3).for_each(|v| *v = 0);
     for json in GRID {
-        check(&spec(json), &shape, &z, Labels::Index(&y), json);
+        check(&spec(json), &shape, &z, Labels::index(&y), json);
     }
 }
 
@@ -80,7 +81,7 @@ fn random_shapes_and_class_counts() {
             &spec(&json),
             &shape,
             &z,
-            Labels::Index(&y),
+            Labels::index(&y),
             &format!("{json} on {shape:?}"),
         );
     }
@@ -120,7 +121,7 @@ fn edge_cases_of_the_region_size_family() {
             &spec(json),
             &shape,
             &z,
-            Labels::Index(&y),
+            Labels::index(&y),
             &format!("C=2 {json}"),
         );
     }
@@ -141,7 +142,7 @@ fn edge_cases_of_the_region_size_family() {
             &spec(&json),
             &shape,
             &z,
-            Labels::Index(&y),
+            Labels::index(&y),
             &format!("absent class 4, image 1 ignored: {json}"),
         );
         assert!(out.loss.is_finite());
@@ -151,8 +152,8 @@ fn edge_cases_of_the_region_size_family() {
     }
 }
 
-/// The stats stage's two reduction strategies (subgroup operations where the adapter has
-/// them, workgroup memory alone otherwise) on one device, each against the reference, with
+/// The stats stage's three reduction strategies (subgroup operations where the adapter has
+/// them; workgroup memory, or a row per invocation, otherwise) on one device, each against the reference, with
 /// class counts on both sides of the register block (8) and partial tiles.
 #[test]
 fn both_reduction_strategies_match_the_reference() {
@@ -167,10 +168,10 @@ fn both_reduction_strategies_match_the_reference() {
     // (subgroups, planned subgroup size; 0: the adapter's smallest). The last run plans rows
     // for subgroups half the adapter's smallest size: half of each tile's rows are left to
     // clear_spare_rows (the poisoned partial buffer holds NaN until then).
-    let mut runs = vec![(false, 0)];
+    let mut runs = vec![(TileSum::Workgroup, 0), (TileSum::Invocation, 0)];
     if ctx.uses_subgroups() {
-        runs.push((true, 0));
-        runs.push((true, (info.subgroup_min_size / 2).max(1)));
+        runs.push((TileSum::Subgroup, 0));
+        runs.push((TileSum::Subgroup, (info.subgroup_min_size / 2).max(1)));
     }
     let mut rng = Rng::new(77);
     for round in 0..6 {
@@ -179,17 +180,17 @@ fn both_reduction_strategies_match_the_reference() {
         let z = random_logits(&mut rng, &shape, 3.0);
         let y = random_labels(&mut rng, &shape, 0.1);
         let json = [GRID[GRID.len() - 1], GRID[GRID.len() - 2], GRID[14]][round % 3];
-        for &(on, planned) in &runs {
-            ctx.set_subgroups(on);
-            assert_eq!(ctx.uses_subgroups(), on);
+        for &(strategy, planned) in &runs {
+            ctx.set_tile_sum(strategy);
+            assert_eq!(ctx.tile_sum(), strategy);
             ctx.set_planned_subgroup_size(planned);
             check_on(
                 &ctx,
                 &spec(json),
                 &shape,
                 &z,
-                Labels::Index(&y),
-                &format!("subgroups {on}, rows planned for size {planned}: {json} on {shape:?}"),
+                Labels::index(&y),
+                &format!("{strategy:?}, rows planned for size {planned}: {json} on {shape:?}"),
             );
         }
         ctx.set_planned_subgroup_size(0);
@@ -219,7 +220,7 @@ fn many_images_and_classes() {
             &spec(json),
             &shape,
             &z,
-            Labels::Index(&y),
+            Labels::index(&y),
             &format!("B={b} C={c}: {json}"),
         );
     }
@@ -253,7 +254,7 @@ fn both_pixel_orders_match_the_reference() {
         for on in [false, true] {
             ctx.set_contiguous_pixels(on);
             let what = format!("contiguous {on}: {json} on {shape:?}");
-            check_on(&ctx, &spec(json), &shape, &z, Labels::Index(&y), &what);
+            check_on(&ctx, &spec(json), &shape, &z, Labels::index(&y), &what);
             if !json.contains("class_weights\":[0.5,1.0,2.0]") {
                 check_on(
                     &ctx,

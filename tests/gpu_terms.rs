@@ -58,7 +58,7 @@ fn cross_entropy_and_focal_on_random_shapes() {
             &spec(&json),
             &shape,
             &z,
-            Labels::Index(&y),
+            Labels::index(&y),
             &format!("{json} on {shape:?}"),
         );
     }
@@ -72,7 +72,7 @@ fn every_core_spec_on_one_partial_tile_shape() {
     let y = random_labels(&mut rng, &shape, 0.2);
     for t in CORE_SPECS {
         let json = with_class_vector(t, &mut rng, 5);
-        check(&spec(&json), &shape, &z, Labels::Index(&y), &json);
+        check(&spec(&json), &shape, &z, Labels::index(&y), &json);
     }
 }
 
@@ -112,7 +112,7 @@ fn u32_labels_for_many_classes() {
         &spec(r#"{"terms":[{"kind":"cross_entropy","label_smoothing":0.1},{"kind":"dice"}]}"#),
         &shape,
         &z,
-        Labels::Index(&y),
+        Labels::index(&y),
         "C=300",
     );
 }
@@ -129,7 +129,7 @@ fn large_logits_do_not_overflow() {
             &spec(&json),
             &shape,
             &z,
-            Labels::Index(&y),
+            Labels::index(&y),
             &format!("|z| ≤ 80: {json}"),
         );
     }
@@ -154,7 +154,7 @@ fn ignored_images_contribute_nothing() {
     y[s..2 * s].iter_mut().for_each(|v| *v = IGNORE);
     for t in CORE_SPECS {
         let json = with_class_vector(t, &mut rng, 3);
-        let out = check(&spec(&json), &shape, &z, Labels::Index(&y), &json);
+        let out = check(&spec(&json), &shape, &z, Labels::index(&y), &json);
         assert_eq!(out.valid_pixels[1], 0);
         assert!(out.gradient.unwrap()[s * 3..s * 6]
             .iter()
@@ -169,7 +169,7 @@ fn ignored_images_contribute_nothing() {
                 &spec(&json),
                 &shape,
                 &z,
-                Labels::Index(&y),
+                Labels::index(&y),
                 common::GRADIENT,
             )
             .unwrap();
@@ -216,7 +216,7 @@ fn weights_are_data_and_results_are_deterministic() {
     let half_dice =
         spec(r#"{"terms":[{"kind":"cross_entropy","weight":1.0},{"kind":"dice","weight":0.5}]}"#);
     let first = ctx
-        .evaluate(&half_dice, &shape, &z, Labels::Index(&y), opts)
+        .evaluate(&half_dice, &shape, &z, Labels::index(&y), opts)
         .unwrap();
     let created = ctx.buffers_created();
     for lambda in [0.25, 2.0, 1.0] {
@@ -224,7 +224,7 @@ fn weights_are_data_and_results_are_deterministic() {
             r#"{{"terms":[{{"kind":"cross_entropy","weight":1.0}},{{"kind":"dice","weight":{lambda}}}]}}"#
         );
         let out = ctx
-            .evaluate(&spec(&json), &shape, &z, Labels::Index(&y), opts)
+            .evaluate(&spec(&json), &shape, &z, Labels::index(&y), opts)
             .unwrap();
         let want = out.terms[0].value + lambda * out.terms[1].value;
         assert!((out.loss - want).abs() < 1e-5);
@@ -232,7 +232,7 @@ fn weights_are_data_and_results_are_deterministic() {
     // Changing λ created no buffer; the same inputs give bitwise-identical outputs.
     assert_eq!(ctx.buffers_created(), created);
     let again = ctx
-        .evaluate(&half_dice, &shape, &z, Labels::Index(&y), opts)
+        .evaluate(&half_dice, &shape, &z, Labels::index(&y), opts)
         .unwrap();
     assert_eq!(first.loss.to_bits(), again.loss.to_bits());
     assert_eq!(first.gradient, again.gradient);

@@ -73,14 +73,14 @@ fn a_lost_device_is_reported_and_a_new_context_works() {
     let y = random_labels(&mut rng, &shape, 0.0);
     let sp = spec(r#"{"terms":[{"kind":"cross_entropy"}]}"#);
     let ctx = new_ctx();
-    ctx.evaluate(&sp, &shape, &z, Labels::Index(&y), Options::default())
+    ctx.evaluate(&sp, &shape, &z, Labels::index(&y), Options::default())
         .unwrap();
     ctx.device().destroy();
     let _ = ctx.device().poll(wgpu::PollType::wait_indefinitely());
-    let e = ctx.evaluate(&sp, &shape, &z, Labels::Index(&y), Options::default());
+    let e = ctx.evaluate(&sp, &shape, &z, Labels::index(&y), Options::default());
     assert!(e.is_err(), "a destroyed device still answered");
     let again = new_ctx()
-        .evaluate(&sp, &shape, &z, Labels::Index(&y), Options::default())
+        .evaluate(&sp, &shape, &z, Labels::index(&y), Options::default())
         .unwrap();
     assert!(again.loss.is_finite());
 }
@@ -106,7 +106,7 @@ fn results_are_bitwise_deterministic() {
         poison: false,
     };
     let first = ctx
-        .evaluate(&sp, &shape, &z, Labels::Index(&y), opts)
+        .evaluate(&sp, &shape, &z, Labels::index(&y), opts)
         .unwrap();
     let same = |out: &segloss::LossOutput| {
         out.loss.to_bits() == first.loss.to_bits()
@@ -115,12 +115,12 @@ fn results_are_bitwise_deterministic() {
     };
     for k in 0..60 {
         if k % 10 == 0 {
-            ctx.evaluate(&sp, &other, &zo, Labels::Index(&yo), opts)
+            ctx.evaluate(&sp, &other, &zo, Labels::index(&yo), opts)
                 .unwrap();
         }
         assert!(
             same(
-                &ctx.evaluate(&sp, &shape, &z, Labels::Index(&y), opts)
+                &ctx.evaluate(&sp, &shape, &z, Labels::index(&y), opts)
                     .unwrap()
             ),
             "run {k} differs"
@@ -132,7 +132,7 @@ fn results_are_bitwise_deterministic() {
                 for _ in 0..10 {
                     assert!(
                         same(
-                            &ctx.evaluate(&sp, &shape, &z, Labels::Index(&y), opts)
+                            &ctx.evaluate(&sp, &shape, &z, Labels::index(&y), opts)
                                 .unwrap()
                         ),
                         "a concurrent run differs"
@@ -170,7 +170,7 @@ fn load_from_eight_threads() {
             let mut rng = Rng::new(k as u64);
             let z = random_logits(&mut rng, &sh, 3.0);
             let y = random_labels(&mut rng, &sh, 0.1);
-            let want = reference::evaluate(&sp, &sh, &z, Labels::Index(&y), false)
+            let want = reference::evaluate(&sp, &sh, &z, Labels::index(&y), false)
                 .unwrap()
                 .loss;
             (sp, sh, z, y, want)
@@ -188,7 +188,7 @@ fn load_from_eight_threads() {
                                 sp,
                                 sh,
                                 z,
-                                Labels::Index(y),
+                                Labels::index(y),
                                 Options {
                                     gradient: k % 2 == 0,
                                     ..Default::default()
@@ -283,7 +283,7 @@ fn random_specs_on_random_shapes_match_the_reference() {
             &spec(&json),
             &shape,
             &z,
-            Labels::Index(&y),
+            Labels::index(&y),
             &format!("case {case}: {json} on {shape:?}"),
         );
     }

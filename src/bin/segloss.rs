@@ -3,12 +3,33 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use segloss::gpu::{HostBatch, HostLogits};
-use segloss::input::{convert_labels, GradFormat, Labels, Shape};
+use segloss::input::{GradFormat, Labels, Shape};
 use segloss::npy::{self, NpyData};
 use segloss::spec::{Activation, LossSpec};
 use segloss::{Error, Result, Segloss};
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+/// The spec reference printed by `segloss eval --help` (README.md has the same with the
+/// PyTorch and MONAI equivalents).
+const SPEC_HELP: &str = "SPEC: JSON text or @path to a JSON file:
+  {\"activation\": \"softmax\"|\"sigmoid\", \"ignore_index\": -100, \"terms\": [TERM, ...]}
+Every TERM has \"kind\" and \"weight\" (λ, default 1). Kinds and their other fields (defaults):
+  cross_entropy     class_weights [C], label_smoothing (0), reduction mean|sum|none
+  focal             gamma (2), alpha [C]
+  dice              include_background (true), squared (false), jaccard (false), log (false),
+                    batch (false), smooth_nr (1e-5), smooth_dr (1e-5), skip_empty (false),
+                    class_weights [C], reduction mean|sum|none
+  tversky           alpha (0.5), beta (0.5), gamma (1), include_background, batch, smooth_nr, smooth_dr
+  generalized_dice  w_type square|simple|uniform, include_background, batch, smooth_nr, smooth_dr
+  region            penalty l1|kl|l2|log_sum, target ground_truth|uniform|[C], temperature (1:
+                    û = mean softmax(T·z), T multiplies the logits; the paper uses 10)
+  bce               pos_weight [C] (sigmoid mode)";
+
+fn eval_help() -> String {
+    let usage = "Example:\n  segloss eval --logits x.npy --labels y.npy \\\n    --spec '{\"terms\":[{\"kind\":\"cross_entropy\"},{\"kind\":\"dice\"}]}' --grad-out g.npy\n\nlogits: float32, float16 or float64 (converted once to float32), (B, C, *spatial) for nchw or (B, *spatial, C) for nhwc.\nlabels: any integer dtype (B, *spatial) or (B, 1, *spatial), or float32/16/64 of the logits' shape (soft labels, sigmoid masks).\n\n";
+    format!("{usage}{SPEC_HELP}")
+}
 
 #[derive(Parser)]
 #[command(
@@ -72,7 +93,7 @@ enum Command {
     },
     /// Loss (and gradient) of a spec on logits and labels stored as .npy files.
     #[command(
-        after_help = "Example:\n  segloss eval --logits x.npy --labels y.npy \\\n    --spec '{\"terms\":[{\"kind\":\"cross_entropy\"},{\"kind\":\"dice\"}]}' --grad-out g.npy\n\nlogits: float32 or float16, (B, C, *spatial) for nchw or (B, *spatial, C) for nhwc.\nlabels: any integer dtype (B, *spatial), or float32 of the logits' shape (soft labels, sigmoid masks).\nSPEC: JSON text or @path to a JSON file."
+        after_help = eval_help()
     )]
     Eval {
         /// Logits .npy (float32 or float16).
@@ -116,17 +137,21 @@ fn eval(
 ) -> Result<()> {
     let spec = read_spec(&spec)?;
     let x = npy::read(&logits)?;
-    if !matches!(x.data, NpyData::Float(_) | NpyData::Half(_)) {
-        return Err(Error::Input(format!(
-            "{}: logits must be float32 or float16",
-            logits.display()
-        )));
+    let file = |p: &PathBuf, why: String| Error::Input(format!("{}: {why}", p.display()));
+    if matches!(x.data, NpyData::Int(_)) {
+        return Err(file(
+            &logits,
+            "logits must be floating point (float32, float16 or float64), not integers".into(),
+        ));
     }
     if x.shape.len() < 3 {
-        return Err(Error::Input(format!(
-            "logits have shape {:?}: expected (B, C, *spatial) with at least one spatial dimension",
-            x.shape
-        )));
+        return Err(file(
+            &logits,
+            format!(
+                "logits have shape {:?}: expected (B, C, *spatial) with at least one spatial dimension",
+                x.shape
+            ),
+        ));
     }
     let (b_n, c_n, spatial) = match layout {
         Layout::Nchw => (x.shape[0], x.shape[1], x.shape[2..].to_vec()),
@@ -137,38 +162,51 @@ fn eval(
         ),
     };
     let shape = Shape::new(b_n, c_n, &spatial);
-    shape.check()?;
+    shape.check().map_err(|e| file(&logits, e.to_string()))?;
     spec.validate(Some(c_n))?;
     let y = npy::read(&labels)?;
-    let hard;
+    let soft_labels: Vec<f32>;
     let labels_in = match &y.data {
         NpyData::Int(v) => {
             let want: Vec<usize> = std::iter::once(b_n)
                 .chain(spatial.iter().cloned())
                 .collect();
-            if y.shape != want {
-                return Err(Error::Input(format!(
-                    "labels have shape {:?}, expected (B, *spatial) = {want:?}",
-                    y.shape
-                )));
+            // MONAI and many pipelines keep a class axis of size 1: (B, 1, *spatial), or
+            // (B, *spatial, 1) channels last.
+            let mut with_axis = want.clone();
+            match layout {
+                Layout::Nchw => with_axis.insert(1, 1),
+                Layout::Nhwc => with_axis.push(1),
             }
-            hard = convert_labels(v, spec.ignore_index, c_n)?;
-            Labels::Index(&hard)
+            if y.shape != want && y.shape != with_axis {
+                return Err(file(
+                    &labels,
+                    format!(
+                        "index labels have shape {:?}, expected (B, *spatial) = {want:?} or {with_axis:?}",
+                        y.shape
+                    ),
+                ));
+            }
+            Labels::index(v)
         }
-        NpyData::Float(v) => {
+        NpyData::Float(_) | NpyData::Half(_) => {
             if y.shape != x.shape {
-                return Err(Error::Input(format!(
-                    "float labels have shape {:?}, expected the logits' shape {:?}",
-                    y.shape, x.shape
-                )));
+                return Err(file(
+                    &labels,
+                    format!(
+                        "float labels have shape {:?}, expected the logits' shape {:?} (integer labels for class indices)",
+                        y.shape, x.shape
+                    ),
+                ));
             }
-            Labels::Soft(v)
+            soft_labels = y.data.to_f32();
+            Labels::Soft(&soft_labels)
         }
-        NpyData::Half(_) => return Err(Error::Input("labels must be integers or float32".into())),
     };
     if spec.activation == Activation::Sigmoid && matches!(labels_in, Labels::Index(_)) {
-        return Err(Error::Input(
-            "sigmoid mode needs float32 masks of the logits' shape as labels".into(),
+        return Err(file(
+            &labels,
+            "sigmoid mode needs float masks of the logits' shape as labels, not integers".into(),
         ));
     }
     let engine = match device {
@@ -179,7 +217,7 @@ fn eval(
     let logits_in = match &x.data {
         NpyData::Half(v) => HostLogits::F16(v),
         NpyData::Float(v) => HostLogits::F32(v),
-        NpyData::Int(_) => unreachable!("checked above"),
+        NpyData::Int(_) => unreachable!("refused above"),
     };
     let layout = match layout {
         Layout::Nchw => segloss::input::Layout::Nchw,
@@ -213,8 +251,19 @@ fn eval(
     if let (Some(path), Some(g)) = (grad_out, out.gradient) {
         npy::write_f32(&path, &x.shape, &g)?;
     }
-    println!("{json}");
-    Ok(())
+    print_out(&json.to_string())
+}
+
+/// Prints a line on stdout. A reader that went away (`segloss eval … | head`) ends the
+/// program quietly, as any Unix filter does, instead of a panic.
+fn print_out(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|_| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => Err(Error::Io(format!("writing to stdout: {e}"))),
+    }
 }
 
 fn info() -> Result<()> {
@@ -231,7 +280,9 @@ fn info() -> Result<()> {
     let json = serde_json::json!({
         "adapters": listed,
         "chosen": chosen.get_info().name,
-        "features": format!("{:?}", chosen.features() & segloss::gpu::context::wanted_features()),
+        "features": segloss::gpu::context::feature_names(
+            chosen.features() & segloss::gpu::context::wanted_features()
+        ),
         "limits": {
             "max_storage_buffer_binding_size": l.max_storage_buffer_binding_size,
             "max_buffer_size": l.max_buffer_size,
@@ -241,11 +292,7 @@ fn info() -> Result<()> {
             "max_storage_buffers_per_shader_stage": l.max_storage_buffers_per_shader_stage,
         },
     });
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&json).map_err(|e| Error::Io(e.to_string()))?
-    );
-    Ok(())
+    print_out(&serde_json::to_string_pretty(&json).map_err(|e| Error::Io(e.to_string()))?)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -270,6 +317,11 @@ fn bench(
             "--shape {shape}: expected B,C,H,W (at least B,C and one spatial size)"
         )));
     }
+    if reps == 0 {
+        return Err(Error::Input(
+            "--reps 0: at least one timed repetition is needed".into(),
+        ));
+    }
     let shape = Shape::new(dims[0], dims[1], &dims[2..]);
     let spec = read_spec(&spec)?;
     let ctx = segloss::GpuContext::new()?;
@@ -293,12 +345,9 @@ fn bench(
     bar.finish_and_clear();
     let r = result?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string(&r).map_err(|e| Error::Io(e.to_string()))?
-        );
+        print_out(&serde_json::to_string(&r).map_err(|e| Error::Io(e.to_string()))?)
     } else {
-        println!(
+        print_out(&format!(
             "{}: loss + gradient {:.3} ms, device copy {:.3} ms, ratio {:.2}, shader copy {:.3} ms{} ({} on {})",
             r.shape,
             r.median_ms,
@@ -310,9 +359,8 @@ fn bench(
                 .unwrap_or_default(),
             r.adapter,
             r.backend
-        );
+        ))
     }
-    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -7,26 +7,91 @@ pub const NO_ADAPTER_HELP: &str = "no Vulkan, Metal or DX12 adapter was found. O
 Mesa's software Vulkan driver lavapipe (Debian/Ubuntu: `apt-get install mesa-vulkan-drivers`) and set \
 WGPU_BACKEND=vulkan";
 
-/// The optional features segloss uses when the adapter has them.
+/// The optional features segloss uses when the adapter has them. None is required:
+/// without `SUBGROUP` the statistics pass sums in workgroup memory instead, without
+/// `TIMESTAMP_QUERY` the benchmarks report no device time, and 16-bit logits need no
+/// `SHADER_F16` (they are unpacked with core WGSL).
 pub fn wanted_features() -> wgpu::Features {
     wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16 | wgpu::Features::TIMESTAMP_QUERY
 }
 
-fn backends() -> wgpu::Backends {
-    wgpu::Backends::from_env()
-        .unwrap_or(wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12)
+/// The device segloss opens on `adapter`, for a program that opens the device itself
+/// (then [`crate::GpuContext::from_device`]): the adapter's own limits (the largest
+/// storage bindings it allows, so big batches need fewer chunks) and every feature of
+/// [`wanted_features`] the adapter has. Add your own features to it as you need.
+pub fn device_descriptor(adapter: &wgpu::Adapter) -> wgpu::DeviceDescriptor<'static> {
+    wgpu::DeviceDescriptor {
+        label: Some("segloss"),
+        required_features: adapter.features() & wanted_features(),
+        required_limits: adapter.limits(),
+        experimental_features: wgpu::ExperimentalFeatures::default(),
+        memory_hints: wgpu::MemoryHints::Performance,
+        trace: wgpu::Trace::Off,
+    }
 }
 
-fn instance() -> wgpu::Instance {
-    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle().with_env();
-    desc.backends = backends();
-    wgpu::Instance::new(desc)
+/// The names of `features` (for `segloss info`), e.g. `["SUBGROUP", "TIMESTAMP_QUERY"]`.
+pub fn feature_names(features: wgpu::Features) -> Vec<String> {
+    // Display joins the flag names with " | ".
+    features
+        .iter()
+        .map(|f| f.to_string())
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+/// The backends segloss is built with.
+const BUILT: wgpu::Backends = wgpu::Backends::VULKAN
+    .union(wgpu::Backends::METAL)
+    .union(wgpu::Backends::DX12);
+
+fn backends() -> wgpu::Backends {
+    wgpu::Backends::from_env().unwrap_or(BUILT)
+}
+
+/// The one wgpu instance of the process, shared by every context segloss opens.
+///
+/// wgpu resolves a buffer inside the *device's* instance by the buffer's id, without
+/// checking which instance created it: a buffer of a second instance silently names
+/// whatever buffer has the same id in the first. With one instance, wgpu itself refuses a
+/// buffer of another device ("belongs to a different device"), and `record` returns that
+/// error. It enables every built backend; `WGPU_BACKEND` filters at enumeration.
+pub fn instance() -> &'static wgpu::Instance {
+    static INSTANCE: std::sync::OnceLock<wgpu::Instance> = std::sync::OnceLock::new();
+    INSTANCE.get_or_init(|| {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle().with_env();
+        desc.backends = BUILT;
+        wgpu::Instance::new(desc)
+    })
 }
 
 /// Every adapter of the enabled backends (`WGPU_BACKEND` narrows them).
 pub fn enumerate() -> Vec<wgpu::Adapter> {
-    let inst = instance();
-    pollster::block_on(inst.enumerate_adapters(backends()))
+    pollster::block_on(instance().enumerate_adapters(backends() & BUILT))
+}
+
+/// The error for an empty adapter list: when `WGPU_BACKEND` selected nothing, that
+/// variable and the adapters that do exist; otherwise how to install lavapipe.
+fn no_adapter() -> Error {
+    if let Ok(value) = std::env::var("WGPU_BACKEND") {
+        let all: Vec<String> = pollster::block_on(instance().enumerate_adapters(BUILT))
+            .iter()
+            .map(|a| {
+                let i = a.get_info();
+                format!("{} ({:?})", i.name, i.backend)
+            })
+            .collect();
+        if !all.is_empty() {
+            return Error::NoAdapter(format!(
+                "WGPU_BACKEND={value} selects no adapter of the backends segloss is built with \
+                 (vulkan, metal, dx12; not gl); the adapters present are: {}. Unset \
+                 WGPU_BACKEND or set it to one of their backends",
+                all.join(", ")
+            ));
+        }
+        return Error::NoAdapter(format!("WGPU_BACKEND={value}: {NO_ADAPTER_HELP}"));
+    }
+    Error::NoAdapter(NO_ADAPTER_HELP.into())
 }
 
 fn rank(t: wgpu::DeviceType) -> u8 {
@@ -43,7 +108,7 @@ fn rank(t: wgpu::DeviceType) -> u8 {
 /// when set, otherwise a discrete GPU before an integrated, virtual or CPU one.
 pub fn choose(mut adapters: Vec<wgpu::Adapter>) -> Result<wgpu::Adapter> {
     if adapters.is_empty() {
-        return Err(Error::NoAdapter(NO_ADAPTER_HELP.into()));
+        return Err(no_adapter());
     }
     if let Ok(name) = std::env::var("WGPU_ADAPTER_NAME") {
         let want = name.to_lowercase();
@@ -80,17 +145,8 @@ pub fn keep_freed_memory_mapped() {
     }
 }
 
-/// Opens a device on `adapter` with the adapter's own limits and the optional features it
-/// offers.
+/// Opens a device on `adapter` as [`device_descriptor`] describes it.
 pub fn open(adapter: &wgpu::Adapter) -> Result<(wgpu::Device, wgpu::Queue)> {
-    let desc = wgpu::DeviceDescriptor {
-        label: Some("segloss"),
-        required_features: adapter.features() & wanted_features(),
-        required_limits: adapter.limits(),
-        experimental_features: wgpu::ExperimentalFeatures::default(),
-        memory_hints: wgpu::MemoryHints::Performance,
-        trace: wgpu::Trace::Off,
-    };
-    pollster::block_on(adapter.request_device(&desc))
+    pollster::block_on(adapter.request_device(&device_descriptor(adapter)))
         .map_err(|e| Error::Gpu(format!("request_device: {e}")))
 }

@@ -7,7 +7,7 @@ use super::pool::{BufferKey, Pool};
 use crate::error::{Error, Result};
 use crate::input::{GradFormat, LabelFormat, Labels, Layout, LogitFormat, Shape};
 use crate::output::{LossOutput, Statistics, TermValue};
-use crate::spec::{LossSpec, Reduction, Term};
+use crate::spec::{LossSpec, Reduction as SpecReduction, Term};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -15,22 +15,43 @@ const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const STATS: &str = include_str!("../../shaders/stats.wgsl");
 const REDUCE_WORKGROUP: &str = include_str!("../../shaders/reduce_workgroup.wgsl");
 const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
+const REDUCE_INVOCATION: &str = include_str!("../../shaders/reduce_invocation.wgsl");
 const FINALIZE: &str = include_str!("../../shaders/finalize.wgsl");
 const GRAD: &str = include_str!("../../shaders/grad.wgsl");
 const NARROW: &str = include_str!("../../shaders/narrow.wgsl");
 
 /// The WGSL source of each stage as the device compiles it (common helpers first).
 /// `stats` sums its workgroups in workgroup memory; `stats_subgroup`, for adapters with
-/// subgroup operations, with them.
-pub fn shader_sources() -> [(&'static str, String); 5] {
+/// subgroup operations, with them; `stats_invocation` not at all (a partial row per
+/// invocation, for CPU adapters without subgroups: see [`TileSum`]).
+/// `grad_shared` is the gradient stage for a gradient target that shares a buffer with the
+/// logits or labels: the inputs are bound read-write there, since wgpu refuses one buffer
+/// bound both read-only and read-write in a dispatch.
+pub fn shader_sources() -> [(&'static str, String); 7] {
     [
         ("stats", format!("{COMMON}\n{STATS}\n{REDUCE_WORKGROUP}")),
         (
             "stats_subgroup",
             format!("{COMMON}\n{STATS}\n{REDUCE_SUBGROUP}"),
         ),
+        (
+            "stats_invocation",
+            format!("{COMMON}\n{STATS}\n{REDUCE_INVOCATION}"),
+        ),
         ("finalize", format!("{COMMON}\n{FINALIZE}")),
         ("grad", format!("{COMMON}\n{GRAD}")),
+        (
+            "grad_shared",
+            format!("{COMMON}\n{GRAD}")
+                .replace(
+                    "var<storage, read> logits",
+                    "var<storage, read_write> logits",
+                )
+                .replace(
+                    "var<storage, read> labels",
+                    "var<storage, read_write> labels",
+                ),
+        ),
         ("narrow", format!("{COMMON}\n{NARROW}")),
     ]
 }
@@ -59,8 +80,8 @@ struct PipelineKey {
     nhwc: bool,
     /// Finalize only (0 elsewhere): the statistic-term kinds present (`plan::stat_kinds`).
     stat_kinds: u32,
-    /// Stats only: the subgroup reduction strategy.
-    subgroups: bool,
+    /// Stats only (`TileSum::Workgroup` elsewhere): how a tile's sums are combined.
+    tile_sum: TileSum,
     /// Stats and grad (0 elsewhere): the pixel-term kinds present (`plan::pixel_kinds`).
     pixel_kinds: u32,
     /// Stats and grad (0 elsewhere): the pixel terms with class vectors
@@ -70,7 +91,52 @@ struct PipelineKey {
     pixel_maps: u32,
     /// Stats and grad: each invocation takes a run of consecutive pixels (CPU adapters).
     contiguous: bool,
+    /// Grad only: the gradient target shares a buffer with the inputs (`grad_shared`).
+    shared_inputs: bool,
 }
+
+/// One recording's inputs (the four public `record*` methods and the host API differ only
+/// in these fields).
+#[derive(Clone, Copy)]
+struct Request<'a> {
+    spec: &'a LossSpec,
+    batch: &'a DeviceBatch<'a>,
+    grad: Option<GradTarget<'a>>,
+    /// Two-phase API: statistics combined elsewhere; the stats pass is skipped.
+    given_stats: Option<&'a Statistics>,
+    /// Run finalize (and the gradient pass when `grad` is set); false: statistics only.
+    finalize: bool,
+    /// Fill the workspace outputs with NaN first (tests).
+    poison: bool,
+}
+
+impl<'a> Request<'a> {
+    /// Statistics, finalize and (with `grad`) the gradient.
+    fn full(spec: &'a LossSpec, batch: &'a DeviceBatch<'a>, grad: Option<GradTarget<'a>>) -> Self {
+        Request {
+            spec,
+            batch,
+            grad,
+            given_stats: None,
+            finalize: true,
+            poison: false,
+        }
+    }
+}
+
+/// A checked request: its dispatches, ready to be recorded, and the handle to its results.
+struct Prepared {
+    dispatches: Vec<(wgpu::ComputePipeline, wgpu::BindGroup, usize)>,
+    /// A shard's stats pass writes only its own images' partial rows, while the tile sums
+    /// cover the global batch: the rows of the other images, left from an earlier call on
+    /// this workspace, are zeroed first.
+    clear_partial: bool,
+    recorded: Recorded,
+}
+
+/// Byte offset, in the status buffer `check`, of the sequence number of the last recording
+/// that ran (after the four counters the stats pass writes).
+const SEQ_AT: u64 = 16;
 
 /// The small per-call buffers (uniforms, term table, statistics, coefficients, read-back),
 /// reused by every call of one shape and spec structure.
@@ -96,6 +162,9 @@ struct Workspace {
     fin: wgpu::Buffer,
     map: wgpu::Buffer,
     check: wgpu::Buffer,
+    /// The sequence number of the recording that holds this workspace, copied into `check`
+    /// by the recording's last command.
+    seq: wgpu::Buffer,
     scratch: Option<wgpu::Buffer>,
     staging: wgpu::Buffer,
     keys: Vec<(BufferKey, wgpu::Buffer)>,
@@ -154,6 +223,21 @@ pub struct HostBatch<'a> {
     pub label_format: Option<LabelFormat>,
     /// Precision of the gradient on the device (returned widened to f32).
     pub grad_format: GradFormat,
+}
+
+impl<'a> HostBatch<'a> {
+    /// f32 NCHW logits with their labels, the most compact label storage and an f32
+    /// gradient; change fields with struct update syntax for other layouts and formats.
+    pub fn new(shape: &'a Shape, logits: &'a [f32], labels: Labels<'a>) -> Self {
+        HostBatch {
+            shape,
+            layout: Layout::Nchw,
+            logits: HostLogits::F32(logits),
+            labels,
+            label_format: None,
+            grad_format: GradFormat::F32,
+        }
+    }
 }
 
 /// Host logits.
@@ -289,6 +373,8 @@ impl<'a> GradTarget<'a> {
 /// The device-resident results of a recorded call; they stay valid while this handle lives.
 pub struct Recorded {
     ws: Arc<Workspace>,
+    /// This recording's sequence number (see `Recorded::check_status`).
+    seq: u32,
     spec: LossSpec,
     total_batch: usize,
     classes: usize,
@@ -304,6 +390,43 @@ impl std::fmt::Debug for Recorded {
     }
 }
 
+/// How the stats stage combines the sums of a tile's invocations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum TileSum {
+    /// Subgroup operations, a partial row per subgroup (`reduce_subgroup.wgsl`).
+    Subgroup = 0,
+    /// Workgroup memory and barriers, a row per tile (`reduce_workgroup.wgsl`).
+    Workgroup = 1,
+    /// None: a partial row per invocation, no barrier (`reduce_invocation.wgsl`).
+    Invocation = 2,
+}
+
+impl TileSum {
+    /// Subgroups where the device has them (and sizes the shader handles, 4 to 128);
+    /// otherwise [`TileSum::without_subgroups`].
+    pub fn preferred(device: &wgpu::Device, info: &wgpu::AdapterInfo) -> Self {
+        if device.features().contains(wgpu::Features::SUBGROUP)
+            && info.subgroup_min_size >= 4
+            && info.subgroup_max_size <= 128
+        {
+            TileSum::Subgroup
+        } else {
+            Self::without_subgroups(info)
+        }
+    }
+
+    /// Without subgroups: no barrier on CPU adapters (llvmpipe compiles barriers slowly
+    /// and runs them slowly), workgroup memory on GPUs (fewer partial rows to write).
+    pub fn without_subgroups(info: &wgpu::AdapterInfo) -> Self {
+        if info.device_type == wgpu::DeviceType::Cpu {
+            TileSum::Invocation
+        } else {
+            TileSum::Workgroup
+        }
+    }
+}
+
 /// A GPU device with segloss's pipelines, buffer pool and workspaces. `Send + Sync`: calls
 /// from several threads are serialised on the context's lock and the device queue.
 pub struct GpuContext {
@@ -312,13 +435,16 @@ pub struct GpuContext {
     info: wgpu::AdapterInfo,
     inner: Mutex<Inner>,
     binding_limit: std::sync::atomic::AtomicU64,
-    subgroups: std::sync::atomic::AtomicBool,
+    /// The stats stage's `TileSum`, as its `u8` code.
+    tile_sum: std::sync::atomic::AtomicU8,
     /// The subgroup size the stats partial rows are planned for (0: the adapter's smallest).
     planned_subgroup: std::sync::atomic::AtomicU32,
     /// Stats and grad invocations take runs of consecutive pixels (see `CONTIGUOUS` in
     /// common.wgsl): on CPU adapters.
     contiguous: std::sync::atomic::AtomicBool,
     last_chunks: std::sync::atomic::AtomicUsize,
+    /// The next recording's sequence number.
+    next_seq: std::sync::atomic::AtomicU32,
     created_bytes: std::sync::atomic::AtomicU64,
     lost: Arc<Mutex<Option<String>>>,
     uncaptured: Arc<Mutex<Option<String>>>,
@@ -391,13 +517,20 @@ impl GpuContext {
     }
 
     /// Wraps a device and queue the caller already owns.
+    ///
+    /// Open the device with [`context::device_descriptor`] (or add
+    /// [`context::wanted_features`] the adapter has, and the adapter's limits, to your own
+    /// descriptor): segloss needs no feature, but without `SUBGROUP` its statistics pass
+    /// sums in workgroup memory, and with lower limits large batches are split into more
+    /// chunks. Every buffer passed to this context must come from this device; wgpu cannot
+    /// tell a buffer of another `wgpu::Instance` from one of its own (it looks buffers up by
+    /// id), so keep one instance per process ([`context::instance`] is segloss's). On
+    /// Mesa's lavapipe also call [`context::keep_freed_memory_mapped`].
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, info: wgpu::AdapterInfo) -> Self {
         // Subgroup reductions need the feature and subgroup sizes reduce_subgroup.wgsl
         // handles (4 to 128).
-        let subgroups = device.features().contains(wgpu::Features::SUBGROUP)
-            && info.subgroup_min_size >= 4
-            && info.subgroup_max_size <= 128;
         let cpu = info.device_type == wgpu::DeviceType::Cpu;
+        let tile_sum = TileSum::preferred(&device, &info);
         GpuContext {
             device,
             queue,
@@ -410,10 +543,11 @@ impl GpuContext {
                 workspaces: vec![],
             }),
             binding_limit: std::sync::atomic::AtomicU64::new(0),
-            subgroups: std::sync::atomic::AtomicBool::new(subgroups),
+            tile_sum: std::sync::atomic::AtomicU8::new(tile_sum as u8),
             planned_subgroup: std::sync::atomic::AtomicU32::new(0),
             contiguous: std::sync::atomic::AtomicBool::new(cpu),
             last_chunks: std::sync::atomic::AtomicUsize::new(0),
+            next_seq: std::sync::atomic::AtomicU32::new(1),
             created_bytes: std::sync::atomic::AtomicU64::new(0),
             lost: Arc::new(Mutex::new(None)),
             uncaptured: Arc::new(Mutex::new(None)),
@@ -427,15 +561,37 @@ impl GpuContext {
     }
 
     /// Whether the stats stage sums with subgroup operations (the default where the adapter
-    /// has them) or in workgroup memory alone; tests run both strategies on one device.
-    /// Turning subgroups on where the device lacks them is ignored.
+    /// has them) or without (the adapter's other strategy, see [`TileSum::preferred`]);
+    /// tests run every strategy on one device. Turning subgroups on where the device lacks
+    /// them is ignored.
     #[doc(hidden)]
     pub fn set_subgroups(&self, on: bool) {
-        let ok = self.device.features().contains(wgpu::Features::SUBGROUP)
-            && self.info.subgroup_min_size >= 4
-            && self.info.subgroup_max_size <= 128;
-        self.subgroups
-            .store(on && ok, std::sync::atomic::Ordering::Relaxed);
+        let r = if on {
+            TileSum::Subgroup
+        } else {
+            TileSum::without_subgroups(&self.info)
+        };
+        self.set_tile_sum(r);
+    }
+
+    /// Chooses the stats stage's reduction strategy (tests, benchmarks); `Subgroup` where
+    /// the device cannot use it is ignored.
+    #[doc(hidden)]
+    pub fn set_tile_sum(&self, r: TileSum) {
+        if r == TileSum::Subgroup && TileSum::preferred(&self.device, &self.info) != r {
+            return;
+        }
+        self.tile_sum
+            .store(r as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The stats stage's reduction strategy of the next call.
+    pub fn tile_sum(&self) -> TileSum {
+        match self.tile_sum.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => TileSum::Subgroup,
+            1 => TileSum::Workgroup,
+            _ => TileSum::Invocation,
+        }
     }
 
     /// Plans the stats stage's partial rows for subgroups of `size` invocations instead of
@@ -480,7 +636,7 @@ impl GpuContext {
 
     /// Whether the stats stage uses subgroup operations.
     pub fn uses_subgroups(&self) -> bool {
-        self.subgroups.load(std::sync::atomic::Ordering::Relaxed)
+        self.tile_sum() == TileSum::Subgroup
     }
 
     /// Lowers the binding size the chunking plans for (0: the adapter's own limit), so tests
@@ -590,21 +746,9 @@ impl GpuContext {
             }
             (Labels::Index(_), Some(f)) => f,
         };
-        if label_format == LabelFormat::U8 && shape.classes > 255
-            || label_format == LabelFormat::U16 && shape.classes > 65535
-        {
-            return Err(Error::Input(format!(
-                "{label_format:?} labels hold at most {} classes, C = {}",
-                if label_format == LabelFormat::U8 {
-                    255
-                } else {
-                    65535
-                },
-                shape.classes
-            )));
-        }
+        label_format.check_classes(shape.classes)?;
         let logit_bytes = batch.logits.bytes();
-        let label_words = label_format.encode(&batch.labels);
+        let label_words = label_format.encode(&batch.labels, spec.ignore_index, shape.classes)?;
         let grad_bytes = (shape.len() as u64 * 4 / batch.grad_format.per_word()).div_ceil(4) * 4;
         use wgpu::BufferUsages as U;
         let (logit_key, label_key, grad_key) = (
@@ -656,14 +800,12 @@ impl GpuContext {
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("segloss"),
                 });
-            let rec = self.record_inner(
+            let rec = self.record_request(
                 &mut enc,
-                spec,
-                &device_batch,
-                grad,
-                None,
-                true,
-                opts.poison,
+                Request {
+                    poison: opts.poison,
+                    ..Request::full(spec, &device_batch, grad)
+                },
                 None,
             )?;
             self.queue.submit([enc.finish()]);
@@ -699,6 +841,12 @@ impl GpuContext {
     /// Backend API: records loss (and, with `grad`, gradient) passes into the caller's
     /// encoder on the caller's buffers. Nothing is submitted or awaited; the results stay on
     /// the device in the returned handle until read.
+    ///
+    /// Every check happens before anything is recorded: a call that returns `Err` has left
+    /// the encoder untouched, and no error of this call is ever reported by a later one.
+    /// Refused with an error: ranges of logits, labels and gradient that overlap (distinct
+    /// ranges of one buffer are fine), a buffer of another device, a range outside its
+    /// buffer, a label format that cannot hold C classes.
     pub fn record(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -706,7 +854,7 @@ impl GpuContext {
         batch: &DeviceBatch<'_>,
         grad: Option<GradTarget<'_>>,
     ) -> Result<Recorded> {
-        self.scoped(|| self.record_inner(encoder, spec, batch, grad, None, true, false, None))
+        self.record_request(encoder, Request::full(spec, batch, grad), None)
     }
 
     /// [`GpuContext::record`] with the pass's start and end written to timestamps 0 and 1 of
@@ -720,18 +868,7 @@ impl GpuContext {
         grad: Option<GradTarget<'_>>,
         query_set: &wgpu::QuerySet,
     ) -> Result<Recorded> {
-        self.scoped(|| {
-            self.record_inner(
-                encoder,
-                spec,
-                batch,
-                grad,
-                None,
-                true,
-                false,
-                Some(query_set),
-            )
-        })
+        self.record_request(encoder, Request::full(spec, batch, grad), Some(query_set))
     }
 
     /// Two-phase API, phase 1: records only the statistics pass. Submit, then read them with
@@ -743,7 +880,11 @@ impl GpuContext {
         spec: &LossSpec,
         batch: &DeviceBatch<'_>,
     ) -> Result<Recorded> {
-        self.scoped(|| self.record_inner(encoder, spec, batch, None, None, false, false, None))
+        let req = Request {
+            finalize: false,
+            ..Request::full(spec, batch, None)
+        };
+        self.record_request(encoder, req, None)
     }
 
     /// Two-phase API, phase 2: records finalize (from `stats`, the combined statistics of the
@@ -756,9 +897,54 @@ impl GpuContext {
         stats: &Statistics,
         grad: Option<GradTarget<'_>>,
     ) -> Result<Recorded> {
-        self.scoped(|| {
-            self.record_inner(encoder, spec, batch, grad, Some(stats), true, false, None)
-        })
+        let req = Request {
+            given_stats: Some(stats),
+            ..Request::full(spec, batch, grad)
+        };
+        self.record_request(encoder, req, None)
+    }
+
+    /// Prepares every pipeline, bind group and upload inside error scopes, and only when
+    /// all of it is valid records the passes into `encoder`: a wgpu validation error at
+    /// this point (a foreign buffer, a bad binding) is this call's `Err`, and the caller's
+    /// encoder never holds an invalid command that would fail their `finish()` or submit.
+    fn record_request(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        req: Request<'_>,
+        timestamps: Option<&wgpu::QuerySet>,
+    ) -> Result<Recorded> {
+        let prepared = self.scoped(|| self.prepare(&req))?;
+        let Prepared {
+            dispatches,
+            clear_partial,
+            recorded,
+        } = prepared;
+        if clear_partial {
+            encoder.clear_buffer(&recorded.ws.partial, 0, None);
+        }
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("segloss"),
+                timestamp_writes: timestamps.map(|q| wgpu::ComputePassTimestampWrites {
+                    query_set: q,
+                    beginning_of_pass_write_index: Some(0),
+                    end_of_pass_write_index: Some(1),
+                }),
+            });
+            for (p, bg, groups) in &dispatches {
+                let (x, y) = plan::dispatch_2d(*groups);
+                pass.set_pipeline(p);
+                pass.set_bind_group(0, bg, &[]);
+                pass.dispatch_workgroups(x, y, 1);
+            }
+        }
+        // The last command of the recording: the call's sequence number reaches the status
+        // buffer only when this encoder runs, so a read of an unsubmitted recording sees an
+        // older number and is refused (see `Recorded::check_status`).
+        let ws = &recorded.ws;
+        encoder.copy_buffer_to_buffer(&ws.seq, 0, &ws.check, SEQ_AT, 4);
+        Ok(recorded)
     }
 
     fn create_buffer(&self, k: &BufferKey) -> wgpu::Buffer {
@@ -777,11 +963,15 @@ impl GpuContext {
             return p.clone();
         }
         let (name, entry) = match key.stage {
-            Stage::Stats if key.subgroups => ("stats_subgroup", "main"),
-            Stage::Stats => ("stats", "main"),
+            Stage::Stats => match key.tile_sum {
+                TileSum::Subgroup => ("stats_subgroup", "main"),
+                TileSum::Workgroup => ("stats", "main"),
+                TileSum::Invocation => ("stats_invocation", "main"),
+            },
             Stage::ReduceRows => ("finalize", "reduce_rows"),
             Stage::Reduce => ("finalize", "reduce_tiles"),
             Stage::Finalize => ("finalize", "finalize_terms"),
+            Stage::Grad if key.shared_inputs => ("grad_shared", "main"),
             Stage::Grad => ("grad", "main"),
             Stage::Narrow => ("narrow", "main"),
         };
@@ -905,10 +1095,11 @@ impl GpuContext {
         let stats = make(sizes.stats, out);
         let fin = make(sizes.fin, out);
         let map = make(sizes.map, out);
-        let check = make(16, out);
+        let check = make(SEQ_AT + 16, out);
+        let seq = make(16, U::COPY_SRC | U::COPY_DST);
         let scratch = (key.scratch > 0).then(|| make(key.scratch, U::STORAGE));
         let staging = make(
-            sizes.fin + sizes.stats + sizes.map + 16,
+            sizes.fin + sizes.stats + sizes.map + SEQ_AT + 16,
             U::MAP_READ | U::COPY_DST,
         );
         let ws = Arc::new(Workspace {
@@ -919,6 +1110,7 @@ impl GpuContext {
             fin,
             map,
             check,
+            seq,
             scratch,
             staging,
             keys,
@@ -969,18 +1161,17 @@ impl GpuContext {
         bg
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn record_inner(
-        &self,
-        enc: &mut wgpu::CommandEncoder,
-        spec: &LossSpec,
-        batch: &DeviceBatch<'_>,
-        grad: Option<GradTarget<'_>>,
-        given_stats: Option<&Statistics>,
-        finalize: bool,
-        poison: bool,
-        timestamps: Option<&wgpu::QuerySet>,
-    ) -> Result<Recorded> {
+    /// Checks a request and builds its dispatches (pipelines, bind groups, uploads) without
+    /// touching the caller's encoder.
+    fn prepare(&self, req: &Request<'_>) -> Result<Prepared> {
+        let Request {
+            spec,
+            batch,
+            grad,
+            given_stats,
+            finalize,
+            poison,
+        } = *req;
         let shape = batch.shape;
         shape.check()?;
         spec.validate(Some(shape.classes))?;
@@ -1051,6 +1242,24 @@ impl GpuContext {
         if let Some(g) = &grad {
             need("gradient", &g.region, n, g.format.per_word())?;
         }
+        batch.label_format.check_classes(c_n)?;
+        let label_bytes = label_elems.div_ceil(batch.label_format.per_word()) * 4;
+        let mut ranges = vec![
+            ("logits", batch.logits, n.div_ceil(lf.per_word()) * 4),
+            ("labels", batch.labels, label_bytes),
+        ];
+        if let Some(g) = &grad {
+            ranges.push(("gradient", g.region, n.div_ceil(g.format.per_word()) * 4));
+        }
+        check_disjoint(&ranges)?;
+        // Non-overlapping ranges of one buffer (burn packs tensors into shared pages): wgpu
+        // refuses a buffer bound read-only and read-write in one dispatch, so the gradient
+        // pass then binds the inputs read-write too (see `Stage::Grad`'s `shared` variant).
+        let grad_shares_input = grad.is_some_and(|g| {
+            g.format == GradFormat::F32
+                && (*g.region.buffer == *batch.logits.buffer
+                    || *g.region.buffer == *batch.labels.buffer)
+        });
 
         let align = storage_align(&self.device);
         let max_binding = match self
@@ -1087,8 +1296,12 @@ impl GpuContext {
             4
         };
         // Each strategy switch read once: pipelines and dispatch sizes of this call follow it.
-        let subgroups = self.uses_subgroups();
-        let rows_per_tile = plan::rows_per_tile(subgroups, self.planned_subgroup_size());
+        let tile_sum = self.tile_sum();
+        let rows_per_tile = match tile_sum {
+            TileSum::Subgroup => plan::STATS_WG / self.planned_subgroup_size().max(1) as usize,
+            TileSum::Invocation => plan::STATS_WG,
+            TileSum::Workgroup => 1,
+        };
         let contiguous = self.contiguous_pixels();
         let key = WorkspaceKey {
             total_batch: total,
@@ -1133,7 +1346,11 @@ impl GpuContext {
             } else {
                 0
             },
-            subgroups: stage == Stage::Stats && subgroups,
+            tile_sum: if stage == Stage::Stats {
+                tile_sum
+            } else {
+                TileSum::Workgroup
+            },
             pixel_kinds: if matches!(stage, Stage::Stats | Stage::Grad) {
                 plan::pixel_kinds(spec)
             } else {
@@ -1150,6 +1367,7 @@ impl GpuContext {
                 0
             },
             contiguous: matches!(stage, Stage::Stats | Stage::Grad) && contiguous,
+            shared_inputs: stage == Stage::Grad && grad_shares_input,
         };
         let dims_size = std::mem::size_of::<Dims>() as u64;
         let q = &self.queue;
@@ -1373,30 +1591,45 @@ impl GpuContext {
             }
         }
         drop(inner);
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("segloss"),
-                timestamp_writes: timestamps.map(|q| wgpu::ComputePassTimestampWrites {
-                    query_set: q,
-                    beginning_of_pass_write_index: Some(0),
-                    end_of_pass_write_index: Some(1),
-                }),
-            });
-            for (p, bg, groups) in &dispatches {
-                let (x, y) = plan::dispatch_2d(*groups);
-                pass.set_pipeline(p);
-                pass.set_bind_group(0, bg, &[]);
-                pass.dispatch_workgroups(x, y, 1);
-            }
-        }
-        Ok(Recorded {
-            ws,
-            spec: spec.clone(),
-            total_batch: total,
-            classes: c_n,
-            spatial: s,
+        let seq = self
+            .next_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        q.write_buffer(&ws.seq, 0, bytemuck::bytes_of(&seq));
+        Ok(Prepared {
+            dispatches,
+            clear_partial: given_stats.is_none() && (batch.image_offset != 0 || b_n != total),
+            recorded: Recorded {
+                ws,
+                seq,
+                spec: spec.clone(),
+                total_batch: total,
+                classes: c_n,
+                spatial: s,
+            },
         })
     }
+}
+
+/// Refuses ranges of one buffer that overlap (each `(what, region, bytes)`).
+fn check_disjoint(ranges: &[(&str, BufferRegion<'_>, u64)]) -> Result<()> {
+    for (i, (a, ra, na)) in ranges.iter().enumerate() {
+        for (b, rb, nb) in &ranges[i + 1..] {
+            let overlap = *ra.buffer == *rb.buffer
+                && ra.offset < rb.offset + nb
+                && rb.offset < ra.offset + na;
+            if overlap {
+                return Err(Error::Input(format!(
+                    "the {a} (bytes {}..{}) and the {b} (bytes {}..{}) overlap in one buffer: \
+                     give each its own range (distinct ranges of one buffer are fine)",
+                    ra.offset,
+                    ra.offset + na,
+                    rb.offset,
+                    rb.offset + nb
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Statistics as the device's rows (the inverse of the read-back in [`Recorded::read`]).
@@ -1475,25 +1708,31 @@ impl Recorded {
             });
         let off = 4 * ws.fin_layout.report as u64;
         enc.copy_buffer_to_buffer(&ws.fin, off, &ws.staging, 0, 4);
+        // The status words after it, checked as `read` checks them.
+        enc.copy_buffer_to_buffer(&ws.check, 0, &ws.staging, 8, SEQ_AT + 4);
         ctx.queue.submit([enc.finish()]);
-        let (tx, rx) = futures_channel();
+        let seq = self.seq;
+        let len = 8 + SEQ_AT + 8;
+        let (tx, rx) = futures::channel::oneshot::channel();
         ws.staging
-            .slice(0..8)
+            .slice(0..len)
             .map_async(wgpu::MapMode::Read, move |r| {
-                tx(r.map_err(|e| Error::Gpu(format!("mapping the loss: {e}"))))
+                let _ = tx.send(r.map_err(|e| Error::Gpu(format!("mapping the loss: {e}"))));
             });
         async move {
-            rx.await?;
-            let v = {
+            rx.await
+                .map_err(|_| Error::Gpu("the loss read-back was dropped by the device".into()))??;
+            let words: Vec<u32> = {
                 let view = ws
                     .staging
-                    .slice(0..8)
+                    .slice(0..len)
                     .get_mapped_range()
                     .map_err(|e| Error::Gpu(format!("{e:?}")))?;
-                bytemuck::cast_slice::<u8, f32>(&view)[0]
+                bytemuck::pod_collect_to_vec(&view)
             };
             ws.staging.unmap();
-            Ok(v)
+            check_status(seq, &words[2..])?;
+            Ok(f32::from_bits(words[0]))
         }
     }
 
@@ -1516,22 +1755,10 @@ impl Recorded {
             report_len + ws.sizes.stats,
             ws.sizes.map,
         );
-        enc.copy_buffer_to_buffer(&ws.check, 0, &ws.staging, check_at, 16);
+        enc.copy_buffer_to_buffer(&ws.check, 0, &ws.staging, check_at, SEQ_AT + 4);
         ctx.queue.submit([enc.finish()]);
-        let words = map_read(&ctx.device, &ws.staging, check_at + 16)?;
-        let check = &words[(check_at / 4) as usize..];
-        if check[0] > 0 {
-            return Err(Error::Input(format!(
-                "the logits hold {} non-finite values (NaN or infinite); the first at flat position {}",
-                check[0], check[1]
-            )));
-        }
-        if check[2] > 0 {
-            return Err(Error::Input(format!(
-                "the labels hold {} invalid values (a class index ≥ C that is not ignore_index, or a soft label outside [0, 1]); the first at flat position {}",
-                check[2], check[3]
-            )));
-        }
+        let words = map_read(&ctx.device, &ws.staging, check_at + SEQ_AT + 4)?;
+        check_status(self.seq, &words[(check_at / 4) as usize..])?;
         Ok(words)
     }
 
@@ -1591,7 +1818,7 @@ impl Recorded {
         for (r, t) in spec.terms.iter().enumerate() {
             let e = match t {
                 Term::CrossEntropy {
-                    reduction: Reduction::None,
+                    reduction: SpecReduction::None,
                     ..
                 } => Some(
                     map_w[pix_slot * b_n * s..(pix_slot + 1) * b_n * s]
@@ -1600,7 +1827,7 @@ impl Recorded {
                         .collect(),
                 ),
                 Term::Dice {
-                    reduction: Reduction::None,
+                    reduction: SpecReduction::None,
                     batch,
                     ..
                 } => {
@@ -1639,39 +1866,31 @@ impl Recorded {
     }
 }
 
-type Sender = Box<dyn FnOnce(Result<()>) + Send>;
-
-/// A one-shot channel whose receiver is a future (std only: no executor assumed).
-fn futures_channel() -> (Sender, impl std::future::Future<Output = Result<()>> + Send) {
-    use std::task::{Poll, Waker};
-    #[derive(Default)]
-    struct Slot {
-        value: Option<Result<()>>,
-        waker: Option<Waker>,
+/// The status words of the call: the recording ran (its sequence number arrived, so
+/// nothing read is stale), and the stats pass found no bad input.
+fn check_status(seq: u32, check: &[u32]) -> Result<()> {
+    let ran = check[(SEQ_AT / 4) as usize];
+    if ran != seq {
+        return Err(Error::Input(format!(
+            "this recording has not run: submit the encoder it was recorded into (queue.submit) \
+             before reading its results (recording {}, the device last ran recording {ran} \
+             on this workspace)",
+            seq
+        )));
     }
-    let slot = Arc::new(Mutex::new(Slot::default()));
-    let tx_slot = slot.clone();
-    let tx: Sender = Box::new(move |v| {
-        if let Ok(mut s) = tx_slot.lock() {
-            s.value = Some(v);
-            if let Some(w) = s.waker.take() {
-                w.wake();
-            }
-        }
-    });
-    let rx = std::future::poll_fn(move |cx| {
-        let Ok(mut s) = slot.lock() else {
-            return Poll::Ready(Err(Error::Gpu("read-back state poisoned".into())));
-        };
-        match s.value.take() {
-            Some(v) => Poll::Ready(v),
-            None => {
-                s.waker = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        }
-    });
-    (tx, rx)
+    if check[0] > 0 {
+        return Err(Error::Input(format!(
+            "the logits hold {} non-finite values (NaN or infinite); the first at flat position {}",
+            check[0], check[1]
+        )));
+    }
+    if check[2] > 0 {
+        return Err(Error::Input(format!(
+            "the labels hold {} invalid values (a class index ≥ C that is not ignore_index, or a soft label outside [0, 1]); the first at flat position {}",
+            check[2], check[3]
+        )));
+    }
+    Ok(())
 }
 
 /// Maps `len` bytes of a MAP_READ buffer, waits for the device, copies them out.

@@ -7,5 +7,5 @@ pub mod pool;
 
 pub use engine::{
     shader_sources, BufferRegion, DeviceBatch, GpuContext, GradTarget, HostBatch, HostLogits,
-    Options, Recorded,
+    Options, Recorded, TileSum,
 };

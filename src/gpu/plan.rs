@@ -65,8 +65,8 @@ pub struct Dims {
     pub narrow_count: u32,
     /// Where the narrow pass's first value sits in the bound output range.
     pub narrow_shift: u32,
-    /// Partial rows per stats tile: 1, or one per subgroup with the subgroup strategy
-    /// (`rows_per_tile`).
+    /// Partial rows per stats tile: 1 with the workgroup-memory reduction, one per subgroup
+    /// or one per invocation with the others (`engine::TileSum`).
     pub rows_per_tile: u32,
 }
 
@@ -112,7 +112,7 @@ pub fn chunks(
     let room = max_binding.saturating_sub(align + 8);
     if bytes_per_image > room {
         return Err(format!(
-            "one image needs {bytes_per_image} bytes in one binding, more than this adapter's max_storage_buffer_binding_size ({max_binding}) allows"
+            "one image needs {bytes_per_image} bytes in one binding, more than this adapter's max_storage_buffer_binding_size ({max_binding}) allows: pass 16-bit logits (half the bytes), use an adapter with a larger limit (`segloss info` lists each adapter's), or evaluate on the CPU reference (`Segloss::cpu`, `--device cpu`)"
         ));
     }
     let per = ((room / bytes_per_image.max(1)) as usize).clamp(1, batch.max(1));
@@ -216,16 +216,6 @@ fn pixel_term_bits(spec: &LossSpec, has: impl Fn(&Term) -> bool) -> u32 {
         .enumerate()
         .filter(|(_, t)| has(t))
         .fold(0, |bits, (k, _)| bits | 1 << k)
-}
-
-/// Partial rows a stats tile writes: one per subgroup, planned for the adapter's smallest
-/// subgroup size, when the stats stage sums with subgroup operations; else one.
-pub fn rows_per_tile(subgroups: bool, subgroup_min_size: u32) -> usize {
-    if subgroups {
-        STATS_WG / subgroup_min_size.max(1) as usize
-    } else {
-        1
-    }
 }
 
 /// Width of a statistics row for C classes.

@@ -20,7 +20,7 @@ pub fn gradient(
     let mut grad = vec![0.0; shape.len()];
     for b in 0..b_n {
         for i in 0..s {
-            let Some(px) = pixel(shape, logits, labels, b, i) else {
+            let Some(px) = pixel(shape, logits, labels, spec.ignore_index, b, i) else {
                 continue;
             };
             let (p, sp) = probabilities(spec, &px.z);

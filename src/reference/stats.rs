@@ -2,7 +2,7 @@
 //! CPU port of `shaders/stats.wgsl`.
 
 use super::{log_sigmoid, log_softmax, safe_pow};
-use crate::input::{Labels, Shape, IGNORE};
+use crate::input::{Labels, Shape};
 use crate::output::Statistics;
 use crate::spec::{Activation, LossSpec, Reduction, Term};
 
@@ -21,6 +21,7 @@ pub(crate) fn pixel(
     shape: &Shape,
     logits: &[f64],
     labels: Labels<'_>,
+    ignore_index: i64,
     b: usize,
     i: usize,
 ) -> Option<Pixel> {
@@ -29,10 +30,8 @@ pub(crate) fn pixel(
     let z: Vec<f64> = (0..c_n).map(|c| logits[at(c)]).collect();
     match labels {
         Labels::Index(y) => {
-            let y = y[b * s + i];
-            if y == IGNORE {
-                return None;
-            }
+            // Values that are no class index were refused before any work (`check_inputs`).
+            let y = y.class_at(b * s + i, ignore_index, c_n)?.ok()?;
             let g = (0..c_n)
                 .map(|c| if c as u32 == y { 1.0 } else { 0.0 })
                 .collect();
@@ -163,7 +162,7 @@ pub fn statistics(
         .collect();
     for b in 0..b_n {
         for i in 0..s {
-            let Some(px) = pixel(shape, logits, labels, b, i) else {
+            let Some(px) = pixel(shape, logits, labels, spec.ignore_index, b, i) else {
                 continue;
             };
             st.valid[b] += 1.0;

@@ -89,7 +89,7 @@ fn softmax_gradients_match_finite_differences() {
     hard[1] = 3;
     let soft = random_soft_labels(&mut rng, &shape);
     for (i, spec) in SOFTMAX_SPECS.iter().enumerate() {
-        check_fd(spec, &shape, Labels::Index(&hard), i as u64);
+        check_fd(spec, &shape, Labels::index(&hard), i as u64);
         check_fd(spec, &shape, Labels::Soft(&soft), 100 + i as u64);
     }
 }
@@ -123,7 +123,7 @@ fn cross_entropy_matches_a_hand_computation() {
         &spec,
         &shape,
         &[0.0, l3, l3, 0.0],
-        Labels::Index(&[1, 1]),
+        Labels::index(&[1, 1]),
         true,
     )
     .unwrap();
@@ -147,7 +147,7 @@ fn all_ignored_gives_zero_not_nan() {
     let y = vec![IGNORE; 8];
     for spec in SOFTMAX_SPECS {
         let spec = LossSpec::from_json(spec).unwrap();
-        let out = evaluate(&spec, &shape, &z, Labels::Index(&y), true).unwrap();
+        let out = evaluate(&spec, &shape, &z, Labels::index(&y), true).unwrap();
         assert_eq!(out.loss, 0.0, "{spec:?}");
         assert!(out.gradient.unwrap().iter().all(|g| *g == 0.0));
         assert!(out.decomposition.iter().all(|d| d.ce == 0.0 && d.kl == 0.0));

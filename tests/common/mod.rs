@@ -176,3 +176,16 @@ pub fn check_on(
     );
     got
 }
+
+/// Every gradient element within the tolerances of [`check_on`] (and finite).
+pub fn assert_gradient(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: gradient length");
+    let scale = want.iter().fold(0.0f64, |m, v| m.max((*v as f64).abs()));
+    for (k, (a, b)) in got.iter().zip(want).enumerate() {
+        let (a, b) = (*a as f64, *b as f64);
+        assert!(
+            a.is_finite() && (a - b).abs() <= GRAD_ELEM_TOL * scale + 1e-7,
+            "{what}: gradient[{k}] = {a} vs reference {b} (max |ref| {scale})"
+        );
+    }
+}
