@@ -33,6 +33,7 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod distributed;
 pub mod error;
 pub mod gpu;
 pub mod input;

@@ -74,6 +74,111 @@ impl Statistics {
         }
         Ok(())
     }
+
+    /// Statistics of `batch` images of `classes` classes and `pixel_terms` per-pixel terms
+    /// (cross-entropy, focal, BCE: the spec's terms for which
+    /// [`Term::is_pixel_term`](crate::spec::Term::is_pixel_term) holds), all zero.
+    pub fn zeros(batch: usize, classes: usize, pixel_terms: usize) -> Statistics {
+        Statistics {
+            batch,
+            classes,
+            per_class: vec![[0.0; 6]; batch * classes],
+            valid: vec![0.0; batch],
+            plain_ce: vec![0.0; batch],
+            pixel_sums: vec![[0.0; 2]; batch * pixel_terms],
+        }
+    }
+
+    /// Per-pixel terms T of these statistics.
+    pub fn pixel_terms(&self) -> usize {
+        self.pixel_sums.len().checked_div(self.batch).unwrap_or(0)
+    }
+
+    /// Values per image in the flat form: 6·C + 2 + 2·T.
+    pub fn flat_row(classes: usize, pixel_terms: usize) -> usize {
+        6 * classes + 2 + 2 * pixel_terms
+    }
+
+    /// Length of the flat form: B·(6·C + 2 + 2·T).
+    pub fn flat_len(batch: usize, classes: usize, pixel_terms: usize) -> usize {
+        batch * Self::flat_row(classes, pixel_terms)
+    }
+
+    /// The statistics as one flat `f64` buffer, the form an all-reduce exchanges (see
+    /// [`crate::distributed`]). Image-major: image b's row starts at b·W with
+    /// W = 6·C + 2 + 2·T and holds
+    ///
+    /// - for each class c in order, the six sums of [`Statistics::per_class`]
+    ///   `[Σp, Σp², Σp·g, Σg, Σg², Σs]` (offsets 6c … 6c + 5),
+    /// - the image's valid pixel count (offset 6C) and its plain CE sum (6C + 1),
+    /// - for each per-pixel term t, its loss sum and normaliser sum (6C + 2 + 2t, 6C + 3 + 2t).
+    ///
+    /// Every value is a sum over pixels, so the element-wise sum of shards' flat buffers is
+    /// the flat buffer of the whole batch. The device computes the sums in f32; f64 holds
+    /// each exactly, so the round trip through this form changes no bit.
+    pub fn to_flat(&self) -> Vec<f64> {
+        let (c_n, t_n) = (self.classes, self.pixel_terms());
+        let mut flat = Vec::with_capacity(Self::flat_len(self.batch, c_n, t_n));
+        for b in 0..self.batch {
+            for c in 0..c_n {
+                flat.extend_from_slice(&self.per_class[b * c_n + c]);
+            }
+            flat.push(self.valid[b]);
+            flat.push(self.plain_ce[b]);
+            for t in 0..t_n {
+                flat.extend_from_slice(&self.pixel_sums[b * t_n + t]);
+            }
+        }
+        flat
+    }
+
+    /// The inverse of [`Statistics::to_flat`]; an error when `flat` does not hold
+    /// B·(6·C + 2 + 2·T) values.
+    pub fn from_flat(
+        batch: usize,
+        classes: usize,
+        pixel_terms: usize,
+        flat: &[f64],
+    ) -> crate::Result<Statistics> {
+        let width = Self::flat_row(classes, pixel_terms);
+        if flat.len() != batch * width {
+            return Err(crate::Error::Input(format!(
+                "flat statistics hold {} values, B={batch} C={classes} with {pixel_terms} pixel terms need {}",
+                flat.len(),
+                batch * width
+            )));
+        }
+        let mut st = Self::zeros(batch, classes, pixel_terms);
+        for (b, row) in flat.chunks_exact(width).enumerate() {
+            for c in 0..classes {
+                st.per_class[b * classes + c].copy_from_slice(&row[6 * c..6 * c + 6]);
+            }
+            st.valid[b] = row[6 * classes];
+            st.plain_ce[b] = row[6 * classes + 1];
+            for t in 0..pixel_terms {
+                let o = 6 * classes + 2 + 2 * t;
+                st.pixel_sums[b * pixel_terms + t] = [row[o], row[o + 1]];
+            }
+        }
+        Ok(st)
+    }
+
+    /// Sets every image outside `images` to zero: a shard's statistics then hold its own
+    /// images only, whatever the device's buffers held for the others, and a sum over
+    /// shards adds each image's values to zeros only (exact, in any order).
+    pub fn keep_images(&mut self, images: std::ops::Range<usize>) {
+        let t_n = self.pixel_terms();
+        for b in (0..self.batch).filter(|b| !images.contains(b)) {
+            for v in &mut self.per_class[b * self.classes..(b + 1) * self.classes] {
+                *v = [0.0; 6];
+            }
+            self.valid[b] = 0.0;
+            self.plain_ce[b] = 0.0;
+            for v in &mut self.pixel_sums[b * t_n..(b + 1) * t_n] {
+                *v = [0.0; 2];
+            }
+        }
+    }
 }
 
 /// The result of one evaluation.
