@@ -106,7 +106,7 @@ fn main() -> segloss::Result<()> {
     let t = std::time::Instant::now();
     let out = distributed::step(&ctx, &spec, &batch, Some(GradTarget::f32(&g_buf)), &world)?;
     let step_ms = t.elapsed().as_secs_f64() * 1e3;
-    let grad = read_f32(&ctx, &g_buf)?;
+    let grad = ctx.read_f32(&g_buf, 0, (g_buf.size() / 4) as usize)?;
 
     // The same batch in one process, for the comparison.
     let single = ctx.evaluate(
@@ -203,29 +203,4 @@ fn main() -> segloss::Result<()> {
         );
     }
     Ok(())
-}
-
-fn read_f32(ctx: &GpuContext, buf: &wgpu::Buffer) -> segloss::Result<Vec<f32>> {
-    let dev = ctx.device();
-    let staging = dev.create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: buf.size(),
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut enc = dev.create_command_encoder(&Default::default());
-    enc.copy_buffer_to_buffer(buf, 0, &staging, 0, buf.size());
-    ctx.queue().submit([enc.finish()]);
-    let slice = staging.slice(..);
-    slice.map_async(wgpu::MapMode::Read, |_| {});
-    dev.poll(wgpu::PollType::wait_indefinitely())
-        .map_err(|e| segloss::Error::Gpu(e.to_string()))?;
-    let v = bytemuck::cast_slice(
-        &slice
-            .get_mapped_range()
-            .map_err(|e| segloss::Error::Gpu(format!("{e:?}")))?,
-    )
-    .to_vec();
-    staging.unmap();
-    Ok(v)
 }

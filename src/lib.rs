@@ -144,15 +144,7 @@ impl Segloss {
         labels: Labels<'_>,
         gradient: bool,
     ) -> Result<LossOutput> {
-        let batch = gpu::HostBatch {
-            shape,
-            layout: input::Layout::Nchw,
-            logits: gpu::HostLogits::F32(logits),
-            labels,
-            label_format: None,
-            grad_format: input::GradFormat::F32,
-        };
-        self.evaluate_host(spec, &batch, gradient)
+        self.evaluate_host(spec, &gpu::HostBatch::new(shape, logits, labels), gradient)
     }
 
     /// Loss (and gradient) of host data in any layout and precision. The CPU fallback

@@ -25,24 +25,6 @@ fn buffer(ctx: &GpuContext, bytes: &[u8]) -> wgpu::Buffer {
         })
 }
 
-fn read_f32(ctx: &GpuContext, buf: &wgpu::Buffer, offset: u64, n: usize) -> Vec<f32> {
-    let staging = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-        label: Some("test read"),
-        size: 4 * n as u64,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut enc = ctx.device().create_command_encoder(&Default::default());
-    enc.copy_buffer_to_buffer(buf, offset, &staging, 0, 4 * n as u64);
-    ctx.queue().submit([enc.finish()]);
-    staging.slice(..).map_async(wgpu::MapMode::Read, |_| {});
-    ctx.device()
-        .poll(wgpu::PollType::wait_indefinitely())
-        .unwrap();
-    let v = bytemuck::cast_slice(&staging.slice(..).get_mapped_range().unwrap()).to_vec();
-    v
-}
-
 struct Problem {
     shape: Shape,
     z: Vec<f32>,
@@ -131,10 +113,10 @@ fn overlapping_ranges_are_refused_and_distinct_ranges_of_one_buffer_work() {
     let got = rec.read(&ctx).unwrap();
     let want = reference::evaluate(&sp, &p.shape, &p.z, Labels::index(&p.y), true).unwrap();
     assert!(close(got.loss, want.loss), "{} vs {}", got.loss, want.loss);
-    let g = read_f32(&ctx, &page, lz + ly, p.z.len());
+    let g = ctx.read_f32(&page, lz + ly, p.z.len()).unwrap();
     assert_gradient(&g, want.gradient.as_ref().unwrap(), "shared buffer");
     // The inputs in the same buffer are untouched.
-    assert_eq!(read_f32(&ctx, &page, 0, p.z.len()), p.z);
+    assert_eq!(ctx.read_f32(&page, 0, p.z.len()).unwrap(), p.z);
     ctx.check_device().unwrap();
 }
 

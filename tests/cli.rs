@@ -16,18 +16,8 @@ fn dir(name: &str) -> PathBuf {
 
 /// A .npy of little-endian i64 labels, as NumPy and PyTorch write them.
 fn write_i64(path: &Path, shape: &[usize], v: &[i64]) {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let header = format!(
-        "{{'descr': '<i8', 'fortran_order': False, 'shape': ({},), }}\n",
-        dims.join(", ")
-    );
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend((header.len() as u16).to_le_bytes());
-    out.extend(header.as_bytes());
-    for x in v {
-        out.extend(x.to_le_bytes());
-    }
-    std::fs::write(path, out).unwrap();
+    let body: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    write_npy(path, "<i8", shape, &body);
 }
 
 fn segloss(args: &[&str]) -> (i32, String, String) {

@@ -557,32 +557,12 @@ fn two_phase_across_two_devices() {
                 b.value
             );
         }
-        let g = read_f32(ctx, grad);
+        let g = ctx.read_f32(grad, 0, (grad.size() / 4) as usize).unwrap();
         let want = &single.gradient.as_ref().unwrap()[first * 4 * s..(first + count) * 4 * s];
         for (a, b) in g.iter().zip(want) {
             assert!((a - b).abs() <= 1e-6 + 1e-5 * b.abs(), "{a} vs {b}");
         }
     }
-}
-
-fn read_f32(ctx: &GpuContext, buf: &wgpu::Buffer) -> Vec<f32> {
-    let dev = ctx.device();
-    let staging = dev.create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: buf.size(),
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut enc = dev.create_command_encoder(&Default::default());
-    enc.copy_buffer_to_buffer(buf, 0, &staging, 0, buf.size());
-    ctx.queue().submit([enc.finish()]);
-    staging.slice(..).map_async(wgpu::MapMode::Read, |_| {});
-    dev.poll(wgpu::PollType::wait_indefinitely()).unwrap();
-    let bytes = staging.slice(..).get_mapped_range().unwrap().to_vec();
-    bytes
-        .chunks(4)
-        .map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]]))
-        .collect()
 }
 
 #[test]

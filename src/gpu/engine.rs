@@ -662,6 +662,21 @@ impl GpuContext {
         &self.queue
     }
 
+    /// Reads `count` f32 values of `buffer` (COPY_SRC usage) from byte `offset` (a multiple
+    /// of 4), after everything submitted so far: a gradient the backend API wrote, in
+    /// tests and examples. It waits for the device.
+    pub fn read_f32(&self, buffer: &wgpu::Buffer, offset: u64, count: usize) -> Result<Vec<f32>> {
+        let len = 4 * count as u64;
+        if !offset.is_multiple_of(4) || offset + len > buffer.size() {
+            return Err(Error::Input(format!(
+                "reading {count} f32 values at byte {offset} of a {}-byte buffer",
+                buffer.size()
+            )));
+        }
+        let words = self.scoped(|| read_buffer(&self.device, &self.queue, buffer, offset, len))?;
+        Ok(bytemuck::cast_slice(&words).to_vec())
+    }
+
     /// Buffers created by the pool so far (a steady workload stops adding to it).
     pub fn buffers_created(&self) -> u64 {
         self.inner.lock().map(|i| i.pool.created()).unwrap_or(0)
@@ -698,15 +713,7 @@ impl GpuContext {
         labels: Labels<'_>,
         opts: Options,
     ) -> Result<LossOutput> {
-        let batch = HostBatch {
-            shape,
-            layout: Layout::Nchw,
-            logits: HostLogits::F32(logits),
-            labels,
-            label_format: None,
-            grad_format: GradFormat::F32,
-        };
-        self.evaluate_host(spec, &batch, opts)
+        self.evaluate_host(spec, &HostBatch::new(shape, logits, labels), opts)
     }
 
     /// Loss (and gradient) of `spec` on host data in any layout and precision.
@@ -811,7 +818,7 @@ impl GpuContext {
             self.queue.submit([enc.finish()]);
             let mut out = rec.read(self)?;
             if opts.gradient {
-                let words = read_buffer(&self.device, &self.queue, &grad_buf, grad_bytes)?;
+                let words = read_buffer(&self.device, &self.queue, &grad_buf, 0, grad_bytes)?;
                 out.gradient = Some(match batch.grad_format {
                     LogitFormat::F32 => {
                         bytemuck::cast_slice::<u32, f32>(&words)[..shape.len()].to_vec()
@@ -1918,12 +1925,13 @@ fn map_read(device: &wgpu::Device, buffer: &wgpu::Buffer, len: u64) -> Result<Ve
     Ok(out)
 }
 
-/// Copies a STORAGE | COPY_SRC buffer's first `len` bytes to the host through a temporary
-/// staging buffer from the caller's device.
+/// Copies `len` bytes of a COPY_SRC buffer from byte `offset` to the host through a
+/// temporary staging buffer, waiting for the device.
 fn read_buffer(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
     buffer: &wgpu::Buffer,
+    offset: u64,
     len: u64,
 ) -> Result<Vec<u32>> {
     let staging = device.create_buffer(&wgpu::BufferDescriptor {
@@ -1935,7 +1943,7 @@ fn read_buffer(
     let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
         label: Some("segloss gradient read"),
     });
-    enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, len);
+    enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, len);
     queue.submit([enc.finish()]);
     map_read(device, &staging, len)
 }

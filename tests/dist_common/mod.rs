@@ -7,8 +7,8 @@
 
 use crate::common::{close, spec, GRAD_ELEM_TOL, GRAD_L2_TOL};
 use segloss::distributed::{self, AllReduce, HostShard};
-use segloss::gpu::{BufferRegion, DeviceBatch, GpuContext, GradTarget, HostLogits, Options};
-use segloss::input::{LabelFormat, Labels, Layout, LogitFormat, IGNORE};
+use segloss::gpu::{DeviceBatch, GpuContext, GradTarget, HostLogits, Options};
+use segloss::input::{LabelFormat, Labels, Layout, IGNORE};
 use segloss::output::LossOutput;
 use segloss::testing::{random_labels, random_logits, Rng};
 use segloss::{reference, LossSpec, Shape};
@@ -128,20 +128,9 @@ impl DeviceShard {
 
     pub fn batch(&self) -> DeviceBatch<'_> {
         DeviceBatch {
-            shape: &self.shape,
-            layout: Layout::Nchw,
-            logits: BufferRegion {
-                buffer: &self.logits,
-                offset: 0,
-            },
-            logit_format: LogitFormat::F32,
-            labels: BufferRegion {
-                buffer: &self.labels,
-                offset: 0,
-            },
-            label_format: LabelFormat::U32,
             image_offset: self.images.start,
             total_batch: self.total,
+            ..DeviceBatch::new(&self.shape, &self.logits, &self.labels, LabelFormat::U32)
         }
     }
 
@@ -153,28 +142,9 @@ impl DeviceShard {
     ) -> segloss::Result<LossOutput> {
         let mut out =
             distributed::step(ctx, sp, &self.batch(), Some(GradTarget::f32(&self.grad)), r)?;
-        out.gradient = Some(read_f32(ctx, &self.grad));
+        out.gradient = Some(ctx.read_f32(&self.grad, 0, (self.grad.size() / 4) as usize)?);
         Ok(out)
     }
-}
-
-pub fn read_f32(ctx: &GpuContext, buf: &wgpu::Buffer) -> Vec<f32> {
-    let dev = ctx.device();
-    let staging = dev.create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: buf.size(),
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut enc = dev.create_command_encoder(&Default::default());
-    enc.copy_buffer_to_buffer(buf, 0, &staging, 0, buf.size());
-    ctx.queue().submit([enc.finish()]);
-    let slice = staging.slice(..);
-    slice.map_async(wgpu::MapMode::Read, |r| r.unwrap());
-    dev.poll(wgpu::PollType::wait_indefinitely()).unwrap();
-    let v = bytemuck::cast_slice(&slice.get_mapped_range().unwrap()).to_vec();
-    staging.unmap();
-    v
 }
 
 /// The host path's shard.
@@ -367,28 +337,13 @@ pub fn check_failure(ctx: &GpuContext, r: &dyn AllReduce) -> Vec<String> {
     let err = shard
         .step(ctx, &sp, r)
         .expect_err("a step with a NaN logit on one rank must fail on every rank");
-    let took = t.elapsed();
-    let msg = err.to_string();
-    if r.rank() == bad {
-        assert!(msg.contains("non-finite"), "own error expected: {msg}");
-    } else {
-        assert!(
-            msg.contains(&format!(
-                "rank {bad} (invalid input) of {} failed",
-                r.size()
-            )),
-            "{msg}"
-        );
-    }
-    assert!(
-        took < Duration::from_secs(20),
-        "the failing step took {took:?}"
-    );
-    lines.push(format!(
-        "nan-logit: rank {}/{} error after {:.0} ms: {msg}",
-        r.rank(),
-        r.size(),
-        took.as_secs_f64() * 1e3
+    lines.push(failed_everywhere(
+        r,
+        bad,
+        "nan-logit",
+        "non-finite",
+        &err,
+        t.elapsed(),
     ));
 
     // Host path: a label that is no class on the bad rank, found by host validation.
@@ -399,28 +354,13 @@ pub fn check_failure(ctx: &GpuContext, r: &dyn AllReduce) -> Vec<String> {
     let t = Instant::now();
     let err = host_step(ctx, &g, &sp, images.clone(), &y, r)
         .expect_err("a bad label on one rank must fail every rank");
-    let took = t.elapsed();
-    let msg = err.to_string();
-    if r.rank() == bad {
-        assert!(msg.contains("label 7"), "own error expected: {msg}");
-    } else {
-        assert!(
-            msg.contains(&format!(
-                "rank {bad} (invalid input) of {} failed",
-                r.size()
-            )),
-            "{msg}"
-        );
-    }
-    assert!(
-        took < Duration::from_secs(20),
-        "the failing step took {took:?}"
-    );
-    lines.push(format!(
-        "bad-label: rank {}/{} error after {:.0} ms: {msg}",
-        r.rank(),
-        r.size(),
-        took.as_secs_f64() * 1e3
+    lines.push(failed_everywhere(
+        r,
+        bad,
+        "bad-label",
+        "label 7",
+        &err,
+        t.elapsed(),
     ));
 
     // The group is still in step: a clean step succeeds on every rank.
@@ -434,4 +374,33 @@ pub fn check_failure(ctx: &GpuContext, r: &dyn AllReduce) -> Vec<String> {
         out.loss
     ));
     lines
+}
+
+/// Checks one rank's error of a step where rank `bad` failed: that rank its own error
+/// (containing `own`), the others the agreement's, all within seconds. The report line.
+fn failed_everywhere(
+    r: &dyn AllReduce,
+    bad: usize,
+    what: &str,
+    own: &str,
+    err: &segloss::Error,
+    took: Duration,
+) -> String {
+    let msg = err.to_string();
+    if r.rank() == bad {
+        assert!(msg.contains(own), "own error expected: {msg}");
+    } else {
+        let want = format!("rank {bad} (invalid input) of {} failed", r.size());
+        assert!(msg.contains(&want), "{msg}");
+    }
+    assert!(
+        took < Duration::from_secs(20),
+        "the failing step took {took:?}"
+    );
+    format!(
+        "{what}: rank {}/{} error after {:.0} ms: {msg}",
+        r.rank(),
+        r.size(),
+        took.as_secs_f64() * 1e3
+    )
 }
