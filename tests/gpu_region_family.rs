@@ -181,6 +181,12 @@ fn both_reduction_strategies_match_the_reference() {
         let y = random_labels(&mut rng, &shape, 0.1);
         let json = [GRID[GRID.len() - 1], GRID[GRID.len() - 2], GRID[14]][round % 3];
         for &(strategy, planned) in &runs {
+            // The workgroup strategy (GPUs without subgroups) on both sides of the register
+            // block only: llvmpipe compiles its barriers slowly (about a minute a pipeline
+            // with a cold shader cache), and CI starts with a cold cache.
+            if strategy == TileSum::Workgroup && ![3, 9].contains(&classes) {
+                continue;
+            }
             ctx.set_tile_sum(strategy);
             assert_eq!(ctx.tile_sum(), strategy);
             ctx.set_planned_subgroup_size(planned);
