@@ -441,8 +441,7 @@ pub fn step_host(
     .and_then(|(mut out, _rec)| {
         if gradient {
             let n = shard.shape.len();
-            let words = read_back(ctx, &up.grad, 4 * n as u64)?;
-            out.gradient = Some(bytemuck::cast_slice::<u32, f32>(&words)[..n].to_vec());
+            out.gradient = Some(ctx.read_f32(&up.grad, 0, n)?);
         }
         Ok(out)
     });
@@ -517,38 +516,6 @@ fn upload(ctx: &GpuContext, spec: &LossSpec, shard: &HostShard<'_>) -> Result<Up
             mapped_at_creation: false,
         }),
     })
-}
-
-/// The first `len` bytes of a COPY_SRC buffer, through a staging buffer.
-fn read_back(ctx: &GpuContext, buffer: &wgpu::Buffer, len: u64) -> Result<Vec<u32>> {
-    let dev = ctx.device();
-    let staging = dev.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("segloss shard read"),
-        size: len,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut enc = dev.create_command_encoder(&Default::default());
-    enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, len);
-    ctx.queue().submit([enc.finish()]);
-    let slice = staging.slice(..);
-    let (tx, rx) = std::sync::mpsc::channel();
-    slice.map_async(wgpu::MapMode::Read, move |r| {
-        let _ = tx.send(r);
-    });
-    dev.poll(wgpu::PollType::wait_indefinitely())
-        .map_err(|e| Error::Gpu(format!("waiting for the device: {e}")))?;
-    rx.recv()
-        .map_err(|_| Error::Gpu("the gradient read-back never completed".into()))?
-        .map_err(|e| Error::Gpu(format!("mapping the gradient read-back: {e}")))?;
-    let words = {
-        let view = slice
-            .get_mapped_range()
-            .map_err(|e| Error::Gpu(format!("mapped range: {e:?}")))?;
-        bytemuck::cast_slice::<u8, u32>(&view).to_vec()
-    };
-    staging.unmap();
-    Ok(words)
 }
 
 #[cfg(test)]
