@@ -488,13 +488,7 @@ fn upload(ctx: &GpuContext, spec: &LossSpec, shard: &HostShard<'_>) -> Result<Up
         Labels::Index(_) => LabelFormat::U32,
     };
     let words = label_format.encode(&shard.labels, spec.ignore_index, shape.classes)?;
-    let logit_bytes: Vec<u8> = match shard.logits {
-        HostLogits::F32(v) => bytemuck::cast_slice(v).to_vec(),
-        HostLogits::F16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
-        HostLogits::Bf16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
-    };
-    let mut logit_bytes = logit_bytes;
-    logit_bytes.resize(logit_bytes.len().div_ceil(4) * 4, 0); // 16-bit: two per word
+    let logit_bytes = shard.logits.bytes(); // the host API's upload form
     let dev = ctx.device();
     use wgpu::BufferUsages as U;
     let init = |contents: &[u8]| {

@@ -280,7 +280,7 @@ impl HostLogits<'_> {
 
     /// The bytes as the device reads them (16-bit values two per word, padded to a word).
     /// f32 logits are uploaded as they are: no copy on the hot path.
-    fn bytes(&self) -> std::borrow::Cow<'_, [u8]> {
+    pub(crate) fn bytes(&self) -> std::borrow::Cow<'_, [u8]> {
         let mut b: Vec<u8> = match self {
             HostLogits::F32(v) => return std::borrow::Cow::Borrowed(bytemuck::cast_slice(v)),
             HostLogits::F16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
