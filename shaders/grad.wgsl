@@ -12,7 +12,7 @@
 @group(0) @binding(6) var<storage, read> fin: array<f32>;
 @group(0) @binding(7) var<storage, read_write> grad: array<f32>;
 
-const WG: u32 = 256u;
+const WG: u32 = GRAD_WG;
 // Pixels per invocation, set by the host (plan::grad_pixels_per_invocation): 8 on GPUs,
 // 32 on CPU adapters, where longer runs of consecutive pixels per invocation read faster
 // (grad 23 → 19 ms at 8×4×256×256 on lavapipe) and there are no idle SMs to fill. Which
@@ -29,9 +29,10 @@ struct Consts {
     offs: vec4<f32>,
 }
 
+// Class c's coefficients (∂L/∂P, ∂L/∂Q, ∂L/∂I, ∂L/∂U) of image b.
 fn coef(b: u32, c: u32) -> vec4<f32> {
-    let o = (b * C + c) * 4u;
-    return vec4(fin[o], fin[o + 1u], fin[o + 2u], fin[o + 3u]);
+    let o = (b * C + c) * COEFS;
+    return vec4(fin[o + COEF_P], fin[o + COEF_Q], fin[o + COEF_I], fin[o + COEF_U]);
 }
 
 // Class c's coefficients, from the invocation's copy for the first BLOCK classes.
@@ -43,7 +44,7 @@ fn coef_of(k: ptr<function, Consts>, b: u32, c: u32) -> vec4<f32> {
 }
 
 fn pixel_scale(t: u32) -> f32 {
-    return fin[4u * dims.total_batch * C + t];
+    return fin[dims.fin_scales + t];
 }
 
 // a_c = ∂L/∂p_c of the statistic terms; without tempering, s = p and the region
@@ -52,7 +53,7 @@ fn stat_a(k: vec4<f32>, p: f32, g: f32) -> f32 {
     return k.x + 2.0 * p * k.y + g * k.z + select(k.w, 0.0, TEMPERED);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(GRAD_WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -70,10 +71,10 @@ fn main(
         cs.kc[c] = coef(b, c);
     }
     for (var t = 0u; t < N_PIX; t++) {
-        cs.kinds[t] = u32(record(t, 0u));
-        cs.opt[t] = record(t, 4u);
+        cs.kinds[t] = u32(record(t, REC_KIND));
+        cs.opt[t] = record(t, PIXEL_OPTION);
         cs.scales[t] = pixel_scale(t);
-        cs.offs[t] = record(t, 3u);
+        cs.offs[t] = record(t, REC_VECTOR);
     }
     if group >= dims.batch * per_image {
         return;
@@ -93,7 +94,7 @@ fn main(
 fn grad_pixel(b: u32, i: u32, cs: ptr<function, Consts>) {
     let temp = dims.temperature;
     var y = 0u;
-    if LABEL_KIND != 2u {
+    if LABEL_KIND != LABELS_SOFT {
         y = class_label(b, i);
     }
     let keep = y != IGNORE;

@@ -3,19 +3,15 @@
 // invocations share a word; halves outside the range keep the caller's data.
 
 @group(0) @binding(2) var<uniform> dims: Dims;
-@group(0) @binding(7) var<storage, read> scratch: array<f32>;
+// The f32 gradient the grad stage wrote into scratch.
+@group(0) @binding(7) var<storage, read> grad: array<f32>;
 @group(0) @binding(9) var<storage, read_write> out16: array<u32>;
 
-// Needed by common.wgsl's helpers, never read here.
-@group(0) @binding(0) var<storage, read> logits: array<u32>;
-@group(0) @binding(1) var<storage, read> labels: array<u32>;
-@group(0) @binding(3) var<storage, read> params: array<f32>;
-
-// 1: f16, 2: bf16.
-override GRAD_KIND: u32 = 1u;
+// The output format: FLOAT_F16 or FLOAT_BF16.
+override GRAD_KIND: u32 = FLOAT_F16;
 
 fn to_bits16(v: f32) -> u32 {
-    if GRAD_KIND == 1u {
+    if GRAD_KIND == FLOAT_F16 {
         return pack2x16float(vec2(v, 0.0)) & 0xFFFFu;
     }
     // bf16: round to nearest even.
@@ -23,11 +19,11 @@ fn to_bits16(v: f32) -> u32 {
     return (b + 0x7FFFu + ((b >> 16u) & 1u)) >> 16u;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(NARROW_WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     // Output elements k + narrow_shift (k in 0..narrow_count) of the bound range.
     let first_word = dims.narrow_shift >> 1u;
-    let w = first_word + flat_group(wid, nwg) * 256u + lid;
+    let w = first_word + flat_group(wid, nwg) * NARROW_WG + lid;
     let last = dims.narrow_shift + dims.narrow_count - 1u;
     if w > (last >> 1u) {
         return;
@@ -36,7 +32,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     for (var h = 0u; h < 2u; h++) {
         let e = 2u * w + h;
         if e >= dims.narrow_shift && e <= last {
-            let v = to_bits16(scratch[e - dims.narrow_shift]);
+            let v = to_bits16(grad[e - dims.narrow_shift]);
             word = (word & ~(0xFFFFu << (16u * h))) | (v << (16u * h));
         }
     }

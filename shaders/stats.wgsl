@@ -1,9 +1,11 @@
 // Stage 1: one pass over logits and labels. A workgroup covers a tile of TILE pixels of one
 // image and writes rows of partial sums: per class (P, Q, I, G, H, U), then the valid
-// count, the plain CE and (loss, normaliser) per pixel term. The sum, `reduce3`, is a
-// strategy per hardware path: reduce_subgroup.wgsl (a row per subgroup) where the adapter
-// has subgroup operations, reduce_workgroup.wgsl (a row per tile) otherwise. No float
-// atomics: the order of every sum is fixed, so the results are bitwise reproducible.
+// count, the plain CE and (loss, normaliser) per pixel term (columns named STAT_* and ROW_*
+// in the prelude). The sum of a tile's invocations, `reduce3`, is a strategy per hardware
+// path (src/gpu/strategy.rs `TileSum`): tile_sum/subgroup.wgsl (a row per subgroup) where
+// the adapter has subgroup operations, tile_sum/workgroup.wgsl (a row per tile) on other
+// GPUs, tile_sum/invocation.wgsl (a row per invocation, no barrier) on CPU adapters. No
+// float atomics: the order of every sum is fixed, so the results are bitwise reproducible.
 // CPU port: src/reference/stats.rs.
 
 @group(0) @binding(0) var<storage, read> logits: array<u32>;
@@ -36,7 +38,7 @@ fn check_pixel(b: u32, i: u32, y: u32, z: ptr<function, Block>, g: ptr<function,
             (*bad).first_logit = min((*bad).first_logit, elem(b, c, i));
             clean = false;
         }
-        if LABEL_KIND == 2u {
+        if LABEL_KIND == LABELS_SOFT {
             let t = g_of(g, b, c, i, y);
             if !finite(t) || t < 0.0 || t > 1.0 {
                 (*bad).labels += 1u;
@@ -45,7 +47,7 @@ fn check_pixel(b: u32, i: u32, y: u32, z: ptr<function, Block>, g: ptr<function,
             }
         }
     }
-    if LABEL_KIND != 2u && y != IGNORE && y >= C {
+    if LABEL_KIND != LABELS_SOFT && y != IGNORE && y >= C {
         (*bad).labels += 1u;
         (*bad).first_label = min((*bad).first_label, b * dims.spatial + i);
         clean = false;
@@ -65,15 +67,18 @@ fn publish(bad: BadInput) {
     }
 }
 
+// Bit t: pixel term t writes a per-pixel loss map (cross-entropy with reduction "none").
+override PIXEL_MAPS: u32 = 15u;
+
 // Whether pixel term t writes a loss map (a constant: the writes compile out otherwise).
 fn has_map(t: u32) -> bool {
     return (PIXEL_MAPS & (1u << t)) != 0u;
 }
 
-const WG: u32 = 256u;
+const WG: u32 = STATS_WG;
 // Pixels per invocation (at most 32: one bit each in `counted`); more pixels per workgroup
 // means fewer workgroup reductions.
-const PPT: u32 = 32u;
+const PPT: u32 = STATS_PPT;
 const TILE: u32 = WG * PPT;
 // Per-class sums of one invocation for a block of classes: (P, Q, I, G) and (H, U).
 struct ClassSums {
@@ -117,12 +122,12 @@ fn flush(lid: u32, row: u32, c0: u32, n: u32, sums: ptr<function, ClassSums>) {
 
 // One class's sums (P, Q, I, G), (H, U) into a row, with the two spare floats zeroed.
 fn write_class(o: u32, pqig: vec4<f32>, hu: vec2<f32>) {
-    partial[o] = pqig.x;
-    partial[o + 1u] = pqig.y;
-    partial[o + 2u] = pqig.z;
-    partial[o + 3u] = pqig.w;
-    partial[o + 4u] = hu.x;
-    partial[o + 5u] = hu.y;
+    partial[o + STAT_P] = pqig.x;
+    partial[o + STAT_Q] = pqig.y;
+    partial[o + STAT_I] = pqig.z;
+    partial[o + STAT_G] = pqig.w;
+    partial[o + STAT_H] = hu.x;
+    partial[o + STAT_U] = hu.y;
     partial[o + 6u] = 0.0;
     partial[o + 7u] = 0.0;
 }
@@ -145,9 +150,9 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
     var opt = vec4(0.0);
     var offs = vec4(-1.0);
     for (var t = 0u; t < N_PIX; t++) {
-        kinds[t] = u32(record(t, 0u));
-        opt[t] = record(t, 4u);
-        offs[t] = record(t, 3u);
+        kinds[t] = u32(record(t, REC_KIND));
+        opt[t] = record(t, PIXEL_OPTION);
+        offs[t] = record(t, REC_VECTOR);
     }
     let tile = flat_group(wid, nwg);
     if tile >= dims.batch * dims.tiles_per_image {
@@ -165,7 +170,7 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
     // Bit k: pixel k was counted; the class blocks past the first (C > BLOCK) read those
     // pixels again. (A bit mask, not arrays indexed by k: those would live in scratch memory.)
     var counted = 0u;
-    var counts = vec4(0.0);          // valid pixels, plain CE
+    var counts = vec4(0.0);          // valid pixels, plain CE (ROW_VALID, ROW_PLAIN_CE)
     var losses = vec4(0.0);          // per pixel term
     var norms = vec4(0.0);           // per pixel term
     var sums: ClassSums;             // the first block of classes
@@ -181,7 +186,7 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
             continue;
         }
         var yk = 0u;
-        if LABEL_KIND != 2u {
+        if LABEL_KIND != LABELS_SOFT {
             yk = class_label(b, i);
         }
         var z = load_logits(b, i);
@@ -231,7 +236,7 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
         let lse = p.x + log(p.y);
         // The decomposition's plain CE: −Σ_c g_c log p_c.
         var plain = 0.0;
-        if LABEL_KIND == 2u {
+        if LABEL_KIND == LABELS_SOFT {
             for (var c = 0u; c < C; c++) {
                 plain += g_of(&g, b, c, i, yk) * (lse - z_of(&z, b, c, i));
             }
@@ -251,7 +256,7 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
                     }
                     smoothing *= eps / f32(C);
                 }
-                if LABEL_KIND == 2u {
+                if LABEL_KIND == LABELS_SOFT {
                     for (var c = 0u; c < C; c++) {
                         l += term_weight(t, offs[t], c) * g_of(&g, b, c, i, yk) * (lse - z_of(&z, b, c, i));
                     }
@@ -298,7 +303,7 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
             if (counted & (1u << k)) != 0u {
                 let i = pixel_of(base, k, lid, WG, PPT);
                 var yk = 0u;
-                if LABEL_KIND != 2u {
+                if LABEL_KIND != LABELS_SOFT {
                     yk = class_label(b, i);
                 }
                 let sm = softmax_of[k].xy;
@@ -316,9 +321,9 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
     if s.writer {
         let o = row + C * PER_CLASS;
         for (var k = 0u; k < 4u; k++) {
-            partial[o + k] = s.a[k];
-            partial[o + 4u + k] = s.b[k];
-            partial[o + 8u + k] = s.c[k];
+            partial[o + ROW_VALID + k] = s.a[k];
+            partial[o + ROW_LOSS + k] = s.b[k];
+            partial[o + ROW_NORM + k] = s.c[k];
         }
     }
     clear_spare_rows(tile_row);

@@ -8,7 +8,7 @@ use common::spec;
 
 use common::{check, close, gpu};
 use segloss::gpu::{
-    BufferRegion, DeviceBatch, GpuContext, GradTarget, HostBatch, HostLogits, Options,
+    BufferRegion, DeviceBatch, GpuContext, GradTarget, HostBatch, HostLogits, Options, Strategy,
 };
 use segloss::input::{
     permute, GradFormat, LabelFormat, Labels, Layout, LogitFormat, Shape, IGNORE,
@@ -28,6 +28,7 @@ fn host(batch: &HostBatch<'_>, grad: bool) -> LossOutput {
                 gradient: grad,
                 statistics: true,
                 poison: true,
+                strategy: None,
             },
         )
         .unwrap()
@@ -220,14 +221,22 @@ fn chunked_runs_equal_the_unchunked_one() {
                 gradient: true,
                 statistics: true,
                 poison: true,
+                strategy: None,
             };
-            ctx.set_binding_limit(0);
             let whole = ctx.evaluate_host(&spec(json), &batch, opts).unwrap();
             // One image (3·851·4 bytes) per binding: five chunks.
-            ctx.set_binding_limit(3 * 851 * 4 + 600);
-            let chunked = ctx.evaluate_host(&spec(json), &batch, opts).unwrap();
+            let small_bindings = Strategy {
+                binding_limit: 3 * 851 * 4 + 600,
+                ..ctx.strategy()
+            };
+            let chunked_opts = Options {
+                strategy: Some(small_bindings),
+                ..opts
+            };
+            let chunked = ctx
+                .evaluate_host(&spec(json), &batch, chunked_opts)
+                .unwrap();
             assert_eq!(ctx.last_chunks(), 5);
-            ctx.set_binding_limit(0);
             assert_eq!(
                 whole.loss.to_bits(),
                 chunked.loss.to_bits(),
@@ -466,6 +475,7 @@ fn two_phase_across_two_devices() {
                 gradient: true,
                 statistics: true,
                 poison: false,
+                strategy: None,
             },
         )
         .unwrap();

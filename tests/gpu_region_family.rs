@@ -6,8 +6,8 @@ mod common;
 
 use common::spec;
 
-use common::{check, check_on, new_ctx};
-use segloss::gpu::TileSum;
+use common::{check, check_with, new_ctx};
+use segloss::gpu::{Strategy, TileSum};
 use segloss::input::{Labels, Shape, IGNORE};
 use segloss::testing::{random_labels, random_logits, random_masks, random_soft_labels, Rng};
 
@@ -187,11 +187,16 @@ fn both_reduction_strategies_match_the_reference() {
             if strategy == TileSum::Workgroup && ![3, 9].contains(&classes) {
                 continue;
             }
-            ctx.set_tile_sum(strategy);
-            assert_eq!(ctx.tile_sum(), strategy);
-            ctx.set_planned_subgroup_size(planned);
-            check_on(
+            let chosen = Strategy {
+                tile_sum: strategy,
+                planned_subgroup_size: planned,
+                ..ctx.strategy()
+            };
+            // The device can run it (a strategy it cannot run is an error, not ignored).
+            assert!(chosen.validate(ctx.device(), info).is_ok());
+            check_with(
                 &ctx,
+                Some(chosen),
                 &spec(json),
                 &shape,
                 &z,
@@ -199,7 +204,6 @@ fn both_reduction_strategies_match_the_reference() {
                 &format!("{strategy:?}, rows planned for size {planned}: {json} on {shape:?}"),
             );
         }
-        ctx.set_planned_subgroup_size(0);
     }
 }
 
@@ -258,12 +262,24 @@ fn both_pixel_orders_match_the_reference() {
         let y = random_labels(&mut rng, &shape, 0.1);
         let soft = random_soft_labels(&mut rng, &shape);
         for on in [false, true] {
-            ctx.set_contiguous_pixels(on);
+            let order = Some(Strategy {
+                contiguous_pixels: on,
+                ..ctx.strategy()
+            });
             let what = format!("contiguous {on}: {json} on {shape:?}");
-            check_on(&ctx, &spec(json), &shape, &z, Labels::index(&y), &what);
+            check_with(
+                &ctx,
+                order,
+                &spec(json),
+                &shape,
+                &z,
+                Labels::index(&y),
+                &what,
+            );
             if !json.contains("class_weights\":[0.5,1.0,2.0]") {
-                check_on(
+                check_with(
                     &ctx,
+                    order,
                     &spec(json),
                     &shape,
                     &z,
@@ -273,5 +289,4 @@ fn both_pixel_orders_match_the_reference() {
             }
         }
     }
-    ctx.set_contiguous_pixels(default);
 }

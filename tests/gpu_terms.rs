@@ -212,6 +212,7 @@ fn weights_are_data_and_results_are_deterministic() {
         gradient: true,
         statistics: true,
         poison: false,
+        strategy: None,
     };
     let half_dice =
         spec(r#"{"terms":[{"kind":"cross_entropy","weight":1.0},{"kind":"dice","weight":0.5}]}"#);

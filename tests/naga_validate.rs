@@ -1,8 +1,30 @@
 //! Every WGSL stage parsed and validated by naga under exactly the capabilities it uses,
 //! with its override constants set as the host sets them, so a shader that needs a
-//! capability the host does not request is caught without a device.
+//! capability the host does not request is caught without a device; and every kernel of the
+//! stage table (src/gpu/stages.rs) checked against its WGSL entry point.
 
 use naga::valid::{Capabilities, ValidationFlags, Validator};
+use segloss::gpu::stages::{Access, KernelInfo, Override, KERNELS};
+
+/// The capabilities a module needs: 16-bit unpacking and packing (unpack2x16float in
+/// util/pixels.wgsl, pack2x16float in narrow.wgsl) are core WGSL that naga files under
+/// SHADER_FLOAT16_IN_FLOAT32 (a downlevel flag every Vulkan, Metal and DX12 adapter has);
+/// the subgroup strategy of the stats stage needs SUBGROUP (the host uses it only where the
+/// adapter has it).
+fn capabilities(module: &str) -> Capabilities {
+    let k = KERNELS.iter().find(|k| k.module == module).unwrap();
+    let mut caps = Capabilities::empty();
+    if k.parts
+        .iter()
+        .any(|p| p.path == "util/pixels.wgsl" || p.path == "narrow.wgsl")
+    {
+        caps |= Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+    }
+    if k.subgroups {
+        caps |= Capabilities::SUBGROUP;
+    }
+    caps
+}
 
 fn validate(name: &str, src: &str, caps: Capabilities) {
     let module = naga::front::wgsl::parse_str(src)
@@ -11,7 +33,13 @@ fn validate(name: &str, src: &str, caps: Capabilities) {
     let info = v
         .validate(&module)
         .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(src)));
-    // The host's override values must also validate (array sizes, constant folding).
+    // The host's override values must also validate (array sizes, constant folding); each
+    // module gets the ones it declares.
+    let declared: Vec<String> = module
+        .overrides
+        .iter()
+        .filter_map(|(_, o)| o.name.clone())
+        .collect();
     for (classes, label_kind, sigmoid, tempered) in [
         (2.0, 1.0, 0.0, 0.0),
         (40.0, 0.0, 0.0, 1.0),
@@ -24,25 +52,18 @@ fn validate(name: &str, src: &str, caps: Capabilities) {
             ("TEMPERED".to_string(), tempered),
         ]
         .into_iter()
+        .filter(|(k, _)| declared.contains(k))
         .collect();
         naga::back::pipeline_constants::process_overrides(&module, &info, None, &constants)
             .unwrap_or_else(|e| panic!("{name} with C={classes}: {e:?}"));
     }
 }
 
-/// Every stage includes common.wgsl, which reads 16-bit logits with WGSL's unpack2x16float (and the narrow stage writes
-/// them with pack2x16float): core WGSL, which naga files under SHADER_FLOAT16_IN_FLOAT32
-/// (a downlevel flag every Vulkan, Metal and DX12 adapter has). The subgroup variant of
-/// the stats stage also needs SUBGROUP (the host uses it only where the adapter has it);
-/// the checks below also prove the other variant does not.
+/// Each module validates with its capabilities, and is rejected without any one of them.
 #[test]
 fn stages_validate_with_exactly_the_capabilities_they_use() {
     for (name, src) in segloss::gpu::shader_sources() {
-        let mut caps = Capabilities::SHADER_FLOAT16_IN_FLOAT32;
-        // The subgroup reduction strategy, used only where the adapter has SUBGROUP.
-        if name == "stats_subgroup" {
-            caps |= Capabilities::SUBGROUP;
-        }
+        let caps = capabilities(name);
         validate(name, &src, caps);
         // Each capability is needed: without any one of them the stage is rejected.
         for cap in caps.iter() {
@@ -55,6 +76,95 @@ fn stages_validate_with_exactly_the_capabilities_they_use() {
                 "{name} validated without {cap:?}: the capability list is stale"
             );
         }
+    }
+}
+
+/// What the WGSL says about one entry point: its workgroup size, the bindings it uses
+/// (binding number → variable name and access) and the overrides it uses, after naga
+/// compacts the module to that entry point.
+fn wgsl_entry(k: &KernelInfo) -> (u32, Vec<(u32, String, Access)>, Vec<String>) {
+    let src = k.source();
+    let mut module = naga::front::wgsl::parse_str(&src)
+        .unwrap_or_else(|e| panic!("{}: {}", k.module, e.emit_to_string(&src)));
+    Validator::new(ValidationFlags::all(), capabilities(k.module))
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{}: {}", k.module, e.emit_to_string(&src)));
+    module.entry_points.retain(|ep| ep.name == k.entry);
+    let ep = module.entry_points.first().unwrap_or_else(|| {
+        panic!(
+            "{:?}: no entry point `{}` in {}",
+            k.kernel, k.entry, k.module
+        )
+    });
+    let [x, y, z] = ep.workgroup_size;
+    assert_eq!((y, z), (1, 1), "{:?}: one-dimensional workgroups", k.kernel);
+    naga::compact::compact(&mut module, naga::compact::KeepUnused::No);
+    let mut bindings: Vec<(u32, String, Access)> = module
+        .global_variables
+        .iter()
+        .filter_map(|(_, g)| {
+            let rb = g.binding?;
+            assert_eq!(rb.group, 0, "{:?}: {:?} outside group 0", k.kernel, g.name);
+            let access = match g.space {
+                naga::AddressSpace::Uniform => Access::Uniform,
+                naga::AddressSpace::Storage { access }
+                    if access.contains(naga::StorageAccess::STORE) =>
+                {
+                    Access::ReadWrite
+                }
+                naga::AddressSpace::Storage { .. } => Access::Read,
+                other => panic!("{:?}: binding in {other:?}", k.kernel),
+            };
+            Some((rb.binding, g.name.clone().unwrap_or_default(), access))
+        })
+        .collect();
+    bindings.sort_by_key(|b| b.0);
+    let overrides = module
+        .overrides
+        .iter()
+        .filter_map(|(_, o)| o.name.clone())
+        .collect();
+    (x, bindings, overrides)
+}
+
+/// The stage table and the WGSL agree, kernel by kernel: workgroup size, every binding
+/// (number, name, access) and the overrides the entry point uses. A binding number, a
+/// workgroup size or an override changed on one side alone fails here, not on a device.
+#[test]
+fn the_stage_table_matches_every_wgsl_entry_point() {
+    for k in &KERNELS {
+        let (size, bindings, overrides) = wgsl_entry(k);
+        assert_eq!(
+            size, k.workgroup_size,
+            "{:?}: @workgroup_size in WGSL against the stage table",
+            k.kernel
+        );
+        let table: Vec<(u32, String, Access)> = k
+            .bindings
+            .iter()
+            .map(|(b, a)| (b.slot(), b.wgsl_name().to_string(), *a))
+            .collect();
+        assert_eq!(
+            bindings, table,
+            "{:?} (`{}` in {}): bindings used by the WGSL entry point (left) against the stage table (right)",
+            k.kernel, k.entry, k.module
+        );
+        let mut want: Vec<String> = k.overrides.iter().map(|o| o.name().to_string()).collect();
+        let mut got = overrides;
+        want.sort();
+        got.sort();
+        assert_eq!(
+            got, want,
+            "{:?} (`{}` in {}): overrides used by the WGSL entry point (left) against the stage table (right)",
+            k.kernel, k.entry, k.module
+        );
+    }
+    // Every override the host can set is taken by some kernel.
+    for o in Override::ALL {
+        assert!(
+            KERNELS.iter().any(|k| k.overrides.contains(&o)),
+            "{o:?} is unused"
+        );
     }
 }
 
@@ -108,8 +218,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// One value of a dimension of the variant space: the override constants it sets together
 /// (a spec's pixel terms set SIGMOID, N_PIX, PIXEL_KINDS, ... at once; CONTIGUOUS sets
-/// PPT). The key `MODULE` is no constant: it picks the stage's source (the stats strategy,
-/// grad or grad_shared).
+/// PPT).
 type Value = Vec<(&'static str, f64)>;
 type Constants = BTreeMap<&'static str, f64>;
 
@@ -123,7 +232,7 @@ fn dim(name: &'static str, values: &[f64]) -> Vec<Value> {
 /// that passes always extends to a full one.
 fn host_can_create(c: &Constants) -> bool {
     let get = |k| c.get(k).copied();
-    // Softmax needs C ≥ 2 (spec.rs); sigmoid takes f32 masks only (engine.rs `prepare`).
+    // Softmax needs C ≥ 2 (spec.rs); sigmoid takes f32 masks only (record.rs `check_request`).
     if get("C") == Some(1.0)
         && (get("SIGMOID") == Some(0.0) || get("LABEL_KIND").is_some_and(|l| l != 2.0))
     {
@@ -183,103 +292,84 @@ fn pixel_terms(maps: bool) -> Vec<Value> {
         .collect()
 }
 
-/// The constants every pipeline gets (engine.rs `GpuContext::pipeline`). `pixel`: the
-/// stage's pixel-term dimension (with SIGMOID); without one, SIGMOID and N_PIX vary alone.
-/// C: 1 (sigmoid only), 2 and 3, 8 = BLOCK (common.wgsl; one class block exactly), 9 (a
-/// second block of one class), 16 (two full blocks), 21, 150 (many blocks, a partial last
-/// one) and 1000 (past u8 labels).
-fn common_dims(pixel: Option<Vec<Value>>) -> Vec<Vec<Value>> {
-    let mut d = vec![dim(
-        "C",
-        &[1.0, 2.0, 3.0, 8.0, 9.0, 16.0, 21.0, 150.0, 1000.0],
-    )];
-    match pixel {
-        Some(p) => d.push(p),
-        None => {
-            d.push(dim("SIGMOID", &[0.0, 1.0]));
-            d.push(dim("N_PIX", &[0.0, 1.0, 2.0, 3.0, 4.0]));
-        }
-    }
-    d.push(dim("LABEL_KIND", &[0.0, 1.0, 2.0, 3.0])); // u32, u8, soft, u16
-    d.push(dim("LOGIT_KIND", &[0.0, 1.0, 2.0])); // f32, f16, bf16
-    d.push(dim("TEMPERED", &[0.0, 1.0]));
-    d.push(dim("NHWC", &[0.0, 1.0]));
-    d
-}
-
-/// A pipeline the host creates: engine.rs `Stage`, its entry point, the
-/// `shader_sources()` modules it may use and the dimensions of its constants.
+/// A pipeline the host creates: a kernel of the stage table, its entry point, its module
+/// and the dimensions of its constants.
 struct HostStage {
-    stage: &'static str,
+    stage: String,
     entry: &'static str,
-    modules: &'static [&'static str],
+    modules: Vec<&'static str>,
     dims: Vec<Vec<Value>>,
 }
 
+/// The values the host gives each override a kernel takes (stages.rs `Variant::value`).
+fn kernel_dims(k: &KernelInfo) -> Vec<Vec<Value>> {
+    let has = |o| k.overrides.contains(&o);
+    let mut d = vec![];
+    if has(Override::C) {
+        d.push(dim(
+            "C",
+            &[1.0, 2.0, 3.0, 8.0, 9.0, 16.0, 21.0, 150.0, 1000.0],
+        ));
+    }
+    if has(Override::NPix) {
+        d.push(pixel_terms(has(Override::PixelMaps)));
+    } else if has(Override::Sigmoid) {
+        d.push(dim("SIGMOID", &[0.0, 1.0]));
+    }
+    if has(Override::LabelKind) {
+        d.push(dim("LABEL_KIND", &[0.0, 1.0, 2.0, 3.0])); // u32, u8, soft, u16
+    }
+    if has(Override::LogitKind) {
+        d.push(dim("LOGIT_KIND", &[0.0, 1.0, 2.0])); // f32, f16, bf16
+    }
+    if has(Override::Tempered) {
+        d.push(dim("TEMPERED", &[0.0, 1.0]));
+    }
+    if has(Override::Nhwc) {
+        d.push(dim("NHWC", &[0.0, 1.0]));
+    }
+    if has(Override::Ppt) {
+        // stages.rs `grad_pixels_per_invocation`: PPT = 32 exactly where CONTIGUOUS.
+        d.push(vec![
+            vec![("CONTIGUOUS", 0.0), ("PPT", 8.0)],
+            vec![("CONTIGUOUS", 1.0), ("PPT", 32.0)],
+        ]);
+    } else if has(Override::Contiguous) {
+        d.push(dim("CONTIGUOUS", &[0.0, 1.0]));
+    }
+    if has(Override::StatKinds) {
+        // plan.rs `stat_kinds`: any set of dice (8), Tversky (16), generalized dice (32)
+        // and region (64) terms, none included.
+        d.push(dim(
+            "STAT_KINDS",
+            &(0..16).map(|s| (s << 3) as f64).collect::<Vec<_>>(),
+        ));
+    }
+    if has(Override::GradKind) {
+        d.push(dim("GRAD_KIND", &[1.0, 2.0])); // f16, bf16
+    }
+    // Every override of the kernel has values here, and nothing else.
+    let mut named: Vec<&str> = d
+        .iter()
+        .flat_map(|v| v[0].iter().map(|(n, _)| *n))
+        .collect();
+    let mut want: Vec<&str> = k.overrides.iter().map(|o| o.name()).collect();
+    named.sort();
+    want.sort();
+    assert_eq!(named, want, "{:?}: kernel_dims is stale", k.kernel);
+    d
+}
+
 fn host_stages() -> Vec<HostStage> {
-    let with = |mut d: Vec<Vec<Value>>, extra: Vec<Vec<Value>>| {
-        d.extend(extra);
-        d
-    };
-    let module = |n: usize| dim("MODULE", &(0..n).map(|i| i as f64).collect::<Vec<_>>());
-    let contiguous = dim("CONTIGUOUS", &[0.0, 1.0]);
-    // plan.rs `grad_pixels_per_invocation`: PPT = 32 exactly where CONTIGUOUS.
-    let grad_contiguous = vec![
-        vec![("CONTIGUOUS", 0.0), ("PPT", 8.0)],
-        vec![("CONTIGUOUS", 1.0), ("PPT", 32.0)],
-    ];
-    // plan.rs `stat_kinds`: any set of dice (8), Tversky (16), generalized dice (32) and
-    // region (64) terms, none included.
-    let stat_kinds = dim(
-        "STAT_KINDS",
-        &(0..16).map(|s| (s << 3) as f64).collect::<Vec<_>>(),
-    );
-    vec![
-        HostStage {
-            stage: "Stats",
-            entry: "main",
-            // TileSum::Workgroup, Subgroup, Invocation.
-            modules: &["stats", "stats_subgroup", "stats_invocation"],
-            dims: with(
-                vec![module(3)],
-                with(common_dims(Some(pixel_terms(true))), vec![contiguous]),
-            ),
-        },
-        HostStage {
-            stage: "ReduceRows",
-            entry: "reduce_rows",
-            modules: &["finalize"],
-            dims: common_dims(None),
-        },
-        HostStage {
-            stage: "Reduce",
-            entry: "reduce_tiles",
-            modules: &["finalize"],
-            dims: common_dims(None),
-        },
-        HostStage {
-            stage: "Finalize",
-            entry: "finalize_terms",
-            modules: &["finalize"],
-            dims: with(common_dims(None), vec![stat_kinds]),
-        },
-        HostStage {
-            stage: "Grad",
-            entry: "main",
-            // shared_inputs false, true.
-            modules: &["grad", "grad_shared"],
-            dims: with(
-                vec![module(2)],
-                with(common_dims(Some(pixel_terms(false))), vec![grad_contiguous]),
-            ),
-        },
-        HostStage {
-            stage: "Narrow",
-            entry: "main",
-            modules: &["narrow"],
-            dims: with(common_dims(None), vec![dim("GRAD_KIND", &[1.0, 2.0])]), // f16, bf16
-        },
-    ]
+    KERNELS
+        .iter()
+        .map(|k| HostStage {
+            stage: format!("{:?}", k.kernel),
+            entry: k.entry,
+            modules: vec![k.module],
+            dims: kernel_dims(k),
+        })
+        .collect()
 }
 
 fn merged(dims: &[Vec<Value>], row: &[Option<usize>]) -> Constants {
@@ -600,11 +690,7 @@ fn translate_variants(
     for (name, src) in sources {
         let module = naga::front::wgsl::parse_str(src)
             .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(src)));
-        let mut caps = Capabilities::SHADER_FLOAT16_IN_FLOAT32;
-        if *name == "stats_subgroup" {
-            caps |= Capabilities::SUBGROUP;
-        }
-        let info = Validator::new(ValidationFlags::all(), caps)
+        let info = Validator::new(ValidationFlags::all(), capabilities(name))
             .validate(&module)
             .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(src)));
         parsed.insert(*name, (module, info));
@@ -614,10 +700,9 @@ fn translate_variants(
     for st in stages {
         let rows = covering_rows(&st.dims);
         for row in rows {
-            let mut constants =
-                merged(&st.dims, &row.iter().copied().map(Some).collect::<Vec<_>>());
-            let module_name = st.modules[constants.remove("MODULE").unwrap_or(0.0) as usize];
-            let subgroup = module_name == "stats_subgroup";
+            let constants = merged(&st.dims, &row.iter().copied().map(Some).collect::<Vec<_>>());
+            let module_name = st.modules[0];
+            let subgroup = capabilities(module_name).contains(Capabilities::SUBGROUP);
             let (module, info) = &parsed[module_name];
             let variant = format!(
                 "stage {} (`{module_name}` entry point `{}`) with {}",

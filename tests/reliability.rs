@@ -104,6 +104,7 @@ fn results_are_bitwise_deterministic() {
         gradient: true,
         statistics: true,
         poison: false,
+        strategy: None,
     };
     let first = ctx
         .evaluate(&sp, &shape, &z, Labels::index(&y), opts)

@@ -1,6 +1,12 @@
-//! Opening (or wrapping) a wgpu device: adapter choice, features and limits.
+//! Opening (or wrapping) a wgpu device: adapter choice, features and limits; and
+//! [`GpuContext`], the device with segloss's caches and its default [`Strategy`].
 
+use super::cache::Caches;
+use super::pool::BufferKey;
+use super::readback::read_buffer;
+use super::strategy::{Strategy, TileSum};
 use crate::error::{Error, Result};
+use std::sync::{Arc, Mutex};
 
 /// How to install a software Vulkan device when no adapter exists.
 pub const NO_ADAPTER_HELP: &str = "no Vulkan, Metal or DX12 adapter was found. On a machine without a GPU install \
@@ -149,4 +155,209 @@ pub fn keep_freed_memory_mapped() {
 pub fn open(adapter: &wgpu::Adapter) -> Result<(wgpu::Device, wgpu::Queue)> {
     pollster::block_on(adapter.request_device(&device_descriptor(adapter)))
         .map_err(|e| Error::Gpu(format!("request_device: {e}")))
+}
+
+/// A GPU device with segloss's pipelines, buffer pool and workspaces. `Send + Sync`: calls
+/// from several threads are serialised on the context's lock and the device queue.
+pub struct GpuContext {
+    pub(super) device: wgpu::Device,
+    pub(super) queue: wgpu::Queue,
+    pub(super) info: wgpu::AdapterInfo,
+    pub(super) inner: Mutex<Caches>,
+    /// The adapter's strategy, chosen once (calls may pass another in `Options`).
+    pub(super) strategy: Strategy,
+    pub(super) last_chunks: std::sync::atomic::AtomicUsize,
+    /// The next recording's sequence number.
+    pub(super) next_seq: std::sync::atomic::AtomicU32,
+    pub(super) created_bytes: std::sync::atomic::AtomicU64,
+    pub(super) lost: Arc<Mutex<Option<String>>>,
+    pub(super) uncaptured: Arc<Mutex<Option<String>>>,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuContext")
+            .field("adapter", &self.info.name)
+            .field("backend", &self.info.backend)
+            .finish()
+    }
+}
+
+pub(super) fn storage_align(device: &wgpu::Device) -> u64 {
+    device.limits().min_storage_buffer_offset_alignment.max(4) as u64
+}
+
+impl GpuContext {
+    /// Opens the preferred adapter (see [`context::choose`]) and a device on it.
+    pub fn new() -> Result<Self> {
+        Self::on_adapter(&choose(enumerate())?)
+    }
+
+    /// Opens a device on a given adapter (data parallelism over several adapters). A lost
+    /// device is reported by the next call; build a new context to carry on.
+    pub fn on_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
+        if adapter.get_info().device_type == wgpu::DeviceType::Cpu {
+            keep_freed_memory_mapped();
+        }
+        let (device, queue) = open(adapter)?;
+        let ctx = Self::from_device(device, queue, adapter.get_info());
+        let flag = ctx.lost.clone();
+        ctx.device.set_device_lost_callback(move |reason, message| {
+            if let Ok(mut f) = flag.lock() {
+                *f = Some(format!("{reason:?}: {message}"));
+            }
+        });
+        // Errors outside segloss's error scopes must not panic the caller's program: keep
+        // the last one and report it from the next call.
+        let last = ctx.uncaptured.clone();
+        ctx.device
+            .on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                if let Ok(mut l) = last.lock() {
+                    *l = Some(e.to_string().replace('\n', " "));
+                }
+            }));
+        Ok(ctx)
+    }
+
+    /// Bytes of device memory the context's pool has created so far (its high-water mark:
+    /// pooled buffers are reused, never freed while the context lives).
+    pub fn pool_bytes(&self) -> u64 {
+        self.created_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// An error when the device was lost (for contexts opened by segloss).
+    pub fn check_device(&self) -> Result<()> {
+        if let Some(e) = self.uncaptured.lock().ok().and_then(|mut u| u.take()) {
+            return Err(Error::Gpu(format!("an earlier device error: {e}")));
+        }
+        match self.lost.lock().map(|l| l.clone()) {
+            Ok(None) => Ok(()),
+            Ok(Some(why)) => Err(Error::Gpu(format!(
+                "the device was lost ({why}); create a new GpuContext to carry on"
+            ))),
+            Err(_) => Err(Error::Gpu("the device-lost flag is poisoned".into())),
+        }
+    }
+
+    /// Wraps a device and queue the caller already owns.
+    ///
+    /// Open the device with [`context::device_descriptor`] (or add
+    /// [`context::wanted_features`] the adapter has, and the adapter's limits, to your own
+    /// descriptor): segloss needs no feature, but without `SUBGROUP` its statistics pass
+    /// sums in workgroup memory, and with lower limits large batches are split into more
+    /// chunks. Every buffer passed to this context must come from this device; wgpu cannot
+    /// tell a buffer of another `wgpu::Instance` from one of its own (it looks buffers up by
+    /// id), so keep one instance per process ([`context::instance`] is segloss's). On
+    /// Mesa's lavapipe also call [`context::keep_freed_memory_mapped`].
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, info: wgpu::AdapterInfo) -> Self {
+        let strategy = Strategy::for_device(&device, &info);
+        GpuContext {
+            device,
+            queue,
+            info,
+            inner: Mutex::new(Caches::default()),
+            strategy,
+            last_chunks: std::sync::atomic::AtomicUsize::new(0),
+            next_seq: std::sync::atomic::AtomicU32::new(1),
+            created_bytes: std::sync::atomic::AtomicU64::new(0),
+            lost: Arc::new(Mutex::new(None)),
+            uncaptured: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// How many chunks the last recorded call was split into.
+    #[doc(hidden)]
+    pub fn last_chunks(&self) -> usize {
+        self.last_chunks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How the stats stage sums a tile by default (the default strategy's `tile_sum`).
+    pub fn tile_sum(&self) -> TileSum {
+        self.strategy.tile_sum
+    }
+
+    /// The strategy calls use unless their [`crate::gpu::Options::strategy`] says otherwise, chosen
+    /// from the adapter's capabilities when the context was made.
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    /// Whether stats and grad invocations take runs of consecutive pixels by default.
+    pub fn contiguous_pixels(&self) -> bool {
+        self.strategy.contiguous_pixels
+    }
+
+    /// Whether the stats stage uses subgroup operations.
+    pub fn uses_subgroups(&self) -> bool {
+        self.tile_sum() == TileSum::Subgroup
+    }
+
+    /// The adapter this context runs on.
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    /// The device.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    /// The queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// Reads `count` f32 values of `buffer` (COPY_SRC usage) from byte `offset` (a multiple
+    /// of 4), after everything submitted so far: a gradient the backend API wrote, in
+    /// tests and examples. It waits for the device.
+    pub fn read_f32(&self, buffer: &wgpu::Buffer, offset: u64, count: usize) -> Result<Vec<f32>> {
+        let len = 4 * count as u64;
+        if !offset.is_multiple_of(4) || offset + len > buffer.size() {
+            return Err(Error::Input(format!(
+                "reading {count} f32 values at byte {offset} of a {}-byte buffer",
+                buffer.size()
+            )));
+        }
+        let words = self.scoped(|| read_buffer(&self.device, &self.queue, buffer, offset, len))?;
+        Ok(bytemuck::cast_slice(&words).to_vec())
+    }
+
+    /// Buffers created by the pool so far (a steady workload stops adding to it).
+    pub fn buffers_created(&self) -> u64 {
+        self.inner.lock().map(|i| i.pool.created()).unwrap_or(0)
+    }
+
+    pub(super) fn lock(&self) -> Result<std::sync::MutexGuard<'_, Caches>> {
+        self.inner
+            .lock()
+            .map_err(|_| Error::Gpu("a previous call panicked while holding the context".into()))
+    }
+
+    /// Runs `f` inside validation and out-of-memory error scopes, so a wgpu error becomes an
+    /// `Err` instead of a panic.
+    pub(super) fn scoped<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.check_device()?;
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let result = f();
+        let oom_err = pollster::block_on(oom.pop());
+        let val_err = pollster::block_on(validation.pop());
+        self.check_device()?;
+        if let Some(e) = oom_err.or(val_err) {
+            return Err(Error::Gpu(e.to_string().replace('\n', " ")));
+        }
+        result
+    }
+
+    pub(super) fn create_buffer(&self, k: &BufferKey) -> wgpu::Buffer {
+        self.created_bytes
+            .fetch_add(k.size, std::sync::atomic::Ordering::Relaxed);
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("segloss pooled"),
+            size: k.size,
+            usage: wgpu::BufferUsages::from_bits_truncate(k.usage),
+            mapped_at_creation: false,
+        })
+    }
 }

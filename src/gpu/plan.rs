@@ -1,78 +1,12 @@
-//! The spec compiled for the kernels: the term records of `params` and the layout of the
-//! buffers the stages share. Shader side: the constants at the top of `shaders/common.wgsl`.
+//! The spec compiled for the kernels (the term records of `params`, the override masks, the
+//! `Dims` header) and the call split for the device (bound ranges, chunks, 2D dispatches).
+//! The layouts themselves are named in layout.rs.
 
+use super::layout::*;
 use crate::input::Shape;
 use crate::spec::{
     Activation, LossSpec, NamedTarget, Penalty, Reduction, RegionTarget, Term, WeightType,
-    MAX_PIXEL_TERMS, MAX_TERMS,
 };
-use bytemuck::{Pod, Zeroable};
-
-/// Floats per term record.
-pub const RECORD: usize = 16;
-/// Floats per class in a statistics row (P, Q, I, G, H, U, two spare).
-pub const PER_CLASS: usize = 8;
-/// Scalars after the classes in a statistics row: (valid, plain CE, ·, ·), losses, normalisers.
-pub const ROW_SCALARS: usize = 12;
-/// Pixels per stats workgroup (WG · PPT in stats.wgsl).
-pub const STATS_TILE: usize = 8192;
-/// Invocations per stats workgroup (WG in stats.wgsl).
-pub const STATS_WG: usize = 256;
-/// Invocations per grad workgroup (WG in grad.wgsl; a workgroup covers pixels of one image).
-pub const GRAD_WG: usize = 256;
-
-/// Pixels per grad invocation (the `PPT` override of grad.wgsl): 32 where invocations take
-/// runs of consecutive pixels (CPU adapters), else 8.
-pub fn grad_pixels_per_invocation(contiguous: bool) -> usize {
-    if contiguous {
-        32
-    } else {
-        8
-    }
-}
-
-/// The uniform header of every dispatch (`Dims` in common.wgsl).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Pod, Zeroable, PartialEq, Default)]
-pub struct Dims {
-    /// Images in this dispatch.
-    pub batch: u32,
-    /// S, pixels per image.
-    pub spatial: u32,
-    /// Stats workgroups per image.
-    pub tiles_per_image: u32,
-    /// Floats per statistics row.
-    pub row_width: u32,
-    /// Terms in the spec.
-    pub n_terms: u32,
-    /// cross_entropy, focal and bce terms.
-    pub n_pixel_terms: u32,
-    /// Global index of this dispatch's first image.
-    pub image_offset: u32,
-    /// Statistic terms.
-    pub n_stat_terms: u32,
-    /// T of the region terms.
-    pub temperature: f32,
-    /// Images of the whole call (rows of the statistics and coefficient tables).
-    pub total_batch: u32,
-    /// Global logit element index → index in the bound range (wrapping add).
-    pub logit_shift: u32,
-    /// The same for labels (pixel or element index).
-    pub label_shift: u32,
-    /// The same for the gradient.
-    pub grad_shift: u32,
-    /// Values the narrow pass converts.
-    pub narrow_count: u32,
-    /// Where the narrow pass's first value sits in the bound output range.
-    pub narrow_shift: u32,
-    /// Partial rows per stats tile: 1 with the workgroup-memory reduction, one per subgroup
-    /// or one per invocation with the others (`engine::TileSum`).
-    pub rows_per_tile: u32,
-}
-
-/// Byte stride of the per-dispatch `Dims` slots in one uniform buffer (a multiple of every
-/// adapter's min_uniform_buffer_offset_alignment).
-pub const DIMS_SLOT: u64 = 256;
 
 /// A bound range of a buffer: offset and size in bytes, and the shift that turns an array's
 /// element index into an index within the range.
@@ -122,62 +56,30 @@ pub fn chunks(
         .collect())
 }
 
-/// Offsets into the `fin` buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FinLayout {
-    /// Start of the report; the total loss is its first float.
-    pub report: usize,
-    /// Term values, spec order.
-    pub values: usize,
-    /// Elements of reduction-none terms, B·C per term.
-    pub elements: usize,
-    /// A statistics row summed over all images (finalize's batch-pooled statistics).
-    pub pooled: usize,
-    /// Floats in the buffer.
-    pub len: usize,
-}
-
-impl FinLayout {
-    /// The layout for B images, C classes and `terms` terms (as finalize.wgsl computes it).
-    pub fn new(batch: usize, classes: usize, terms: usize) -> Self {
-        let bc = batch * classes;
-        let report = 4 * bc + MAX_PIXEL_TERMS;
-        let elements = report + 1 + MAX_TERMS;
-        let pooled = elements + terms * bc;
-        FinLayout {
-            report,
-            values: report + 1,
-            elements,
-            pooled,
-            len: pooled + row_width(classes),
-        }
-    }
-}
-
-/// The statistic-term kinds of a spec as a bit mask (bit k: kind code k of common.wgsl), an
+/// The statistic-term kinds of a spec as a bit mask (bit k: kind code k of layout.rs), an
 /// override of the finalize pipeline so only the term rules the spec uses are compiled.
 pub fn stat_kinds(spec: &LossSpec) -> u32 {
     spec.terms
         .iter()
         .map(|t| match t {
-            Term::Dice { .. } => 1 << 3,
-            Term::Tversky { .. } => 1 << 4,
-            Term::GeneralizedDice { .. } => 1 << 5,
-            Term::Region { .. } => 1 << 6,
+            Term::Dice { .. } => 1 << KIND_DICE,
+            Term::Tversky { .. } => 1 << KIND_TVERSKY,
+            Term::GeneralizedDice { .. } => 1 << KIND_GDL,
+            Term::Region { .. } => 1 << KIND_REGION,
             _ => 0,
         })
         .fold(0, |a, b| a | b)
 }
 
-/// The pixel-term kinds of a spec as a bit mask (0 CE, 1 focal, 2 BCE), an override of the
+/// The pixel-term kinds of a spec as a bit mask (bit k: kind code k), an override of the
 /// stats and grad pipelines.
 pub fn pixel_kinds(spec: &LossSpec) -> u32 {
     spec.terms
         .iter()
         .map(|t| match t {
-            Term::CrossEntropy { .. } => 1,
-            Term::Focal { .. } => 2,
-            Term::Bce { .. } => 4,
+            Term::CrossEntropy { .. } => 1 << KIND_CE,
+            Term::Focal { .. } => 1 << KIND_FOCAL,
+            Term::Bce { .. } => 1 << KIND_BCE,
             _ => 0,
         })
         .fold(0, |a, b| a | b)
@@ -218,18 +120,13 @@ fn pixel_term_bits(spec: &LossSpec, has: impl Fn(&Term) -> bool) -> u32 {
         .fold(0, |bits, (k, _)| bits | 1 << k)
 }
 
-/// Width of a statistics row for C classes.
-pub fn row_width(classes: usize) -> usize {
-    PER_CLASS * classes + ROW_SCALARS
-}
-
 /// Splits `groups` workgroups over a 2D dispatch (at most 65535 per dimension).
 pub fn dispatch_2d(groups: usize) -> (u32, u32) {
     let x = groups.clamp(1, 65535);
     (x as u32, groups.div_ceil(x).max(1) as u32)
 }
 
-fn b(v: bool) -> f32 {
+fn flag(v: bool) -> f32 {
     if v {
         1.0
     } else {
@@ -238,149 +135,164 @@ fn b(v: bool) -> f32 {
 }
 
 fn reduction_code(r: Reduction) -> f32 {
-    match r {
-        Reduction::Mean => 0.0,
-        Reduction::Sum => 1.0,
-        Reduction::None => 2.0,
-    }
+    (match r {
+        Reduction::Mean => REDUCTION_MEAN,
+        Reduction::Sum => REDUCTION_SUM,
+        Reduction::None => REDUCTION_NONE,
+    }) as f32
 }
 
-/// Packs the spec's terms into the `params` array: pixel terms in slots 0..4, statistic
-/// terms from slot 4, per-class vectors after all records. Field 2 of each record is the
-/// term's position in the spec, where its value is reported.
+/// A term's record (kind, options; the shared fields are filled by `pack_params`) and its
+/// per-class vector, if any. The shader reads the same fields by the same names
+/// (layout.rs), each term's in its rule in finalize.wgsl or the pixel stages. Long, but a
+/// flat list of field assignments, one arm per term: split, the record format would scatter.
+fn term_record(term: &Term) -> ([f32; RECORD as usize], Option<Vec<f64>>) {
+    let mut rec = [0.0f32; RECORD as usize];
+    let mut set = |field: u32, v: f32| rec[field as usize] = v;
+    let vector = match term {
+        Term::CrossEntropy {
+            class_weights,
+            label_smoothing,
+            reduction,
+            ..
+        } => {
+            set(REC_KIND, KIND_CE as f32);
+            set(PIXEL_OPTION, *label_smoothing as f32);
+            set(CE_REDUCTION, reduction_code(*reduction));
+            class_weights.clone()
+        }
+        Term::Focal { gamma, alpha, .. } => {
+            set(REC_KIND, KIND_FOCAL as f32);
+            set(PIXEL_OPTION, *gamma as f32);
+            alpha.clone()
+        }
+        Term::Bce { pos_weight, .. } => {
+            set(REC_KIND, KIND_BCE as f32);
+            pos_weight.clone()
+        }
+        Term::Dice {
+            include_background,
+            squared,
+            jaccard,
+            log,
+            batch,
+            smooth_nr,
+            smooth_dr,
+            skip_empty,
+            class_weights,
+            reduction,
+            ..
+        } => {
+            set(REC_KIND, KIND_DICE as f32);
+            set(DICE_BACKGROUND, flag(*include_background));
+            set(DICE_SQUARED, flag(*squared));
+            set(DICE_JACCARD, flag(*jaccard));
+            set(DICE_LOG, flag(*log));
+            set(DICE_BATCH, flag(*batch));
+            set(DICE_SMOOTH_NR, *smooth_nr as f32);
+            set(DICE_SMOOTH_DR, *smooth_dr as f32);
+            set(DICE_SKIP_EMPTY, flag(*skip_empty));
+            set(DICE_REDUCTION, reduction_code(*reduction));
+            class_weights.clone()
+        }
+        Term::Tversky {
+            alpha,
+            beta,
+            gamma,
+            include_background,
+            batch,
+            smooth_nr,
+            smooth_dr,
+            ..
+        } => {
+            set(REC_KIND, KIND_TVERSKY as f32);
+            set(TVERSKY_ALPHA, *alpha as f32);
+            set(TVERSKY_BETA, *beta as f32);
+            set(TVERSKY_GAMMA, *gamma as f32);
+            set(TVERSKY_BACKGROUND, flag(*include_background));
+            set(TVERSKY_BATCH, flag(*batch));
+            set(TVERSKY_SMOOTH_NR, *smooth_nr as f32);
+            set(TVERSKY_SMOOTH_DR, *smooth_dr as f32);
+            None
+        }
+        Term::GeneralizedDice {
+            w_type,
+            include_background,
+            batch,
+            smooth_nr,
+            smooth_dr,
+            ..
+        } => {
+            set(REC_KIND, KIND_GDL as f32);
+            let weighting = match w_type {
+                WeightType::Square => GDL_WEIGHT_SQUARE,
+                WeightType::Simple => GDL_WEIGHT_SIMPLE,
+                WeightType::Uniform => GDL_WEIGHT_UNIFORM,
+            };
+            set(GDL_WEIGHTING, weighting as f32);
+            set(GDL_BACKGROUND, flag(*include_background));
+            set(GDL_BATCH, flag(*batch));
+            set(GDL_SMOOTH_NR, *smooth_nr as f32);
+            set(GDL_SMOOTH_DR, *smooth_dr as f32);
+            None
+        }
+        Term::Region {
+            penalty, target, ..
+        } => {
+            set(REC_KIND, KIND_REGION as f32);
+            let penalty = match penalty {
+                Penalty::L1 => PENALTY_L1,
+                Penalty::Kl => PENALTY_KL,
+                Penalty::L2 => PENALTY_L2,
+                Penalty::LogSum => PENALTY_LOG_SUM,
+            };
+            set(REGION_PENALTY, penalty as f32);
+            let (code, prior) = match target {
+                RegionTarget::Named(NamedTarget::GroundTruth) => (TARGET_GROUND_TRUTH, None),
+                RegionTarget::Named(NamedTarget::Uniform) => (TARGET_UNIFORM, None),
+                RegionTarget::Prior(v) => (TARGET_PRIOR, Some(v.clone())),
+            };
+            set(REGION_TARGET, code as f32);
+            prior
+        }
+    };
+    (rec, vector)
+}
+
+/// Packs the spec's terms into the `params` array: pixel terms in slots
+/// 0..MAX_PIXEL_TERMS, statistic terms after them, per-class vectors after all records.
 pub fn pack_params(spec: &LossSpec, shape: &Shape) -> Vec<f32> {
-    let c_n = shape.classes;
-    let mut params = vec![0.0f32; (MAX_PIXEL_TERMS + MAX_TERMS) * RECORD];
-    let (mut pix, mut stat) = (0usize, MAX_PIXEL_TERMS);
+    let record = RECORD as usize;
+    let slots = (MAX_PIXEL_TERMS + MAX_TERMS) as usize;
+    let mut params = vec![0.0f32; slots * record];
+    let (mut pix, mut stat) = (0usize, MAX_PIXEL_TERMS as usize);
     for (r, term) in spec.terms.iter().enumerate() {
-        let slot = if term.is_pixel_term() {
-            pix += 1;
-            pix - 1
+        let next = if term.is_pixel_term() {
+            &mut pix
         } else {
-            stat += 1;
-            stat - 1
+            &mut stat
         };
-        let mut rec = [0.0f32; RECORD];
-        rec[1] = term.weight() as f32;
-        rec[2] = r as f32;
-        rec[3] = -1.0;
-        let mut vector: Option<Vec<f64>> = None;
-        match term {
-            Term::CrossEntropy {
-                class_weights,
-                label_smoothing,
-                reduction,
-                ..
-            } => {
-                rec[0] = 0.0;
-                rec[4] = *label_smoothing as f32;
-                rec[5] = reduction_code(*reduction);
-                vector = class_weights.clone();
+        let slot = *next;
+        *next += 1;
+        let (mut rec, vector) = term_record(term);
+        rec[REC_WEIGHT as usize] = term.weight() as f32;
+        rec[REC_POSITION as usize] = r as f32;
+        rec[REC_VECTOR as usize] = match vector {
+            Some(v) => {
+                let at = params.len() as f32;
+                params.extend(v.iter().take(shape.classes).map(|x| *x as f32));
+                at
             }
-            Term::Focal { gamma, alpha, .. } => {
-                rec[0] = 1.0;
-                rec[4] = *gamma as f32;
-                vector = alpha.clone();
-            }
-            Term::Bce { pos_weight, .. } => {
-                rec[0] = 2.0;
-                vector = pos_weight.clone();
-            }
-            Term::Dice {
-                include_background,
-                squared,
-                jaccard,
-                log,
-                batch,
-                smooth_nr,
-                smooth_dr,
-                skip_empty,
-                class_weights,
-                reduction,
-                ..
-            } => {
-                rec[0] = 3.0;
-                rec[4] = b(*include_background);
-                rec[5] = b(*squared);
-                rec[6] = b(*jaccard);
-                rec[7] = b(*log);
-                rec[8] = b(*batch);
-                rec[9] = *smooth_nr as f32;
-                rec[10] = *smooth_dr as f32;
-                rec[11] = b(*skip_empty);
-                rec[12] = reduction_code(*reduction);
-                vector = class_weights.clone();
-            }
-            Term::Tversky {
-                alpha,
-                beta,
-                gamma,
-                include_background,
-                batch,
-                smooth_nr,
-                smooth_dr,
-                ..
-            } => {
-                rec[0] = 4.0;
-                rec[4] = *alpha as f32;
-                rec[5] = *beta as f32;
-                rec[6] = *gamma as f32;
-                rec[7] = b(*include_background);
-                rec[8] = b(*batch);
-                rec[9] = *smooth_nr as f32;
-                rec[10] = *smooth_dr as f32;
-            }
-            Term::GeneralizedDice {
-                w_type,
-                include_background,
-                batch,
-                smooth_nr,
-                smooth_dr,
-                ..
-            } => {
-                rec[0] = 5.0;
-                rec[4] = match w_type {
-                    WeightType::Square => 0.0,
-                    WeightType::Simple => 1.0,
-                    WeightType::Uniform => 2.0,
-                };
-                rec[5] = b(*include_background);
-                rec[6] = b(*batch);
-                rec[9] = *smooth_nr as f32;
-                rec[10] = *smooth_dr as f32;
-            }
-            Term::Region {
-                penalty, target, ..
-            } => {
-                rec[0] = 6.0;
-                rec[4] = match penalty {
-                    Penalty::L1 => 0.0,
-                    Penalty::Kl => 1.0,
-                    Penalty::L2 => 2.0,
-                    Penalty::LogSum => 3.0,
-                };
-                rec[5] = match target {
-                    RegionTarget::Named(NamedTarget::GroundTruth) => 0.0,
-                    RegionTarget::Named(NamedTarget::Uniform) => 1.0,
-                    RegionTarget::Prior(v) => {
-                        vector = Some(v.clone());
-                        2.0
-                    }
-                };
-            }
-        }
-        if let Some(v) = vector {
-            rec[3] = params.len() as f32;
-            params.extend(v.iter().take(c_n).map(|x| *x as f32));
-        }
-        params[slot * RECORD..(slot + 1) * RECORD].copy_from_slice(&rec);
+            None => -1.0,
+        };
+        params[slot * record..(slot + 1) * record].copy_from_slice(&rec);
     }
     params
 }
 
 /// The uniform header for a call over the whole batch (chunks adjust image_offset, batch
-/// and the shifts).
-pub fn dims(spec: &LossSpec, shape: &Shape) -> Dims {
+/// and the shifts), with `fin`'s offsets.
+pub fn dims(spec: &LossSpec, shape: &Shape, fin: &FinLayout) -> Dims {
     let s = shape.pixels();
     let n_pix = spec.terms.iter().filter(|t| t.is_pixel_term()).count();
     Dims {
@@ -394,6 +306,10 @@ pub fn dims(spec: &LossSpec, shape: &Shape) -> Dims {
         temperature: spec.temperature() as f32,
         total_batch: shape.batch as u32,
         rows_per_tile: 1,
+        fin_scales: fin.scales as u32,
+        fin_report: fin.report as u32,
+        fin_elements: fin.elements as u32,
+        fin_pooled: fin.pooled as u32,
         ..Default::default()
     }
 }
@@ -441,13 +357,5 @@ mod tests {
         assert!(chunks(1, 200 << 20, 128 << 20, 256)
             .unwrap_err()
             .contains("max_storage_buffer_binding_size"));
-    }
-
-    #[test]
-    fn fin_layout_is_contiguous() {
-        let l = FinLayout::new(3, 4, 2);
-        assert_eq!(l.report, 4 * 12 + MAX_PIXEL_TERMS);
-        assert_eq!(l.pooled, l.elements + 2 * 12);
-        assert_eq!(l.len, l.pooled + row_width(4));
     }
 }

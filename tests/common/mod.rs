@@ -1,7 +1,7 @@
 //! Shared by the GPU test files: the device, and comparison against the f64 reference.
 #![allow(dead_code)]
 
-use segloss::gpu::{GpuContext, Options};
+use segloss::gpu::{GpuContext, Options, Strategy};
 use segloss::input::{Labels, Shape};
 use segloss::output::LossOutput;
 use segloss::reference;
@@ -13,6 +13,7 @@ pub const GRADIENT: Options = Options {
     gradient: true,
     statistics: false,
     poison: true,
+    strategy: None,
 };
 
 /// A spec from JSON, panicking with the JSON on a mistake in the test itself.
@@ -70,6 +71,19 @@ pub fn check_on(
     labels: Labels<'_>,
     what: &str,
 ) -> LossOutput {
+    check_with(ctx, None, spec, shape, logits, labels, what)
+}
+
+/// [`check_on`] with a strategy of the test's choosing (`None`: the context's).
+pub fn check_with(
+    ctx: &GpuContext,
+    strategy: Option<Strategy>,
+    spec: &LossSpec,
+    shape: &Shape,
+    logits: &[f32],
+    labels: Labels<'_>,
+    what: &str,
+) -> LossOutput {
     let want = reference::evaluate(spec, shape, logits, labels, true).unwrap();
     let got = ctx
         .evaluate(
@@ -81,6 +95,7 @@ pub fn check_on(
                 gradient: true,
                 statistics: true,
                 poison: true,
+                strategy,
             },
         )
         .unwrap_or_else(|e| panic!("{what}: {e}"));

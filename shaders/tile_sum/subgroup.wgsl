@@ -1,6 +1,6 @@
 // The stats stage's sum with subgroup operations: each subgroup sums in registers and its
 // first lane writes a partial row of its own (dims.rows_per_tile = WG / the adapter's
-// smallest subgroup size; reduce_tiles adds the rows). No workgroup memory and no barrier:
+// smallest subgroup size; sum_tiles.wgsl adds the rows). No workgroup memory and no barrier:
 // on lavapipe every barrier suspends and resumes each SIMD row of the workgroup, and the
 // three barriers of each of the three workgroup sums a tile cost more than a third of the
 // pass. Correct for any subgroup size from 4 to 128 (WG is a multiple of each). The host
@@ -34,7 +34,7 @@ fn clear_spare_rows(tile_row: u32) {
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(STATS_WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

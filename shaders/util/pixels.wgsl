@@ -1,28 +1,23 @@
-// Shared by every stage: override constants, the uniform header, label and logit decoding,
-// indexing and the numerically careful scalar helpers. Each stage file is appended to this.
+// What the pixel stages (stats, grad) share: how logits and labels are stored and read,
+// which pixels an invocation takes, and the softmax pieces. The stage declares `logits`,
+// `labels`, `dims` and `params`; CPU twin of the decoding: src/input.rs.
 
-// Classes (channels) per pixel; a pipeline-overridable constant so loops over classes have
-// a bound the driver knows.
-override C: u32 = 2u;
-// 0: u32 class indices, 1: u8 class indices (4 per word), 2: f32 soft labels,
-// 3: u16 class indices (2 per word).
-override LABEL_KIND: u32 = 0u;
-// false: softmax over classes; true: independent sigmoid per channel.
-override SIGMOID: bool = false;
+// How labels are stored: a LABELS_* code (prelude).
+override LABEL_KIND: u32 = LABELS_U32;
+// The class index of an ignored pixel (u8 255 and u16 65535 decode to it).
+const IGNORE: u32 = 0xFFFFFFFFu;
 // Whether a region term needs s = softmax(T·z) with T ≠ 1 (otherwise s = p, no extra work).
 override TEMPERED: bool = false;
 // false: (B, C, *spatial); true: channels last, (B, *spatial, C). Read in place.
 override NHWC: bool = false;
 // Pixel terms (cross_entropy, focal, bce) of the spec: a constant so their loops unroll.
 override N_PIX: u32 = 0u;
-// The pixel-term kinds of the spec, bit k for kind code k (0 CE, 1 focal, 2 BCE), so the
+// The pixel-term kinds of the spec, bit k for kind code k (KIND_CE, KIND_FOCAL, KIND_BCE), so the
 // code of absent kinds is compiled out: SIMD CPUs run both sides of a branch.
 override PIXEL_KINDS: u32 = 7u;
 // Bit t: pixel term t has a per-class vector (CE class weights, focal α, BCE pos_weight).
 // Without one its weight is the constant 1 and no read of it is compiled.
 override PIXEL_WEIGHTED: u32 = 15u;
-// Bit t: pixel term t writes a per-pixel loss map (cross-entropy with reduction "none").
-override PIXEL_MAPS: u32 = 15u;
 // Which pixels an invocation of the stats and grad stages takes. false (GPUs): pixel k of
 // an invocation is base + k·WG + lid, so neighbouring invocations read neighbouring
 // pixels (coalesced). true (CPU adapters): base + lid·PPT + k, a run of consecutive pixels
@@ -40,50 +35,9 @@ fn pixel_of(base: u32, k: u32, lid: u32, wg: u32, ppt: u32) -> u32 {
     return base + k * wg + lid;
 }
 
-// 0: f32 logits, 1: f16, 2: bf16 (16-bit values two per word, widened here; the sums stay f32).
-override LOGIT_KIND: u32 = 0u;
-
-const IGNORE: u32 = 0xFFFFFFFFu;
-const KIND_CE: u32 = 0u;
-const KIND_FOCAL: u32 = 1u;
-const KIND_BCE: u32 = 2u;
-const KIND_DICE: u32 = 3u;
-const KIND_TVERSKY: u32 = 4u;
-const KIND_GDL: u32 = 5u;
-const KIND_REGION: u32 = 6u;
-// Floats per term record in `params` (see src/gpu/plan.rs).
-const RECORD: u32 = 16u;
-// Pixel-term records sit in slots 0..4, statistic-term records after them.
-const MAX_PIXEL_TERMS: u32 = 4u;
-// Floats per class in a statistics row: P, Q, I, G, H, U and two spare.
-const PER_CLASS: u32 = 8u;
-
-// One dispatch's view (plan.rs `Dims`). Images b of a dispatch are global images
-// image_offset + b; the *_shift fields turn a global element index into an index within the
-// bound range of that array (u32 arithmetic wraps, so a shift may stand for a negative one).
-struct Dims {
-    batch: u32,
-    spatial: u32,
-    tiles_per_image: u32,
-    row_width: u32,
-    n_terms: u32,
-    n_pixel_terms: u32,
-    image_offset: u32,
-    n_stat_terms: u32,
-    temperature: f32,
-    total_batch: u32,
-    logit_shift: u32,
-    label_shift: u32,
-    grad_shift: u32,
-    narrow_count: u32,
-    narrow_shift: u32,
-    rows_per_tile: u32,
-}
-
-// A flat workgroup index from a 2D dispatch (one dimension holds at most 65535 groups).
-fn flat_group(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return wid.x + wid.y * nwg.x;
-}
+// How logits are stored: a FLOAT_* code (16-bit values two per word, widened here; the sums
+// stay f32).
+override LOGIT_KIND: u32 = FLOAT_F32;
 
 // The global element index of class c at pixel i of global image b, in the input layout.
 fn elem(b: u32, c: u32, i: u32) -> u32 {
@@ -96,12 +50,12 @@ fn elem(b: u32, c: u32, i: u32) -> u32 {
 // One logit, widened to f32.
 fn logit(b: u32, c: u32, i: u32) -> f32 {
     let e = elem(b, c, i) + dims.logit_shift;
-    if LOGIT_KIND == 0u {
+    if LOGIT_KIND == FLOAT_F32 {
         return bitcast<f32>(logits[e]);
     }
     let w = logits[e >> 1u];
     let h = select(w & 0xFFFFu, w >> 16u, (e & 1u) == 1u);
-    if LOGIT_KIND == 1u {
+    if LOGIT_KIND == FLOAT_F16 {
         return unpack2x16float(h).x;
     }
     return bitcast<f32>(h << 16u);
@@ -110,11 +64,11 @@ fn logit(b: u32, c: u32, i: u32) -> f32 {
 // The class index of pixel i of global image b, or IGNORE.
 fn class_label(b: u32, i: u32) -> u32 {
     let idx = b * dims.spatial + i + dims.label_shift;
-    if LABEL_KIND == 1u {
+    if LABEL_KIND == LABELS_U8 {
         let v = (labels[idx >> 2u] >> ((idx & 3u) * 8u)) & 0xFFu;
         return select(v, IGNORE, v == 255u);
     }
-    if LABEL_KIND == 3u {
+    if LABEL_KIND == LABELS_U16 {
         let v = (labels[idx >> 1u] >> ((idx & 1u) * 16u)) & 0xFFFFu;
         return select(v, IGNORE, v == 0xFFFFu);
     }
@@ -123,7 +77,7 @@ fn class_label(b: u32, i: u32) -> u32 {
 
 // The target g of class c at pixel i of global image b (`y` is class_label's result).
 fn target_of(b: u32, c: u32, i: u32, y: u32) -> f32 {
-    if LABEL_KIND == 2u {
+    if LABEL_KIND == LABELS_SOFT {
         return bitcast<f32>(labels[elem(b, c, i) + dims.label_shift]);
     }
     return select(0.0, 1.0, y == c);
@@ -141,66 +95,12 @@ fn is_ce(kind: u32) -> bool {
     return kind == KIND_CE;
 }
 
-fn param(i: u32) -> f32 {
-    return params[i];
-}
-
-fn record(slot: u32, field: u32) -> f32 {
-    return params[slot * RECORD + field];
-}
-
-// A per-class vector of a term (class weights, α, pos_weight, prior), 1 when absent.
-fn class_param(slot: u32, c: u32) -> f32 {
-    let off = record(slot, 3u);
-    if off < 0.0 {
-        return 1.0;
-    }
-    return params[u32(off) + c];
-}
-
 // Class c's weight in pixel term t from the term's hoisted vector offset (1 when absent).
 fn term_weight(t: u32, off: f32, c: u32) -> f32 {
     if (PIXEL_WEIGHTED & (1u << t)) == 0u || off < 0.0 {
         return 1.0;
     }
     return params[u32(off) + c];
-}
-
-// log(1 + x) for x ≥ 0, accurate for small x (WGSL has no log1p).
-fn log1p_pos(x: f32) -> f32 {
-    let u = 1.0 + x;
-    if u == 1.0 {
-        return x;
-    }
-    return log(u) * x / (u - 1.0);
-}
-
-// softplus(x) = log(1 + eˣ) without overflow.
-fn softplus(x: f32) -> f32 {
-    return max(x, 0.0) + log1p_pos(exp(-abs(x)));
-}
-
-// σ(x) without overflow for any sign.
-fn sigmoid(x: f32) -> f32 {
-    let e = exp(-abs(x));
-    let s = 1.0 / (1.0 + e);
-    return select(e * s, s, x >= 0.0);
-}
-
-// Finite (neither NaN nor ±∞), from the bits: WGSL has no isnan.
-fn finite(x: f32) -> bool {
-    return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
-}
-
-// xʸ with 0⁰ = 1 and 0ʸ = 0 (WGSL's pow leaves both undefined).
-fn safe_pow(x: f32, y: f32) -> f32 {
-    if y == 0.0 {
-        return 1.0;
-    }
-    if x <= 0.0 {
-        return 0.0;
-    }
-    return pow(x, y);
 }
 
 // The focal weight on ([c = k] − p_k) of one class with target mass αg (see reference/mod.rs).
@@ -232,7 +132,7 @@ fn load_logits(b: u32, i: u32) -> Block {
 // The first min(C, BLOCK) soft targets of a pixel (zeros for class-index labels).
 fn load_targets(b: u32, i: u32) -> Block {
     var g: Block;
-    if LABEL_KIND == 2u {
+    if LABEL_KIND == LABELS_SOFT {
         for (var c = 0u; c < min(C, BLOCK); c++) {
             g[c] = bitcast<f32>(labels[elem(b, c, i) + dims.label_shift]);
         }
@@ -250,7 +150,7 @@ fn z_of(z: ptr<function, Block>, b: u32, c: u32, i: u32) -> f32 {
 
 // Target c of the pixel whose first soft targets are in g (y: its class index).
 fn g_of(g: ptr<function, Block>, b: u32, c: u32, i: u32, y: u32) -> f32 {
-    if LABEL_KIND == 2u && c < BLOCK {
+    if LABEL_KIND == LABELS_SOFT && c < BLOCK {
         return (*g)[c];
     }
     return target_of(b, c, i, y);

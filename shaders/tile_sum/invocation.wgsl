@@ -1,10 +1,10 @@
 // The stats stage's sum without subgroups or barriers, for CPU adapters (lavapipe) whose
 // device was opened without SUBGROUP: every invocation writes a partial row of its own
-// (dims.rows_per_tile = WG; reduce_rows adds a tile's rows in a fixed order). llvmpipe
+// (dims.rows_per_tile = WG; sum_tiles.wgsl adds a tile's rows in a fixed order). llvmpipe
 // compiles each workgroup barrier as a coroutine suspend point, and the workgroup-memory
 // strategy's barriers inside the class loops took its JIT 26-62 s for one pipeline (Mesa
 // 25, cold cache) against under 3 s here; on a CPU the extra partial rows cost little. GPUs
-// without subgroups keep reduce_workgroup.wgsl (a row per tile).
+// without subgroups keep tile_sum/workgroup.wgsl (a row per tile).
 
 // This invocation's index in the workgroup (set by `main`).
 var<private> own_row: u32;
@@ -22,7 +22,7 @@ fn sub_row() -> u32 {
 // Every invocation of a tile that runs writes its row.
 fn clear_spare_rows(tile_row: u32) {}
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(STATS_WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

@@ -51,7 +51,7 @@ fn sub_row() -> u32 {
 
 fn clear_spare_rows(tile_row: u32) {}
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(STATS_WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

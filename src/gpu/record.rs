@@ -1,0 +1,729 @@
+//! The backend API: a call's passes recorded into the caller's encoder on the caller's
+//! buffers. Each call is checked ([`check_request`]), split into chunks that fit one
+//! binding, given a workspace and per-chunk `Dims` slots, and turned into dispatches, one
+//! small function per stage, whose bind groups follow the stage table. All of that happens
+//! inside wgpu error scopes before anything is recorded (ARCHITECTURE.md, "A call").
+
+use super::batch::{BufferRegion, DeviceBatch, GradTarget};
+use super::cache::{Bound, Caches};
+use super::context::{storage_align, GpuContext};
+use super::layout::{self, Dims, FinLayout, DIMS_SLOT, STATS_TILE};
+use super::plan::{self, Region};
+use super::readback::{stats_to_rows, Recorded};
+use super::stages::{grad_pixels_per_invocation, Binding, Kernel, PipelineKey, Variant};
+use super::strategy::{Strategy, TileSum};
+use super::workspace::{Workspace, WorkspaceKey, SEQ_AT};
+use crate::error::{Error, Result};
+use crate::input::{GradFormat, LabelFormat, Layout};
+use crate::output::Statistics;
+use crate::spec::LossSpec;
+use std::sync::Arc;
+
+/// One recording's inputs (the public `record*` methods and the host API differ only in
+/// these fields).
+#[derive(Clone, Copy)]
+pub(super) struct Request<'a> {
+    pub spec: &'a LossSpec,
+    pub batch: &'a DeviceBatch<'a>,
+    pub grad: Option<GradTarget<'a>>,
+    /// Two-phase API: statistics combined elsewhere; the stats pass is skipped.
+    pub given_stats: Option<&'a Statistics>,
+    /// Run finalize (and the gradient pass when `grad` is set); false: statistics only.
+    pub finalize: bool,
+    /// Fill the workspace outputs with NaN first (tests).
+    pub poison: bool,
+    /// How the kernels run.
+    pub strategy: Strategy,
+}
+
+impl<'a> Request<'a> {
+    /// Statistics, finalize and (with `grad`) the gradient, with the context's strategy.
+    pub fn full(
+        ctx: &GpuContext,
+        spec: &'a LossSpec,
+        batch: &'a DeviceBatch<'a>,
+        grad: Option<GradTarget<'a>>,
+    ) -> Self {
+        Request {
+            spec,
+            batch,
+            grad,
+            given_stats: None,
+            finalize: true,
+            poison: false,
+            strategy: ctx.strategy(),
+        }
+    }
+}
+
+/// One dispatch: pipeline, bind group, workgroups.
+type Dispatch = (wgpu::ComputePipeline, wgpu::BindGroup, usize);
+
+/// A checked request: its dispatches, ready to be recorded, and the handle to its results.
+struct Prepared {
+    dispatches: Vec<Dispatch>,
+    /// A shard's stats pass writes only its own images' partial rows, while the tile sums
+    /// cover the global batch: the rows of the other images, left from an earlier call on
+    /// this workspace, are zeroed first.
+    clear_partial: bool,
+    recorded: Recorded,
+}
+
+/// What the checks establish about a call.
+struct Checked {
+    batch: usize,
+    classes: usize,
+    pixels: usize,
+    /// Images of the global batch.
+    total: usize,
+    /// Element and pixel index of the call's first image in the global batch.
+    first_elem: u64,
+    first_pixel: u64,
+    /// A 16-bit gradient: computed in f32 scratch, converted by the narrow stage.
+    narrow: bool,
+    /// The gradient shares a buffer with the logits or labels (`Kernel::GradShared`).
+    grad_shares_input: bool,
+}
+
+/// Refuses what no kernel can run: a bad shape or spec, images outside the global batch,
+/// sigmoid without soft labels, misaligned offsets, ranges outside their buffers or
+/// overlapping each other, a label format too small for C.
+fn check_request(req: &Request<'_>) -> Result<Checked> {
+    let (spec, batch, grad) = (req.spec, req.batch, req.grad);
+    let shape = batch.shape;
+    shape.check()?;
+    spec.validate(Some(shape.classes))?;
+    let (b_n, c_n, s) = (shape.batch, shape.classes, shape.pixels());
+    let total = if batch.total_batch == 0 {
+        b_n
+    } else {
+        batch.total_batch
+    };
+    if batch.image_offset + b_n > total {
+        return Err(Error::Input(format!(
+            "images {}..{} do not fit a global batch of {total}",
+            batch.image_offset,
+            batch.image_offset + b_n
+        )));
+    }
+    if plan::sigmoid(spec) && batch.label_format != LabelFormat::Soft {
+        return Err(Error::Input(
+            "sigmoid mode needs soft (f32) labels of the logits' shape".into(),
+        ));
+    }
+    let mut offsets = vec![
+        ("logits", batch.logits.offset),
+        ("labels", batch.labels.offset),
+    ];
+    if let Some(g) = &grad {
+        offsets.push(("gradient", g.region.offset));
+    }
+    for (what, offset) in offsets {
+        if offset % 4 != 0 {
+            return Err(Error::Input(format!(
+                "the {what} offset {offset} is not a multiple of 4 bytes"
+            )));
+        }
+    }
+    check_ranges(batch, grad)?;
+    batch.label_format.check_classes(c_n)?;
+    Ok(Checked {
+        batch: b_n,
+        classes: c_n,
+        pixels: s,
+        total,
+        first_elem: (batch.image_offset * c_n * s) as u64,
+        first_pixel: (batch.image_offset * s) as u64,
+        narrow: grad.is_some_and(|g| g.format != GradFormat::F32),
+        // Non-overlapping ranges of one buffer (burn packs tensors into shared pages):
+        // wgpu refuses a buffer bound read-only and read-write in one dispatch, so the
+        // gradient pass then binds the inputs read-write too.
+        grad_shares_input: grad.is_some_and(|g| {
+            g.format == GradFormat::F32
+                && (*g.region.buffer == *batch.logits.buffer
+                    || *g.region.buffer == *batch.labels.buffer)
+        }),
+    })
+}
+
+/// Bytes of each bound array: inside its buffer, and not overlapping another.
+fn check_ranges(batch: &DeviceBatch<'_>, grad: Option<GradTarget<'_>>) -> Result<()> {
+    let shape = batch.shape;
+    let n = shape.len() as u64;
+    let label_elems = if batch.label_format == LabelFormat::Soft {
+        n
+    } else {
+        (shape.batch * shape.pixels()) as u64
+    };
+    let bytes = |elems: u64, per_word: u64| elems.div_ceil(per_word) * 4;
+    let mut ranges = vec![
+        (
+            "logits",
+            batch.logits,
+            bytes(n, batch.logit_format.per_word()),
+        ),
+        (
+            "labels",
+            batch.labels,
+            bytes(label_elems, batch.label_format.per_word()),
+        ),
+    ];
+    if let Some(g) = &grad {
+        ranges.push(("gradient", g.region, bytes(n, g.format.per_word())));
+    }
+    for (what, r, len) in &ranges {
+        let end = r.offset + len;
+        if end > r.buffer.size() {
+            return Err(Error::Input(format!(
+                "the {what} buffer holds {} bytes, the call needs {end}",
+                r.buffer.size()
+            )));
+        }
+    }
+    check_disjoint(&ranges)
+}
+
+/// Refuses ranges of one buffer that overlap (each `(what, region, bytes)`).
+fn check_disjoint(ranges: &[(&str, BufferRegion<'_>, u64)]) -> Result<()> {
+    for (i, (a, ra, na)) in ranges.iter().enumerate() {
+        for (b, rb, nb) in &ranges[i + 1..] {
+            let overlap = *ra.buffer == *rb.buffer
+                && ra.offset < rb.offset + nb
+                && rb.offset < ra.offset + na;
+            if overlap {
+                return Err(Error::Input(format!(
+                    "the {a} (bytes {}..{}) and the {b} (bytes {}..{}) overlap in one buffer: \
+                     give each its own range (distinct ranges of one buffer are fine)",
+                    ra.offset,
+                    ra.offset + na,
+                    rb.offset,
+                    rb.offset + nb
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One chunk of images: its bound ranges, its `Dims` slot and its workgroups.
+struct ChunkPlan {
+    /// Byte offset of its `Dims` slot.
+    slot: u64,
+    stats_groups: usize,
+    grad_groups: usize,
+    logits: Region,
+    labels: Region,
+    grad: Option<Region>,
+    narrow_words: usize,
+}
+
+/// The chunks' bound ranges and `Dims` slots (slot 0, the whole global batch, comes first).
+fn plan_chunks(
+    req: &Request<'_>,
+    call: &Checked,
+    chunks: &[(usize, usize)],
+    base: Dims,
+    align: u64,
+) -> (Vec<Dims>, Vec<ChunkPlan>) {
+    let batch = req.batch;
+    let (c_n, s) = (call.classes, call.pixels);
+    let soft = batch.label_format == LabelFormat::Soft;
+    let mut slots = vec![Dims {
+        batch: call.total as u32,
+        total_batch: call.total as u32,
+        ..base
+    }];
+    let mut plans = vec![];
+    for (k, &(first, count)) in chunks.iter().enumerate() {
+        // Element indices relative to the caller's arrays, whose element 0 is the call's
+        // first image.
+        let first_elem = (first * c_n * s) as u64;
+        let elems = (count * c_n * s) as u64;
+        let lr = plan::region(
+            batch.logits.offset,
+            first_elem,
+            elems,
+            batch.logit_format.per_word(),
+            align,
+        );
+        let (lab_first, lab_count) = if soft {
+            (first_elem, elems)
+        } else {
+            ((first * s) as u64, (count * s) as u64)
+        };
+        let per_word = batch.label_format.per_word();
+        let yr = plan::region(batch.labels.offset, lab_first, lab_count, per_word, align);
+        let gr = req.grad.map(|g| {
+            let per_word = g.format.per_word();
+            plan::region(g.region.offset, first_elem, elems, per_word, align)
+        });
+        // Shifts turn a global index (the kernels index the global batch) into one within
+        // the bound range.
+        let label_origin = if soft {
+            call.first_elem
+        } else {
+            call.first_pixel
+        };
+        let global_first = (call.first_elem + first_elem) as u32;
+        let mut d = Dims {
+            batch: count as u32,
+            image_offset: (batch.image_offset + first) as u32,
+            total_batch: call.total as u32,
+            logit_shift: lr.shift.wrapping_sub(call.first_elem as u32),
+            label_shift: yr.shift.wrapping_sub(label_origin as u32),
+            grad_shift: match (call.narrow, gr) {
+                (true, _) => global_first.wrapping_neg(), // f32 scratch from element 0
+                (false, Some(r)) => r.shift.wrapping_sub(call.first_elem as u32),
+                (false, None) => 0,
+            },
+            ..base
+        };
+        let mut narrow_words = 0;
+        if let (true, Some(r)) = (call.narrow, gr) {
+            d.narrow_count = elems as u32;
+            d.narrow_shift = r.shift.wrapping_add(first_elem as u32);
+            let (first_word, last_word) = (
+                d.narrow_shift as u64 / 2,
+                (d.narrow_shift as u64 + elems - 1) / 2,
+            );
+            narrow_words = (last_word - first_word + 1) as usize;
+        }
+        slots.push(d);
+        let ppt = grad_pixels_per_invocation(req.strategy.contiguous_pixels);
+        plans.push(ChunkPlan {
+            slot: (k as u64 + 1) * DIMS_SLOT,
+            stats_groups: count * s.div_ceil(STATS_TILE),
+            grad_groups: count * s.div_ceil(layout::GRAD_WG as usize * ppt),
+            logits: lr,
+            labels: yr,
+            grad: gr,
+            narrow_words,
+        });
+    }
+    (slots, plans)
+}
+
+/// Everything the stage functions need to build a dispatch.
+struct Encoding<'a, 'c> {
+    ctx: &'c GpuContext,
+    caches: &'c mut Caches,
+    req: &'c Request<'a>,
+    call: &'c Checked,
+    ws: &'c Workspace,
+    variant: Variant,
+    dispatches: Vec<Dispatch>,
+}
+
+const DIMS_SIZE: u64 = std::mem::size_of::<Dims>() as u64;
+
+impl Encoding<'_, '_> {
+    /// A dispatch of `kernel` over `groups` workgroups, binding for each entry of its
+    /// table row the range `bind` gives.
+    fn add<'b>(
+        &mut self,
+        kernel: Kernel,
+        groups: usize,
+        bind: impl Fn(Binding) -> (&'b wgpu::Buffer, u64, u64),
+    ) {
+        let key = PipelineKey::new(kernel, &self.variant);
+        let entries: Vec<Bound<'b>> = kernel
+            .info()
+            .bindings
+            .iter()
+            .map(|(b, _)| {
+                let (buffer, offset, size) = bind(*b);
+                (b.slot(), buffer, offset, size)
+            })
+            .collect();
+        let pipeline = self.ctx.pipeline(self.caches, key);
+        let bind_group = self.ctx.bind_group(self.caches, key, entries);
+        self.dispatches.push((pipeline, bind_group, groups));
+    }
+
+    /// The workspace's binding of `b` covering the whole buffer (`dims`: slot 0).
+    fn whole(ws: &Workspace, b: Binding) -> (&wgpu::Buffer, u64, u64) {
+        let sz = &ws.sizes;
+        match b {
+            Binding::Dims => (&ws.dims, 0, DIMS_SIZE),
+            Binding::Params => (&ws.params, 0, sz.params),
+            Binding::Partial => (&ws.partial, 0, sz.partial),
+            Binding::Stats => (&ws.stats, 0, sz.stats),
+            Binding::Fin => (&ws.fin, 0, sz.fin),
+            Binding::LossMap => (&ws.map, 0, sz.map),
+            Binding::Check => (&ws.check, 0, 16),
+            other => unreachable!("{other:?} is not a workspace buffer"),
+        }
+    }
+
+    /// Stage 1 per chunk.
+    fn stats(&mut self, plans: &[ChunkPlan]) {
+        let kernel = match self.req.strategy.tile_sum {
+            TileSum::Workgroup => Kernel::StatsWorkgroup,
+            TileSum::Subgroup => Kernel::StatsSubgroup,
+            TileSum::Invocation => Kernel::StatsInvocation,
+        };
+        let (batch, ws) = (self.req.batch, self.ws);
+        for p in plans {
+            self.add(kernel, p.stats_groups, |b| match b {
+                Binding::Logits => (batch.logits.buffer, p.logits.offset, p.logits.size),
+                Binding::Labels => (batch.labels.buffer, p.labels.offset, p.labels.size),
+                Binding::Dims => (&ws.dims, p.slot, DIMS_SIZE),
+                other => Self::whole(ws, other),
+            });
+        }
+    }
+
+    /// Stage 2a: the partial rows into one statistics row per image.
+    fn sum_tiles(&mut self, base: &Dims) {
+        let ws = self.ws;
+        let (total, width) = (self.call.total, base.row_width as usize);
+        if base.rows_per_tile > 1 {
+            let columns = total * base.tiles_per_image as usize * width;
+            let groups = Kernel::SumTileRows.info().groups_for(columns);
+            self.add(Kernel::SumTileRows, groups, |b| Self::whole(ws, b));
+        }
+        let groups = Kernel::SumTiles.info().groups_for(total * width);
+        self.add(Kernel::SumTiles, groups, |b| Self::whole(ws, b));
+    }
+
+    /// Stage 2b: one workgroup.
+    fn finalize(&mut self) {
+        let ws = self.ws;
+        self.add(Kernel::Finalize, 1, |b| Self::whole(ws, b));
+    }
+
+    /// Stage 3 (and 4 for 16-bit gradients) per chunk.
+    fn grad(&mut self, plans: &[ChunkPlan], g: GradTarget<'_>) {
+        let (batch, ws) = (self.req.batch, self.ws);
+        let kernel = if self.call.grad_shares_input {
+            Kernel::GradShared
+        } else {
+            Kernel::Grad
+        };
+        for p in plans {
+            let r = p.grad.expect("planned with the gradient");
+            // A 16-bit gradient is computed in f32 scratch first.
+            let target = match &ws.scratch {
+                Some(sc) if self.call.narrow => (sc, 0, sc.size()),
+                _ => (g.region.buffer, r.offset, r.size),
+            };
+            self.add(kernel, p.grad_groups, |b| match b {
+                Binding::Logits => (batch.logits.buffer, p.logits.offset, p.logits.size),
+                Binding::Labels => (batch.labels.buffer, p.labels.offset, p.labels.size),
+                Binding::Dims => (&ws.dims, p.slot, DIMS_SIZE),
+                Binding::Grad => target,
+                other => Self::whole(ws, other),
+            });
+            if self.call.narrow {
+                let groups = Kernel::Narrow.info().groups_for(p.narrow_words);
+                self.add(Kernel::Narrow, groups, |b| match b {
+                    Binding::Dims => (&ws.dims, p.slot, DIMS_SIZE),
+                    Binding::Grad => target,
+                    Binding::Out16 => (g.region.buffer, r.offset, r.size),
+                    other => Self::whole(ws, other),
+                });
+            }
+        }
+    }
+}
+
+impl GpuContext {
+    /// Backend API: records loss (and, with `grad`, gradient) passes into the caller's
+    /// encoder on the caller's buffers. Nothing is submitted or awaited; the results stay on
+    /// the device in the returned handle until read.
+    ///
+    /// Every check happens before anything is recorded: a call that returns `Err` has left
+    /// the encoder untouched, and no error of this call is ever reported by a later one.
+    /// Refused with an error: ranges of logits, labels and gradient that overlap (distinct
+    /// ranges of one buffer are fine), a buffer of another device, a range outside its
+    /// buffer, a label format that cannot hold C classes.
+    pub fn record(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        spec: &LossSpec,
+        batch: &DeviceBatch<'_>,
+        grad: Option<GradTarget<'_>>,
+    ) -> Result<Recorded> {
+        self.record_request(encoder, Request::full(self, spec, batch, grad), None)
+    }
+
+    /// [`GpuContext::record`] with the pass's start and end written to timestamps 0 and 1 of
+    /// `query_set` (benchmarks; needs `Features::TIMESTAMP_QUERY`).
+    #[doc(hidden)]
+    pub fn record_timed(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        spec: &LossSpec,
+        batch: &DeviceBatch<'_>,
+        grad: Option<GradTarget<'_>>,
+        query_set: &wgpu::QuerySet,
+    ) -> Result<Recorded> {
+        let req = Request::full(self, spec, batch, grad);
+        self.record_request(encoder, req, Some(query_set))
+    }
+
+    /// Two-phase API, phase 1: records only the statistics pass. Submit, then read them with
+    /// [`Recorded::statistics`], combine them across devices (a sum), and pass the sum to
+    /// [`GpuContext::record_with_statistics`].
+    pub fn record_statistics(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        spec: &LossSpec,
+        batch: &DeviceBatch<'_>,
+    ) -> Result<Recorded> {
+        let req = Request {
+            finalize: false,
+            ..Request::full(self, spec, batch, None)
+        };
+        self.record_request(encoder, req, None)
+    }
+
+    /// Two-phase API, phase 2: records finalize (from `stats`, the combined statistics of the
+    /// global batch) and the gradient pass for this call's images.
+    pub fn record_with_statistics(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        spec: &LossSpec,
+        batch: &DeviceBatch<'_>,
+        stats: &Statistics,
+        grad: Option<GradTarget<'_>>,
+    ) -> Result<Recorded> {
+        let req = Request {
+            given_stats: Some(stats),
+            ..Request::full(self, spec, batch, grad)
+        };
+        self.record_request(encoder, req, None)
+    }
+
+    /// Prepares every pipeline, bind group and upload inside error scopes, and only when
+    /// all of it is valid records the passes into `encoder`: a wgpu validation error at
+    /// this point (a foreign buffer, a bad binding) is this call's `Err`, and the caller's
+    /// encoder never holds an invalid command that would fail their `finish()` or submit.
+    pub(super) fn record_request(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        req: Request<'_>,
+        timestamps: Option<&wgpu::QuerySet>,
+    ) -> Result<Recorded> {
+        let Prepared {
+            dispatches,
+            clear_partial,
+            recorded,
+        } = self.scoped(|| self.prepare(&req))?;
+        if clear_partial {
+            encoder.clear_buffer(&recorded.ws.partial, 0, None);
+        }
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("segloss"),
+                timestamp_writes: timestamps.map(|q| wgpu::ComputePassTimestampWrites {
+                    query_set: q,
+                    beginning_of_pass_write_index: Some(0),
+                    end_of_pass_write_index: Some(1),
+                }),
+            });
+            for (p, bg, groups) in &dispatches {
+                let (x, y) = plan::dispatch_2d(*groups);
+                pass.set_pipeline(p);
+                pass.set_bind_group(0, bg, &[]);
+                pass.dispatch_workgroups(x, y, 1);
+            }
+        }
+        // The last command of the recording: the call's sequence number reaches the status
+        // buffer only when this encoder runs, so a read of an unsubmitted recording sees an
+        // older number and is refused (see `check_status`).
+        let ws = &recorded.ws;
+        encoder.copy_buffer_to_buffer(&ws.seq, 0, &ws.check, SEQ_AT, 4);
+        Ok(recorded)
+    }
+
+    /// The chunks of the call's images: runs whose largest bound array fits one binding.
+    fn chunk_images(&self, req: &Request<'_>, call: &Checked) -> Result<Vec<(usize, usize)>> {
+        let limits = self.device.limits();
+        let max_binding = match req.strategy.binding_limit {
+            0 => limits.max_storage_buffer_binding_size,
+            n => n.min(limits.max_storage_buffer_binding_size),
+        };
+        // Per image: logits, labels, gradient (f32 scratch when 16-bit), each one binding.
+        let batch = req.batch;
+        let image_elems = (call.classes * call.pixels) as u64;
+        let label_bytes = if batch.label_format == LabelFormat::Soft {
+            image_elems * 4
+        } else {
+            call.pixels as u64 * 4 / batch.label_format.per_word() + 4
+        };
+        let per_image = [
+            image_elems * 4 / batch.logit_format.per_word(),
+            label_bytes,
+            if req.grad.is_some() {
+                image_elems * 4
+            } else {
+                0
+            },
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+            + 8;
+        let align = storage_align(&self.device);
+        let chunks =
+            plan::chunks(call.batch, per_image, max_binding, align).map_err(Error::Input)?;
+        self.last_chunks
+            .store(chunks.len(), std::sync::atomic::Ordering::Relaxed);
+        Ok(chunks)
+    }
+
+    /// The call's pipeline configuration (with the kernel, its pipeline key).
+    fn variant(&self, req: &Request<'_>) -> Variant {
+        let (spec, batch) = (req.spec, req.batch);
+        Variant {
+            classes: batch.shape.classes as u32,
+            label_kind: batch.label_format.code(),
+            logit_kind: batch.logit_format.code(),
+            grad_kind: req.grad.map(|g| g.format.code()).unwrap_or(0),
+            sigmoid: plan::sigmoid(spec),
+            tempered: spec.tempered(),
+            nhwc: batch.layout == Layout::Nhwc,
+            n_pix: spec.terms.iter().filter(|t| t.is_pixel_term()).count() as u32,
+            pixel_kinds: plan::pixel_kinds(spec),
+            pixel_weighted: plan::pixel_weighted(spec),
+            pixel_maps: plan::pixel_maps(spec),
+            stat_kinds: plan::stat_kinds(spec),
+            contiguous: req.strategy.contiguous_pixels,
+        }
+    }
+
+    /// Writes the call's uploads: term records, poison, fresh status words, given statistics.
+    fn upload(
+        &self,
+        req: &Request<'_>,
+        call: &Checked,
+        ws: &Workspace,
+        params: &[f32],
+    ) -> Result<()> {
+        let q = &self.queue;
+        q.write_buffer(&ws.params, 0, bytemuck::cast_slice(params));
+        if req.poison {
+            let s = &ws.sizes;
+            for (b, size) in [
+                (&ws.partial, s.partial),
+                (&ws.stats, s.stats),
+                (&ws.fin, s.fin),
+                (&ws.map, s.map),
+            ] {
+                q.write_buffer(b, 0, &vec![0xFFu8; size as usize]);
+            }
+        }
+        // Counters of bad input at 0, their first positions at "none".
+        q.write_buffer(
+            &ws.check,
+            0,
+            bytemuck::cast_slice(&[0u32, u32::MAX, 0, u32::MAX]),
+        );
+        if let Some(st) = req.given_stats {
+            let rows = stats_to_rows(st, req.spec, call.total, call.classes)?;
+            q.write_buffer(&ws.stats, 0, bytemuck::cast_slice(&rows));
+        }
+        Ok(())
+    }
+
+    /// Checks a request and builds its dispatches (pipelines, bind groups, uploads) without
+    /// touching the caller's encoder.
+    fn prepare(&self, req: &Request<'_>) -> Result<Prepared> {
+        let call = check_request(req)?;
+        req.strategy.validate(&self.device, &self.info)?;
+        let (spec, shape) = (req.spec, req.batch.shape);
+        let chunks = self.chunk_images(req, &call)?;
+        let max_chunk = chunks.iter().map(|c| c.1).max().unwrap_or(1) as u64;
+        let params = plan::pack_params(spec, shape);
+        let rows_per_tile = req.strategy.rows_per_tile(&self.info);
+        let map_bytes = if plan::wants_loss_map(spec) {
+            4 * layout::MAX_PIXEL_TERMS as u64 * (call.total * call.pixels) as u64
+        } else {
+            4
+        };
+        let image_elems = (call.classes * call.pixels) as u64;
+        let key = WorkspaceKey {
+            total_batch: call.total,
+            classes: call.classes,
+            spatial: call.pixels,
+            terms: spec.terms.len(),
+            params_len: params.len(),
+            dims_slots: chunks.len() + 1,
+            scratch: if call.narrow {
+                max_chunk * image_elems * 4
+            } else {
+                0
+            },
+            map: map_bytes,
+            rows_per_tile,
+        };
+        let mut caches = self.lock()?;
+        let ws = self.workspace(&mut caches, &key);
+        self.upload(req, &call, &ws, &params)?;
+        let fin = FinLayout::new(call.total, call.classes, spec.terms.len());
+        let base = Dims {
+            rows_per_tile: rows_per_tile as u32,
+            ..plan::dims(spec, shape, &fin)
+        };
+        let align = storage_align(&self.device);
+        let (slots, plans) = plan_chunks(req, &call, &chunks, base, align);
+        let mut dims_bytes = vec![0u8; (DIMS_SLOT as usize) * slots.len()];
+        for (k, d) in slots.iter().enumerate() {
+            let at = k * DIMS_SLOT as usize;
+            dims_bytes[at..at + DIMS_SIZE as usize].copy_from_slice(bytemuck::bytes_of(d));
+        }
+        self.queue.write_buffer(&ws.dims, 0, &dims_bytes);
+
+        let mut enc = Encoding {
+            ctx: self,
+            caches: &mut caches,
+            req,
+            call: &call,
+            ws: &ws,
+            variant: self.variant(req),
+            dispatches: vec![],
+        };
+        if req.given_stats.is_none() {
+            enc.stats(&plans);
+            enc.sum_tiles(&base);
+        }
+        if req.finalize {
+            enc.finalize();
+            if let Some(g) = req.grad {
+                enc.grad(&plans, g);
+            }
+        }
+        let dispatches = enc.dispatches;
+        drop(caches);
+        Ok(self.finish_preparing(req, &call, ws, dispatches))
+    }
+
+    /// Numbers the recording and wraps its dispatches and results.
+    fn finish_preparing(
+        &self,
+        req: &Request<'_>,
+        call: &Checked,
+        ws: Arc<Workspace>,
+        dispatches: Vec<Dispatch>,
+    ) -> Prepared {
+        let seq = self
+            .next_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.queue
+            .write_buffer(&ws.seq, 0, bytemuck::bytes_of(&seq));
+        Prepared {
+            dispatches,
+            clear_partial: req.given_stats.is_none()
+                && (req.batch.image_offset != 0 || call.batch != call.total),
+            recorded: Recorded {
+                ws,
+                seq,
+                spec: req.spec.clone(),
+                total_batch: call.total,
+                classes: call.classes,
+                spatial: call.pixels,
+            },
+        }
+    }
+}

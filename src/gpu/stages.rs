@@ -1,0 +1,590 @@
+//! The stage table: every compute kernel segloss creates, declared once with its WGSL source
+//! parts, entry point, workgroup size, bindings and override constants. Shader assembly,
+//! the explicit bind-group layouts, the pipeline constants and the bind groups all derive
+//! from it, and `tests/naga_validate.rs` checks each WGSL entry point against it (a binding,
+//! workgroup size or override changed on one side alone fails there). ARCHITECTURE.md,
+//! "The stage table".
+
+use super::layout::{self, FIN_WG, GRAD_WG, NARROW_WG, REDUCE_WG, STATS_WG};
+
+/// A WGSL file of `shaders/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Source {
+    /// The path under `shaders/`.
+    pub path: &'static str,
+    /// Its text.
+    pub text: &'static str,
+}
+
+macro_rules! wgsl {
+    ($path:literal) => {
+        Source {
+            path: $path,
+            text: include_str!(concat!("../../shaders/", $path)),
+        }
+    };
+}
+
+const DISPATCH: Source = wgsl!("util/dispatch.wgsl");
+const MATH: Source = wgsl!("util/math.wgsl");
+const SPEC: Source = wgsl!("util/spec.wgsl");
+const PIXELS: Source = wgsl!("util/pixels.wgsl");
+const STATS: Source = wgsl!("stats.wgsl");
+const TILE_SUM_WORKGROUP: Source = wgsl!("tile_sum/workgroup.wgsl");
+const TILE_SUM_SUBGROUP: Source = wgsl!("tile_sum/subgroup.wgsl");
+const TILE_SUM_INVOCATION: Source = wgsl!("tile_sum/invocation.wgsl");
+const SUM_TILES: Source = wgsl!("sum_tiles.wgsl");
+const FINALIZE: Source = wgsl!("finalize.wgsl");
+const GRAD: Source = wgsl!("grad.wgsl");
+const NARROW: Source = wgsl!("narrow.wgsl");
+
+/// The kernels, one per pipeline shape the host creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// Stage 1 with `TileSum::Workgroup`.
+    StatsWorkgroup,
+    /// Stage 1 with `TileSum::Subgroup`.
+    StatsSubgroup,
+    /// Stage 1 with `TileSum::Invocation`.
+    StatsInvocation,
+    /// Stage 2a, first half (only with more than one partial row per tile).
+    SumTileRows,
+    /// Stage 2a: the statistics rows.
+    SumTiles,
+    /// Stage 2b: term values and gradient coefficients.
+    Finalize,
+    /// Stage 3: the gradient.
+    Grad,
+    /// Stage 3 where the gradient shares a buffer with the inputs.
+    GradShared,
+    /// Stage 4 (16-bit gradients only).
+    Narrow,
+}
+
+/// A bound buffer, by role. Each role has one binding number in every kernel that binds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Binding {
+    /// The caller's logits (u32 words).
+    Logits,
+    /// The caller's labels.
+    Labels,
+    /// This dispatch's `Dims` slot.
+    Dims,
+    /// Term records and class vectors.
+    Params,
+    /// Partial statistics rows of the stats tiles.
+    Partial,
+    /// One statistics row per image.
+    Stats,
+    /// Coefficients, scales, report, elements, pooled row.
+    Fin,
+    /// The f32 gradient (the caller's, or the scratch range the narrow stage converts).
+    Grad,
+    /// Per-pixel loss maps (reduction "none").
+    LossMap,
+    /// The caller's 16-bit gradient.
+    Out16,
+    /// Bad-input counters and the sequence number.
+    Check,
+}
+
+impl Binding {
+    /// The binding number.
+    pub fn slot(self) -> u32 {
+        match self {
+            Binding::Logits => 0,
+            Binding::Labels => 1,
+            Binding::Dims => 2,
+            Binding::Params => 3,
+            Binding::Partial => 4,
+            Binding::Stats => 5,
+            Binding::Fin => 6,
+            Binding::Grad => 7,
+            Binding::LossMap => 8,
+            Binding::Out16 => 9,
+            Binding::Check => 10,
+        }
+    }
+
+    /// The variable's name in WGSL.
+    pub fn wgsl_name(self) -> &'static str {
+        match self {
+            Binding::Logits => "logits",
+            Binding::Labels => "labels",
+            Binding::Dims => "dims",
+            Binding::Params => "params",
+            Binding::Partial => "partial",
+            Binding::Stats => "stats",
+            Binding::Fin => "fin",
+            Binding::Grad => "grad",
+            Binding::LossMap => "loss_map",
+            Binding::Out16 => "out16",
+            Binding::Check => "check",
+        }
+    }
+}
+
+/// How a kernel binds a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// `var<uniform>`.
+    Uniform,
+    /// `var<storage, read>`.
+    Read,
+    /// `var<storage, read_write>`.
+    ReadWrite,
+}
+
+/// A pipeline-overridable constant (`override NAME` in WGSL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Override {
+    /// Classes.
+    C,
+    /// Label storage (a `LABELS_*` code).
+    LabelKind,
+    /// Logit storage (a `FLOAT_*` code).
+    LogitKind,
+    /// 16-bit gradient storage (`FLOAT_F16` or `FLOAT_BF16`).
+    GradKind,
+    /// Sigmoid activation.
+    Sigmoid,
+    /// A region term with temperature T ≠ 1.
+    Tempered,
+    /// Channels-last layout.
+    Nhwc,
+    /// Pixel terms.
+    NPix,
+    /// Pixel-term kinds present (bit per kind code).
+    PixelKinds,
+    /// Pixel terms with a class vector (bit per term).
+    PixelWeighted,
+    /// Pixel terms with a loss map (bit per term).
+    PixelMaps,
+    /// Statistic-term kinds present (bit per kind code).
+    StatKinds,
+    /// Runs of consecutive pixels per invocation.
+    Contiguous,
+    /// Pixels per grad invocation.
+    Ppt,
+}
+
+impl Override {
+    /// Every override, in the order of [`Variant`]'s values.
+    pub const ALL: [Override; 14] = [
+        Override::C,
+        Override::LabelKind,
+        Override::LogitKind,
+        Override::GradKind,
+        Override::Sigmoid,
+        Override::Tempered,
+        Override::Nhwc,
+        Override::NPix,
+        Override::PixelKinds,
+        Override::PixelWeighted,
+        Override::PixelMaps,
+        Override::StatKinds,
+        Override::Contiguous,
+        Override::Ppt,
+    ];
+
+    /// The constant's name in WGSL.
+    pub fn name(self) -> &'static str {
+        match self {
+            Override::C => "C",
+            Override::LabelKind => "LABEL_KIND",
+            Override::LogitKind => "LOGIT_KIND",
+            Override::GradKind => "GRAD_KIND",
+            Override::Sigmoid => "SIGMOID",
+            Override::Tempered => "TEMPERED",
+            Override::Nhwc => "NHWC",
+            Override::NPix => "N_PIX",
+            Override::PixelKinds => "PIXEL_KINDS",
+            Override::PixelWeighted => "PIXEL_WEIGHTED",
+            Override::PixelMaps => "PIXEL_MAPS",
+            Override::StatKinds => "STAT_KINDS",
+            Override::Contiguous => "CONTIGUOUS",
+            Override::Ppt => "PPT",
+        }
+    }
+}
+
+/// One row of the stage table.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelInfo {
+    /// The kernel.
+    pub kernel: Kernel,
+    /// The shader module's name (kernels of one module share its compiled source).
+    pub module: &'static str,
+    /// The files the module is assembled from, after the generated prelude.
+    pub parts: &'static [Source],
+    /// The entry point.
+    pub entry: &'static str,
+    /// Invocations per workgroup (`@workgroup_size`, one-dimensional).
+    pub workgroup_size: u32,
+    /// The buffers it binds, in binding order.
+    pub bindings: &'static [(Binding, Access)],
+    /// The overrides its entry point uses.
+    pub overrides: &'static [Override],
+    /// Needs subgroup operations (naga's SUBGROUP capability, wgpu's `Features::SUBGROUP`).
+    pub subgroups: bool,
+}
+
+use Access::{Read, ReadWrite, Uniform};
+use Binding as B;
+use Override as O;
+
+const STATS_BINDINGS: &[(Binding, Access)] = &[
+    (B::Logits, Read),
+    (B::Labels, Read),
+    (B::Dims, Uniform),
+    (B::Params, Read),
+    (B::Partial, ReadWrite),
+    (B::LossMap, ReadWrite),
+    (B::Check, ReadWrite),
+];
+const STATS_OVERRIDES: &[Override] = &[
+    O::C,
+    O::LabelKind,
+    O::LogitKind,
+    O::Sigmoid,
+    O::Tempered,
+    O::Nhwc,
+    O::NPix,
+    O::PixelKinds,
+    O::PixelWeighted,
+    O::PixelMaps,
+    O::Contiguous,
+];
+const GRAD_OVERRIDES: &[Override] = &[
+    O::C,
+    O::LabelKind,
+    O::LogitKind,
+    O::Sigmoid,
+    O::Tempered,
+    O::Nhwc,
+    O::NPix,
+    O::PixelKinds,
+    O::PixelWeighted,
+    O::Contiguous,
+    O::Ppt,
+];
+const GRAD_PARTS: &[Source] = &[DISPATCH, MATH, SPEC, PIXELS, GRAD];
+
+const fn stats(kernel: Kernel, module: &'static str, parts: &'static [Source]) -> KernelInfo {
+    KernelInfo {
+        kernel,
+        module,
+        parts,
+        entry: "main",
+        workgroup_size: STATS_WG,
+        bindings: STATS_BINDINGS,
+        overrides: STATS_OVERRIDES,
+        subgroups: matches!(kernel, Kernel::StatsSubgroup),
+    }
+}
+
+const fn grad(kernel: Kernel, module: &'static str, inputs: Access) -> KernelInfo {
+    KernelInfo {
+        kernel,
+        module,
+        parts: GRAD_PARTS,
+        entry: "main",
+        workgroup_size: GRAD_WG,
+        bindings: match inputs {
+            ReadWrite => &[
+                (B::Logits, ReadWrite),
+                (B::Labels, ReadWrite),
+                (B::Dims, Uniform),
+                (B::Params, Read),
+                (B::Fin, Read),
+                (B::Grad, ReadWrite),
+            ],
+            _ => &[
+                (B::Logits, Read),
+                (B::Labels, Read),
+                (B::Dims, Uniform),
+                (B::Params, Read),
+                (B::Fin, Read),
+                (B::Grad, ReadWrite),
+            ],
+        },
+        overrides: GRAD_OVERRIDES,
+        subgroups: false,
+    }
+}
+
+/// The stage table.
+pub const KERNELS: [KernelInfo; 9] = [
+    stats(
+        Kernel::StatsWorkgroup,
+        "stats_workgroup",
+        &[DISPATCH, MATH, SPEC, PIXELS, STATS, TILE_SUM_WORKGROUP],
+    ),
+    stats(
+        Kernel::StatsSubgroup,
+        "stats_subgroup",
+        &[DISPATCH, MATH, SPEC, PIXELS, STATS, TILE_SUM_SUBGROUP],
+    ),
+    stats(
+        Kernel::StatsInvocation,
+        "stats_invocation",
+        &[DISPATCH, MATH, SPEC, PIXELS, STATS, TILE_SUM_INVOCATION],
+    ),
+    KernelInfo {
+        kernel: Kernel::SumTileRows,
+        module: "sum_tiles",
+        parts: &[SUM_TILES],
+        entry: "sum_tile_rows",
+        workgroup_size: REDUCE_WG,
+        bindings: &[(B::Dims, Read), (B::Partial, ReadWrite)],
+        overrides: &[],
+        subgroups: false,
+    },
+    KernelInfo {
+        kernel: Kernel::SumTiles,
+        module: "sum_tiles",
+        parts: &[SUM_TILES],
+        entry: "sum_tiles",
+        workgroup_size: REDUCE_WG,
+        bindings: &[
+            (B::Dims, Read),
+            (B::Partial, ReadWrite),
+            (B::Stats, ReadWrite),
+        ],
+        overrides: &[],
+        subgroups: false,
+    },
+    KernelInfo {
+        kernel: Kernel::Finalize,
+        module: "finalize",
+        parts: &[MATH, SPEC, FINALIZE],
+        entry: "finalize_terms",
+        workgroup_size: FIN_WG,
+        bindings: &[
+            (B::Dims, Read),
+            (B::Params, Read),
+            (B::Stats, Read),
+            (B::Fin, ReadWrite),
+        ],
+        overrides: &[O::C, O::Sigmoid, O::StatKinds],
+        subgroups: false,
+    },
+    grad(Kernel::Grad, "grad", Read),
+    grad(Kernel::GradShared, "grad_shared", ReadWrite),
+    KernelInfo {
+        kernel: Kernel::Narrow,
+        module: "narrow",
+        parts: &[DISPATCH, NARROW],
+        entry: "main",
+        workgroup_size: NARROW_WG,
+        bindings: &[(B::Dims, Uniform), (B::Grad, Read), (B::Out16, ReadWrite)],
+        overrides: &[O::GradKind],
+        subgroups: false,
+    },
+];
+
+impl Kernel {
+    /// The kernel's row of the stage table.
+    pub fn info(self) -> &'static KernelInfo {
+        KERNELS
+            .iter()
+            .find(|k| k.kernel == self)
+            .expect("every kernel has a row in KERNELS")
+    }
+}
+
+impl KernelInfo {
+    /// The module's WGSL as the device compiles it: the generated prelude, then the parts.
+    /// The read-write variant of a module binds its inputs as the row says.
+    pub fn source(&self) -> String {
+        let mut s = layout::wgsl_prelude();
+        for part in self.parts {
+            s += &format!("\n// ---- shaders/{} ----\n{}", part.path, part.text);
+        }
+        // grad_shared: the one module whose bindings differ from its files' declarations
+        // (wgpu refuses a buffer bound read-only and read-write in one dispatch).
+        for (b, access) in self.bindings {
+            if *access == ReadWrite {
+                let name = b.wgsl_name();
+                s = s.replace(
+                    &format!("var<storage, read> {name}:"),
+                    &format!("var<storage, read_write> {name}:"),
+                );
+            }
+        }
+        s
+    }
+
+    /// Groups of `workgroup_size` invocations that cover `items`.
+    pub fn groups_for(&self, items: usize) -> usize {
+        items.div_ceil(self.workgroup_size as usize)
+    }
+
+    /// The explicit bind-group layout entries of the row.
+    pub fn layout_entries(&self) -> Vec<wgpu::BindGroupLayoutEntry> {
+        self.bindings
+            .iter()
+            .map(|(b, access)| wgpu::BindGroupLayoutEntry {
+                binding: b.slot(),
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: match access {
+                        Access::Uniform => wgpu::BufferBindingType::Uniform,
+                        Access::Read => wgpu::BufferBindingType::Storage { read_only: true },
+                        Access::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
+                    },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            })
+            .collect()
+    }
+}
+
+/// Every module's WGSL as the device compiles it, by module name (one entry per module).
+pub fn shader_sources() -> Vec<(&'static str, String)> {
+    let mut out: Vec<(&'static str, String)> = vec![];
+    for k in &KERNELS {
+        if !out.iter().any(|(m, _)| *m == k.module) {
+            out.push((k.module, k.source()));
+        }
+    }
+    out
+}
+
+/// Everything a pipeline's override constants are derived from: one call's configuration.
+/// With the kernel it is the pipeline cache key ([`PipelineKey`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Variant {
+    /// Classes.
+    pub classes: u32,
+    /// `LABELS_*` code.
+    pub label_kind: u32,
+    /// `FLOAT_*` code of the logits.
+    pub logit_kind: u32,
+    /// `FLOAT_*` code of a 16-bit gradient (0 for f32).
+    pub grad_kind: u32,
+    /// Sigmoid activation.
+    pub sigmoid: bool,
+    /// Region terms with T ≠ 1.
+    pub tempered: bool,
+    /// Channels last.
+    pub nhwc: bool,
+    /// Pixel terms.
+    pub n_pix: u32,
+    /// `plan::pixel_kinds`.
+    pub pixel_kinds: u32,
+    /// `plan::pixel_weighted`.
+    pub pixel_weighted: u32,
+    /// `plan::pixel_maps`.
+    pub pixel_maps: u32,
+    /// `plan::stat_kinds`.
+    pub stat_kinds: u32,
+    /// Runs of consecutive pixels per invocation.
+    pub contiguous: bool,
+}
+
+impl Variant {
+    /// The value of one override.
+    pub fn value(&self, o: Override) -> u32 {
+        match o {
+            O::C => self.classes,
+            O::LabelKind => self.label_kind,
+            O::LogitKind => self.logit_kind,
+            O::GradKind => self.grad_kind,
+            O::Sigmoid => self.sigmoid as u32,
+            O::Tempered => self.tempered as u32,
+            O::Nhwc => self.nhwc as u32,
+            O::NPix => self.n_pix,
+            O::PixelKinds => self.pixel_kinds,
+            O::PixelWeighted => self.pixel_weighted,
+            O::PixelMaps => self.pixel_maps,
+            O::StatKinds => self.stat_kinds,
+            O::Contiguous => self.contiguous as u32,
+            O::Ppt => grad_pixels_per_invocation(self.contiguous) as u32,
+        }
+    }
+}
+
+/// Pixels per grad invocation (the `PPT` override of grad.wgsl): 32 where invocations take
+/// runs of consecutive pixels (CPU adapters), else 8.
+pub fn grad_pixels_per_invocation(contiguous: bool) -> usize {
+    if contiguous {
+        32
+    } else {
+        8
+    }
+}
+
+/// A compiled pipeline's identity: the kernel and the values of the overrides it takes (0
+/// for those it does not, so calls that differ only there share the pipeline).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PipelineKey {
+    /// The kernel.
+    pub kernel: Kernel,
+    /// Values by `Override::ALL` position.
+    pub values: [u32; Override::ALL.len()],
+}
+
+impl PipelineKey {
+    /// The key of `kernel` for a call configured as `variant`.
+    pub fn new(kernel: Kernel, variant: &Variant) -> Self {
+        let info = kernel.info();
+        let mut values = [0; Override::ALL.len()];
+        for (k, o) in Override::ALL.iter().enumerate() {
+            if info.overrides.contains(o) {
+                values[k] = variant.value(*o);
+            }
+        }
+        PipelineKey { kernel, values }
+    }
+
+    /// The pipeline constants, as wgpu takes them.
+    pub fn constants(&self) -> Vec<(&'static str, f64)> {
+        let info = self.kernel.info();
+        Override::ALL
+            .iter()
+            .zip(self.values)
+            .filter(|(o, _)| info.overrides.contains(o))
+            .map(|(o, v)| (o.name(), v as f64))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_has_one_row_and_distinct_binding_numbers() {
+        for k in &KERNELS {
+            assert_eq!(k.kernel.info().module, k.module);
+            let mut slots: Vec<u32> = k.bindings.iter().map(|(b, _)| b.slot()).collect();
+            slots.dedup();
+            assert_eq!(slots.len(), k.bindings.len(), "{:?}", k.kernel);
+            assert!(slots.windows(2).all(|w| w[0] < w[1]), "{:?}", k.kernel);
+        }
+    }
+
+    #[test]
+    fn keys_ignore_overrides_a_kernel_does_not_take() {
+        let a = Variant {
+            classes: 4,
+            stat_kinds: 8,
+            ..Default::default()
+        };
+        let b = Variant {
+            stat_kinds: 16,
+            ..a
+        };
+        let grad = |v| PipelineKey::new(Kernel::Grad, &v);
+        assert_eq!(grad(a), grad(b));
+        assert_ne!(
+            PipelineKey::new(Kernel::Finalize, &a),
+            PipelineKey::new(Kernel::Finalize, &b)
+        );
+        let c = PipelineKey::new(Kernel::Narrow, &a).constants();
+        assert_eq!(c, vec![("GRAD_KIND", 0.0)]);
+    }
+}

@@ -1,0 +1,120 @@
+//! How the kernels run on one adapter, as a plain value: chosen once per context from the
+//! adapter's capabilities ([`Strategy::for_device`]), read once per call, and overridable
+//! per call through [`crate::gpu::Options::strategy`] (tests run every strategy on one
+//! device; benchmarks compare them). Nothing here is mutable context state.
+
+use crate::error::{Error, Result};
+
+/// How the stats stage combines the sums of a tile's invocations (a file of
+/// `shaders/tile_sum/` each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TileSum {
+    /// Subgroup operations, a partial row per subgroup (`tile_sum/subgroup.wgsl`).
+    Subgroup,
+    /// Workgroup memory and barriers, a row per tile (`tile_sum/workgroup.wgsl`).
+    Workgroup,
+    /// None: a partial row per invocation, no barrier (`tile_sum/invocation.wgsl`).
+    Invocation,
+}
+
+impl TileSum {
+    /// Subgroups where the device has them (and sizes the shader handles, 4 to 128);
+    /// otherwise [`TileSum::without_subgroups`].
+    pub fn preferred(device: &wgpu::Device, info: &wgpu::AdapterInfo) -> Self {
+        if subgroups_usable(device, info) {
+            TileSum::Subgroup
+        } else {
+            Self::without_subgroups(info)
+        }
+    }
+
+    /// Without subgroups: no barrier on CPU adapters (llvmpipe compiles barriers slowly
+    /// and runs them slowly), workgroup memory on GPUs (fewer partial rows to write).
+    pub fn without_subgroups(info: &wgpu::AdapterInfo) -> Self {
+        if info.device_type == wgpu::DeviceType::Cpu {
+            TileSum::Invocation
+        } else {
+            TileSum::Workgroup
+        }
+    }
+}
+
+fn subgroups_usable(device: &wgpu::Device, info: &wgpu::AdapterInfo) -> bool {
+    device.features().contains(wgpu::Features::SUBGROUP)
+        && info.subgroup_min_size >= 4
+        && info.subgroup_max_size <= 128
+}
+
+/// The choices a call's kernels are built and dispatched with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Strategy {
+    /// How the stats stage sums a tile.
+    pub tile_sum: TileSum,
+    /// Stats and grad invocations take runs of consecutive pixels (CPU adapters: a
+    /// sequential stream per SIMD lane) instead of neighbouring invocations taking
+    /// neighbouring pixels (GPUs: coalesced loads). See `CONTIGUOUS` in
+    /// shaders/util/pixels.wgsl.
+    pub contiguous_pixels: bool,
+    /// The subgroup size the stats stage's partial rows are planned for, with
+    /// `TileSum::Subgroup` (0: the adapter's smallest). A smaller size plans more rows than
+    /// the subgroups write, so tests reach `clear_spare_rows`.
+    pub planned_subgroup_size: u32,
+    /// The largest binding, in bytes, that batches are split to fit (0: the device's
+    /// `max_storage_buffer_binding_size`); tests lower it to exercise chunking.
+    pub binding_limit: u64,
+}
+
+impl Strategy {
+    /// The strategy segloss uses on this device by default.
+    pub fn for_device(device: &wgpu::Device, info: &wgpu::AdapterInfo) -> Self {
+        Strategy {
+            tile_sum: TileSum::preferred(device, info),
+            contiguous_pixels: info.device_type == wgpu::DeviceType::Cpu,
+            planned_subgroup_size: 0,
+            binding_limit: 0,
+        }
+    }
+
+    /// An error where the device cannot run this strategy: subgroup sums without usable
+    /// subgroups, or rows planned for subgroups larger than the adapter's smallest (rows
+    /// some subgroups would then leave unwritten).
+    pub fn validate(&self, device: &wgpu::Device, info: &wgpu::AdapterInfo) -> Result<()> {
+        if self.tile_sum == TileSum::Subgroup && !subgroups_usable(device, info) {
+            return Err(Error::Input(format!(
+                "TileSum::Subgroup needs Features::SUBGROUP and subgroups of 4 to 128 \
+                 invocations; this device has {} (sizes {}..={})",
+                if device.features().contains(wgpu::Features::SUBGROUP) {
+                    "the feature"
+                } else {
+                    "no SUBGROUP feature"
+                },
+                info.subgroup_min_size,
+                info.subgroup_max_size
+            )));
+        }
+        if self.planned_subgroup_size > info.subgroup_min_size {
+            return Err(Error::Input(format!(
+                "partial rows planned for subgroups of {} invocations, but this adapter's \
+                 subgroups may be as small as {}",
+                self.planned_subgroup_size, info.subgroup_min_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Partial rows each stats tile writes.
+    pub(crate) fn rows_per_tile(&self, info: &wgpu::AdapterInfo) -> usize {
+        let wg = super::layout::STATS_WG as usize;
+        match self.tile_sum {
+            TileSum::Subgroup => {
+                let size = match self.planned_subgroup_size {
+                    0 => info.subgroup_min_size,
+                    n => n,
+                };
+                wg / size.max(1) as usize
+            }
+            TileSum::Invocation => wg,
+            TileSum::Workgroup => 1,
+        }
+    }
+}
