@@ -330,9 +330,6 @@ impl LossSpec {
     /// Checks every field. With `classes`, also checks per-class vectors and class-count
     /// rules. The error names the offending field as `terms[i].field`.
     pub fn validate(&self, classes: Option<usize>) -> Result<()> {
-        let bad = |i: usize, field: &str, why: String| {
-            Err(Error::Spec(format!("terms[{i}].{field}: {why}")))
-        };
         if self.terms.is_empty() {
             return Err(Error::Spec("terms: the term list is empty".into()));
         }
@@ -350,173 +347,12 @@ impl LossSpec {
         }
         let mut temperature: Option<f64> = None;
         for (i, t) in self.terms.iter().enumerate() {
-            let w = t.weight();
-            if !w.is_finite() {
-                return bad(i, "weight", format!("must be finite, got {w}"));
-            }
-            let check_vec = |field: &str, v: &Option<Vec<f64>>, allow_zero_sum: bool| {
-                if let Some(v) = v {
-                    if let Some(c) = classes {
-                        if v.len() != c {
-                            return bad(
-                                i,
-                                field,
-                                format!("has {} values, expected one per class ({c})", v.len()),
-                            );
-                        }
-                    }
-                    if v.is_empty() {
-                        return bad(i, field, "is empty".into());
-                    }
-                    for (k, x) in v.iter().enumerate() {
-                        if !x.is_finite() || *x < 0.0 {
-                            return bad(
-                                i,
-                                field,
-                                format!("value [{k}] = {x} must be finite and ≥ 0"),
-                            );
-                        }
-                    }
-                    if !allow_zero_sum && v.iter().sum::<f64>() <= 0.0 {
-                        return bad(i, field, "all values are zero".into());
-                    }
-                }
-                Ok(())
-            };
-            let check_smooth = |nr: f64, dr: f64| {
-                if !nr.is_finite() || nr < 0.0 {
-                    return bad(i, "smooth_nr", format!("must be finite and ≥ 0, got {nr}"));
-                }
-                if !dr.is_finite() || dr < 0.0 {
-                    return bad(i, "smooth_dr", format!("must be finite and ≥ 0, got {dr}"));
-                }
-                Ok(())
-            };
-            let needs_softmax = |name: &str| {
-                if self.activation != Activation::Softmax {
-                    return bad(
-                        i,
-                        "kind",
-                        format!("{name} needs activation softmax (use bce in sigmoid mode)"),
-                    );
-                }
-                Ok(())
-            };
-            match t {
-                Term::CrossEntropy {
-                    class_weights,
-                    label_smoothing,
-                    ..
-                } => {
-                    needs_softmax("cross_entropy")?;
-                    check_vec("class_weights", class_weights, false)?;
-                    if !(0.0..=1.0).contains(label_smoothing) {
-                        return bad(
-                            i,
-                            "label_smoothing",
-                            format!("must lie in [0, 1], got {label_smoothing}"),
-                        );
-                    }
-                }
-                Term::Focal { gamma, alpha, .. } => {
-                    needs_softmax("focal")?;
-                    if !gamma.is_finite() || *gamma < 0.0 {
-                        return bad(i, "gamma", format!("must be finite and ≥ 0, got {gamma}"));
-                    }
-                    check_vec("alpha", alpha, true)?;
-                }
-                Term::Bce { pos_weight, .. } => {
-                    if self.activation != Activation::Sigmoid {
-                        return bad(i, "kind", "bce needs activation sigmoid".into());
-                    }
-                    check_vec("pos_weight", pos_weight, true)?;
-                }
-                Term::Dice {
-                    smooth_nr,
-                    smooth_dr,
-                    class_weights,
-                    include_background,
-                    ..
-                } => {
-                    check_smooth(*smooth_nr, *smooth_dr)?;
-                    check_vec("class_weights", class_weights, true)?;
-                    if !include_background && classes == Some(1) {
-                        return bad(
-                            i,
-                            "include_background",
-                            "false leaves no class when C = 1".into(),
-                        );
-                    }
-                }
-                Term::Tversky {
-                    alpha,
-                    beta,
-                    gamma,
-                    smooth_nr,
-                    smooth_dr,
-                    include_background,
-                    ..
-                } => {
-                    check_smooth(*smooth_nr, *smooth_dr)?;
-                    for (name, v) in [("alpha", alpha), ("beta", beta)] {
-                        if !v.is_finite() || *v < 0.0 {
-                            return bad(i, name, format!("must be finite and ≥ 0, got {v}"));
-                        }
-                    }
-                    if !gamma.is_finite() || *gamma <= 0.0 {
-                        return bad(i, "gamma", format!("must be finite and > 0, got {gamma}"));
-                    }
-                    if !include_background && classes == Some(1) {
-                        return bad(
-                            i,
-                            "include_background",
-                            "false leaves no class when C = 1".into(),
-                        );
-                    }
-                }
-                Term::GeneralizedDice {
-                    smooth_nr,
-                    smooth_dr,
-                    include_background,
-                    ..
-                } => {
-                    check_smooth(*smooth_nr, *smooth_dr)?;
-                    if !include_background && classes == Some(1) {
-                        return bad(
-                            i,
-                            "include_background",
-                            "false leaves no class when C = 1".into(),
-                        );
-                    }
-                }
-                Term::Region {
-                    target,
-                    temperature: tt,
-                    ..
-                } => {
-                    if !tt.is_finite() || *tt <= 0.0 {
-                        return bad(
-                            i,
-                            "temperature",
-                            format!("must be finite and > 0, got {tt}"),
-                        );
-                    }
-                    if let Some(t0) = temperature {
-                        if t0 != *tt {
-                            return bad(
-                                i,
-                                "temperature",
-                                format!(
-                                    "all region terms must share one temperature ({t0} and {tt})"
-                                ),
-                            );
-                        }
-                    }
-                    temperature = Some(*tt);
-                    if let RegionTarget::Prior(v) = target {
-                        check_vec("target", &Some(v.clone()), false)?;
-                    }
-                }
+            self.validate_term(i, t, classes, temperature)?;
+            if let Term::Region {
+                temperature: tt, ..
+            } = t
+            {
+                temperature = Some(*tt);
             }
         }
         if let Some(c) = classes {
@@ -528,6 +364,97 @@ impl LossSpec {
                     "softmax needs at least 2 classes (C = 1): use activation sigmoid with a bce term".into(),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// The checks of term `i`; `temperature` is that of the region terms before it, which
+    /// this one must share.
+    fn validate_term(
+        &self,
+        i: usize,
+        t: &Term,
+        classes: Option<usize>,
+        temperature: Option<f64>,
+    ) -> Result<()> {
+        let w = t.weight();
+        if !w.is_finite() {
+            return bad(i, "weight", format!("must be finite, got {w}"));
+        }
+        match t {
+            Term::CrossEntropy {
+                class_weights,
+                label_smoothing,
+                ..
+            } => {
+                needs_softmax(i, self.activation, "cross_entropy")?;
+                check_vec(i, classes, "class_weights", class_weights.as_deref(), false)?;
+                if !(0.0..=1.0).contains(label_smoothing) {
+                    return bad(
+                        i,
+                        "label_smoothing",
+                        format!("must lie in [0, 1], got {label_smoothing}"),
+                    );
+                }
+            }
+            Term::Focal { gamma, alpha, .. } => {
+                needs_softmax(i, self.activation, "focal")?;
+                if !gamma.is_finite() || *gamma < 0.0 {
+                    return bad(i, "gamma", format!("must be finite and ≥ 0, got {gamma}"));
+                }
+                check_vec(i, classes, "alpha", alpha.as_deref(), true)?;
+            }
+            Term::Bce { pos_weight, .. } => {
+                if self.activation != Activation::Sigmoid {
+                    return bad(i, "kind", "bce needs activation sigmoid".into());
+                }
+                check_vec(i, classes, "pos_weight", pos_weight.as_deref(), true)?;
+            }
+            Term::Dice {
+                smooth_nr,
+                smooth_dr,
+                class_weights,
+                include_background,
+                ..
+            } => {
+                check_smooth(i, *smooth_nr, *smooth_dr)?;
+                check_vec(i, classes, "class_weights", class_weights.as_deref(), true)?;
+                check_some_class(i, *include_background, classes)?;
+            }
+            Term::Tversky {
+                alpha,
+                beta,
+                gamma,
+                smooth_nr,
+                smooth_dr,
+                include_background,
+                ..
+            } => {
+                check_smooth(i, *smooth_nr, *smooth_dr)?;
+                for (name, v) in [("alpha", alpha), ("beta", beta)] {
+                    if !v.is_finite() || *v < 0.0 {
+                        return bad(i, name, format!("must be finite and ≥ 0, got {v}"));
+                    }
+                }
+                if !gamma.is_finite() || *gamma <= 0.0 {
+                    return bad(i, "gamma", format!("must be finite and > 0, got {gamma}"));
+                }
+                check_some_class(i, *include_background, classes)?;
+            }
+            Term::GeneralizedDice {
+                smooth_nr,
+                smooth_dr,
+                include_background,
+                ..
+            } => {
+                check_smooth(i, *smooth_nr, *smooth_dr)?;
+                check_some_class(i, *include_background, classes)?;
+            }
+            Term::Region {
+                target,
+                temperature: tt,
+                ..
+            } => check_region(i, classes, target, *tt, temperature)?,
         }
         Ok(())
     }
@@ -575,6 +502,117 @@ impl LossSpec {
     pub fn tempered(&self) -> bool {
         self.temperature() != 1.0
     }
+}
+
+/// The error of field `field` of term `i`, in the `terms[i].field: why` form every term
+/// check reports.
+fn bad(i: usize, field: &str, why: String) -> Result<()> {
+    Err(Error::Spec(format!("terms[{i}].{field}: {why}")))
+}
+
+/// A per-class vector: one value per class (when the class count is known), none negative
+/// or non-finite, and, unless `allow_zero_sum`, not all zero.
+fn check_vec(
+    i: usize,
+    classes: Option<usize>,
+    field: &str,
+    v: Option<&[f64]>,
+    allow_zero_sum: bool,
+) -> Result<()> {
+    let Some(v) = v else {
+        return Ok(());
+    };
+    if let Some(c) = classes {
+        if v.len() != c {
+            return bad(
+                i,
+                field,
+                format!("has {} values, expected one per class ({c})", v.len()),
+            );
+        }
+    }
+    if v.is_empty() {
+        return bad(i, field, "is empty".into());
+    }
+    for (k, x) in v.iter().enumerate() {
+        if !x.is_finite() || *x < 0.0 {
+            return bad(
+                i,
+                field,
+                format!("value [{k}] = {x} must be finite and ≥ 0"),
+            );
+        }
+    }
+    if !allow_zero_sum && v.iter().sum::<f64>() <= 0.0 {
+        return bad(i, field, "all values are zero".into());
+    }
+    Ok(())
+}
+
+/// A cross-entropy or focal term in sigmoid mode is a mistake, not a variant.
+fn needs_softmax(i: usize, activation: Activation, name: &str) -> Result<()> {
+    if activation != Activation::Softmax {
+        return bad(
+            i,
+            "kind",
+            format!("{name} needs activation softmax (use bce in sigmoid mode)"),
+        );
+    }
+    Ok(())
+}
+
+/// The smoothing constants of a Dice-family term.
+fn check_smooth(i: usize, nr: f64, dr: f64) -> Result<()> {
+    if !nr.is_finite() || nr < 0.0 {
+        return bad(i, "smooth_nr", format!("must be finite and ≥ 0, got {nr}"));
+    }
+    if !dr.is_finite() || dr < 0.0 {
+        return bad(i, "smooth_dr", format!("must be finite and ≥ 0, got {dr}"));
+    }
+    Ok(())
+}
+
+/// A Dice-family term without class 0 needs a second class to score.
+fn check_some_class(i: usize, include_background: bool, classes: Option<usize>) -> Result<()> {
+    if !include_background && classes == Some(1) {
+        return bad(
+            i,
+            "include_background",
+            "false leaves no class when C = 1".into(),
+        );
+    }
+    Ok(())
+}
+
+/// A region term's temperature T and prior. `shared` is the T of the region terms before
+/// it: the stats pass computes one tempered activation for all of them.
+fn check_region(
+    i: usize,
+    classes: Option<usize>,
+    target: &RegionTarget,
+    tt: f64,
+    shared: Option<f64>,
+) -> Result<()> {
+    if !tt.is_finite() || tt <= 0.0 {
+        return bad(
+            i,
+            "temperature",
+            format!("must be finite and > 0, got {tt}"),
+        );
+    }
+    if let Some(t0) = shared {
+        if t0 != tt {
+            return bad(
+                i,
+                "temperature",
+                format!("all region terms must share one temperature ({t0} and {tt})"),
+            );
+        }
+    }
+    if let RegionTarget::Prior(v) = target {
+        check_vec(i, classes, "target", Some(v), false)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
