@@ -50,6 +50,23 @@ fn header_value<'a>(header: &'a str, key: &str) -> Result<&'a str> {
 
 /// Parses the bytes of a `.npy` file.
 pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
+    let (header, data_start) = split_header(bytes)?;
+    let descr = header_descr(header)?;
+    if header_value(header, "fortran_order")?.starts_with("True") {
+        return Err(Error::Format("Fortran-ordered arrays are not supported: save a C-ordered array (np.ascontiguousarray)".into()));
+    }
+    let shape = header_shape(header)?;
+    let count = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| Error::Format("the .npy shape overflows".into()))?;
+    let data = decode(descr, count, &bytes[data_start..])?;
+    Ok(NpyArray { shape, data })
+}
+
+/// The header text of a `.npy` file (after the magic bytes, version and length) and the
+/// offset where its data starts.
+fn split_header(bytes: &[u8]) -> Result<(&str, usize)> {
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(Error::Format("not a .npy file (bad magic bytes)".into()));
     }
@@ -76,20 +93,25 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
         .ok_or_else(|| Error::Format("truncated .npy header".into()))?;
     let header = std::str::from_utf8(&bytes[start..end])
         .map_err(|_| Error::Format("the .npy header is not text".into()))?;
-    let descr = header_value(header, "descr")?;
-    let descr = descr
+    Ok((header, end))
+}
+
+/// The dtype string of the header's `'descr'` entry, without its quotes.
+fn header_descr(header: &str) -> Result<&str> {
+    header_value(header, "descr")?
         .strip_prefix('\'')
         .and_then(|d| d.split('\'').next())
-        .ok_or_else(|| Error::Format("unreadable dtype in .npy header".into()))?;
-    if header_value(header, "fortran_order")?.starts_with("True") {
-        return Err(Error::Format("Fortran-ordered arrays are not supported: save a C-ordered array (np.ascontiguousarray)".into()));
-    }
+        .ok_or_else(|| Error::Format("unreadable dtype in .npy header".into()))
+}
+
+/// The dimensions of the header's `'shape'` tuple.
+fn header_shape(header: &str) -> Result<Vec<usize>> {
     let shape_text = header_value(header, "shape")?;
     let inner = shape_text
         .strip_prefix('(')
         .and_then(|s| s.split(')').next())
         .ok_or_else(|| Error::Format("unreadable shape in .npy header".into()))?;
-    let shape: Vec<usize> = inner
+    inner
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
@@ -97,12 +119,12 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
             s.parse::<usize>()
                 .map_err(|_| Error::Format(format!("bad dimension '{s}' in .npy shape")))
         })
-        .collect::<Result<_>>()?;
-    let count = shape
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| Error::Format("the .npy shape overflows".into()))?;
-    // descr is a byte order ('<', '>', '|' or '='), a kind letter and a width in bytes.
+        .collect()
+}
+
+/// The `count` values of dtype `descr` at the start of `body`. `descr` is a byte order
+/// ('<', '>', '|' or '='), a kind letter and a width in bytes.
+fn decode(descr: &str, count: usize, body: &[u8]) -> Result<NpyData> {
     let unsupported = || {
         Error::Format(format!(
             "unsupported dtype '{descr}' (float32, float16, float64 or an integer type)"
@@ -117,7 +139,6 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
         return Err(unsupported());
     }
     let width: usize = kind[1..].parse().map_err(|_| unsupported())?;
-    let body = &bytes[end..];
     let need = count
         .checked_mul(width)
         .ok_or_else(|| Error::Format("the .npy shape overflows".into()))?;
@@ -166,13 +187,9 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
                 })
                 .collect::<Result<_>>()?,
         ),
-        _ => {
-            return Err(Error::Format(format!(
-                "unsupported dtype '{descr}' (float32, float16, float64 or an integer type)"
-            )))
-        }
+        _ => return Err(unsupported()),
     };
-    Ok(NpyArray { shape, data })
+    Ok(data)
 }
 
 /// Reads a `.npy` file.
