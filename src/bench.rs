@@ -80,114 +80,19 @@ impl Problem {
         shape.check()?;
         spec.validate(Some(shape.classes))?;
         let device = ctx.device();
-        let mut rng = Rng::new(7);
-        let z = random_logits(&mut rng, shape, 3.0);
-        let (label_format, words) = if spec.activation == Activation::Sigmoid {
-            let m = random_masks(&mut rng, shape);
-            (
-                LabelFormat::Soft,
-                LabelFormat::Soft
-                    .encode(&Labels::Soft(&m), -100, shape.classes)?
-                    .into_owned(),
-            )
-        } else {
-            let y = random_labels(&mut rng, shape, 0.0);
-            let f = label_format.unwrap_or(LabelFormat::compact(shape.classes));
-            f.check_classes(shape.classes)?;
-            (
-                f,
-                f.encode(&Labels::index(&y), -100, shape.classes)?
-                    .into_owned(),
-            )
-        };
-        use wgpu::BufferUsages as U;
-        let storage = U::STORAGE | U::COPY_SRC | U::COPY_DST;
-        let logits = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("bench logits"),
-            contents: bytemuck::cast_slice(&z),
-            usage: storage,
-        });
-        let labels = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("bench labels"),
-            contents: bytemuck::cast_slice(&words),
-            usage: storage,
-        });
+        let (z, label_format, words) = random_problem(spec, shape, label_format)?;
+        let logits = init_buffer(device, "bench logits", bytemuck::cast_slice(&z));
+        let labels = init_buffer(device, "bench labels", bytemuck::cast_slice(&words));
         let bytes = 4 * shape.len() as u64;
-        let grad = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("bench grad"),
-            size: bytes,
-            usage: storage,
-            mapped_at_creation: false,
-        });
-        let copy_dst = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("bench copy"),
-            size: bytes,
-            usage: storage,
-            mapped_at_creation: false,
-        });
-        let queries = device
-            .features()
-            .contains(wgpu::Features::TIMESTAMP_QUERY)
-            .then(|| {
-                let set = device.create_query_set(&wgpu::QuerySetDescriptor {
-                    label: Some("bench"),
-                    ty: wgpu::QueryType::Timestamp,
-                    count: 2,
-                });
-                let resolve = device.create_buffer(&wgpu::BufferDescriptor {
-                    label: None,
-                    size: 16,
-                    usage: U::QUERY_RESOLVE | U::COPY_SRC,
-                    mapped_at_creation: false,
-                });
-                let read = device.create_buffer(&wgpu::BufferDescriptor {
-                    label: None,
-                    size: 16,
-                    usage: U::MAP_READ | U::COPY_DST,
-                    mapped_at_creation: false,
-                });
-                (set, resolve, read)
-            });
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some("bench empty"),
-            source: wgpu::ShaderSource::Wgsl("@compute @workgroup_size(1) fn main() {}".into()),
-        });
-        let empty = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some("bench empty"),
-            layout: None,
-            module: &module,
-            entry_point: Some("main"),
-            compilation_options: Default::default(),
-            cache: None,
-        });
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some("bench shader copy"),
-            source: wgpu::ShaderSource::Wgsl(SHADER_COPY.into()),
-        });
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some("bench shader copy"),
-            layout: None,
-            module: &module,
-            entry_point: Some("main"),
-            compilation_options: Default::default(),
-            cache: None,
-        });
-        // Whole 16-byte words only (a tail of up to 12 bytes is left out of the floor).
-        let words = (logits.size() / 16).max(1);
-        let whole_words = |binding, buffer| wgpu::BindGroupEntry {
-            binding,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer,
-                offset: 0,
-                size: wgpu::BufferSize::new(words * 16),
-            }),
-        };
-        let bind = device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("bench shader copy"),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &[whole_words(0, &logits), whole_words(1, &copy_dst)],
-        });
-        let shader_copy = (pipeline, bind, (words as usize).div_ceil(256));
+        let grad = storage_buffer(device, "bench grad", bytes);
+        let copy_dst = storage_buffer(device, "bench copy", bytes);
+        let queries = timestamp_queries(device);
+        let empty = compute_pipeline(
+            device,
+            "bench empty",
+            "@compute @workgroup_size(1) fn main() {}",
+        );
+        let shader_copy = shader_copy(device, &logits, &copy_dst);
         Ok(Problem {
             empty,
             shader_copy,
@@ -330,6 +235,134 @@ impl Problem {
     pub fn logit_bytes(&self) -> u64 {
         self.logits.size()
     }
+}
+
+/// Random logits for `shape` and labels for `spec`: soft masks in sigmoid mode, else class
+/// indices in `label_format` (the most compact one for the class count by default),
+/// returned as the label format and the words the device reads.
+fn random_problem(
+    spec: &LossSpec,
+    shape: &Shape,
+    label_format: Option<LabelFormat>,
+) -> Result<(Vec<f32>, LabelFormat, Vec<u32>)> {
+    let mut rng = Rng::new(7);
+    let z = random_logits(&mut rng, shape, 3.0);
+    let (label_format, words) = if spec.activation == Activation::Sigmoid {
+        let m = random_masks(&mut rng, shape);
+        (
+            LabelFormat::Soft,
+            LabelFormat::Soft
+                .encode(&Labels::Soft(&m), -100, shape.classes)?
+                .into_owned(),
+        )
+    } else {
+        let y = random_labels(&mut rng, shape, 0.0);
+        let f = label_format.unwrap_or(LabelFormat::compact(shape.classes));
+        f.check_classes(shape.classes)?;
+        (
+            f,
+            f.encode(&Labels::index(&y), -100, shape.classes)?
+                .into_owned(),
+        )
+    };
+    Ok((z, label_format, words))
+}
+
+/// The usages of every buffer of a problem: bound as storage, copied from and to.
+const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+/// A storage buffer holding `contents`.
+fn init_buffer(device: &wgpu::Device, label: &str, contents: &[u8]) -> wgpu::Buffer {
+    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some(label),
+        contents,
+        usage: STORAGE,
+    })
+}
+
+/// An uninitialised storage buffer of `size` bytes.
+fn storage_buffer(device: &wgpu::Device, label: &str, size: u64) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size,
+        usage: STORAGE,
+        mapped_at_creation: false,
+    })
+}
+
+/// Two timestamp queries, their resolve buffer and a buffer to read them back, when the
+/// device has timestamp queries.
+fn timestamp_queries(
+    device: &wgpu::Device,
+) -> Option<(wgpu::QuerySet, wgpu::Buffer, wgpu::Buffer)> {
+    use wgpu::BufferUsages as U;
+    device
+        .features()
+        .contains(wgpu::Features::TIMESTAMP_QUERY)
+        .then(|| {
+            let set = device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("bench"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2,
+            });
+            let resolve = device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: 16,
+                usage: U::QUERY_RESOLVE | U::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let read = device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: 16,
+                usage: U::MAP_READ | U::COPY_DST,
+                mapped_at_creation: false,
+            });
+            (set, resolve, read)
+        })
+}
+
+/// The compute pipeline of the WGSL `source`'s `main`, with its layout derived from it.
+fn compute_pipeline(device: &wgpu::Device, label: &str, source: &str) -> wgpu::ComputePipeline {
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(label),
+        source: wgpu::ShaderSource::Wgsl(source.into()),
+    });
+    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(label),
+        layout: None,
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    })
+}
+
+/// The [`SHADER_COPY`] pipeline bound to copy `logits` into `copy_dst`, and its workgroup
+/// count.
+fn shader_copy(
+    device: &wgpu::Device,
+    logits: &wgpu::Buffer,
+    copy_dst: &wgpu::Buffer,
+) -> (wgpu::ComputePipeline, wgpu::BindGroup, usize) {
+    let pipeline = compute_pipeline(device, "bench shader copy", SHADER_COPY);
+    // Whole 16-byte words only (a tail of up to 12 bytes is left out of the floor).
+    let words = (logits.size() / 16).max(1);
+    let whole_words = |binding, buffer| wgpu::BindGroupEntry {
+        binding,
+        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer,
+            offset: 0,
+            size: wgpu::BufferSize::new(words * 16),
+        }),
+    };
+    let bind = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("bench shader copy"),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &[whole_words(0, logits), whole_words(1, copy_dst)],
+    });
+    (pipeline, bind, (words as usize).div_ceil(256))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
