@@ -4,10 +4,10 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use segloss::gpu::{HostBatch, HostLogits};
 use segloss::input::{GradFormat, Labels, Shape};
-use segloss::npy::{self, NpyData};
+use segloss::npy::{self, NpyArray, NpyData};
 use segloss::spec::{Activation, LossSpec};
-use segloss::{Error, Result, Segloss};
-use std::path::PathBuf;
+use segloss::{Error, LossOutput, Result, Segloss};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// The spec reference printed by `segloss eval --help` (README.md has the same with the
@@ -47,6 +47,16 @@ struct Cli {
 enum Layout {
     Nchw,
     Nhwc,
+}
+
+impl Layout {
+    /// The library's layout of the same name.
+    fn lib(self) -> segloss::input::Layout {
+        match self {
+            Layout::Nchw => segloss::input::Layout::Nchw,
+            Layout::Nhwc => segloss::input::Layout::Nhwc,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -136,75 +146,20 @@ fn eval(
     device: Option<Device>,
 ) -> Result<()> {
     let spec = read_spec(&spec)?;
-    let x = npy::read(&logits)?;
-    let file = |p: &PathBuf, why: String| Error::Input(format!("{}: {why}", p.display()));
-    if matches!(x.data, NpyData::Int(_)) {
-        return Err(file(
-            &logits,
-            "logits must be floating point (float32, float16 or float64), not integers".into(),
-        ));
-    }
-    if x.shape.len() < 3 {
-        return Err(file(
-            &logits,
-            format!(
-                "logits have shape {:?}: expected (B, C, *spatial) with at least one spatial dimension",
-                x.shape
-            ),
-        ));
-    }
-    let (b_n, c_n, spatial) = match layout {
-        Layout::Nchw => (x.shape[0], x.shape[1], x.shape[2..].to_vec()),
-        Layout::Nhwc => (
-            x.shape[0],
-            x.shape[x.shape.len() - 1],
-            x.shape[1..x.shape.len() - 1].to_vec(),
-        ),
-    };
-    let shape = Shape::new(b_n, c_n, &spatial);
-    shape.check().map_err(|e| file(&logits, e.to_string()))?;
-    spec.validate(Some(c_n))?;
+    let (x, shape) = read_logits(&logits, layout)?;
+    spec.validate(Some(shape.classes))?;
     let y = npy::read(&labels)?;
-    let soft_labels: Vec<f32>;
+    check_label_shape(&y, &x.shape, &shape, layout, &labels)?;
+    let soft_labels = match &y.data {
+        NpyData::Int(_) => Vec::new(),
+        NpyData::Float(_) | NpyData::Half(_) => y.data.to_f32(),
+    };
     let labels_in = match &y.data {
-        NpyData::Int(v) => {
-            let want: Vec<usize> = std::iter::once(b_n)
-                .chain(spatial.iter().cloned())
-                .collect();
-            // MONAI and many pipelines keep a class axis of size 1: (B, 1, *spatial), or
-            // (B, *spatial, 1) channels last.
-            let mut with_axis = want.clone();
-            match layout {
-                Layout::Nchw => with_axis.insert(1, 1),
-                Layout::Nhwc => with_axis.push(1),
-            }
-            if y.shape != want && y.shape != with_axis {
-                return Err(file(
-                    &labels,
-                    format!(
-                        "index labels have shape {:?}, expected (B, *spatial) = {want:?} or {with_axis:?}",
-                        y.shape
-                    ),
-                ));
-            }
-            Labels::index(v)
-        }
-        NpyData::Float(_) | NpyData::Half(_) => {
-            if y.shape != x.shape {
-                return Err(file(
-                    &labels,
-                    format!(
-                        "float labels have shape {:?}, expected the logits' shape {:?} (integer labels for class indices)",
-                        y.shape, x.shape
-                    ),
-                ));
-            }
-            soft_labels = y.data.to_f32();
-            Labels::Soft(&soft_labels)
-        }
+        NpyData::Int(v) => Labels::index(v),
+        NpyData::Float(_) | NpyData::Half(_) => Labels::Soft(&soft_labels),
     };
     if spec.activation == Activation::Sigmoid && matches!(labels_in, Labels::Index(_)) {
-        return Err(file(
+        return Err(file_error(
             &labels,
             "sigmoid mode needs float masks of the logits' shape as labels, not integers".into(),
         ));
@@ -217,21 +172,109 @@ fn eval(
     let logits_in = match &x.data {
         NpyData::Half(v) => HostLogits::F16(v),
         NpyData::Float(v) => HostLogits::F32(v),
-        NpyData::Int(_) => unreachable!("refused above"),
-    };
-    let layout = match layout {
-        Layout::Nchw => segloss::input::Layout::Nchw,
-        Layout::Nhwc => segloss::input::Layout::Nhwc,
+        NpyData::Int(_) => unreachable!("refused by read_logits"),
     };
     let batch = HostBatch {
         shape: &shape,
-        layout,
+        layout: layout.lib(),
         logits: logits_in,
         labels: labels_in,
         label_format: None,
         grad_format: GradFormat::F32,
     };
     let out = engine.evaluate_host(&spec, &batch, grad_out.is_some())?;
+    let json = eval_json(&out, &spec, &engine)?;
+    if let (Some(path), Some(g)) = (grad_out, out.gradient) {
+        npy::write_f32(&path, &x.shape, &g)?;
+    }
+    print_out(&json.to_string())
+}
+
+/// An input error about the file at `path`.
+fn file_error(path: &Path, why: String) -> Error {
+    Error::Input(format!("{}: {why}", path.display()))
+}
+
+/// The logits at `path`, checked to be floating point with a class axis and at least one
+/// spatial axis, and their shape as B, C and the spatial extents for `layout`.
+fn read_logits(path: &Path, layout: Layout) -> Result<(NpyArray, Shape)> {
+    let x = npy::read(path)?;
+    if matches!(x.data, NpyData::Int(_)) {
+        return Err(file_error(
+            path,
+            "logits must be floating point (float32, float16 or float64), not integers".into(),
+        ));
+    }
+    if x.shape.len() < 3 {
+        return Err(file_error(
+            path,
+            format!(
+                "logits have shape {:?}: expected (B, C, *spatial) with at least one spatial dimension",
+                x.shape
+            ),
+        ));
+    }
+    let (b_n, c_n, spatial) = match layout {
+        Layout::Nchw => (x.shape[0], x.shape[1], &x.shape[2..]),
+        Layout::Nhwc => (
+            x.shape[0],
+            x.shape[x.shape.len() - 1],
+            &x.shape[1..x.shape.len() - 1],
+        ),
+    };
+    let shape = Shape::new(b_n, c_n, spatial);
+    shape.check().map_err(|e| file_error(path, e.to_string()))?;
+    Ok((x, shape))
+}
+
+/// Checks the shape of the labels `y` read from `path`: class indices are (B, *spatial),
+/// with or without a class axis of size 1; soft labels have the logits' shape `x_shape`.
+fn check_label_shape(
+    y: &NpyArray,
+    x_shape: &[usize],
+    shape: &Shape,
+    layout: Layout,
+    path: &Path,
+) -> Result<()> {
+    match &y.data {
+        NpyData::Int(_) => {
+            let want: Vec<usize> = std::iter::once(shape.batch)
+                .chain(shape.spatial.iter().cloned())
+                .collect();
+            // MONAI and many pipelines keep a class axis of size 1: (B, 1, *spatial), or
+            // (B, *spatial, 1) channels last.
+            let mut with_axis = want.clone();
+            match layout {
+                Layout::Nchw => with_axis.insert(1, 1),
+                Layout::Nhwc => with_axis.push(1),
+            }
+            if y.shape != want && y.shape != with_axis {
+                return Err(file_error(
+                    path,
+                    format!(
+                        "index labels have shape {:?}, expected (B, *spatial) = {want:?} or {with_axis:?}",
+                        y.shape
+                    ),
+                ));
+            }
+        }
+        NpyData::Float(_) | NpyData::Half(_) => {
+            if y.shape != x_shape {
+                return Err(file_error(
+                    path,
+                    format!(
+                        "float labels have shape {:?}, expected the logits' shape {:?} (integer labels for class indices)",
+                        y.shape, x_shape
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The JSON object `segloss eval` prints for `out`.
+fn eval_json(out: &LossOutput, spec: &LossSpec, engine: &Segloss) -> Result<serde_json::Value> {
     let mut json = serde_json::json!({
         "loss": out.loss,
         "terms": out.terms,
@@ -248,10 +291,7 @@ fn eval(
         json["elements"] =
             serde_json::to_value(&out.elements).map_err(|e| Error::Io(e.to_string()))?;
     }
-    if let (Some(path), Some(g)) = (grad_out, out.gradient) {
-        npy::write_f32(&path, &x.shape, &g)?;
-    }
-    print_out(&json.to_string())
+    Ok(json)
 }
 
 /// Prints a line on stdout. A reader that went away (`segloss eval … | head`) ends the
@@ -325,10 +365,7 @@ fn bench(
     let shape = Shape::new(dims[0], dims[1], &dims[2..]);
     let spec = read_spec(&spec)?;
     let ctx = segloss::GpuContext::new()?;
-    let layout = match layout {
-        Layout::Nchw => segloss::input::Layout::Nchw,
-        Layout::Nhwc => segloss::input::Layout::Nhwc,
-    };
+    let layout = layout.lib();
     let format = match labels {
         LabelKind::U8 => segloss::input::LabelFormat::U8,
         LabelKind::U16 => segloss::input::LabelFormat::U16,
