@@ -178,143 +178,24 @@ fn train(
     Ok((gaps, w))
 }
 
-// ---- a small PNG line plot (no plotting dependency: lines, axes and a 3×5 pixel font) ----
+// ---- the chart (plotters, text in DejaVu Sans embedded by the `dejavu` crate) ----
 
-const FONT: &[(char, [u8; 5])] = &[
-    ('0', [7, 5, 5, 5, 7]),
-    ('1', [2, 6, 2, 2, 7]),
-    ('2', [7, 1, 7, 4, 7]),
-    ('3', [7, 1, 7, 1, 7]),
-    ('4', [5, 5, 7, 1, 1]),
-    ('5', [7, 4, 7, 1, 7]),
-    ('6', [7, 4, 7, 5, 7]),
-    ('7', [7, 1, 1, 1, 1]),
-    ('8', [7, 5, 7, 5, 7]),
-    ('9', [7, 5, 7, 1, 7]),
-    ('.', [0, 0, 0, 0, 2]),
-    ('+', [0, 2, 7, 2, 0]),
-    ('=', [0, 7, 0, 7, 0]),
-    ('(', [1, 2, 2, 2, 1]),
-    (')', [4, 2, 2, 2, 4]),
-    ('-', [0, 0, 7, 0, 0]),
-    (':', [0, 2, 0, 2, 0]),
-    (',', [0, 0, 0, 2, 4]),
-    ('|', [2, 2, 2, 2, 2]),
-    ('A', [2, 5, 7, 5, 5]),
-    ('B', [6, 5, 6, 5, 6]),
-    ('C', [7, 4, 4, 4, 7]),
-    ('D', [6, 5, 5, 5, 6]),
-    ('E', [7, 4, 6, 4, 7]),
-    ('F', [7, 4, 6, 4, 4]),
-    ('G', [7, 4, 5, 5, 7]),
-    ('H', [5, 5, 7, 5, 5]),
-    ('I', [7, 2, 2, 2, 7]),
-    ('J', [1, 1, 1, 5, 7]),
-    ('K', [5, 5, 6, 5, 5]),
-    ('L', [4, 4, 4, 4, 7]),
-    ('M', [5, 7, 7, 5, 5]),
-    ('N', [6, 5, 5, 5, 5]),
-    ('O', [7, 5, 5, 5, 7]),
-    ('P', [7, 5, 7, 4, 4]),
-    ('Q', [7, 5, 5, 7, 1]),
-    ('R', [7, 5, 6, 5, 5]),
-    ('S', [7, 4, 7, 1, 7]),
-    ('T', [7, 2, 2, 2, 2]),
-    ('U', [5, 5, 5, 5, 7]),
-    ('V', [5, 5, 5, 5, 2]),
-    ('W', [5, 5, 7, 7, 5]),
-    ('X', [5, 5, 2, 5, 5]),
-    ('Y', [5, 5, 2, 2, 2]),
-    ('Z', [7, 1, 2, 4, 7]),
-];
-
-struct Canvas {
-    w: usize,
-    h: usize,
-    px: Vec<u8>,
-}
-
-impl Canvas {
-    fn new(w: usize, h: usize) -> Self {
-        Canvas {
-            w,
-            h,
-            px: vec![255; w * h * 3],
-        }
-    }
-
-    fn dot(&mut self, x: i64, y: i64, rgb: [u8; 3]) {
-        if x >= 0 && y >= 0 && (x as usize) < self.w && (y as usize) < self.h {
-            let o = (y as usize * self.w + x as usize) * 3;
-            self.px[o..o + 3].copy_from_slice(&rgb);
-        }
-    }
-
-    fn line(&mut self, (x0, y0): (f64, f64), (x1, y1): (f64, f64), rgb: [u8; 3], width: i64) {
-        let n = ((x1 - x0).abs().max((y1 - y0).abs()) as usize).max(1);
-        for k in 0..=n {
-            let t = k as f64 / n as f64;
-            let (x, y) = (
-                (x0 + t * (x1 - x0)).round() as i64,
-                (y0 + t * (y1 - y0)).round() as i64,
-            );
-            for dx in 0..width {
-                for dy in 0..width {
-                    self.dot(x + dx - width / 2, y + dy - width / 2, rgb);
-                }
-            }
-        }
-    }
-
-    fn text(&mut self, x: i64, y: i64, s: &str, scale: i64, rgb: [u8; 3]) {
-        for (n, ch) in s.to_uppercase().chars().enumerate() {
-            let Some((_, rows)) = FONT.iter().find(|(c, _)| *c == ch) else {
-                continue;
-            };
-            for (r, bits) in rows.iter().enumerate() {
-                for col in 0..3 {
-                    if bits & (4 >> col) != 0 {
-                        for dy in 0..scale {
-                            for dx in 0..scale {
-                                self.dot(
-                                    x + (n as i64 * 4 + col) * scale + dx,
-                                    y + r as i64 * scale + dy,
-                                    rgb,
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn save(&self, path: &str) -> std::io::Result<()> {
-        let file = std::fs::File::create(path)?;
-        let mut enc =
-            png::Encoder::new(std::io::BufWriter::new(file), self.w as u32, self.h as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut writer = enc.write_header().map_err(std::io::Error::other)?;
-        writer
-            .write_image_data(&self.px)
-            .map_err(std::io::Error::other)
-    }
-}
-
-fn plot(curves: &[(String, Vec<f64>)], path: &str) -> std::io::Result<()> {
-    const COLORS: [[u8; 3]; 8] = [
-        [31, 119, 180],
-        [214, 39, 40],
-        [148, 103, 189],
-        [44, 160, 44],
-        [255, 127, 14],
-        [23, 190, 207],
-        [140, 86, 75],
-        [0, 0, 0],
+fn plot(curves: &[(String, Vec<f64>)], path: &str) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    // ab_glyph draws only registered fonts; labels, caption and legend use "sans-serif".
+    plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
+        .map_err(|_| "DejaVu Sans is not a valid font")?;
+    // Distinct on white and from each other (Palette99's yellow is not).
+    const COLORS: [RGBColor; 8] = [
+        RGBColor(31, 119, 180),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+        RGBColor(44, 160, 44),
+        RGBColor(255, 127, 14),
+        RGBColor(23, 190, 207),
+        RGBColor(140, 86, 75),
+        BLACK,
     ];
-    let (w, h, left, right, top, bottom) = (960usize, 560usize, 80.0, 300.0, 50.0, 60.0);
-    let mut cv = Canvas::new(w, h);
     let steps = curves.iter().map(|c| c.1.len()).max().unwrap_or(1);
     // The scale skips the first steps, where every model still predicts almost nothing.
     let ymax = curves
@@ -323,59 +204,45 @@ fn plot(curves: &[(String, Vec<f64>)], path: &str) -> std::io::Result<()> {
         .fold(0.0f64, f64::max)
         .max(1e-3)
         * 1.05;
-    let (pw, ph) = (w as f64 - left - right, h as f64 - top - bottom);
-    let to_px = |step: usize, v: f64| {
-        (
-            left + pw * step as f64 / (steps - 1).max(1) as f64,
-            top + ph * (1.0 - v / ymax),
+    let root = BitMapBackend::new(path, (960, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Argmax foreground-proportion gap on the training images, per step",
+            ("sans-serif", 22),
         )
-    };
-    let grey = [120, 120, 120];
-    cv.line((left, top), (left, top + ph), grey, 2);
-    cv.line((left, top + ph), (left + pw, top + ph), grey, 2);
-    for k in 0..=4 {
-        let v = ymax * k as f64 / 4.0;
-        let (_, y) = to_px(0, v);
-        cv.line((left - 6.0, y), (left, y), grey, 1);
-        cv.text(8, y as i64 - 5, &format!("{v:.3}"), 2, grey);
-        let step = (steps - 1) * k / 4;
-        let (x, _) = to_px(step, 0.0);
-        cv.line((x, top + ph), (x, top + ph + 6.0), grey, 1);
-        cv.text(
-            x as i64 - 8,
-            (top + ph + 12.0) as i64,
-            &step.to_string(),
-            2,
-            grey,
-        );
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(72)
+        .build_cartesian_2d(0.0..(steps - 1).max(1) as f64, 0.0..ymax)?;
+    chart
+        .configure_mesh()
+        .x_desc("training step (Adam updates)")
+        .y_desc("|predicted − true| proportion (fraction of pixels)")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.3}"))
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(BLACK.mix(0.12))
+        .label_style(("sans-serif", 15))
+        .axis_desc_style(("sans-serif", 17))
+        .draw()?;
+    for (k, (name, ys)) in curves.iter().enumerate() {
+        let color = COLORS[k % COLORS.len()];
+        let points = ys.iter().enumerate().map(|(i, y)| (i as f64, y.min(ymax)));
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], color.stroke_width(3)));
     }
-    cv.text(
-        left as i64,
-        14,
-        "TRAIN |PREDICTED - TRUE| FOREGROUND PROPORTION (ARGMAX) PER TRAINING STEP",
-        2,
-        [0, 0, 0],
-    );
-    for (n, (name, ys)) in curves.iter().enumerate() {
-        let rgb = COLORS[n % COLORS.len()];
-        for k in 1..ys.len() {
-            cv.line(
-                to_px(k - 1, ys[k - 1].min(ymax)),
-                to_px(k, ys[k].min(ymax)),
-                rgb,
-                2,
-            );
-        }
-        let ly = top + 10.0 + 26.0 * n as f64;
-        cv.line(
-            (w as f64 - right + 20.0, ly + 5.0),
-            (w as f64 - right + 50.0, ly + 5.0),
-            rgb,
-            4,
-        );
-        cv.text((w as f64 - right + 58.0) as i64, ly as i64, name, 2, rgb);
-    }
-    cv.save(path)
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font(("sans-serif", 16))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
 }
 
 fn main() -> segloss::Result<()> {

@@ -88,6 +88,30 @@ fn main(
     }
 }
 
+// The focal weight on ([c = k] − p_k) of one class with target mass αg (twin: src/reference/mod.rs `focal_h`).
+fn focal_h(p: f32, one_minus_p: f32, log_p: f32, alpha_g: f32, gamma: f32) -> f32 {
+    let qg = safe_pow(one_minus_p, gamma);
+    var first = 0.0;
+    if one_minus_p > 0.0 && gamma > 0.0 {
+        first = gamma * p * log_p * qg / one_minus_p;
+    }
+    return alpha_g * (first - qg);
+}
+
+// A softmax pixel term's h_c, its weight on ([c = k] − p_k) in ∂/∂z_k, so that the term's
+// gradient is scale·(h_c − p_c·Σ_k h_k): CE −w_c·((1 − ε)·g_c + ε/C); focal `focal_h`.
+// Twin: src/reference/grad.rs `pixel_h`. `e`, `se`: exp(z_c − max) and Σe; `opt`: ε or γ.
+fn pixel_h(ce: bool, opt: f32, w: f32, gc: f32, p: f32, e: f32, se: f32, log_p: f32) -> f32 {
+    if ce {
+        return -w * ((1.0 - opt) * gc + opt / f32(C));
+    }
+    if gc == 0.0 {
+        return 0.0;
+    }
+    let one_minus_p = max(se - e, 0.0) / se;
+    return focal_h(p, one_minus_p, log_p, w * gc, opt);
+}
+
 // ∂L/∂z of every class of pixel i of global image b. An ignored pixel runs the same code
 // (its targets are all 0) and writes zeros: one store per class either way, no branch
 // with stores of its own.
@@ -131,7 +155,7 @@ fn grad_pixel(b: u32, i: u32, cs: ptr<function, Consts>) {
     // First class loop: the sums every class's gradient needs.
     var ap = 0.0;               // Σ_k a_k p_k
     var us = 0.0;               // Σ_k u_k s_k
-    var pixel_sum = vec4(0.0);  // per pixel term: Σ_k w_k t_k (CE) or Σ_k h_k (focal)
+    var h_sum = vec4(0.0);      // per pixel term: Σ_k h_k
     for (var c = 0u; c < C; c++) {
         let zc = z_of(&z, b, c, i);
         let gc = g_of(&g, b, c, i, y);
@@ -143,13 +167,8 @@ fn grad_pixel(b: u32, i: u32, cs: ptr<function, Consts>) {
             us += k.w * exp_of(&et, &z, b, c, i, temp, smt.x) / smt.y;
         }
         for (var t = 0u; t < N_PIX; t++) {
-            if is_ce((*cs).kinds[t]) {
-                let eps = (*cs).opt[t];
-                pixel_sum[t] += term_weight(t, (*cs).offs[t], c) * ((1.0 - eps) * gc + eps / f32(C));
-            } else if gc != 0.0 {
-                let q = max(sm.y - e, 0.0) / sm.y;
-                pixel_sum[t] += focal_h(p, q, zc - sm.x - log_se, term_weight(t, (*cs).offs[t], c) * gc, (*cs).opt[t]);
-            }
+            let w = term_weight(t, (*cs).offs[t], c);
+            h_sum[t] += pixel_h(is_ce((*cs).kinds[t]), (*cs).opt[t], w, gc, p, e, sm.y, zc - sm.x - log_se);
         }
     }
     // Second class loop: write ∂L/∂z_c.
@@ -165,20 +184,9 @@ fn grad_pixel(b: u32, i: u32, cs: ptr<function, Consts>) {
             dz += temp * s * (k.w - us);
         }
         for (var t = 0u; t < N_PIX; t++) {
-            var h = 0.0;
-            if is_ce((*cs).kinds[t]) {
-                let eps = (*cs).opt[t];
-                h = -term_weight(t, (*cs).offs[t], c) * ((1.0 - eps) * gc + eps / f32(C));
-            } else if gc != 0.0 {
-                let q = max(sm.y - e, 0.0) / sm.y;
-                h = focal_h(p, q, zc - sm.x - log_se, term_weight(t, (*cs).offs[t], c) * gc, (*cs).opt[t]);
-            }
-            // CE: p_c·Σ w t − w_c t_c; focal: h_c − p_c·Σ h.
-            var ps = -p * pixel_sum[t];
-            if is_ce((*cs).kinds[t]) {
-                ps = -ps;
-            }
-            dz += (*cs).scales[t] * (h + ps);
+            let w = term_weight(t, (*cs).offs[t], c);
+            let h = pixel_h(is_ce((*cs).kinds[t]), (*cs).opt[t], w, gc, p, e, sm.y, zc - sm.x - log_se);
+            dz += (*cs).scales[t] * (h - p * h_sum[t]);
         }
         grad[elem(b, c, i) + dims.grad_shift] = select(0.0, dz, keep);
     }

@@ -142,6 +142,60 @@ fn probs(z: f32, sm: vec2<f32>, smt: vec2<f32>) -> vec2<f32> {
     return vec2(p, select(p, exp(dims.temperature * z - smt.x) / smt.y, TEMPERED));
 }
 
+// The pixel terms' rules, each beside its f64 twin of the same name in
+// src/reference/stats.rs. A pixel's logits and targets come as its register blocks (z, g)
+// and its softmax pieces; `t` is the term's slot, `off` its class vector (term_weight).
+
+// Cross-entropy of one pixel as (loss, normaliser): with class weights w and smoothing ε,
+// (1 − ε)·w_y·(−log p_y) + ε/C·Σ_c w_c·(−log p_c), normalised by w_y (index labels) or 1
+// (soft labels, where the first part is Σ_c w_c g_c (−log p_c)). `plain` is −log p_y.
+fn ce_pixel(t: u32, eps: f32, off: f32, z: ptr<function, Block>, g: ptr<function, Block>, b: u32, i: u32, y: u32, lse: f32, plain: f32) -> vec2<f32> {
+    var smoothing = 0.0;
+    if eps > 0.0 {
+        for (var c = 0u; c < C; c++) {
+            smoothing += term_weight(t, off, c) * (lse - z_of(z, b, c, i));
+        }
+        smoothing *= eps / f32(C);
+    }
+    if LABEL_KIND == LABELS_SOFT {
+        var l = 0.0;
+        for (var c = 0u; c < C; c++) {
+            l += term_weight(t, off, c) * g_of(g, b, c, i, y) * (lse - z_of(z, b, c, i));
+        }
+        return vec2((1.0 - eps) * l + smoothing, 1.0);
+    }
+    let w = term_weight(t, off, y);
+    return vec2((1.0 - eps) * w * plain + smoothing, w);
+}
+
+// Focal loss of one pixel: Σ_c α_c g_c (1 − p_c)^γ (−log p_c), with 1 − p_c = Σ_{k≠c} e_k / Σe
+// (no cancellation as p_c → 1). `sm`: (max, Σe); `ez`: the first classes' exponentials.
+fn focal_pixel(t: u32, gamma: f32, off: f32, z: ptr<function, Block>, g: ptr<function, Block>, ez: ptr<function, Block>, b: u32, i: u32, y: u32, sm: vec2<f32>, lse: f32) -> f32 {
+    var l = 0.0;
+    for (var c = 0u; c < C; c++) {
+        let gc = g_of(g, b, c, i, y);
+        if gc != 0.0 {
+            let zc = z_of(z, b, c, i);
+            let e = exp_of(ez, z, b, c, i, 1.0, sm.x);
+            let q = max(sm.y - e, 0.0) / sm.y;
+            l += term_weight(t, off, c) * gc * safe_pow(q, gamma) * (lse - zc);
+        }
+    }
+    return l;
+}
+
+// Binary cross-entropy of one pixel (sigmoid mode), summed over channels:
+// Σ_c pw_c·g_c·softplus(−z_c) + (1 − g_c)·softplus(z_c).
+fn bce_pixel(t: u32, off: f32, z: ptr<function, Block>, g: ptr<function, Block>, b: u32, i: u32, y: u32) -> f32 {
+    var l = 0.0;
+    for (var c = 0u; c < C; c++) {
+        let zc = z_of(z, b, c, i);
+        let gc = g_of(g, b, c, i, y);
+        l += term_weight(t, off, c) * gc * softplus(-zc) + (1.0 - gc) * softplus(zc);
+    }
+    return l;
+}
+
 // The body of the entry point `main`, which the reduction strategy's file declares (it
 // needs builtins of its own).
 fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
@@ -207,14 +261,7 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
         counts.x += 1.0;
         if SIGMOID {
             for (var t = 0u; t < N_PIX; t++) {
-                // bce: Σ_c pw_c·y_c·softplus(−z_c) + (1 − y_c)·softplus(z_c)
-                var l = 0.0;
-                for (var c = 0u; c < C; c++) {
-                    let zc = z_of(&z, b, c, i);
-                    let gc = g_of(&g, b, c, i, yk);
-                    l += term_weight(t, offs[t], c) * gc * softplus(-zc) + (1.0 - gc) * softplus(zc);
-                }
-                losses[t] += l;
+                losses[t] += bce_pixel(t, offs[t], &z, &g, b, i, yk);
                 norms[t] += f32(C);
             }
             for (var c = 0u; c < first; c++) {
@@ -245,44 +292,17 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
         }
         counts.y += plain;
         for (var t = 0u; t < N_PIX; t++) {
-            var l = 0.0;
-            var n = 1.0;
+            var ln = vec2(0.0, 1.0); // (loss, normaliser)
             if is_ce(kinds[t]) {
-                let eps = opt[t];
-                var smoothing = 0.0;
-                if eps > 0.0 {
-                    for (var c = 0u; c < C; c++) {
-                        smoothing += term_weight(t, offs[t], c) * (lse - z_of(&z, b, c, i));
-                    }
-                    smoothing *= eps / f32(C);
-                }
-                if LABEL_KIND == LABELS_SOFT {
-                    for (var c = 0u; c < C; c++) {
-                        l += term_weight(t, offs[t], c) * g_of(&g, b, c, i, yk) * (lse - z_of(&z, b, c, i));
-                    }
-                    l = (1.0 - eps) * l + smoothing;
-                } else {
-                    n = term_weight(t, offs[t], yk);
-                    l = (1.0 - eps) * n * plain + smoothing;
-                }
+                ln = ce_pixel(t, opt[t], offs[t], &z, &g, b, i, yk, lse, plain);
                 if has_map(t) {
-                    loss_map[t * n_maps + b * dims.spatial + i] = l;
+                    loss_map[t * n_maps + b * dims.spatial + i] = ln.x;
                 }
             } else {
-                // focal: Σ_c α_c g_c (1 − p_c)^γ (−log p_c), 1 − p_c = Σ_{k≠c} e_k / Σe
-                let gamma = opt[t];
-                for (var c = 0u; c < C; c++) {
-                    let gc = g_of(&g, b, c, i, yk);
-                    if gc != 0.0 {
-                        let zc = z_of(&z, b, c, i);
-                        let e = exp_of(&ez, &z, b, c, i, 1.0, p.x);
-                        let q = max(p.y - e, 0.0) / p.y;
-                        l += term_weight(t, offs[t], c) * gc * safe_pow(q, gamma) * (lse - zc);
-                    }
-                }
+                ln.x = focal_pixel(t, opt[t], offs[t], &z, &g, &ez, b, i, yk, p, lse);
             }
-            losses[t] += l;
-            norms[t] += n;
+            losses[t] += ln.x;
+            norms[t] += ln.y;
         }
         for (var c = 0u; c < first; c++) {
             let pc = ez[c] / p.y;

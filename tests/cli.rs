@@ -1,4 +1,4 @@
-//! The `segloss` command line against its contract (DESIGN.md): JSON fields, the gradient
+//! The `segloss` command line against its contract (ARCHITECTURE.md): JSON fields, the gradient
 //! file, layouts, and bad input (one line on stderr, exit status 2, no output file).
 
 use segloss::input::{Labels, Shape};

@@ -103,16 +103,6 @@ fn term_weight(t: u32, off: f32, c: u32) -> f32 {
     return params[u32(off) + c];
 }
 
-// The focal weight on ([c = k] − p_k) of one class with target mass αg (see reference/mod.rs).
-fn focal_h(p: f32, one_minus_p: f32, log_p: f32, alpha_g: f32, gamma: f32) -> f32 {
-    let qg = safe_pow(one_minus_p, gamma);
-    var first = 0.0;
-    if one_minus_p > 0.0 && gamma > 0.0 {
-        first = gamma * p * log_p * qg / one_minus_p;
-    }
-    return alpha_g * (first - qg);
-}
-
 // Classes whose logits (and soft targets) a pixel keeps in registers once read, so each is
 // read from memory once per pass when C ≤ BLOCK; classes past BLOCK are read again where
 // used. Reads are the cost that matters on CPU Vulkan (lavapipe loads lane by lane) and they

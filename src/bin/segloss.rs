@@ -1,5 +1,6 @@
 //! The `segloss` command line: the kernels from any language, through .npy files and JSON.
-//! Its interface is the contract of DESIGN.md; errors print one line and exit with status 2.
+//! Its interface is a fixed contract (ARCHITECTURE.md, "The command-line contract"); errors
+//! print one line and exit with status 2.
 
 use clap::{Parser, Subcommand, ValueEnum};
 use segloss::gpu::{HostBatch, HostLogits};

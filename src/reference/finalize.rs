@@ -2,7 +2,7 @@
 //! statistics. CPU port of `shaders/finalize.wgsl`.
 //!
 //! Every statistic term's gradient reaches the pixels only through four coefficients per
-//! (image, class): ∂L/∂P, ∂L/∂Q, ∂L/∂I and ∂L/∂U (DESIGN.md, "One gradient for every
+//! (image, class): ∂L/∂P, ∂L/∂Q, ∂L/∂I and ∂L/∂U (ARCHITECTURE.md, "One gradient for every
 //! statistic term"). The per-pixel terms reach them through one scale each, λ over the
 //! term's normaliser.
 

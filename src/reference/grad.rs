@@ -41,35 +41,12 @@ pub fn gradient(
                     let logp = log_softmax(&px.z);
                     let pixel_terms = spec.terms.iter().filter(|t| t.is_pixel_term());
                     for (term, scale) in pixel_terms.zip(&fin.pixel_scale) {
-                        match term {
-                            Term::CrossEntropy {
-                                class_weights,
-                                label_smoothing: eps,
-                                ..
-                            } => {
-                                let w = |c: usize| class_weights.as_ref().map_or(1.0, |v| v[c]);
-                                // The smoothed target t_k = (1−ε)g_k + ε/C; ∂/∂z_c = p_c·Σ w t − w_c t_c.
-                                let target = |k: usize| (1.0 - eps) * px.g[k] + eps / c_n as f64;
-                                let wt: f64 = (0..c_n).map(|k| w(k) * target(k)).sum();
-                                for c in 0..c_n {
-                                    dz[c] += scale * (p[c] * wt - w(c) * target(c));
-                                }
-                            }
-                            Term::Focal { gamma, alpha, .. } => {
-                                let a = |c: usize| alpha.as_ref().map_or(1.0, |v| v[c]);
-                                let h: Vec<f64> = (0..c_n)
-                                    .map(|k| {
-                                        let one_minus_p: f64 =
-                                            (0..c_n).filter(|&j| j != k).map(|j| p[j]).sum();
-                                        focal_h(p[k], one_minus_p, logp[k], a(k) * px.g[k], *gamma)
-                                    })
-                                    .collect();
-                                let hs: f64 = h.iter().sum();
-                                for c in 0..c_n {
-                                    dz[c] += scale * (h[c] - p[c] * hs);
-                                }
-                            }
-                            _ => unreachable!("softmax pixel terms are cross_entropy and focal"),
+                        let h: Vec<f64> = (0..c_n)
+                            .map(|c| pixel_h(term, &p, &logp, &px.g, c))
+                            .collect();
+                        let hs: f64 = h.iter().sum();
+                        for c in 0..c_n {
+                            dz[c] += scale * (h[c] - p[c] * hs);
                         }
                     }
                 }
@@ -98,4 +75,27 @@ pub fn gradient(
         }
     }
     grad
+}
+
+/// A softmax pixel term's h_c, its weight on ([c = k] − p_k) in ∂/∂z_k, so that the term's
+/// gradient is λ/n·(h_c − p_c·Σ_k h_k): cross-entropy −w_c·((1 − ε)·g_c + ε/C) (the
+/// smoothed, weighted target), focal [`focal_h`]. Twin: `shaders/grad.wgsl` `pixel_h`.
+fn pixel_h(term: &Term, p: &[f64], logp: &[f64], g: &[f64], c: usize) -> f64 {
+    let c_n = p.len();
+    match term {
+        Term::CrossEntropy {
+            class_weights,
+            label_smoothing: eps,
+            ..
+        } => {
+            let w = class_weights.as_ref().map_or(1.0, |v| v[c]);
+            -w * ((1.0 - eps) * g[c] + eps / c_n as f64)
+        }
+        Term::Focal { gamma, alpha, .. } => {
+            let a = alpha.as_ref().map_or(1.0, |v| v[c]);
+            let one_minus_p: f64 = (0..c_n).filter(|&j| j != c).map(|j| p[j]).sum();
+            focal_h(p[c], one_minus_p, logp[c], a * g[c], *gamma)
+        }
+        _ => unreachable!("softmax pixel terms are cross_entropy and focal"),
+    }
 }

@@ -51,62 +51,83 @@ pub(crate) fn pixel(
 
 /// The per-pixel terms' (loss, normaliser) for one pixel, in spec order.
 pub(crate) fn pixel_terms(spec: &LossSpec, px: &Pixel) -> Vec<(f64, f64)> {
-    let c_n = px.z.len() as f64;
-    let mut out = vec![];
+    let pixel_terms = spec.terms.iter().filter(|t| t.is_pixel_term());
     match spec.activation {
         Activation::Softmax => {
             let logp = log_softmax(&px.z);
-            for t in spec.terms.iter().filter(|t| t.is_pixel_term()) {
-                match t {
+            pixel_terms
+                .map(|t| match t {
                     Term::CrossEntropy {
                         class_weights,
-                        label_smoothing: eps,
+                        label_smoothing,
                         ..
-                    } => {
-                        let w = |c: usize| class_weights.as_ref().map_or(1.0, |v| v[c]);
-                        let smooth: f64 =
-                            (0..logp.len()).map(|k| w(k) * -logp[k]).sum::<f64>() * eps / c_n;
-                        match px.y {
-                            Some(y) => out.push(((1.0 - eps) * w(y) * -logp[y] + smooth, w(y))),
-                            None => {
-                                let l: f64 =
-                                    (0..logp.len()).map(|k| w(k) * px.g[k] * -logp[k]).sum();
-                                out.push(((1.0 - eps) * l + smooth, 1.0));
-                            }
-                        }
-                    }
+                    } => ce_pixel(class_weights.as_deref(), *label_smoothing, &logp, px),
                     Term::Focal { gamma, alpha, .. } => {
-                        let a = |c: usize| alpha.as_ref().map_or(1.0, |v| v[c]);
-                        let l: f64 = (0..logp.len())
-                            .filter(|&k| px.g[k] != 0.0)
-                            .map(|k| {
-                                let q = 1.0 - logp[k].exp();
-                                -a(k) * px.g[k] * safe_pow(q, *gamma) * logp[k]
-                            })
-                            .sum();
-                        out.push((l, 1.0));
+                        (focal_pixel(*gamma, alpha.as_deref(), &logp, px), 1.0)
                     }
                     _ => unreachable!("pixel terms are cross_entropy, focal and bce"),
-                }
-            }
+                })
+                .collect()
         }
-        Activation::Sigmoid => {
-            for t in spec.terms.iter().filter(|t| t.is_pixel_term()) {
+        Activation::Sigmoid => pixel_terms
+            .map(|t| {
                 let Term::Bce { pos_weight, .. } = t else {
                     unreachable!("validated: sigmoid mode has only bce pixel terms")
                 };
-                let l: f64 = (0..px.z.len())
-                    .map(|c| {
-                        let pw = pos_weight.as_ref().map_or(1.0, |v| v[c]);
-                        -(pw * px.g[c] * log_sigmoid(px.z[c])
-                            + (1.0 - px.g[c]) * log_sigmoid(-px.z[c]))
-                    })
-                    .sum();
-                out.push((l, px.z.len() as f64));
-            }
+                (bce_pixel(pos_weight.as_deref(), px), px.z.len() as f64)
+            })
+            .collect(),
+    }
+}
+
+/// A class vector's entry, 1 where the term has none.
+fn weight(v: Option<&[f64]>, c: usize) -> f64 {
+    v.map_or(1.0, |v| v[c])
+}
+
+/// Cross-entropy of one pixel as (loss, normaliser): with class weights w and smoothing ε,
+/// (1 − ε)·w_y·(−log p_y) + ε/C·Σ_c w_c·(−log p_c), normalised by w_y (index labels) or 1
+/// (soft labels, where the first part is Σ_c w_c g_c (−log p_c)). Twin:
+/// `shaders/stats.wgsl` `ce_pixel`.
+fn ce_pixel(w: Option<&[f64]>, eps: f64, logp: &[f64], px: &Pixel) -> (f64, f64) {
+    let c_n = logp.len() as f64;
+    let smooth: f64 = (0..logp.len())
+        .map(|k| weight(w, k) * -logp[k])
+        .sum::<f64>()
+        * eps
+        / c_n;
+    match px.y {
+        Some(y) => ((1.0 - eps) * weight(w, y) * -logp[y] + smooth, weight(w, y)),
+        None => {
+            let l: f64 = (0..logp.len())
+                .map(|k| weight(w, k) * px.g[k] * -logp[k])
+                .sum();
+            ((1.0 - eps) * l + smooth, 1.0)
         }
     }
-    out
+}
+
+/// Focal loss of one pixel: Σ_c α_c g_c (1 − p_c)^γ (−log p_c). Twin: `shaders/stats.wgsl`
+/// `focal_pixel`.
+fn focal_pixel(gamma: f64, alpha: Option<&[f64]>, logp: &[f64], px: &Pixel) -> f64 {
+    (0..logp.len())
+        .filter(|&k| px.g[k] != 0.0)
+        .map(|k| {
+            let q = 1.0 - logp[k].exp();
+            -weight(alpha, k) * px.g[k] * safe_pow(q, gamma) * logp[k]
+        })
+        .sum()
+}
+
+/// Binary cross-entropy of one pixel, summed over channels:
+/// −Σ_c pw_c·g_c·log σ(z_c) + (1 − g_c)·log σ(−z_c). Twin: `shaders/stats.wgsl` `bce_pixel`.
+fn bce_pixel(pos_weight: Option<&[f64]>, px: &Pixel) -> f64 {
+    (0..px.z.len())
+        .map(|c| {
+            let pw = weight(pos_weight, c);
+            -(pw * px.g[c] * log_sigmoid(px.z[c]) + (1.0 - px.g[c]) * log_sigmoid(-px.z[c]))
+        })
+        .sum()
 }
 
 /// Probabilities p and tempered probabilities s of one pixel.

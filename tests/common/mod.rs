@@ -41,7 +41,7 @@ pub fn gpu() -> &'static GpuContext {
 /// - loss and term values: |gpu − ref| ≤ 2e-5·max(1, |ref|) (f32 sums over up to 10⁵ pixels
 ///   in a fixed tree order keep ~1e-6 relative; the slack covers 1 − ratio cancellation);
 /// - every gradient element: |gpu − ref| ≤ 1e-5·max|ref| + 1e-7, and the whole gradient
-///   within 1e-4 relative L2 (DESIGN.md's agreement criterion).
+///   within 1e-4 relative L2 (the agreement with PyTorch and MONAI that README.md promises).
 pub const VALUE_TOL: f64 = 2e-5;
 pub const GRAD_ELEM_TOL: f64 = 1e-5;
 pub const GRAD_L2_TOL: f64 = 1e-4;
