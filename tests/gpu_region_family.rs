@@ -290,3 +290,73 @@ fn both_pixel_orders_match_the_reference() {
         }
     }
 }
+
+/// Class counts past the register block of GPUs (8) and up to 1,024, with partial tiles,
+/// under the adapter's own strategy (on CPU adapters every class of a pixel kept in
+/// invocation memory up to 256: each logit read once per pass) and under a class block of
+/// 8 (the GPU strategy: classes past it read again), each against the reference; C = 21
+/// and 150 also in the other pixel order and with soft labels.
+#[test]
+fn class_blocks_match_the_reference() {
+    let ctx = new_ctx();
+    let mut rng = Rng::new(1024);
+    let tempered = r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice"},{"kind":"region","weight":0.5,"penalty":"l1","temperature":10}]}"#;
+    let focal =
+        r#"{"terms":[{"kind":"focal","gamma":2},{"kind":"tversky","alpha":0.3,"beta":0.7}]}"#;
+    for (b, c, spatial, json) in [
+        (2, 9, vec![93, 97], tempered),
+        (2, 21, vec![93, 97], focal),
+        (1, 150, vec![37, 29], tempered),
+        (1, 600, vec![19, 23], focal),
+        (1, 1024, vec![13, 17], tempered),
+    ] {
+        let shape = Shape::new(b, c, &spatial);
+        let z = random_logits(&mut rng, &shape, 3.0);
+        let y = random_labels(&mut rng, &shape, 0.1);
+        let own = ctx.strategy();
+        let gpu_block = Strategy {
+            class_block: 8,
+            ..own
+        };
+        assert!(own.validate(ctx.device(), ctx.adapter_info()).is_ok());
+        for strategy in [own, gpu_block] {
+            let what = format!("class block {} at C = {c}: {json}", strategy.block_for(c));
+            check_with(
+                &ctx,
+                Some(strategy),
+                &spec(json),
+                &shape,
+                &z,
+                Labels::index(&y),
+                &what,
+            );
+        }
+        if c == 21 || c == 150 {
+            let other_order = Strategy {
+                contiguous_pixels: !own.contiguous_pixels,
+                ..own
+            };
+            let what = format!("other pixel order at C = {c}: {json}");
+            check_with(
+                &ctx,
+                Some(other_order),
+                &spec(json),
+                &shape,
+                &z,
+                Labels::index(&y),
+                &what,
+            );
+            let soft = random_soft_labels(&mut rng, &shape);
+            let what = format!("soft labels at C = {c}: {json}");
+            check_with(
+                &ctx,
+                None,
+                &spec(json),
+                &shape,
+                &z,
+                Labels::Soft(&soft),
+                &what,
+            );
+        }
+    }
+}

@@ -59,10 +59,14 @@ fn validate(name: &str, src: &str, caps: Capabilities) {
     }
 }
 
+/// The class blocks a pixel stage's source is generated with: the smallest and the largest
+/// (`Strategy::block_for`).
+const BLOCKS: [u32; 2] = [8, 1024];
+
 /// Each module validates with its capabilities, and is rejected without any one of them.
 #[test]
 fn stages_validate_with_exactly_the_capabilities_they_use() {
-    for (name, src) in segloss::gpu::shader_sources() {
+    for (name, src) in BLOCKS.iter().flat_map(|b| segloss::gpu::shader_sources(*b)) {
         let caps = capabilities(name);
         validate(name, &src, caps);
         // Each capability is needed: without any one of them the stage is rejected.
@@ -83,7 +87,7 @@ fn stages_validate_with_exactly_the_capabilities_they_use() {
 /// (binding number → variable name and access) and the overrides it uses, after naga
 /// compacts the module to that entry point.
 fn wgsl_entry(k: &KernelInfo) -> (u32, Vec<(u32, String, Access)>, Vec<String>) {
-    let src = k.source();
+    let src = k.source(8);
     let mut module = naga::front::wgsl::parse_str(&src)
         .unwrap_or_else(|e| panic!("{}: {}", k.module, e.emit_to_string(&src)));
     Validator::new(ValidationFlags::all(), capabilities(k.module))
@@ -305,7 +309,19 @@ struct HostStage {
 fn kernel_dims(k: &KernelInfo) -> Vec<Vec<Value>> {
     let has = |o| k.overrides.contains(&o);
     let mut d = vec![];
-    if has(Override::C) {
+    if has(Override::C) && k.has_pixels() {
+        // `BLOCK` is no override: it picks the source (strategy.rs `block_for`: the
+        // smallest power of two ≥ C from 8, capped at 8 on GPUs and 1024 on CPUs).
+        let mut v: Vec<Value> = vec![];
+        for c in [1.0, 2.0, 3.0, 8.0, 9.0, 16.0, 21.0, 150.0, 1000.0, 1500.0] {
+            let bucket = (c as usize).max(8).next_power_of_two().min(1024) as f64;
+            v.push(vec![("C", c), ("BLOCK", 8.0)]);
+            if bucket != 8.0 {
+                v.push(vec![("C", c), ("BLOCK", bucket)]);
+            }
+        }
+        d.push(v);
+    } else if has(Override::C) {
         d.push(dim(
             "C",
             &[1.0, 2.0, 3.0, 8.0, 9.0, 16.0, 21.0, 150.0, 1000.0],
@@ -353,6 +369,7 @@ fn kernel_dims(k: &KernelInfo) -> Vec<Vec<Value>> {
         .iter()
         .flat_map(|v| v[0].iter().map(|(n, _)| *n))
         .collect();
+    named.retain(|n| *n != "BLOCK");
     let mut want: Vec<&str> = k.overrides.iter().map(|o| o.name()).collect();
     named.sort();
     want.sort();
@@ -683,29 +700,31 @@ fn hlsl_out(
 /// Each variant (stage, entry point, override values) translated by each backend.
 /// Returns the failures, each naming the stage, entry point, variant and backend.
 fn translate_variants(
-    sources: &[(&'static str, String)],
+    sources: &[(u32, &'static str, String)],
     stages: &[HostStage],
 ) -> (usize, Vec<String>) {
     let mut parsed = BTreeMap::new();
-    for (name, src) in sources {
+    for (block, name, src) in sources {
         let module = naga::front::wgsl::parse_str(src)
             .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(src)));
         let info = Validator::new(ValidationFlags::all(), capabilities(name))
             .validate(&module)
             .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(src)));
-        parsed.insert(*name, (module, info));
+        parsed.insert((*name, *block), (module, info));
     }
     let mut failures = vec![];
     let mut variants = 0;
     for st in stages {
         let rows = covering_rows(&st.dims);
         for row in rows {
-            let constants = merged(&st.dims, &row.iter().copied().map(Some).collect::<Vec<_>>());
+            let mut constants =
+                merged(&st.dims, &row.iter().copied().map(Some).collect::<Vec<_>>());
+            let block = constants.remove("BLOCK").unwrap_or(8.0) as u32;
             let module_name = st.modules[0];
             let subgroup = capabilities(module_name).contains(Capabilities::SUBGROUP);
-            let (module, info) = &parsed[module_name];
+            let (module, info) = &parsed[&(module_name, block)];
             let variant = format!(
-                "stage {} (`{module_name}` entry point `{}`) with {}",
+                "stage {} (`{module_name}` with BLOCK = {block}, entry point `{}`) with {}",
                 st.stage,
                 st.entry,
                 constants
@@ -777,10 +796,17 @@ fn translate_variants(
 /// (see `covering_rows`) translates to SPIR-V, MSL and HLSL at the versions wgpu 30 uses.
 #[test]
 fn every_host_variant_translates_to_spirv_msl_and_hlsl() {
-    let sources = segloss::gpu::shader_sources();
+    let sources: Vec<(u32, &'static str, String)> = [8, 16, 32, 64, 128, 256, 512, 1024]
+        .into_iter()
+        .flat_map(|b| {
+            segloss::gpu::shader_sources(b)
+                .into_iter()
+                .map(move |(n, s)| (b, n, s))
+        })
+        .collect();
     let stages = host_stages();
     // Every module the host uses is covered by some stage, and no stage names another.
-    for (name, _) in &sources {
+    for (_, name, _) in &sources {
         assert!(
             stages.iter().any(|s| s.modules.contains(name)),
             "{name} is not translated here: add its stage to host_stages()"

@@ -103,11 +103,13 @@ fn term_weight(t: u32, off: f32, c: u32) -> f32 {
     return params[u32(off) + c];
 }
 
-// Classes whose logits (and soft targets) a pixel keeps in registers once read, so each is
-// read from memory once per pass when C ≤ BLOCK; classes past BLOCK are read again where
-// used. Reads are the cost that matters on CPU Vulkan (lavapipe loads lane by lane) and they
-// cost bandwidth or L1 traffic on GPUs.
-const BLOCK: u32 = 8u;
+// BLOCK (generated before this file, src/gpu/strategy.rs `Strategy::class_block`): the
+// classes whose logits (and soft targets, exponentials, coefficients) an invocation keeps
+// once read, so each is read from memory once per pass when C ≤ BLOCK; classes past BLOCK
+// are read again where used. BLOCK is the smallest power of two ≥ C, from 8 up to the
+// strategy's cap (1024 on CPU adapters, where invocation memory is the CPU's cache and
+// lavapipe loads storage buffers lane by lane; 8 on GPUs, where larger arrays would spill
+// from registers).
 alias Block = array<f32, BLOCK>;
 
 // The first min(C, BLOCK) logits of pixel i of global image b.

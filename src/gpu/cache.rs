@@ -20,7 +20,8 @@ type BindKey = (PipelineKey, Vec<(u32, wgpu::Buffer, u64, u64)>);
 /// A context's caches, behind its lock.
 #[derive(Default)]
 pub(super) struct Caches {
-    modules: HashMap<&'static str, wgpu::ShaderModule>,
+    /// By module name and class block.
+    modules: HashMap<(&'static str, u32), wgpu::ShaderModule>,
     layouts: HashMap<Kernel, wgpu::BindGroupLayout>,
     pipelines: HashMap<PipelineKey, wgpu::ComputePipeline>,
     bind_groups: HashMap<BindKey, wgpu::BindGroup>,
@@ -59,12 +60,12 @@ impl GpuContext {
         let info = key.kernel.info();
         let module = caches
             .modules
-            .entry(info.module)
+            .entry((info.module, key.block))
             .or_insert_with(|| {
                 self.device
                     .create_shader_module(wgpu::ShaderModuleDescriptor {
                         label: Some(info.module),
-                        source: wgpu::ShaderSource::Wgsl(info.source().into()),
+                        source: wgpu::ShaderSource::Wgsl(info.source(key.block).into()),
                     })
             })
             .clone();

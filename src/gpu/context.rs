@@ -188,7 +188,7 @@ pub(super) fn storage_align(device: &wgpu::Device) -> u64 {
 }
 
 impl GpuContext {
-    /// Opens the preferred adapter (see [`context::choose`]) and a device on it.
+    /// Opens the preferred adapter (see [`choose`]) and a device on it.
     pub fn new() -> Result<Self> {
         Self::on_adapter(&choose(enumerate())?)
     }
@@ -242,14 +242,14 @@ impl GpuContext {
 
     /// Wraps a device and queue the caller already owns.
     ///
-    /// Open the device with [`context::device_descriptor`] (or add
-    /// [`context::wanted_features`] the adapter has, and the adapter's limits, to your own
+    /// Open the device with [`device_descriptor`] (or add
+    /// [`wanted_features`] the adapter has, and the adapter's limits, to your own
     /// descriptor): segloss needs no feature, but without `SUBGROUP` its statistics pass
     /// sums in workgroup memory, and with lower limits large batches are split into more
     /// chunks. Every buffer passed to this context must come from this device; wgpu cannot
     /// tell a buffer of another `wgpu::Instance` from one of its own (it looks buffers up by
-    /// id), so keep one instance per process ([`context::instance`] is segloss's). On
-    /// Mesa's lavapipe also call [`context::keep_freed_memory_mapped`].
+    /// id), so keep one instance per process ([`instance`] is segloss's). On
+    /// Mesa's lavapipe also call [`keep_freed_memory_mapped`].
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, info: wgpu::AdapterInfo) -> Self {
         let strategy = Strategy::for_device(&device, &info);
         GpuContext {

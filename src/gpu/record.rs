@@ -590,6 +590,7 @@ impl GpuContext {
             pixel_maps: plan::pixel_maps(spec),
             stat_kinds: plan::stat_kinds(spec),
             contiguous: req.strategy.contiguous_pixels,
+            block: req.strategy.block_for(batch.shape.classes),
         }
     }
 

@@ -394,10 +394,19 @@ impl Kernel {
 }
 
 impl KernelInfo {
-    /// The module's WGSL as the device compiles it: the generated prelude, then the parts.
-    /// The read-write variant of a module binds its inputs as the row says.
-    pub fn source(&self) -> String {
+    /// Whether the module includes the pixel helpers (and so a class block).
+    pub fn has_pixels(&self) -> bool {
+        self.parts.contains(&PIXELS)
+    }
+
+    /// The module's WGSL as the device compiles it: the generated prelude (with `BLOCK`,
+    /// the class block, for the pixel stages), then the parts. The read-write variant of
+    /// a module binds its inputs as the row says.
+    pub fn source(&self, block: u32) -> String {
         let mut s = layout::wgsl_prelude();
+        if self.has_pixels() {
+            s += &format!("const BLOCK: u32 = {block}u;\n");
+        }
         for part in self.parts {
             s += &format!("\n// ---- shaders/{} ----\n{}", part.path, part.text);
         }
@@ -442,12 +451,13 @@ impl KernelInfo {
     }
 }
 
-/// Every module's WGSL as the device compiles it, by module name (one entry per module).
-pub fn shader_sources() -> Vec<(&'static str, String)> {
+/// Every module's WGSL as the device compiles it, by module name (one entry per module),
+/// with class block `block` where a module has one.
+pub fn shader_sources(block: u32) -> Vec<(&'static str, String)> {
     let mut out: Vec<(&'static str, String)> = vec![];
     for k in &KERNELS {
         if !out.iter().any(|(m, _)| *m == k.module) {
-            out.push((k.module, k.source()));
+            out.push((k.module, k.source(block)));
         }
     }
     out
@@ -483,6 +493,9 @@ pub struct Variant {
     pub stat_kinds: u32,
     /// Runs of consecutive pixels per invocation.
     pub contiguous: bool,
+    /// Classes an invocation keeps once read (`Strategy::block_for`): a constant of the
+    /// pixel stages' source, not an override (WGSL sizes function arrays by constants).
+    pub block: u32,
 }
 
 impl Variant {
@@ -525,6 +538,8 @@ pub struct PipelineKey {
     pub kernel: Kernel,
     /// Values by `Override::ALL` position.
     pub values: [u32; Override::ALL.len()],
+    /// The source's class block (0 for kernels without the pixel helpers).
+    pub block: u32,
 }
 
 impl PipelineKey {
@@ -537,7 +552,12 @@ impl PipelineKey {
                 values[k] = variant.value(*o);
             }
         }
-        PipelineKey { kernel, values }
+        let block = if info.has_pixels() { variant.block } else { 0 };
+        PipelineKey {
+            kernel,
+            values,
+            block,
+        }
     }
 
     /// The pipeline constants, as wgpu takes them.

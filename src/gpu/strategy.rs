@@ -62,7 +62,17 @@ pub struct Strategy {
     /// The largest binding, in bytes, that batches are split to fit (0: the device's
     /// `max_storage_buffer_binding_size`); tests lower it to exercise chunking.
     pub binding_limit: u64,
+    /// The most classes whose logits an invocation of the stats and grad stages keeps once
+    /// read (a power of two, 8 to 1024): with C ≤ `class_block` each logit is read from
+    /// memory once per pass. 1024 on CPU adapters; 8 on GPUs, whose registers hold little
+    /// (see `BLOCK` in shaders/util/pixels.wgsl).
+    pub class_block: u32,
 }
+
+/// The largest class block a kernel is compiled for.
+pub const MAX_CLASS_BLOCK: u32 = 1024;
+/// The class block cap on CPU adapters.
+const CPU_CLASS_BLOCK: u32 = 256;
 
 impl Strategy {
     /// The strategy segloss uses on this device by default.
@@ -72,6 +82,11 @@ impl Strategy {
             contiguous_pixels: info.device_type == wgpu::DeviceType::Cpu,
             planned_subgroup_size: 0,
             binding_limit: 0,
+            class_block: if info.device_type == wgpu::DeviceType::Cpu {
+                CPU_CLASS_BLOCK
+            } else {
+                8
+            },
         }
     }
 
@@ -92,6 +107,13 @@ impl Strategy {
                 info.subgroup_max_size
             )));
         }
+        if !self.class_block.is_power_of_two() || !(8..=MAX_CLASS_BLOCK).contains(&self.class_block)
+        {
+            return Err(Error::Input(format!(
+                "class_block {} is not a power of two from 8 to {MAX_CLASS_BLOCK}",
+                self.class_block
+            )));
+        }
         if self.planned_subgroup_size > info.subgroup_min_size {
             return Err(Error::Input(format!(
                 "partial rows planned for subgroups of {} invocations, but this adapter's \
@@ -100,6 +122,12 @@ impl Strategy {
             )));
         }
         Ok(())
+    }
+
+    /// The class block of a call with C classes: the smallest power of two ≥ C, at least
+    /// 8, at most `class_block`.
+    pub fn block_for(&self, classes: usize) -> u32 {
+        (classes.max(8).next_power_of_two() as u32).min(self.class_block)
     }
 
     /// Partial rows each stats tile writes.
