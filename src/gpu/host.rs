@@ -5,19 +5,21 @@
 use super::batch::{BufferRegion, DeviceBatch, GradTarget, HostBatch, HostLogits, Options};
 use super::context::GpuContext;
 use super::pool::BufferKey;
-use super::readback::read_buffer;
+use super::readback::map_read;
 use super::record::Request;
 use crate::error::{Error, Result};
 use crate::input::{LabelFormat, Labels, LogitFormat, Shape};
 use crate::output::LossOutput;
 use crate::spec::LossSpec;
 
-/// The three pooled buffers of a host call and their keys (returned to the pool after).
+/// The pooled buffers of a host call and their keys (returned to the pool after): inputs,
+/// the gradient, and the staging buffer the gradient is read back through.
 struct Uploads {
-    keys: [BufferKey; 3],
+    keys: [BufferKey; 4],
     logits: wgpu::Buffer,
     labels: wgpu::Buffer,
     grad: wgpu::Buffer,
+    staging: wgpu::Buffer,
     grad_bytes: u64,
 }
 
@@ -99,10 +101,11 @@ impl GpuContext {
         let labels = (label_format, &label_words[..]);
         let result = self.scoped(|| self.run_host(spec, batch, labels, &up, opts));
         let mut caches = self.lock()?;
-        let [lk, yk, gk] = up.keys;
+        let [lk, yk, gk, sk] = up.keys;
         caches.pool.release(lk, up.logits);
         caches.pool.release(yk, up.labels);
         caches.pool.release(gk, up.grad);
+        caches.pool.release(sk, up.staging);
         result
     }
 
@@ -117,6 +120,7 @@ impl GpuContext {
             BufferKey::new(logit_bytes, input),
             BufferKey::new(4 * label_words.len() as u64, input),
             BufferKey::new(grad_bytes, (U::STORAGE | U::COPY_SRC | U::COPY_DST).bits()),
+            BufferKey::new(grad_bytes, (U::MAP_READ | U::COPY_DST).bits()),
         ];
         let mut caches = self.lock()?;
         let mut get = |k: &BufferKey| caches.pool.acquire(k, |k| self.create_buffer(k));
@@ -124,6 +128,7 @@ impl GpuContext {
             logits: get(&keys[0]),
             labels: get(&keys[1]),
             grad: get(&keys[2]),
+            staging: get(&keys[3]),
             keys,
             grad_bytes,
         })
@@ -170,10 +175,15 @@ impl GpuContext {
             ..Request::full(self, spec, &device_batch, grad)
         };
         let rec = self.record_request(&mut enc, req, None)?;
+        // The gradient's read-back copy goes into the same submission, so the one wait of
+        // `read` covers it too.
+        if opts.gradient {
+            enc.copy_buffer_to_buffer(&up.grad, 0, &up.staging, 0, up.grad_bytes);
+        }
         self.queue.submit([enc.finish()]);
         let mut out = rec.read(self)?;
         if opts.gradient {
-            let words = read_buffer(&self.device, &self.queue, &up.grad, 0, up.grad_bytes)?;
+            let words = map_read(&self.device, &up.staging, up.grad_bytes)?;
             out.gradient = Some(widen_gradient(&words, batch.grad_format, shape.len()));
         }
         if !opts.statistics {

@@ -302,7 +302,7 @@ fn check_status(seq: u32, check: &[u32]) -> Result<()> {
 }
 
 /// Maps `len` bytes of a MAP_READ buffer, waits for the device, copies them out.
-fn map_read(device: &wgpu::Device, buffer: &wgpu::Buffer, len: u64) -> Result<Vec<u32>> {
+pub(super) fn map_read(device: &wgpu::Device, buffer: &wgpu::Buffer, len: u64) -> Result<Vec<u32>> {
     let slice = buffer.slice(0..len);
     let (tx, rx) = std::sync::mpsc::channel();
     slice.map_async(wgpu::MapMode::Read, move |r| {
