@@ -97,7 +97,7 @@ impl GpuContext {
         spec.check_inputs(shape, checked, &batch.labels)?;
         let label_format = label_format(batch)?;
         let label_words = label_format.encode(&batch.labels, spec.ignore_index, shape.classes)?;
-        let up = self.acquire_uploads(batch, &label_words)?;
+        let up = self.acquire_uploads(batch, &label_words, opts.gradient)?;
         let labels = (label_format, &label_words[..]);
         let result = self.scoped(|| self.run_host(spec, batch, labels, &up, opts));
         let mut caches = self.lock()?;
@@ -109,8 +109,14 @@ impl GpuContext {
         result
     }
 
-    /// Pooled buffers for a host call's logits, labels and gradient.
-    fn acquire_uploads(&self, batch: &HostBatch<'_>, label_words: &[u32]) -> Result<Uploads> {
+    /// Pooled buffers for a host call's logits, labels and gradient (the read-back staging
+    /// buffer full size only when the gradient is wanted).
+    fn acquire_uploads(
+        &self,
+        batch: &HostBatch<'_>,
+        label_words: &[u32],
+        gradient: bool,
+    ) -> Result<Uploads> {
         use wgpu::BufferUsages as U;
         let logit_bytes = batch.logits.bytes().len() as u64;
         let n = batch.shape.len() as u64;
@@ -120,7 +126,10 @@ impl GpuContext {
             BufferKey::new(logit_bytes, input),
             BufferKey::new(4 * label_words.len() as u64, input),
             BufferKey::new(grad_bytes, (U::STORAGE | U::COPY_SRC | U::COPY_DST).bits()),
-            BufferKey::new(grad_bytes, (U::MAP_READ | U::COPY_DST).bits()),
+            BufferKey::new(
+                if gradient { grad_bytes } else { 4 },
+                (U::MAP_READ | U::COPY_DST).bits(),
+            ),
         ];
         let mut caches = self.lock()?;
         let mut get = |k: &BufferKey| caches.pool.acquire(k, |k| self.create_buffer(k));
