@@ -338,6 +338,10 @@ fn finalize_terms(@builtin(local_invocation_index) lid: u32) {
     for (var k = lid; k < dims.n_terms * bc; k += FIN_WG) {
         fin[elem_off + k] = 0.0;
     }
+    // The gradient's upstream scale: 1 unless a backward recording copies the caller's in.
+    if lid == 0u {
+        fin[dims.fin_upstream] = 1.0;
+    }
     // The pooled row, column by column.
     for (var col = lid; col < dims.row_width; col += FIN_WG) {
         var s = 0.0;

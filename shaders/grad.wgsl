@@ -27,6 +27,8 @@ struct Consts {
     opt: vec4<f32>,
     scales: vec4<f32>,
     offs: vec4<f32>,
+    // The upstream gradient (fin, Dims::fin_upstream) every value is scaled by.
+    up: f32,
 }
 
 // Class c's coefficients (∂L/∂P, ∂L/∂Q, ∂L/∂I, ∂L/∂U) of image b.
@@ -76,6 +78,7 @@ fn main(
         cs.scales[t] = pixel_scale(t);
         cs.offs[t] = record(t, REC_VECTOR);
     }
+    cs.up = fin[dims.fin_upstream];
     if group >= dims.batch * per_image {
         return;
     }
@@ -85,6 +88,16 @@ fn main(
             break;
         }
         grad_pixel(b, i, &cs);
+    }
+}
+
+// Writes one gradient value, or adds it to the target's (`Dims::accumulate`, a backward
+// recording's choice; uniform, so the branch costs nothing where it is not taken).
+fn store_grad(e: u32, v: f32) {
+    if dims.accumulate != 0u {
+        grad[e] += v;
+    } else {
+        grad[e] = v;
     }
 }
 
@@ -139,7 +152,7 @@ fn grad_pixel(b: u32, i: u32, cs: ptr<function, Consts>) {
                 let pw = term_weight(t, (*cs).offs[t], c);
                 dz += (*cs).scales[t] * (p * (1.0 - gc + pw * gc) - pw * gc);
             }
-            grad[elem(b, c, i) + dims.grad_shift] = select(0.0, dz, keep);
+            store_grad(elem(b, c, i) + dims.grad_shift, select(0.0, dz * (*cs).up, keep));
         }
         return;
     }
@@ -188,6 +201,6 @@ fn grad_pixel(b: u32, i: u32, cs: ptr<function, Consts>) {
             let h = pixel_h(is_ce((*cs).kinds[t]), (*cs).opt[t], w, gc, p, e, sm.y, zc - sm.x - log_se);
             dz += (*cs).scales[t] * (h - p * h_sum[t]);
         }
-        grad[elem(b, c, i) + dims.grad_shift] = select(0.0, dz, keep);
+        store_grad(elem(b, c, i) + dims.grad_shift, select(0.0, dz * (*cs).up, keep));
     }
 }

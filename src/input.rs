@@ -62,6 +62,12 @@ pub enum LabelFormat {
     U16,
     /// f32 per logit, the logits' shape and layout (soft labels, sigmoid masks).
     Soft,
+    /// One i32 class index per pixel (burn's and PyTorch's integer tensors): negative
+    /// values and `ignore_index` (which must then fit i32) are ignored.
+    I32,
+    /// One i64 class index per pixel, little-endian (the range's byte offset a multiple of
+    /// 8): negative values and `ignore_index` are ignored.
+    I64,
 }
 
 impl LabelFormat {
@@ -70,8 +76,22 @@ impl LabelFormat {
         match self {
             LabelFormat::U8 => 4,
             LabelFormat::U16 => 2,
-            LabelFormat::U32 | LabelFormat::Soft => 1,
+            LabelFormat::U32 | LabelFormat::Soft | LabelFormat::I32 | LabelFormat::I64 => 1,
         }
+    }
+
+    /// 32-bit words per value (2 for I64, else 1; packed formats hold several per word).
+    pub fn words_per_value(self) -> u64 {
+        if self == LabelFormat::I64 {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Bytes that `values` labels of this format occupy (whole words).
+    pub fn bytes(self, values: u64) -> u64 {
+        values.div_ceil(self.per_word()) * 4 * self.words_per_value()
     }
 
     /// The shader's code for the format.
@@ -81,6 +101,8 @@ impl LabelFormat {
             LabelFormat::U8 => 1,
             LabelFormat::Soft => 2,
             LabelFormat::U16 => 3,
+            LabelFormat::I32 => 4,
+            LabelFormat::I64 => 5,
         }
     }
 
@@ -101,7 +123,9 @@ impl LabelFormat {
         let max = match self {
             LabelFormat::U8 => 255,
             LabelFormat::U16 => 65535,
-            LabelFormat::U32 | LabelFormat::Soft => return Ok(()),
+            LabelFormat::U32 | LabelFormat::Soft | LabelFormat::I32 | LabelFormat::I64 => {
+                return Ok(())
+            }
         };
         if classes > max {
             return Err(Error::Input(format!(
@@ -135,7 +159,12 @@ impl LabelFormat {
                 .collect()
         };
         Ok(match self {
-            LabelFormat::U32 | LabelFormat::Soft => y,
+            LabelFormat::U32 | LabelFormat::Soft | LabelFormat::I32 => y, // IGNORE is −1 as i32
+            LabelFormat::I64 => Cow::Owned(
+                y.iter()
+                    .flat_map(|&v| [v, if v == IGNORE { u32::MAX } else { 0 }])
+                    .collect(),
+            ),
             LabelFormat::U8 => Cow::Owned(pack(4, 8, 255)),
             LabelFormat::U16 => Cow::Owned(pack(2, 16, 0xFFFF)),
         })

@@ -181,7 +181,12 @@ fn label_formats_give_identical_results() {
         )
     };
     let a = run(LabelFormat::U8);
-    for f in [LabelFormat::U16, LabelFormat::U32] {
+    for f in [
+        LabelFormat::U16,
+        LabelFormat::U32,
+        LabelFormat::I32,
+        LabelFormat::I64,
+    ] {
         let b = run(f);
         assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "{f:?}");
         assert_eq!(a.gradient, b.gradient, "{f:?}");

@@ -72,7 +72,29 @@ fn class_label(b: u32, i: u32) -> u32 {
         let v = (labels[idx >> 1u] >> ((idx & 1u) * 16u)) & 0xFFFFu;
         return select(v, IGNORE, v == 0xFFFFu);
     }
+    if LABEL_KIND == LABELS_I32 {
+        let v = labels[idx];
+        return signed_label(v, select(0u, 0xFFFFFFFFu, v >= 0x80000000u));
+    }
+    if LABEL_KIND == LABELS_I64 {
+        // Word indices: label_shift counts words for I64 (src/gpu/record.rs plan_chunks).
+        let w = (b * dims.spatial + i) * 2u + dims.label_shift;
+        return signed_label(labels[w], labels[w + 1u]);
+    }
     return labels[idx];
+}
+
+// A signed class index as its low word and high word (an i32's sign extension): negative
+// values and ignore_index are ignored; a value past i32 is returned as a class ≥ C, which
+// the stats pass counts as a bad label. Twin: `LabelFormat::encode` in src/input.rs.
+fn signed_label(lo: u32, hi: u32) -> u32 {
+    if hi >= 0x80000000u {
+        return IGNORE;
+    }
+    if hi != 0u || lo >= 0x80000000u {
+        return 0xFFFFFFFEu;
+    }
+    return select(lo, IGNORE, lo == dims.ignore_label);
 }
 
 // The target g of class c at pixel i of global image b (`y` is class_label's result).

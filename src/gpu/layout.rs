@@ -138,6 +138,11 @@ shared_constants! {
     LABELS_SOFT = 2;
     /// u16 class indices, two per word, 65535 ignored.
     LABELS_U16 = 3;
+    /// i32 class indices (burn's Int tensors); negative values and ignore_index ignored.
+    LABELS_I32 = 4;
+    /// i64 class indices, two words each (low word first); negative values and
+    /// ignore_index ignored.
+    LABELS_I64 = 5;
     /// f32 values.
     FLOAT_F32 = 0;
     /// IEEE half values, two per word.
@@ -260,6 +265,14 @@ dims_struct! {
     fin_elements: u32,
     /// `fin`: the statistics row summed over all images.
     fin_pooled: u32,
+    /// `fin`: the upstream gradient the gradient pass scales by (finalize writes 1; the
+    /// backward recording copies the caller's value over it).
+    fin_upstream: u32,
+    /// 1: the gradient pass adds to the target instead of overwriting it.
+    accumulate: u32,
+    /// The spec's ignore_index as i32 bits, for I32 and I64 labels (whose negative values
+    /// are ignored too).
+    ignore_label: u32,
 }
 
 /// Byte stride of the per-dispatch `Dims` slots in one uniform buffer (a multiple of every
@@ -285,6 +298,8 @@ pub struct FinLayout {
     pub elements: usize,
     /// A statistics row summed over all images (finalize's batch-pooled statistics).
     pub pooled: usize,
+    /// The upstream gradient (one float) the gradient pass scales by.
+    pub upstream: usize,
     /// Floats in the buffer.
     pub len: usize,
 }
@@ -303,7 +318,8 @@ impl FinLayout {
             values: report + 1,
             elements,
             pooled,
-            len: pooled + row_width(classes),
+            upstream: pooled + row_width(classes),
+            len: pooled + row_width(classes) + 1,
         }
     }
 }

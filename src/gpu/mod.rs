@@ -12,6 +12,7 @@
 //! - readback.rs, host.rs: results back to the host; the convenient host API.
 //! - cache.rs, workspace.rs, [`pool`]: what a context keeps between calls.
 
+mod backward;
 pub mod batch;
 mod cache;
 pub mod context;
@@ -27,6 +28,6 @@ mod workspace;
 
 pub use batch::{BufferRegion, DeviceBatch, GradTarget, HostBatch, HostLogits, Options};
 pub use context::GpuContext;
-pub use readback::Recorded;
+pub use readback::{InputStatus, Recorded};
 pub use stages::shader_sources;
 pub use strategy::{Strategy, TileSum};

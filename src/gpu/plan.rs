@@ -310,8 +310,16 @@ pub fn dims(spec: &LossSpec, shape: &Shape, fin: &FinLayout) -> Dims {
         fin_report: fin.report as u32,
         fin_elements: fin.elements as u32,
         fin_pooled: fin.pooled as u32,
+        fin_upstream: fin.upstream as u32,
+        ignore_label: ignore_label(spec.ignore_index),
         ..Default::default()
     }
+}
+
+/// The ignore_index as the i32 bits I32/I64 labels compare with (−1 when it is outside
+/// i32: negative labels are ignored anyway, and `check_request` refuses a positive one).
+pub fn ignore_label(ignore_index: i64) -> u32 {
+    i32::try_from(ignore_index).unwrap_or(-1) as u32
 }
 
 /// Whether any term needs a per-pixel loss map (cross-entropy with reduction none).

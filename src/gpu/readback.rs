@@ -17,6 +17,28 @@ const PLAIN_CE: usize = ROW_PLAIN_CE as usize;
 const LOSS: usize = ROW_LOSS as usize;
 const NORM: usize = ROW_NORM as usize;
 
+/// What a recording's statistics pass found wrong with its inputs
+/// ([`Recorded::read_status_async`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InputStatus {
+    /// Non-finite (NaN or infinite) logits.
+    pub non_finite_logits: u64,
+    /// Flat element position of the first, when any.
+    pub first_non_finite: Option<u64>,
+    /// Labels that are neither a class index below C nor ignored (or soft labels outside
+    /// [0, 1]).
+    pub invalid_labels: u64,
+    /// Flat position of the first, when any.
+    pub first_invalid_label: Option<u64>,
+}
+
+impl InputStatus {
+    /// Whether the inputs were clean.
+    pub fn is_clean(&self) -> bool {
+        self.non_finite_logits == 0 && self.invalid_labels == 0
+    }
+}
+
 /// The device-resident results of a recorded call; they stay valid while this handle lives.
 pub struct Recorded {
     pub(super) ws: Arc<Workspace>,
@@ -26,6 +48,10 @@ pub struct Recorded {
     pub(super) total_batch: usize,
     pub(super) classes: usize,
     pub(super) spatial: usize,
+    /// How its kernels ran (its backward runs the same way).
+    pub(super) strategy: super::strategy::Strategy,
+    /// A forward recording's reserved backward (backward.rs); `None` for the others.
+    pub(super) backward: Option<super::backward::BackwardSlots>,
 }
 
 impl std::fmt::Debug for Recorded {
@@ -143,6 +169,62 @@ impl Recorded {
             ws.staging.unmap();
             check_status(seq, &words[2..])?;
             Ok(f32::from_bits(words[0]))
+        }
+    }
+
+    /// The buffer and byte offset of the recording's input status: four u32 (non-finite
+    /// logits, flat position of the first or `u32::MAX`, invalid labels, position of the
+    /// first), written by the statistics pass. A caller may copy them lazily, or read them
+    /// with [`Recorded::read_status_async`].
+    pub fn status_location(&self) -> (&wgpu::Buffer, u64) {
+        (&self.ws.check, 0)
+    }
+
+    /// Asynchronous read of the input status (the counters of
+    /// [`Recorded::status_location`]): resolves once the device has run the recording
+    /// (drive it with `device.poll`). Unlike [`Recorded::read`], bad input is a value here,
+    /// not an error; reading a recording that was never submitted is an error.
+    pub fn read_status_async(
+        &self,
+        ctx: &GpuContext,
+    ) -> impl std::future::Future<Output = Result<InputStatus>> + Send + 'static {
+        let ws = self.ws.clone();
+        let seq = self.seq;
+        let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("segloss status"),
+            size: SEQ_AT + 4,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("segloss status"),
+            });
+        enc.copy_buffer_to_buffer(&ws.check, 0, &staging, 0, SEQ_AT + 4);
+        ctx.queue.submit([enc.finish()]);
+        let (tx, rx) = futures::channel::oneshot::channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r.map_err(|e| Error::Gpu(format!("mapping the status: {e}"))));
+        });
+        async move {
+            rx.await
+                .map_err(|_| Error::Gpu("the status read-back was dropped by the device".into()))??;
+            let w: Vec<u32> = {
+                let view = staging
+                    .slice(..)
+                    .get_mapped_range()
+                    .map_err(|e| Error::Gpu(format!("{e:?}")))?;
+                bytemuck::pod_collect_to_vec(&view)
+            };
+            check_status(seq, &[0, 0, 0, 0, w[(SEQ_AT / 4) as usize]])?;
+            let first = |v: u32| (v != u32::MAX).then_some(v as u64);
+            Ok(InputStatus {
+                non_finite_logits: w[0] as u64,
+                first_non_finite: first(w[1]),
+                invalid_labels: w[2] as u64,
+                first_invalid_label: first(w[3]),
+            })
         }
     }
 

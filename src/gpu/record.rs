@@ -34,6 +34,9 @@ pub(super) struct Request<'a> {
     pub poison: bool,
     /// How the kernels run.
     pub strategy: Strategy,
+    /// A forward recording: `Dims` slots are reserved for its one backward recording
+    /// (backward.rs).
+    pub backward_slots: bool,
 }
 
 impl<'a> Request<'a> {
@@ -52,43 +55,44 @@ impl<'a> Request<'a> {
             finalize: true,
             poison: false,
             strategy: ctx.strategy(),
+            backward_slots: false,
         }
     }
 }
 
 /// One dispatch: pipeline, bind group, workgroups.
-type Dispatch = (wgpu::ComputePipeline, wgpu::BindGroup, usize);
+pub(super) type Dispatch = (wgpu::ComputePipeline, wgpu::BindGroup, usize);
 
 /// A checked request: its dispatches, ready to be recorded, and the handle to its results.
-struct Prepared {
-    dispatches: Vec<Dispatch>,
+pub(super) struct Prepared {
+    pub(super) dispatches: Vec<Dispatch>,
     /// A shard's stats pass writes only its own images' partial rows, while the tile sums
     /// cover the global batch: the rows of the other images, left from an earlier call on
     /// this workspace, are zeroed first.
-    clear_partial: bool,
-    recorded: Recorded,
+    pub(super) clear_partial: bool,
+    pub(super) recorded: Recorded,
 }
 
 /// What the checks establish about a call.
-struct Checked {
-    batch: usize,
-    classes: usize,
-    pixels: usize,
+pub(super) struct Checked {
+    pub(super) batch: usize,
+    pub(super) classes: usize,
+    pub(super) pixels: usize,
     /// Images of the global batch.
-    total: usize,
+    pub(super) total: usize,
     /// Element and pixel index of the call's first image in the global batch.
-    first_elem: u64,
-    first_pixel: u64,
+    pub(super) first_elem: u64,
+    pub(super) first_pixel: u64,
     /// A 16-bit gradient: computed in f32 scratch, converted by the narrow stage.
-    narrow: bool,
+    pub(super) narrow: bool,
     /// The gradient shares a buffer with the logits or labels (`Kernel::GradShared`).
-    grad_shares_input: bool,
+    pub(super) grad_shares_input: bool,
 }
 
 /// Refuses what no kernel can run: a bad shape or spec, images outside the global batch,
 /// sigmoid without soft labels, misaligned offsets, ranges outside their buffers or
 /// overlapping each other, a label format too small for C.
-fn check_request(req: &Request<'_>) -> Result<Checked> {
+pub(super) fn check_request(req: &Request<'_>) -> Result<Checked> {
     let (spec, batch, grad) = (req.spec, req.batch, req.grad);
     let shape = batch.shape;
     shape.check()?;
@@ -127,6 +131,7 @@ fn check_request(req: &Request<'_>) -> Result<Checked> {
     }
     check_ranges(batch, grad)?;
     batch.label_format.check_classes(c_n)?;
+    check_signed_labels(spec, batch)?;
     Ok(Checked {
         batch: b_n,
         classes: c_n,
@@ -144,6 +149,29 @@ fn check_request(req: &Request<'_>) -> Result<Checked> {
                     || *g.region.buffer == *batch.labels.buffer)
         }),
     })
+}
+
+/// I32 and I64 labels compare with ignore_index as an i32, and I64 labels are read as word
+/// pairs from an 8-byte boundary.
+fn check_signed_labels(spec: &LossSpec, batch: &DeviceBatch<'_>) -> Result<()> {
+    let format = batch.label_format;
+    if !matches!(format, LabelFormat::I32 | LabelFormat::I64) {
+        return Ok(());
+    }
+    if spec.ignore_index > i32::MAX as i64 {
+        return Err(Error::Input(format!(
+            "{format:?} labels need an ignore_index below 2^31 (negative labels are always \
+             ignored), got {}",
+            spec.ignore_index
+        )));
+    }
+    if format == LabelFormat::I64 && batch.labels.offset % 8 != 0 {
+        return Err(Error::Input(format!(
+            "I64 labels start at byte offset {}, not a multiple of 8",
+            batch.labels.offset
+        )));
+    }
+    Ok(())
 }
 
 /// Bytes of each bound array: inside its buffer, and not overlapping another.
@@ -165,7 +193,7 @@ fn check_ranges(batch: &DeviceBatch<'_>, grad: Option<GradTarget<'_>>) -> Result
         (
             "labels",
             batch.labels,
-            bytes(label_elems, batch.label_format.per_word()),
+            batch.label_format.bytes(label_elems),
         ),
     ];
     if let Some(g) = &grad {
@@ -206,9 +234,9 @@ fn check_disjoint(ranges: &[(&str, BufferRegion<'_>, u64)]) -> Result<()> {
 }
 
 /// One chunk of images: its bound ranges, its `Dims` slot and its workgroups.
-struct ChunkPlan {
+pub(super) struct ChunkPlan {
     /// Byte offset of its `Dims` slot.
-    slot: u64,
+    pub(super) slot: u64,
     stats_groups: usize,
     grad_groups: usize,
     logits: Region,
@@ -218,7 +246,7 @@ struct ChunkPlan {
 }
 
 /// The chunks' bound ranges and `Dims` slots (slot 0, the whole global batch, comes first).
-fn plan_chunks(
+pub(super) fn plan_chunks(
     req: &Request<'_>,
     call: &Checked,
     chunks: &[(usize, usize)],
@@ -251,8 +279,18 @@ fn plan_chunks(
         } else {
             ((first * s) as u64, (count * s) as u64)
         };
-        let per_word = batch.label_format.per_word();
-        let yr = plan::region(batch.labels.offset, lab_first, lab_count, per_word, align);
+        // I64 labels are indexed by word (two a label): the region and shift in words.
+        let (per_word, words) = (
+            batch.label_format.per_word(),
+            batch.label_format.words_per_value(),
+        );
+        let yr = plan::region(
+            batch.labels.offset,
+            lab_first * words,
+            lab_count * words,
+            per_word,
+            align,
+        );
         let gr = req.grad.map(|g| {
             let per_word = g.format.per_word();
             plan::region(g.region.offset, first_elem, elems, per_word, align)
@@ -270,7 +308,7 @@ fn plan_chunks(
             image_offset: (batch.image_offset + first) as u32,
             total_batch: call.total as u32,
             logit_shift: lr.shift.wrapping_sub(call.first_elem as u32),
-            label_shift: yr.shift.wrapping_sub(label_origin as u32),
+            label_shift: yr.shift.wrapping_sub((label_origin * words) as u32),
             grad_shift: match (call.narrow, gr) {
                 (true, _) => global_first.wrapping_neg(), // f32 scratch from element 0
                 (false, Some(r)) => r.shift.wrapping_sub(call.first_elem as u32),
@@ -304,14 +342,14 @@ fn plan_chunks(
 }
 
 /// Everything the stage functions need to build a dispatch.
-struct Encoding<'a, 'c> {
-    ctx: &'c GpuContext,
-    caches: &'c mut Caches,
-    req: &'c Request<'a>,
-    call: &'c Checked,
-    ws: &'c Workspace,
-    variant: Variant,
-    dispatches: Vec<Dispatch>,
+pub(super) struct Encoding<'a, 'c> {
+    pub(super) ctx: &'c GpuContext,
+    pub(super) caches: &'c mut Caches,
+    pub(super) req: &'c Request<'a>,
+    pub(super) call: &'c Checked,
+    pub(super) ws: &'c Workspace,
+    pub(super) variant: Variant,
+    pub(super) dispatches: Vec<Dispatch>,
 }
 
 const DIMS_SIZE: u64 = std::mem::size_of::<Dims>() as u64;
@@ -393,7 +431,7 @@ impl Encoding<'_, '_> {
     }
 
     /// Stage 3 (and 4 for 16-bit gradients) per chunk.
-    fn grad(&mut self, plans: &[ChunkPlan], g: GradTarget<'_>) {
+    pub(super) fn grad(&mut self, plans: &[ChunkPlan], g: GradTarget<'_>) {
         let (batch, ws) = (self.req.batch, self.ws);
         let kernel = if self.call.grad_shares_input {
             Kernel::GradShared
@@ -538,7 +576,21 @@ impl GpuContext {
     }
 
     /// The chunks of the call's images: runs whose largest bound array fits one binding.
-    fn chunk_images(&self, req: &Request<'_>, call: &Checked) -> Result<Vec<(usize, usize)>> {
+    pub(super) fn chunk_images(
+        &self,
+        req: &Request<'_>,
+        call: &Checked,
+    ) -> Result<Vec<(usize, usize)>> {
+        self.chunk_images_with(req, call, req.grad.is_some())
+    }
+
+    /// [`Self::chunk_images`] with or without a gradient binding per image.
+    fn chunk_images_with(
+        &self,
+        req: &Request<'_>,
+        call: &Checked,
+        with_grad: bool,
+    ) -> Result<Vec<(usize, usize)>> {
         let limits = self.device.limits();
         let max_binding = match req.strategy.binding_limit {
             0 => limits.max_storage_buffer_binding_size,
@@ -550,12 +602,12 @@ impl GpuContext {
         let label_bytes = if batch.label_format == LabelFormat::Soft {
             image_elems * 4
         } else {
-            call.pixels as u64 * 4 / batch.label_format.per_word() + 4
+            batch.label_format.bytes(call.pixels as u64) + 4
         };
         let per_image = [
             image_elems * 4 / batch.logit_format.per_word(),
             label_bytes,
-            if req.grad.is_some() {
+            if with_grad {
                 image_elems * 4
             } else {
                 0
@@ -574,7 +626,7 @@ impl GpuContext {
     }
 
     /// The call's pipeline configuration (with the kernel, its pipeline key).
-    fn variant(&self, req: &Request<'_>) -> Variant {
+    pub(super) fn variant(&self, req: &Request<'_>) -> Variant {
         let (spec, batch) = (req.spec, req.batch);
         Variant {
             classes: batch.shape.classes as u32,
@@ -635,6 +687,12 @@ impl GpuContext {
         req.strategy.validate(&self.device, &self.info)?;
         let (spec, shape) = (req.spec, req.batch.shape);
         let chunks = self.chunk_images(req, &call)?;
+        // A forward recording reserves its backward's slots after its own.
+        let backward_chunks = if req.backward_slots {
+            self.chunk_images_with(req, &call, true)?.len()
+        } else {
+            0
+        };
         let max_chunk = chunks.iter().map(|c| c.1).max().unwrap_or(1) as u64;
         let params = plan::pack_params(spec, shape);
         let rows_per_tile = req.strategy.rows_per_tile(&self.info);
@@ -650,7 +708,7 @@ impl GpuContext {
             spatial: call.pixels,
             terms: spec.terms.len(),
             params_len: params.len(),
-            dims_slots: chunks.len() + 1,
+            dims_slots: chunks.len() + 1 + backward_chunks,
             scratch: if call.narrow {
                 max_chunk * image_elems * 4
             } else {
@@ -670,6 +728,7 @@ impl GpuContext {
         let align = storage_align(&self.device);
         let (slots, plans) = plan_chunks(req, &call, &chunks, base, align);
         let mut dims_bytes = vec![0u8; (DIMS_SLOT as usize) * slots.len()];
+        // (A forward's backward slots, after these, are written by its backward.)
         for (k, d) in slots.iter().enumerate() {
             let at = k * DIMS_SLOT as usize;
             dims_bytes[at..at + DIMS_SIZE as usize].copy_from_slice(bytemuck::bytes_of(d));
@@ -697,7 +756,14 @@ impl GpuContext {
         }
         let dispatches = enc.dispatches;
         drop(caches);
-        Ok(self.finish_preparing(req, &call, ws, dispatches))
+        let mut prepared = self.finish_preparing(req, &call, ws, dispatches);
+        if req.backward_slots {
+            prepared.recorded.backward = Some(super::backward::BackwardSlots::new(
+                chunks.len() + 1,
+                backward_chunks,
+            ));
+        }
+        Ok(prepared)
     }
 
     /// Numbers the recording and wraps its dispatches and results.
@@ -724,6 +790,8 @@ impl GpuContext {
                 total_batch: call.total,
                 classes: call.classes,
                 spatial: call.pixels,
+                strategy: req.strategy,
+                backward: None,
             },
         }
     }
