@@ -80,8 +80,14 @@ fn forward_backward_in_one_buffer_with_signed_labels() {
         let (y32, y64) = signed_labels(&y, 7);
         let upstream = 2.5f32;
         for (format, label_bytes) in [
-            (LabelFormat::I32, bytemuck::cast_slice::<i32, u8>(&y32).to_vec()),
-            (LabelFormat::I64, bytemuck::cast_slice::<i64, u8>(&y64).to_vec()),
+            (
+                LabelFormat::I32,
+                bytemuck::cast_slice::<i32, u8>(&y32).to_vec(),
+            ),
+            (
+                LabelFormat::I64,
+                bytemuck::cast_slice::<i64, u8>(&y64).to_vec(),
+            ),
         ] {
             let what = format!("{shape:?} {format:?}");
             let grad_init = vec![0x7Fu8; 4 * z.len()];
@@ -98,38 +104,75 @@ fn forward_backward_in_one_buffer_with_signed_labels() {
             let batch = DeviceBatch {
                 shape: &shape,
                 layout: Layout::Nchw,
-                logits: BufferRegion { buffer: &buf, offset: off[0] },
+                logits: BufferRegion {
+                    buffer: &buf,
+                    offset: off[0],
+                },
                 logit_format: LogitFormat::F32,
-                labels: BufferRegion { buffer: &buf, offset: off[1] },
+                labels: BufferRegion {
+                    buffer: &buf,
+                    offset: off[1],
+                },
                 label_format: format,
                 image_offset: 0,
                 total_batch: 0,
             };
             let mut enc = ctx.device().create_command_encoder(&Default::default());
-            let loss_at = BufferRegion { buffer: &buf, offset: off[2] };
-            let fwd = ctx.record_forward(&mut enc, &sp, &batch, Some(loss_at)).unwrap();
+            let loss_at = BufferRegion {
+                buffer: &buf,
+                offset: off[2],
+            };
+            let fwd = ctx
+                .record_forward(&mut enc, &sp, &batch, Some(loss_at))
+                .unwrap();
             let target = GradTarget {
-                region: BufferRegion { buffer: &buf, offset: off[4] },
+                region: BufferRegion {
+                    buffer: &buf,
+                    offset: off[4],
+                },
                 format: GradFormat::F32,
             };
-            let up = BufferRegion { buffer: &buf, offset: off[3] };
+            let up = BufferRegion {
+                buffer: &buf,
+                offset: off[3],
+            };
             ctx.record_backward(&mut enc, &fwd, &batch, target, Some(up), false)
                 .unwrap();
             ctx.queue().submit([enc.finish()]);
             let out = fwd.read(ctx).unwrap();
-            assert!(close(out.loss, want.loss), "{what}: {} vs {}", out.loss, want.loss);
+            assert!(
+                close(out.loss, want.loss),
+                "{what}: {} vs {}",
+                out.loss,
+                want.loss
+            );
             let loss = read_f32(ctx, &buf, off[2], 1)[0];
-            assert_eq!(loss as f64, out.loss, "{what}: the loss copied to the caller");
+            assert_eq!(
+                loss as f64, out.loss,
+                "{what}: the loss copied to the caller"
+            );
             let g = read_f32(ctx, &buf, off[4], z.len());
             let scaled: Vec<f32> = want_grad.iter().map(|v| v * upstream).collect();
             assert_gradient(&g, &scaled, &what);
             // Nothing around the arrays was written.
             let all = read_f32(ctx, &buf, 0, (buf.size() / 4) as usize);
             let gap = f32::from_bits(0xABABABAB);
-            assert_eq!(all[(off[1] / 4 - 1) as usize].to_bits(), gap.to_bits(), "{what}");
-            assert_eq!(all[(off[4] / 4 - 1) as usize].to_bits(), gap.to_bits(), "{what}");
+            assert_eq!(
+                all[(off[1] / 4 - 1) as usize].to_bits(),
+                gap.to_bits(),
+                "{what}"
+            );
+            assert_eq!(
+                all[(off[4] / 4 - 1) as usize].to_bits(),
+                gap.to_bits(),
+                "{what}"
+            );
             let end = ((off[4] + 4 * z.len() as u64) / 4) as usize;
-            assert_eq!(all[end].to_bits(), gap.to_bits(), "{what}: past the gradient");
+            assert_eq!(
+                all[end].to_bits(),
+                gap.to_bits(),
+                "{what}: past the gradient"
+            );
             // A second backward of one forward is refused.
             let mut enc = ctx.device().create_command_encoder(&Default::default());
             let err = ctx
@@ -163,12 +206,21 @@ fn backward_accumulates_and_refuses_misuse() {
         ],
     );
     let batch = DeviceBatch {
-        logits: BufferRegion { buffer: &buf, offset: off[0] },
-        labels: BufferRegion { buffer: &buf, offset: off[1] },
+        logits: BufferRegion {
+            buffer: &buf,
+            offset: off[0],
+        },
+        labels: BufferRegion {
+            buffer: &buf,
+            offset: off[1],
+        },
         ..DeviceBatch::new(&shape, &buf, &buf, LabelFormat::U32)
     };
     let target = GradTarget {
-        region: BufferRegion { buffer: &buf, offset: off[2] },
+        region: BufferRegion {
+            buffer: &buf,
+            offset: off[2],
+        },
         format: GradFormat::F32,
     };
     let mut enc = ctx.device().create_command_encoder(&Default::default());
@@ -209,7 +261,10 @@ fn backward_accumulates_and_refuses_misuse() {
         .unwrap_err();
     assert!(err.to_string().contains("record_forward"), "{err}");
     // The loss range overlapping the logits is refused before anything is recorded.
-    let on_logits = BufferRegion { buffer: &buf, offset: off[0] };
+    let on_logits = BufferRegion {
+        buffer: &buf,
+        offset: off[0],
+    };
     let err = ctx
         .record_forward(&mut enc, &sp, &batch, Some(on_logits))
         .unwrap_err();
@@ -237,12 +292,20 @@ fn input_status_counts_bad_input_on_the_device() {
     z[100] = f32::NAN;
     let (buf, off) = packed(ctx, &[bytemuck::cast_slice(&z), bytemuck::cast_slice(&y)]);
     let batch = DeviceBatch {
-        logits: BufferRegion { buffer: &buf, offset: off[0] },
-        labels: BufferRegion { buffer: &buf, offset: off[1] },
+        logits: BufferRegion {
+            buffer: &buf,
+            offset: off[0],
+        },
+        labels: BufferRegion {
+            buffer: &buf,
+            offset: off[1],
+        },
         ..DeviceBatch::new(&shape, &buf, &buf, LabelFormat::I64)
     };
     let mut enc = ctx.device().create_command_encoder(&Default::default());
-    let rec = ctx.record_forward(&mut enc, &spec(MIXED), &batch, None).unwrap();
+    let rec = ctx
+        .record_forward(&mut enc, &spec(MIXED), &batch, None)
+        .unwrap();
     // Not yet submitted: an error, not stale counters.
     let early = rec.read_status_async(ctx);
     ctx.device()
@@ -264,13 +327,20 @@ fn input_status_counts_bad_input_on_the_device() {
     assert!(rec.read(ctx).is_err());
     // I64 labels off an 8-byte boundary, and an ignore_index past i32, are refused.
     let odd = DeviceBatch {
-        labels: BufferRegion { buffer: &buf, offset: off[1] + 4 },
+        labels: BufferRegion {
+            buffer: &buf,
+            offset: off[1] + 4,
+        },
         ..batch
     };
     let mut enc = ctx.device().create_command_encoder(&Default::default());
-    let err = ctx.record_forward(&mut enc, &spec(MIXED), &odd, None).unwrap_err();
+    let err = ctx
+        .record_forward(&mut enc, &spec(MIXED), &odd, None)
+        .unwrap_err();
     assert!(err.to_string().contains("multiple of 8"), "{err}");
     let big = MIXED.replace("\"terms\"", "\"ignore_index\": 4294967296, \"terms\"");
-    let err = ctx.record_forward(&mut enc, &spec(&big), &batch, None).unwrap_err();
+    let err = ctx
+        .record_forward(&mut enc, &spec(&big), &batch, None)
+        .unwrap_err();
     assert!(err.to_string().contains("ignore_index"), "{err}");
 }

@@ -14,8 +14,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use segloss::gpu::{BufferRegion, DeviceBatch, GradTarget};
 use segloss::input::{GradFormat, LabelFormat, Shape};
 use segloss::testing::{random_labels, random_logits, Rng};
-use segloss_burn::{SeglossLoss, SharedDevice};
 use segloss::wgpu::util::DeviceExt;
+use segloss_burn::{SeglossLoss, SharedDevice};
 use std::time::Instant;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -97,12 +97,16 @@ fn main() {
         let alone = time(reps, || {
             let mut enc = dev.create_command_encoder(&Default::default());
             let target = GradTarget {
-                region: BufferRegion { buffer: &gb, offset: 0 },
+                region: BufferRegion {
+                    buffer: &gb,
+                    offset: 0,
+                },
                 format: GradFormat::F32,
             };
             let _rec = ctx.record(&mut enc, &spec, &batch, Some(target)).unwrap();
             ctx.queue().submit([enc.finish()]);
-            dev.poll(segloss::wgpu::PollType::wait_indefinitely()).unwrap();
+            dev.poll(segloss::wgpu::PollType::wait_indefinitely())
+                .unwrap();
         });
         let dims = [b, c, s, s];
         let zt = Tensor::<4>::from_data(TensorData::new(z.clone(), dims), &device);

@@ -18,7 +18,7 @@ use burn::nn::PaddingConfig2d;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use segloss_burn::synthetic::{Scenes, SceneConfig};
+use segloss_burn::synthetic::{SceneConfig, Scenes};
 use segloss_burn::{SeglossLoss, SharedDevice};
 use std::time::Instant;
 
@@ -59,51 +59,79 @@ impl UNet {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let e1 = relu(self.enc1b.forward(relu(self.enc1a.forward(x))));
-        let e2 = relu(self.enc2b.forward(relu(self.enc2a.forward(self.pool.forward(e1.clone())))));
+        let e2 = relu(
+            self.enc2b
+                .forward(relu(self.enc2a.forward(self.pool.forward(e1.clone())))),
+        );
         let u = self.up.forward(e2);
         let d = relu(self.dec1.forward(Tensor::cat(vec![u, e1], 1)));
         self.head.forward(d)
     }
 }
 
-struct Args {
-    loss: String,
-    steps: usize,
-    size: usize,
-    batch: usize,
-    seed: u64,
+/// The run's settings (flags of the same names).
+pub struct Args {
+    pub loss: String,
+    pub steps: usize,
+    pub size: usize,
+    pub batch: usize,
+    pub seed: u64,
+}
+
+impl Args {
+    /// `--quick`: a few steps on small images (CI runs it: tests/unet_quick.rs).
+    pub fn quick() -> Self {
+        Args {
+            steps: 12,
+            size: 32,
+            batch: 4,
+            ..Args::default()
+        }
+    }
+}
+
+impl Default for Args {
+    fn default() -> Self {
+        Args {
+            loss: "dice_ce".into(),
+            steps: 200,
+            size: 64,
+            batch: 8,
+            seed: 1,
+        }
+    }
 }
 
 fn args() -> Args {
-    let mut a = Args {
-        loss: "dice_ce".into(),
-        steps: 200,
-        size: 64,
-        batch: 8,
-        seed: 1,
-    };
+    let mut a = Args::default();
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
             "--quick" => {
-                a.steps = 12;
-                a.size = 32;
-                a.batch = 4;
+                let q = Args::quick();
+                (a.steps, a.size, a.batch) = (q.steps, q.size, q.batch);
             }
             "--loss" => a.loss = value(),
             "--steps" => a.steps = value().parse().expect("--steps N"),
             "--size" => a.size = value().parse().expect("--size N"),
             "--batch" => a.batch = value().parse().expect("--batch N"),
             "--seed" => a.seed = value().parse().expect("--seed N"),
-            other => panic!("unknown flag {other} (--quick, --loss, --steps, --size, --batch, --seed)"),
+            other => {
+                panic!("unknown flag {other} (--quick, --loss, --steps, --size, --batch, --seed)")
+            }
         }
     }
     a
 }
 
 fn main() -> segloss::Result<()> {
-    let a = args();
+    run(&args()).map(|_| ())
+}
+
+/// Trains and returns the loss of every step; an error unless every loss is finite and the
+/// mean of the last quarter of the steps is below that of the first quarter.
+pub fn run(a: &Args) -> segloss::Result<Vec<f32>> {
     let shared = SharedDevice::new()?;
     let device = shared.device().clone().autodiff();
     let classes = 4;
@@ -135,14 +163,18 @@ fn main() -> segloss::Result<()> {
         let batch = scenes.batch(a.batch);
         let (h, w) = (a.size, a.size);
         let x = Tensor::<4>::from_data(TensorData::new(batch.images, [a.batch, 1, h, w]), &device);
-        let y = Tensor::<3, Int>::from_data(TensorData::new(batch.labels, [a.batch, h, w]), &device);
+        let y =
+            Tensor::<3, Int>::from_data(TensorData::new(batch.labels, [a.batch, h, w]), &device);
         let loss = loss_fn.forward(model.forward(x), y)?;
         let value: f32 = loss.clone().into_scalar();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(2e-3, model, grads);
         losses.push(value);
         if step % 10 == 0 || step + 1 == a.steps {
-            println!("step {step:4}  loss {value:.4}  ({:.1} s)", start.elapsed().as_secs_f64());
+            println!(
+                "step {step:4}  loss {value:.4}  ({:.1} s)",
+                start.elapsed().as_secs_f64()
+            );
         }
     }
     let k = (losses.len() / 4).max(1);
@@ -157,5 +189,5 @@ fn main() -> segloss::Result<()> {
             "the loss did not fall ({first} → {last})"
         )));
     }
-    Ok(())
+    Ok(losses)
 }

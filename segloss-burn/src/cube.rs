@@ -44,7 +44,10 @@ fn channels_last(t: &CubeTensor) -> bool {
 /// The logits (and soft targets) as segloss reads them: contiguous, or channels-last in
 /// place (no copy); anything else is made contiguous by burn first. Soft targets must share
 /// the logits' layout.
-fn layout_of(logits: CubeTensor, targets: Option<CubeTensor>) -> (CubeTensor, Option<CubeTensor>, Layout) {
+fn layout_of(
+    logits: CubeTensor,
+    targets: Option<CubeTensor>,
+) -> (CubeTensor, Option<CubeTensor>, Layout) {
     let tiled = |t: &CubeTensor| t.meta.is_tiled();
     let nhwc = |t: &CubeTensor| !tiled(t) && !t.is_contiguous() && channels_last(t);
     let logits_nhwc = nhwc(&logits);
@@ -52,7 +55,11 @@ fn layout_of(logits: CubeTensor, targets: Option<CubeTensor>) -> (CubeTensor, Op
     if logits_nhwc && targets_ok {
         return (logits, targets, Layout::Nhwc);
     }
-    (into_contiguous(logits), targets.map(into_contiguous), Layout::Nchw)
+    (
+        into_contiguous(logits),
+        targets.map(into_contiguous),
+        Layout::Nchw,
+    )
 }
 
 fn shape_of(t: &CubeTensor) -> Shape {
@@ -118,9 +125,7 @@ fn forward(logits: CubeTensor, labels: CubeTensor, soft: bool, call: Call) -> Cu
     };
     let state = &call.0;
     let ctx = &state.ctx;
-    let mut enc = ctx
-        .device()
-        .create_command_encoder(&Default::default());
+    let mut enc = ctx.device().create_command_encoder(&Default::default());
     let loss = BufferRegion {
         buffer: &lr.buffer,
         offset: lr.offset,
@@ -164,7 +169,12 @@ fn backward(
     client
         .flush()
         .unwrap_or_else(|e| panic!("segloss-burn: flushing burn's work: {e:?}"));
-    let (zr, yr, ur, gr) = (resource!(z), resource!(y), resource!(upstream), resource!(grad));
+    let (zr, yr, ur, gr) = (
+        resource!(z),
+        resource!(y),
+        resource!(upstream),
+        resource!(grad),
+    );
     let (zr, yr, ur, gr) = (zr.resource(), yr.resource(), ur.resource(), gr.resource());
     let shape = shape_of(&z);
     let batch = DeviceBatch {
@@ -191,9 +201,7 @@ fn backward(
     let recorded = forward
         .as_ref()
         .expect("segloss-burn: the backward runs after its forward (stream order)");
-    let mut enc = ctx
-        .device()
-        .create_command_encoder(&Default::default());
+    let mut enc = ctx.device().create_command_encoder(&Default::default());
     let target = GradTarget {
         region: BufferRegion {
             buffer: &gr.buffer,

@@ -21,7 +21,9 @@ pub struct SharedDevice {
 /// The features burn's wgpu runtime can be given: everything the adapter has but mappable
 /// primary buffers and wgpu's experimental features (cubecl refuses a device with them).
 pub fn burn_features(adapter: &wgpu::Adapter) -> wgpu::Features {
-    adapter.features() - wgpu::Features::MAPPABLE_PRIMARY_BUFFERS - wgpu::Features::all_experimental_mask()
+    adapter.features()
+        - wgpu::Features::MAPPABLE_PRIMARY_BUFFERS
+        - wgpu::Features::all_experimental_mask()
 }
 
 use segloss::wgpu;

@@ -28,8 +28,8 @@ mod call;
 mod cube;
 mod device;
 mod loss;
-pub mod synthetic;
 pub mod ops;
+pub mod synthetic;
 
 pub use call::Call;
 pub use device::{burn_features, SharedDevice};

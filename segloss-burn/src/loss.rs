@@ -101,9 +101,7 @@ impl SeglossLoss {
     /// Tversky loss with weights α (false positives) and β (false negatives).
     pub fn tversky(alpha: f64, beta: f64, shared: &SharedDevice) -> Result<Self> {
         Self::from_json(
-            &format!(
-                r#"{{"terms": [{{"kind": "tversky", "alpha": {alpha}, "beta": {beta}}}]}}"#
-            ),
+            &format!(r#"{{"terms": [{{"kind": "tversky", "alpha": {alpha}, "beta": {beta}}}]}}"#),
             shared,
         )
     }
@@ -148,7 +146,9 @@ impl SeglossLoss {
     ) -> Result<(Tensor<1>, Report)> {
         self.check_logits(&logits)?;
         let dims = logits.dims();
-        let want: Vec<usize> = std::iter::once(dims[0]).chain(dims[2..].iter().copied()).collect();
+        let want: Vec<usize> = std::iter::once(dims[0])
+            .chain(dims[2..].iter().copied())
+            .collect();
         if labels.dims().as_slice() != want.as_slice() {
             return Err(Error::Input(format!(
                 "labels of shape {:?} for logits {:?}: expected {want:?} (B, *spatial)",

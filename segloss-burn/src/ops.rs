@@ -25,8 +25,11 @@ use burn::tensor::DType;
 pub trait SeglossOps: Backend {
     /// The loss (shape [1]) of class-index labels.
     #[fusion(meta = |_l, _y, _c| TensorSpec::new([1].into(), DType::F32))]
-    fn segloss_loss(logits: FloatTensor<Self>, labels: IntTensor<Self>, call: Call)
-        -> FloatTensor<Self>;
+    fn segloss_loss(
+        logits: FloatTensor<Self>,
+        labels: IntTensor<Self>,
+        call: Call,
+    ) -> FloatTensor<Self>;
 
     /// The loss (shape [1]) of soft targets of the logits' shape.
     #[fusion(meta = |_l, _g, _c| TensorSpec::new([1].into(), DType::F32))]
@@ -91,7 +94,11 @@ impl<B: SeglossOps, C: CheckpointStrategy> SeglossOps for Autodiff<B, C> {
         labels: IntTensor<Self>,
         call: Call,
     ) -> FloatTensor<Self> {
-        match IndexBackward.prepare::<C>([logits.node()]).compute_bound().stateful() {
+        match IndexBackward
+            .prepare::<C>([logits.node()])
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => {
                 let z = logits.into_primitive();
                 let loss = B::segloss_loss(z.clone(), labels.clone(), call.clone());
@@ -109,7 +116,11 @@ impl<B: SeglossOps, C: CheckpointStrategy> SeglossOps for Autodiff<B, C> {
         call: Call,
     ) -> FloatTensor<Self> {
         let g = targets.into_primitive();
-        match SoftBackward.prepare::<C>([logits.node()]).compute_bound().stateful() {
+        match SoftBackward
+            .prepare::<C>([logits.node()])
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => {
                 let z = logits.into_primitive();
                 let loss = B::segloss_loss_soft(z.clone(), g.clone(), call.clone());

@@ -133,11 +133,17 @@ fn value_and_gradient_match_the_host_api_and_burn_tensor_ops() {
         let (host_loss, host_grad) = k.host(&spec);
         let device = ad();
         let z = k.logits(&device);
-        let loss = loss_fn.forward(z.clone(), k.labels_i32(&device, -1)).unwrap();
+        let loss = loss_fn
+            .forward(z.clone(), k.labels_i32(&device, -1))
+            .unwrap();
         let grads = loss.clone().backward();
         let got = loss_value(loss);
         let g = values(z.grad(&grads).unwrap());
-        assert_eq!(got.to_bits(), (host_loss as f32 as f64).to_bits(), "loss vs host API");
+        assert_eq!(
+            got.to_bits(),
+            (host_loss as f32 as f64).to_bits(),
+            "loss vs host API"
+        );
         assert_eq!(g, host_grad, "gradient vs host API, {:?}", k.shape);
         // burn's composed ops with its autodiff.
         let z2 = k.logits(&device);
@@ -145,7 +151,10 @@ fn value_and_gradient_match_the_host_api_and_burn_tensor_ops() {
         let grads = want.clone().backward();
         let want_loss = loss_value(want);
         let want_grad = values(z2.grad(&grads).unwrap());
-        assert!((got - want_loss).abs() <= 1e-5 * want_loss.abs().max(1.0), "{got} vs burn {want_loss}");
+        assert!(
+            (got - want_loss).abs() <= 1e-5 * want_loss.abs().max(1.0),
+            "{got} vs burn {want_loss}"
+        );
         let e = rel_l2(&g, &want_grad);
         assert!(e < 1e-4, "gradient vs burn's tensor ops: relative L2 {e}");
     }
@@ -171,7 +180,11 @@ fn chain_rule_with_upstream_scale_and_the_loss_used_twice() {
     let total = l.clone() + l * 0.5 + l2;
     let g = values(z.grad(&total.backward()).unwrap());
     let want: Vec<f32> = host_grad.iter().map(|v| v * 2.5).collect();
-    assert!(rel_l2(&g, &want) < 1e-6, "reused loss: {}", rel_l2(&g, &want));
+    assert!(
+        rel_l2(&g, &want) < 1e-6,
+        "reused loss: {}",
+        rel_l2(&g, &want)
+    );
 }
 
 #[test]
@@ -223,8 +236,15 @@ fn permuted_and_strided_logits() {
     let got = loss_value(loss.clone());
     let g = base.grad(&loss.backward()).unwrap();
     let g = segloss::input::permute(&g.into_data().try_to_vec::<f32>().unwrap(), &k.shape, true);
-    assert!((got - host_loss).abs() <= 1e-6 * host_loss.abs().max(1.0), "nhwc loss");
-    assert!(rel_l2(&g, &host_grad) < 1e-6, "nhwc gradient {}", rel_l2(&g, &host_grad));
+    assert!(
+        (got - host_loss).abs() <= 1e-6 * host_loss.abs().max(1.0),
+        "nhwc loss"
+    );
+    assert!(
+        rel_l2(&g, &host_grad) < 1e-6,
+        "nhwc gradient {}",
+        rel_l2(&g, &host_grad)
+    );
     // Any other strides: made contiguous by burn first.
     let t = Tensor::<4>::from_data(TensorData::new(k.z.clone(), [b, c, h, w]), &device)
         .swap_dims(2, 3)
@@ -245,7 +265,9 @@ fn small_tensors_sharing_burns_pages() {
         let k = case(seed, 2, 4, 8, 8, 0.0);
         let (host_loss, host_grad) = k.host(&dice_ce_spec());
         let z = k.logits(&device);
-        let loss = loss_fn.forward(z.clone(), k.labels_i32(&device, -1)).unwrap();
+        let loss = loss_fn
+            .forward(z.clone(), k.labels_i32(&device, -1))
+            .unwrap();
         let g = values(z.grad(&loss.clone().backward()).unwrap());
         assert_eq!(loss_value(loss), host_loss as f32 as f64);
         assert_eq!(g, host_grad);
@@ -271,7 +293,11 @@ fn soft_targets_and_sigmoid() {
     let loss = loss_fn.forward_soft(zt.clone(), gt).unwrap();
     let got = loss_value(loss.clone());
     let grad = values(zt.grad(&loss.backward()).unwrap());
-    assert!((got - want.loss).abs() <= 2e-5 * want.loss.abs().max(1.0), "{got} vs {}", want.loss);
+    assert!(
+        (got - want.loss).abs() <= 2e-5 * want.loss.abs().max(1.0),
+        "{got} vs {}",
+        want.loss
+    );
     let want_g = want.gradient.unwrap();
     assert!(rel_l2(&grad, &want_g) < 1e-4);
 }
@@ -294,8 +320,10 @@ fn errors_are_values() {
     assert!(err(loss_fn.forward(flat, y1)).contains("dimensions"));
     // A spec that does not fit C (class weights of another length), and a bad spec.
     let weighted = SeglossLoss::new(
-        LossSpec::from_json(r#"{"terms": [{"kind": "cross_entropy", "class_weights": [1, 2, 3]}]}"#)
-            .unwrap(),
+        LossSpec::from_json(
+            r#"{"terms": [{"kind": "cross_entropy", "class_weights": [1, 2, 3]}]}"#,
+        )
+        .unwrap(),
         shared(),
     )
     .unwrap();
@@ -309,6 +337,8 @@ fn errors_are_values() {
     .unwrap();
     assert!(err(sig.forward(z.clone(), k.labels_i32(&device, 0))).contains("soft"));
     // The device is still usable after the refusals.
-    let loss = loss_fn.forward(z.clone(), k.labels_i32(&device, 0)).unwrap();
+    let loss = loss_fn
+        .forward(z.clone(), k.labels_i32(&device, 0))
+        .unwrap();
     assert!(loss_value(loss).is_finite());
 }

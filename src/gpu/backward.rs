@@ -48,7 +48,7 @@ fn check_scalar_region(
     usage: wgpu::BufferUsages,
     inputs: &DeviceBatch<'_>,
 ) -> Result<()> {
-    if r.offset % 4 != 0 {
+    if !r.offset.is_multiple_of(4) {
         return Err(Error::Input(format!(
             "the {what} offset {} is not a multiple of 4 bytes",
             r.offset
@@ -137,7 +137,8 @@ impl GpuContext {
             return Err(taken());
         }
         let shape = batch.shape;
-        if (shape.batch, shape.classes, shape.pixels()) != (forward.total_batch, forward.classes, forward.spatial)
+        if (shape.batch, shape.classes, shape.pixels())
+            != (forward.total_batch, forward.classes, forward.spatial)
             || batch.image_offset != 0
             || (batch.total_batch != 0 && batch.total_batch != shape.batch)
         {

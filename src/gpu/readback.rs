@@ -208,8 +208,9 @@ impl Recorded {
             let _ = tx.send(r.map_err(|e| Error::Gpu(format!("mapping the status: {e}"))));
         });
         async move {
-            rx.await
-                .map_err(|_| Error::Gpu("the status read-back was dropped by the device".into()))??;
+            rx.await.map_err(|_| {
+                Error::Gpu("the status read-back was dropped by the device".into())
+            })??;
             let w: Vec<u32> = {
                 let view = staging
                     .slice(..)

@@ -165,7 +165,7 @@ fn check_signed_labels(spec: &LossSpec, batch: &DeviceBatch<'_>) -> Result<()> {
             spec.ignore_index
         )));
     }
-    if format == LabelFormat::I64 && batch.labels.offset % 8 != 0 {
+    if format == LabelFormat::I64 && !batch.labels.offset.is_multiple_of(8) {
         return Err(Error::Input(format!(
             "I64 labels start at byte offset {}, not a multiple of 8",
             batch.labels.offset
@@ -607,11 +607,7 @@ impl GpuContext {
         let per_image = [
             image_elems * 4 / batch.logit_format.per_word(),
             label_bytes,
-            if with_grad {
-                image_elems * 4
-            } else {
-                0
-            },
+            if with_grad { image_elems * 4 } else { 0 },
         ]
         .into_iter()
         .max()
