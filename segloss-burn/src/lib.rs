@@ -24,6 +24,8 @@
 //!
 //! Design: ARCHITECTURE.md of the repository, "segloss-burn".
 
+#![warn(missing_docs)]
+
 mod call;
 mod cube;
 mod device;

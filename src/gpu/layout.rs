@@ -348,7 +348,8 @@ mod tests {
         let l = FinLayout::new(3, 4, 2);
         assert_eq!(l.report, 4 * 12 + MAX_PIXEL_TERMS as usize);
         assert_eq!(l.pooled, l.elements + 2 * 12);
-        assert_eq!(l.len, l.pooled + row_width(4));
+        assert_eq!(l.upstream, l.pooled + row_width(4));
+        assert_eq!(l.len, l.upstream + 1);
     }
 
     #[test]
