@@ -9,7 +9,6 @@
 //! Rows: median milliseconds per step (the step ends when the gradient is on the device:
 //! `device.sync()`), and the ratios. Results and the machine: BENCHMARKS.md, "burn".
 
-use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use segloss::gpu::{BufferRegion, DeviceBatch, GradTarget};
 use segloss::input::{GradFormat, LabelFormat, Shape};
@@ -35,17 +34,6 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
             })
             .collect(),
     )
-}
-
-/// burn's CE + soft Dice by tensor ops (as in tests/burn_loss.rs).
-fn composed(z: Tensor<4>, y: Tensor<3, Int>, classes: usize) -> Tensor<1> {
-    let [b, _, h, w] = z.dims();
-    let onehot = y.one_hot::<4>(classes).permute([0, 3, 1, 2]).float();
-    let ce = (onehot.clone() * log_softmax(z.clone(), 1)).sum().neg() / (b * h * w) as f32;
-    let p = softmax(z, 1);
-    let inter = (p.clone() * onehot.clone()).sum_dims(&[2, 3]);
-    let denom = p.sum_dims(&[2, 3]) + onehot.sum_dims(&[2, 3]);
-    ce + ((inter * 2.0 + 1e-5) / (denom + 1e-5)).mean().neg() + 1.0
 }
 
 fn main() {
@@ -120,7 +108,7 @@ fn main() {
         });
         let composed_ms = time(reps.min(5), || {
             let zg = zt.clone().require_grad();
-            let loss = composed(zg.clone(), yt.clone(), c);
+            let loss = segloss_burn::composed::ce_dice(zg.clone(), yt.clone(), c);
             let g = zg.grad(&loss.backward()).unwrap();
             drop(g);
             device.sync().unwrap();

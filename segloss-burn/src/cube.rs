@@ -5,12 +5,12 @@
 use crate::call::Call;
 use crate::ops::SeglossOps;
 use burn::tensor::DType;
-use burn_cubecl::cubecl::wgpu::{AutoCompiler, WgpuServer};
+use burn_cubecl::cubecl::wgpu::{AutoCompiler, WgpuResource, WgpuServer};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
 use segloss::gpu::{BufferRegion, DeviceBatch, GradTarget};
-use segloss::input::{LabelFormat, Layout, LogitFormat, Shape};
+use segloss::input::{GradFormat, LabelFormat, Layout, LogitFormat, Shape};
 
 /// Where a tensor's elements sit: its wgpu buffer and byte offset. Holding the value pins
 /// burn's allocation.
@@ -75,22 +75,62 @@ fn logit_format(dtype: DType) -> LogitFormat {
     }
 }
 
-fn label_format(dtype: DType) -> LabelFormat {
-    match dtype {
-        DType::I64 => LabelFormat::I64,
-        _ => LabelFormat::I32,
+/// Soft targets, or the index format of the labels' dtype (`SeglossLoss` admits i32 and
+/// i64 only).
+fn label_format(dtype: DType, soft: bool) -> LabelFormat {
+    match (soft, dtype) {
+        (true, _) => LabelFormat::Soft,
+        (false, DType::I64) => LabelFormat::I64,
+        (false, _) => LabelFormat::I32,
     }
 }
 
-/// Records the forward and puts the loss into a new one-float tensor.
-fn forward(logits: CubeTensor, labels: CubeTensor, soft: bool, call: Call) -> CubeTensor {
-    let (z, y, layout) = if soft {
+/// The logits and labels as segloss reads them (see [`layout_of`]; index labels made
+/// contiguous), and the layout.
+fn inputs(logits: CubeTensor, labels: CubeTensor, soft: bool) -> (CubeTensor, CubeTensor, Layout) {
+    if soft {
         let (z, g, layout) = layout_of(logits, Some(labels));
         (z, g.expect("targets given"), layout)
     } else {
         let (z, _, layout) = layout_of(logits, None);
         (z, into_contiguous(labels), layout)
-    };
+    }
+}
+
+/// Puts burn's pending work on the shared queue, ahead of segloss's submission.
+fn flush(t: &CubeTensor) {
+    t.client
+        .flush()
+        .unwrap_or_else(|e| panic!("segloss-burn: flushing burn's work: {e:?}"));
+}
+
+fn region(r: &WgpuResource) -> BufferRegion<'_> {
+    BufferRegion {
+        buffer: &r.buffer,
+        offset: r.offset,
+    }
+}
+
+/// The device batch of logits `z` and labels `y` at their resources.
+fn device_batch<'a>(
+    shape: &'a Shape,
+    layout: Layout,
+    (z, zr): (&CubeTensor, &'a WgpuResource),
+    (y, yr): (&CubeTensor, &'a WgpuResource),
+    soft: bool,
+) -> DeviceBatch<'a> {
+    DeviceBatch {
+        layout,
+        logits: region(zr),
+        logit_format: logit_format(z.dtype),
+        labels: region(yr),
+        ..DeviceBatch::new(shape, &zr.buffer, &yr.buffer, label_format(y.dtype, soft))
+    }
+}
+
+/// Records the forward and puts the loss into a new one-float tensor.
+fn forward(logits: CubeTensor, labels: CubeTensor, soft: bool, call: Call) -> CubeTensor {
+    let (z, y, layout) = inputs(logits, labels, soft);
     let client = z.client.clone();
     let out = CubeTensor::new_contiguous(
         client.clone(),
@@ -99,41 +139,23 @@ fn forward(logits: CubeTensor, labels: CubeTensor, soft: bool, call: Call) -> Cu
         client.empty(4),
         DType::F32,
     );
-    client
-        .flush()
-        .unwrap_or_else(|e| panic!("segloss-burn: flushing burn's work: {e:?}"));
+    flush(&z);
     let (zr, yr, lr) = (resource!(z), resource!(y), resource!(out));
-    let (zr, yr, lr) = (zr.resource(), yr.resource(), lr.resource());
     let shape = shape_of(&z);
-    let batch = DeviceBatch {
+    let batch = device_batch(
+        &shape,
         layout,
-        logits: BufferRegion {
-            buffer: &zr.buffer,
-            offset: zr.offset,
-        },
-        logit_format: logit_format(z.dtype),
-        labels: BufferRegion {
-            buffer: &yr.buffer,
-            offset: yr.offset,
-        },
-        label_format: if soft {
-            LabelFormat::Soft
-        } else {
-            label_format(y.dtype)
-        },
-        ..DeviceBatch::new(&shape, &zr.buffer, &yr.buffer, LabelFormat::I32)
-    };
+        (&z, zr.resource()),
+        (&y, yr.resource()),
+        soft,
+    );
     let state = &call.0;
     let ctx = &state.ctx;
     let mut enc = ctx.device().create_command_encoder(&Default::default());
-    let loss = BufferRegion {
-        buffer: &lr.buffer,
-        offset: lr.offset,
-    };
     // Every input error was refused by `SeglossLoss::forward` before this op existed; what
     // is left is a broken invariant, reported like burn's own kernel failures.
     let recorded = ctx
-        .record_forward(&mut enc, &state.spec, &batch, Some(loss))
+        .record_forward(&mut enc, &state.spec, &batch, Some(region(lr.resource())))
         .unwrap_or_else(|e| panic!("segloss-burn forward: {e}"));
     ctx.queue().submit([enc.finish()]);
     *state.forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(recorded);
@@ -149,13 +171,7 @@ fn backward(
     upstream: CubeTensor,
     call: Call,
 ) -> CubeTensor {
-    let (z, y, layout) = if soft {
-        let (z, g, layout) = layout_of(logits, Some(labels));
-        (z, g.expect("targets given"), layout)
-    } else {
-        let (z, _, layout) = layout_of(logits, None);
-        (z, into_contiguous(labels), layout)
-    };
+    let (z, y, layout) = inputs(logits, labels, soft);
     let upstream = into_contiguous(upstream);
     let client = z.client.clone();
     let n = z.meta.shape().num_elements();
@@ -166,35 +182,21 @@ fn backward(
         z.device.clone(),
         DType::F32,
     );
-    client
-        .flush()
-        .unwrap_or_else(|e| panic!("segloss-burn: flushing burn's work: {e:?}"));
+    flush(&z);
     let (zr, yr, ur, gr) = (
         resource!(z),
         resource!(y),
         resource!(upstream),
         resource!(grad),
     );
-    let (zr, yr, ur, gr) = (zr.resource(), yr.resource(), ur.resource(), gr.resource());
     let shape = shape_of(&z);
-    let batch = DeviceBatch {
+    let batch = device_batch(
+        &shape,
         layout,
-        logits: BufferRegion {
-            buffer: &zr.buffer,
-            offset: zr.offset,
-        },
-        logit_format: logit_format(z.dtype),
-        labels: BufferRegion {
-            buffer: &yr.buffer,
-            offset: yr.offset,
-        },
-        label_format: if soft {
-            LabelFormat::Soft
-        } else {
-            label_format(y.dtype)
-        },
-        ..DeviceBatch::new(&shape, &zr.buffer, &yr.buffer, LabelFormat::I32)
-    };
+        (&z, zr.resource()),
+        (&y, yr.resource()),
+        soft,
+    );
     let state = &call.0;
     let ctx = &state.ctx;
     let forward = state.forward.lock().unwrap_or_else(|p| p.into_inner());
@@ -203,17 +205,11 @@ fn backward(
         .expect("segloss-burn: the backward runs after its forward (stream order)");
     let mut enc = ctx.device().create_command_encoder(&Default::default());
     let target = GradTarget {
-        region: BufferRegion {
-            buffer: &gr.buffer,
-            offset: gr.offset,
-        },
-        format: segloss::input::GradFormat::F32,
+        region: region(gr.resource()),
+        format: GradFormat::F32,
     };
-    let up = BufferRegion {
-        buffer: &ur.buffer,
-        offset: ur.offset,
-    };
-    ctx.record_backward(&mut enc, recorded, &batch, target, Some(up), false)
+    let up = Some(region(ur.resource()));
+    ctx.record_backward(&mut enc, recorded, &batch, target, up, false)
         .unwrap_or_else(|e| panic!("segloss-burn backward: {e}"));
     ctx.queue().submit([enc.finish()]);
     grad

@@ -27,6 +27,7 @@
 #![warn(missing_docs)]
 
 mod call;
+pub mod composed;
 mod cube;
 mod device;
 mod loss;

@@ -162,11 +162,7 @@ impl SeglossLoss {
                 labels.dtype()
             )));
         }
-        if labels.device() != *self.shared.device() {
-            return Err(Error::Input(
-                "the labels are not on the loss's device".into(),
-            ));
-        }
+        self.check_device("labels", &labels.device())?;
         if self.spec.activation == Activation::Sigmoid {
             return Err(Error::Input(
                 "a sigmoid spec needs soft targets of the logits' shape: use forward_soft".into(),
@@ -178,17 +174,8 @@ impl SeglossLoss {
                 self.spec.ignore_index
             )));
         }
-        let call = Call::new(self.shared.context().clone(), self.spec.clone());
-        let loss = Tensor::from_dispatch(Dispatch::segloss_loss(
-            logits.into_dispatch(),
-            labels.into_dispatch(),
-            call.clone(),
-        ));
-        let report = Report {
-            call,
-            loss: loss.clone(),
-        };
-        Ok((loss, report))
+        let (logits, labels) = (logits.into_dispatch(), labels.into_dispatch());
+        Ok(self.run(|call| Dispatch::segloss_loss(logits, labels, call)))
     }
 
     /// The loss of logits against soft targets (or sigmoid masks) of the same shape, f32 in
@@ -221,22 +208,32 @@ impl SeglossLoss {
                 targets.dtype()
             )));
         }
-        if targets.device() != *self.shared.device() {
-            return Err(Error::Input(
-                "the targets are not on the loss's device".into(),
-            ));
-        }
+        self.check_device("targets", &targets.device())?;
+        let (logits, targets) = (logits.into_dispatch(), targets.detach().into_dispatch());
+        Ok(self.run(|call| Dispatch::segloss_loss_soft(logits, targets, call)))
+    }
+
+    /// One evaluation: a new [`Call`], the operation `op` on it, and its report.
+    fn run(
+        &self,
+        op: impl FnOnce(Call) -> burn::backend::tensor::FloatTensor<Dispatch>,
+    ) -> (Tensor<1>, Report) {
         let call = Call::new(self.shared.context().clone(), self.spec.clone());
-        let loss = Tensor::from_dispatch(Dispatch::segloss_loss_soft(
-            logits.into_dispatch(),
-            targets.detach().into_dispatch(),
-            call.clone(),
-        ));
+        let loss = Tensor::from_dispatch(op(call.clone()));
         let report = Report {
             call,
             loss: loss.clone(),
         };
-        Ok((loss, report))
+        (loss, report)
+    }
+
+    fn check_device(&self, what: &str, device: &burn::tensor::Device) -> Result<()> {
+        if device != self.shared.device() {
+            return Err(Error::Input(format!(
+                "the {what} are not on the loss's device (SharedDevice::device)"
+            )));
+        }
+        Ok(())
     }
 
     fn check_logits<const D: usize>(&self, logits: &Tensor<D>) -> Result<()> {
@@ -255,11 +252,7 @@ impl SeglossLoss {
                 logits.dtype()
             )));
         }
-        if logits.device() != *self.shared.device() {
-            return Err(Error::Input(
-                "the logits are not on the loss's device (SharedDevice::device)".into(),
-            ));
-        }
+        self.check_device("logits", &logits.device())?;
         Ok(())
     }
 }

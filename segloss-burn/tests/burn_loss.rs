@@ -3,7 +3,6 @@
 //! with ignored pixels, permuted logits, small tensors sharing burn's pages, and errors.
 //! Without a Vulkan device these tests fail, saying how to install one.
 
-use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use segloss::gpu::{HostBatch, Options};
 use segloss::input::{Labels, Shape, IGNORE};
@@ -110,20 +109,6 @@ fn dice_ce_spec() -> LossSpec {
     LossSpec::from_json(r#"{"terms": [{"kind": "cross_entropy"}, {"kind": "dice"}]}"#).unwrap()
 }
 
-/// burn's own CE (mean over pixels) + soft Dice (MONAI's defaults: smooth 1e-5, mean over
-/// images and classes), by tensor ops, every pixel labelled.
-fn burn_ce_dice(z: Tensor<4>, y: Tensor<3, Int>, classes: usize) -> Tensor<1> {
-    let [b, _, h, w] = z.dims();
-    let onehot = y.one_hot::<4>(classes).permute([0, 3, 1, 2]).float();
-    let ce = (onehot.clone() * log_softmax(z.clone(), 1)).sum().neg() / (b * h * w) as f32;
-    let p = softmax(z, 1);
-    let inter = (p.clone() * onehot.clone()).sum_dims(&[2, 3]);
-    let denom = p.sum_dims(&[2, 3]) + onehot.sum_dims(&[2, 3]);
-    let dice = (inter * 2.0 + 1e-5) / (denom + 1e-5);
-    let dice = dice.mean().neg() + 1.0;
-    ce + dice
-}
-
 #[test]
 fn value_and_gradient_match_the_host_api_and_burn_tensor_ops() {
     let spec = dice_ce_spec();
@@ -147,7 +132,7 @@ fn value_and_gradient_match_the_host_api_and_burn_tensor_ops() {
         assert_eq!(g, host_grad, "gradient vs host API, {:?}", k.shape);
         // burn's composed ops with its autodiff.
         let z2 = k.logits(&device);
-        let want = burn_ce_dice(z2.clone(), k.labels_i32(&device, 0), c);
+        let want = segloss_burn::composed::ce_dice(z2.clone(), k.labels_i32(&device, 0), c);
         let grads = want.clone().backward();
         let want_loss = loss_value(want);
         let want_grad = values(z2.grad(&grads).unwrap());

@@ -14,7 +14,9 @@ use super::context::{storage_align, GpuContext};
 use super::layout::{Dims, FinLayout, DIMS_SLOT};
 use super::plan;
 use super::readback::Recorded;
-use super::record::{check_request, plan_chunks, Encoding, Request};
+use super::record::{
+    bound_ranges, check_request, encode_dispatches, plan_chunks, Encoding, Request,
+};
 use crate::error::{Error, Result};
 use crate::input::GradFormat;
 use crate::spec::LossSpec;
@@ -41,12 +43,13 @@ impl BackwardSlots {
     }
 }
 
-/// Checks a caller's 4-byte range the recording copies to or from.
+/// Checks a caller's 4-byte range the recording copies to or from, against the arrays the
+/// call binds.
 fn check_scalar_region(
     what: &str,
     r: &BufferRegion<'_>,
     usage: wgpu::BufferUsages,
-    inputs: &DeviceBatch<'_>,
+    bound: &[(&str, BufferRegion<'_>, u64)],
 ) -> Result<()> {
     if !r.offset.is_multiple_of(4) {
         return Err(Error::Input(format!(
@@ -67,12 +70,14 @@ fn check_scalar_region(
             r.buffer.usage()
         )));
     }
-    for (name, input) in [("logits", inputs.logits), ("labels", inputs.labels)] {
-        if *input.buffer == *r.buffer && input.offset <= r.offset + 3 && r.offset < input.offset + 4
-        {
+    for (name, b, len) in bound {
+        if *b.buffer == *r.buffer && b.offset < r.offset + 4 && r.offset < b.offset + len {
             return Err(Error::Input(format!(
-                "the {what} (byte {}) overlaps the start of the {name}",
-                r.offset
+                "the {what} (bytes {}..{}) overlaps the {name} (bytes {}..{})",
+                r.offset,
+                r.offset + 4,
+                b.offset,
+                b.offset + len
             )));
         }
     }
@@ -92,7 +97,12 @@ impl GpuContext {
         loss: Option<BufferRegion<'_>>,
     ) -> Result<Recorded> {
         if let Some(l) = &loss {
-            check_scalar_region("loss", l, wgpu::BufferUsages::COPY_DST, batch)?;
+            check_scalar_region(
+                "loss",
+                l,
+                wgpu::BufferUsages::COPY_DST,
+                &bound_ranges(batch, None),
+            )?;
         }
         let req = Request {
             backward_slots: true,
@@ -159,7 +169,12 @@ impl GpuContext {
             ));
         }
         if let Some(u) = &upstream {
-            check_scalar_region("upstream gradient", u, wgpu::BufferUsages::COPY_SRC, batch)?;
+            check_scalar_region(
+                "upstream gradient",
+                u,
+                wgpu::BufferUsages::COPY_SRC,
+                &bound_ranges(batch, Some(grad)),
+            )?;
         }
         let req = Request {
             strategy: forward.strategy,
@@ -216,16 +231,7 @@ impl GpuContext {
             let at = 4 * forward.ws.fin_layout.upstream as u64;
             encoder.copy_buffer_to_buffer(u.buffer, u.offset, &forward.ws.fin, at, 4);
         }
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("segloss backward"),
-            timestamp_writes: None,
-        });
-        for (p, bg, groups) in &dispatches {
-            let (x, y) = plan::dispatch_2d(*groups);
-            pass.set_pipeline(p);
-            pass.set_bind_group(0, bg, &[]);
-            pass.dispatch_workgroups(x, y, 1);
-        }
+        encode_dispatches(encoder, "segloss backward", &dispatches, None);
         Ok(())
     }
 }

@@ -174,8 +174,11 @@ fn check_signed_labels(spec: &LossSpec, batch: &DeviceBatch<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Bytes of each bound array: inside its buffer, and not overlapping another.
-fn check_ranges(batch: &DeviceBatch<'_>, grad: Option<GradTarget<'_>>) -> Result<()> {
+/// Each array a call binds: its name, region and bytes.
+pub(super) fn bound_ranges<'a>(
+    batch: &DeviceBatch<'a>,
+    grad: Option<GradTarget<'a>>,
+) -> Vec<(&'static str, BufferRegion<'a>, u64)> {
     let shape = batch.shape;
     let n = shape.len() as u64;
     let label_elems = if batch.label_format == LabelFormat::Soft {
@@ -196,9 +199,15 @@ fn check_ranges(batch: &DeviceBatch<'_>, grad: Option<GradTarget<'_>>) -> Result
             batch.label_format.bytes(label_elems),
         ),
     ];
-    if let Some(g) = &grad {
+    if let Some(g) = grad {
         ranges.push(("gradient", g.region, bytes(n, g.format.per_word())));
     }
+    ranges
+}
+
+/// Bytes of each bound array: inside its buffer, and not overlapping another.
+fn check_ranges(batch: &DeviceBatch<'_>, grad: Option<GradTarget<'_>>) -> Result<()> {
+    let ranges = bound_ranges(batch, grad);
     for (what, r, len) in &ranges {
         let end = r.offset + len;
         if end > r.buffer.size() {
@@ -339,6 +348,30 @@ pub(super) fn plan_chunks(
         });
     }
     (slots, plans)
+}
+
+/// Records prepared dispatches as one compute pass (timestamps 0 and 1 of `timestamps`
+/// at its start and end).
+pub(super) fn encode_dispatches(
+    encoder: &mut wgpu::CommandEncoder,
+    label: &str,
+    dispatches: &[Dispatch],
+    timestamps: Option<&wgpu::QuerySet>,
+) {
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some(label),
+        timestamp_writes: timestamps.map(|q| wgpu::ComputePassTimestampWrites {
+            query_set: q,
+            beginning_of_pass_write_index: Some(0),
+            end_of_pass_write_index: Some(1),
+        }),
+    });
+    for (p, bg, groups) in dispatches {
+        let (x, y) = plan::dispatch_2d(*groups);
+        pass.set_pipeline(p);
+        pass.set_bind_group(0, bg, &[]);
+        pass.dispatch_workgroups(x, y, 1);
+    }
 }
 
 /// Everything the stage functions need to build a dispatch.
@@ -551,22 +584,7 @@ impl GpuContext {
         if clear_partial {
             encoder.clear_buffer(&recorded.ws.partial, 0, None);
         }
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("segloss"),
-                timestamp_writes: timestamps.map(|q| wgpu::ComputePassTimestampWrites {
-                    query_set: q,
-                    beginning_of_pass_write_index: Some(0),
-                    end_of_pass_write_index: Some(1),
-                }),
-            });
-            for (p, bg, groups) in &dispatches {
-                let (x, y) = plan::dispatch_2d(*groups);
-                pass.set_pipeline(p);
-                pass.set_bind_group(0, bg, &[]);
-                pass.dispatch_workgroups(x, y, 1);
-            }
-        }
+        encode_dispatches(encoder, "segloss", &dispatches, timestamps);
         // The last command of the recording: the call's sequence number reaches the status
         // buffer only when this encoder runs, so a read of an unsubmitted recording sees an
         // older number and is refused (see `check_status`).
