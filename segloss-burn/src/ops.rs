@@ -23,7 +23,7 @@ use burn::tensor::DType;
 /// its fusion wrapper and `Autodiff`). Users call [`crate::SeglossLoss`], not these.
 #[backend_extension(Autodiff, Cube, Fusion: cfg(feature = "fusion"))]
 pub trait SeglossOps: Backend {
-    /// The loss (shape [1]) of class-index labels.
+    /// The loss (shape `[1]`) of class-index labels.
     #[fusion(meta = |_l, _y, _c| TensorSpec::new([1].into(), DType::F32))]
     fn segloss_loss(
         logits: FloatTensor<Self>,
@@ -31,7 +31,7 @@ pub trait SeglossOps: Backend {
         call: Call,
     ) -> FloatTensor<Self>;
 
-    /// The loss (shape [1]) of soft targets of the logits' shape.
+    /// The loss (shape `[1]`) of soft targets of the logits' shape.
     #[fusion(meta = |_l, _g, _c| TensorSpec::new([1].into(), DType::F32))]
     fn segloss_loss_soft(
         logits: FloatTensor<Self>,
