@@ -11,63 +11,12 @@
 //! by two orders of magnitude (`segloss_burn::synthetic`). The run prints the loss every few
 //! steps and fails unless the loss of the last steps is below that of the first ones.
 
-use burn::module::Module;
-use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
-use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
-use burn::nn::PaddingConfig2d;
 use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::activation::relu;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use segloss_burn::synthetic::{SceneConfig, Scenes};
+use segloss_burn::unet::UNet;
 use segloss_burn::{SeglossLoss, SharedDevice};
 use std::time::Instant;
-
-/// Two levels: 16 and 32 channels, one skip connection.
-#[derive(Module, Debug)]
-struct UNet {
-    enc1a: Conv2d,
-    enc1b: Conv2d,
-    enc2a: Conv2d,
-    enc2b: Conv2d,
-    pool: MaxPool2d,
-    up: ConvTranspose2d,
-    dec1: Conv2d,
-    head: Conv2d,
-}
-
-fn conv(i: usize, o: usize, k: usize, device: &Device) -> Conv2d {
-    Conv2dConfig::new([i, o], [k, k])
-        .with_padding(PaddingConfig2d::Same)
-        .init(device)
-}
-
-impl UNet {
-    fn new(classes: usize, device: &Device) -> Self {
-        UNet {
-            enc1a: conv(1, 16, 3, device),
-            enc1b: conv(16, 16, 3, device),
-            enc2a: conv(16, 32, 3, device),
-            enc2b: conv(32, 32, 3, device),
-            pool: MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init(),
-            up: ConvTranspose2dConfig::new([32, 16], [2, 2])
-                .with_stride([2, 2])
-                .init(device),
-            dec1: conv(32, 16, 3, device),
-            head: conv(16, classes, 1, device),
-        }
-    }
-
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let e1 = relu(self.enc1b.forward(relu(self.enc1a.forward(x))));
-        let e2 = relu(
-            self.enc2b
-                .forward(relu(self.enc2a.forward(self.pool.forward(e1.clone())))),
-        );
-        let u = self.up.forward(e2);
-        let d = relu(self.dec1.forward(Tensor::cat(vec![u, e1], 1)));
-        self.head.forward(d)
-    }
-}
 
 /// The run's settings (flags of the same names).
 pub struct Args {
@@ -155,7 +104,7 @@ pub fn run(a: &Args) -> segloss::Result<Vec<f32>> {
         a.size
     );
     let mut scenes = Scenes::new(SceneConfig::imbalanced(a.size), a.seed);
-    let mut model = UNet::new(classes, &device);
+    let mut model = UNet::new(1, classes, 16, &device);
     let mut optim = AdamConfig::new().init();
     let mut losses = vec![];
     let start = Instant::now();

@@ -33,6 +33,7 @@ mod device;
 mod loss;
 pub mod ops;
 pub mod synthetic;
+pub mod unet;
 
 pub use call::Call;
 pub use device::{burn_features, SharedDevice};
