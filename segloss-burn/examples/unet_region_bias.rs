@@ -426,7 +426,8 @@ fn evaluate(
 
 /// Trains every (setting, loss, seed), writes the tables and the pictures.
 pub fn run(a: &Args) -> Result<Outputs> {
-    if a.size % 2 != 0 || a.steps == 0 || a.seeds == 0 || a.batch == 0 || a.log_every == 0 {
+    if !a.size.is_multiple_of(2) || a.steps == 0 || a.seeds == 0 || a.batch == 0 || a.log_every == 0
+    {
         return Err(Error::Input(format!(
             "need an even --size and positive steps, seeds and batch: {a:?}"
         )));
@@ -489,7 +490,8 @@ pub fn run(a: &Args) -> Result<Outputs> {
     std::fs::write(&csv, report::csv(&runs))
         .map_err(|e| Error::Io(format!("{}: {e}", csv.display())))?;
     let mut files = vec![md, csv];
-    let pictures: [(&str, fn(&Path, &[RunResult], &[&str]) -> plots::Drawn); 3] = [
+    type Draw = fn(&Path, &[RunResult], &[&str]) -> plots::Drawn;
+    let pictures: [(&str, Draw); 3] = [
         ("unet_region_bias.png", plots::errors_by_size),
         ("decomposition.png", plots::decomposition),
         ("region_terms.png", |p, _, _| plots::region_terms(p)),

@@ -14,9 +14,12 @@ use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::Checkpoi
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
+#[cfg(feature = "fusion")]
 use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{backend_extension, Backend};
+// The output shapes of the fusion wrapper (`#[fusion(meta = ..)]`, dropped without fusion).
+#[cfg(feature = "fusion")]
 use burn::tensor::DType;
 
 /// segloss's loss and gradient as burn operations (implemented for burn's cubecl backend,
