@@ -38,8 +38,9 @@
 //!    where class proportions vary (diverse: CE's Dice score ≥ Dice's, and Dice predicts
 //!    absent classes worse).
 //!
-//! Result of the default run (2026-12-03, lavapipe, 16 min 52 s; numbers and pictures in
-//! README.md, "Region-size bias with a U-Net", and docs/region-bias/):
+//! Result of the default run (2026-12-03, lavapipe, 16 min 52 s and 18 min 59 s in two runs
+//! with the same numbers; tables and pictures in README.md, "Region-size bias with a
+//! U-Net", and docs/region-bias/):
 //! 1. Holds in `diverse`, strongly: Dice predicts background everywhere in 2 of 3 seeds and
 //!    never class 1 in the third; KL(τ‖û) of its batches stays at 1.27. Not in `imbalanced`,
 //!    where Dice's proportion errors equal CE's (0.0083 against 0.0077).
@@ -533,10 +534,25 @@ fn per_seed(
         .collect()
 }
 
-/// Mean signed error in bin `k` (soft or argmax), `None` when the bin is empty.
-fn bin_mean(r: &RunResult, k: usize, soft: bool) -> Option<f64> {
+/// Which proportion error: of the soft (û) or the argmax (â) proportion, signed or absolute.
+#[derive(Debug, Clone, Copy)]
+pub struct Measure {
+    /// û (mean softmax probability) rather than â (fraction predicted).
+    pub soft: bool,
+    /// |error| rather than the signed error.
+    pub absolute: bool,
+}
+
+/// Mean error in bin `k`, `None` when the bin is empty.
+fn bin_mean(r: &RunResult, k: usize, m: Measure) -> Option<f64> {
     let b = &r.bins[k];
-    (b.n > 0).then(|| if soft { b.soft } else { b.hard } / b.n as f64)
+    let sum = match (m.soft, m.absolute) {
+        (true, false) => b.soft,
+        (true, true) => b.soft_abs,
+        (false, false) => b.hard,
+        (false, true) => b.hard_abs,
+    };
+    (b.n > 0).then(|| sum / b.n as f64)
 }
 
 mod report {
@@ -625,7 +641,14 @@ mod report {
                     cell(&s(&|r| last(r).dice_region), 4),
                 );
             }
-            for (soft, what) in [(true, "soft, û − τ"), (false, "argmax, â − τ")] {
+            let measures = [
+                (true, false, "Signed", "soft, û − τ"),
+                (true, true, "Absolute", "soft, |û − τ|"),
+                (false, false, "Signed", "argmax, â − τ"),
+                (false, true, "Absolute", "argmax, |â − τ|"),
+            ];
+            for (soft, absolute, kind, what) in measures {
+                let m = Measure { soft, absolute };
                 let counts: Vec<usize> = (0..6)
                     .map(|k| {
                         runs.iter()
@@ -635,7 +658,7 @@ mod report {
                     .collect();
                 let _ = writeln!(
                     md,
-                    "\nSigned proportion error by ground-truth region size ({what}; pairs per bin: {counts:?})\n"
+                    "\n{kind} proportion error by ground-truth region size ({what}; pairs per bin: {counts:?})\n"
                 );
                 let _ = writeln!(
                     md,
@@ -645,7 +668,7 @@ mod report {
                 );
                 for loss in names {
                     let cells: Vec<String> = (0..6)
-                        .map(|k| cell(&per_seed(runs, setting, loss, |r| bin_mean(r, k, soft)), 4))
+                        .map(|k| cell(&per_seed(runs, setting, loss, |r| bin_mean(r, k, m)), 4))
                         .collect();
                     let _ = writeln!(md, "| {loss} | {} |", cells.join(" | "));
                 }
@@ -730,7 +753,11 @@ mod plots {
         let mut points = vec![];
         for (l, loss) in names.iter().enumerate() {
             for k in 0..6 {
-                let v = per_seed(runs, setting, loss, |r| bin_mean(r, k, soft));
+                let m = Measure {
+                    soft,
+                    absolute: false,
+                };
+                let v = per_seed(runs, setting, loss, |r| bin_mean(r, k, m));
                 if !v.is_empty() {
                     let (m, s) = mean_std(&v);
                     points.push((l, k, m, s));

@@ -40,8 +40,8 @@ fn the_region_bias_experiment_writes_every_output() {
     for (name, _) in &names {
         assert_eq!(
             table.matches(&format!("| {name} |")).count(),
-            2 * 3,
-            "{name}: one row per setting in each of the three tables"
+            2 * 5,
+            "{name}: one row per setting in each of the five tables"
         );
     }
     for bin in BIN_NAMES {
