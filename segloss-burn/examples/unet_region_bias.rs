@@ -681,6 +681,7 @@ mod report {
 
 mod plots {
     use super::*;
+    use plotters::coord::types::RangedCoordf64;
     use plotters::coord::Shift;
     use plotters::prelude::*;
 
@@ -712,6 +713,52 @@ mod plots {
         }
         let span = (hi - lo).max(1e-6);
         (lo - pad * span, hi + pad * span)
+    }
+
+    type Chart<'a, 'b> =
+        ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+    type Format<'f> = &'f dyn Fn(&f64) -> String;
+
+    /// Every panel's axes: described, formatted, faint grid, the one font.
+    fn axes(chart: &mut Chart<'_, '_>, x: (&str, Format), y: (&str, Format), xn: usize) -> Drawn {
+        chart
+            .configure_mesh()
+            .x_labels(xn)
+            .x_desc(x.0)
+            .y_desc(y.0)
+            .x_label_formatter(x.1)
+            .y_label_formatter(y.1)
+            .light_line_style(TRANSPARENT)
+            .bold_line_style(BLACK.mix(0.12))
+            .label_style(("sans-serif", 14))
+            .axis_desc_style(("sans-serif", 15))
+            .draw()?;
+        Ok(())
+    }
+
+    /// A curve with its legend entry.
+    fn line(
+        chart: &mut Chart<'_, '_>,
+        points: impl IntoIterator<Item = (f64, f64)>,
+        color: RGBColor,
+        label: &str,
+    ) -> Drawn {
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], color.stroke_width(3)));
+        Ok(())
+    }
+
+    fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, at: SeriesLabelPosition, font: u32) -> Drawn {
+        chart
+            .configure_series_labels()
+            .position(at)
+            .label_font(("sans-serif", font))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
+        Ok(())
     }
 
     /// `unet_region_bias.png`: signed proportion error against region-size bin, a line per
@@ -747,7 +794,7 @@ mod plots {
         setting: &str,
         soft: bool,
         what: &str,
-        legend: bool,
+        with_legend: bool,
     ) -> Drawn {
         // (loss index, bin, mean, std) of the non-empty bins.
         let mut points = vec![];
@@ -777,53 +824,42 @@ mod plots {
             .x_label_area_size(48)
             .y_label_area_size(70)
             .build_cartesian_2d(-0.5f64..5.5f64, lo..hi)?;
-        chart
-            .configure_mesh()
-            .x_labels(6)
-            .x_label_formatter(&|v| {
-                let k = v.round();
-                if (v - k).abs() < 0.01 && (0.0..6.0).contains(&k) {
-                    BIN_NAMES[k as usize].to_string()
-                } else {
-                    String::new()
-                }
-            })
-            .y_label_formatter(&|v| format!("{v:+.3}"))
-            .x_desc("ground-truth proportion τ of the class in the image")
-            .y_desc("signed error (fraction of pixels)")
-            .light_line_style(TRANSPARENT)
-            .bold_line_style(BLACK.mix(0.12))
-            .label_style(("sans-serif", 14))
-            .axis_desc_style(("sans-serif", 15))
-            .draw()?;
+        let bin_name = |v: &f64| {
+            let k = v.round();
+            if (v - k).abs() < 0.01 && (0.0..6.0).contains(&k) {
+                BIN_NAMES[k as usize].to_string()
+            } else {
+                String::new()
+            }
+        };
+        axes(
+            &mut chart,
+            (
+                "ground-truth proportion τ of the class in the image",
+                &bin_name,
+            ),
+            ("signed error (fraction of pixels)", &|v| format!("{v:+.3}")),
+            6,
+        )?;
         chart.draw_series(LineSeries::new([(-0.5, 0.0), (5.5, 0.0)], BLACK.mix(0.5)))?;
         for (l, loss) in names.iter().enumerate() {
             let color = COLORS[l % COLORS.len()];
             // Each loss shifted a little sideways, so error bars do not hide each other.
             let dx = (l as f64 - (names.len() - 1) as f64 / 2.0) * 0.07;
             let mine: Vec<_> = points.iter().filter(|p| p.0 == l).collect();
-            chart
-                .draw_series(LineSeries::new(
-                    mine.iter().map(|p| (p.1 as f64 + dx, p.2)),
-                    color.stroke_width(2),
-                ))?
-                .label(*loss)
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 24, y)], color.stroke_width(3))
-                });
+            line(
+                &mut chart,
+                mine.iter().map(|p| (p.1 as f64 + dx, p.2)),
+                color,
+                loss,
+            )?;
             chart.draw_series(mine.iter().map(|p| {
                 let x = p.1 as f64 + dx;
                 ErrorBar::new_vertical(x, p.2 - p.3, p.2, p.2 + p.3, color.filled(), 6)
             }))?;
         }
-        if legend {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::LowerLeft)
-                .label_font(("sans-serif", 14))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .draw()?;
+        if with_legend {
+            legend(&mut chart, SeriesLabelPosition::LowerLeft, 14)?;
         }
         Ok(())
     }
@@ -874,35 +910,21 @@ mod plots {
                 .x_label_area_size(44)
                 .y_label_area_size(70)
                 .build_cartesian_2d(0.0..xmax, lo..hi)?;
-            chart
-                .configure_mesh()
-                .x_desc("training step")
-                .x_label_formatter(&|v| format!("{v:.0}"))
-                .y_label_formatter(&|v| format!("{v:.3}"))
-                .light_line_style(TRANSPARENT)
-                .bold_line_style(BLACK.mix(0.12))
-                .label_style(("sans-serif", 14))
-                .axis_desc_style(("sans-serif", 15))
-                .draw()?;
+            axes(
+                &mut chart,
+                ("training step", &|v| format!("{v:.0}")),
+                ("", &|v| format!("{v:.3}")),
+                10,
+            )?;
             for (l, (loss, curve)) in names.iter().zip(&curves).enumerate() {
-                let color = COLORS[l % COLORS.len()];
-                chart
-                    .draw_series(LineSeries::new(
-                        curve.iter().copied(),
-                        color.stroke_width(2),
-                    ))?
-                    .label(*loss)
-                    .legend(move |(x, y)| {
-                        PathElement::new([(x, y), (x + 24, y)], color.stroke_width(3))
-                    });
+                line(
+                    &mut chart,
+                    curve.iter().copied(),
+                    COLORS[l % COLORS.len()],
+                    loss,
+                )?;
             }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .label_font(("sans-serif", 13))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .draw()?;
+            legend(&mut chart, SeriesLabelPosition::UpperRight, 13)?;
         }
         root.present()?;
         Ok(())
@@ -955,17 +977,12 @@ mod plots {
                 .x_label_area_size(44)
                 .y_label_area_size(64)
                 .build_cartesian_2d(0.0..1.0, lo..hi)?;
-            chart
-                .configure_mesh()
-                .x_desc("predicted foreground proportion û")
-                .y_desc("term value")
-                .x_label_formatter(&|v| format!("{v:.1}"))
-                .y_label_formatter(&|v| format!("{v:.2}"))
-                .light_line_style(TRANSPARENT)
-                .bold_line_style(BLACK.mix(0.12))
-                .label_style(("sans-serif", 14))
-                .axis_desc_style(("sans-serif", 15))
-                .draw()?;
+            axes(
+                &mut chart,
+                ("predicted foreground proportion û", &|v| format!("{v:.1}")),
+                ("term value", &|v| format!("{v:.2}")),
+                10,
+            )?;
             for (k, (t, curve)) in taus.iter().zip(&curves).enumerate() {
                 let color = COLORS[k % COLORS.len()];
                 let min =
@@ -973,24 +990,15 @@ mod plots {
                         .iter()
                         .copied()
                         .fold((0.0, f64::MAX), |m, p| if p.1 < m.1 { p } else { m });
-                chart
-                    .draw_series(LineSeries::new(
-                        curve.iter().copied(),
-                        color.stroke_width(2),
-                    ))?
-                    .label(format!("τ = {t}"))
-                    .legend(move |(x, y)| {
-                        PathElement::new([(x, y), (x + 24, y)], color.stroke_width(3))
-                    });
+                line(
+                    &mut chart,
+                    curve.iter().copied(),
+                    color,
+                    &format!("τ = {t}"),
+                )?;
                 chart.draw_series([Circle::new(min, 6, color.filled())])?;
             }
-            chart
-                .configure_series_labels()
-                .position(legend_at)
-                .label_font(("sans-serif", 15))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .draw()?;
+            legend(&mut chart, legend_at, 15)?;
         }
         root.present()?;
         Ok(())
