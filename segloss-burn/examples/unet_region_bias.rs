@@ -706,6 +706,23 @@ mod plots {
         Ok(())
     }
 
+    type Area<'b> = DrawingArea<BitMapBackend<'b>, Shift>;
+
+    /// A white picture at `path` with a title over a grid of panels (root, panels).
+    fn figure<'b>(
+        path: &'b Path,
+        size: (u32, u32),
+        title: &str,
+        grid: (usize, usize),
+    ) -> std::result::Result<(Area<'b>, Vec<Area<'b>>), Box<dyn std::error::Error>> {
+        font()?;
+        let root = BitMapBackend::new(path, size).into_drawing_area();
+        root.fill(&WHITE)?;
+        let root = root.titled(title, ("sans-serif", 24))?;
+        let panels = root.split_evenly(grid);
+        Ok((root, panels))
+    }
+
     fn range(values: impl Iterator<Item = f64>, pad: f64) -> (f64, f64) {
         let (lo, hi) = values.fold((f64::MAX, f64::MIN), |(l, h), v| (l.min(v), h.max(v)));
         if lo > hi {
@@ -764,14 +781,12 @@ mod plots {
     /// `unet_region_bias.png`: signed proportion error against region-size bin, a line per
     /// loss with error bars over seeds; rows soft / argmax, columns the settings.
     pub fn errors_by_size(path: &Path, runs: &[RunResult], names: &[&str]) -> Drawn {
-        font()?;
-        let root = BitMapBackend::new(path, (1500, 1000)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let root = root.titled(
+        let (root, panels) = figure(
+            path,
+            (1500, 1000),
             "Proportion error by ground-truth region size (held-out images, mean ± std over seeds)",
-            ("sans-serif", 24),
+            (2, 2),
         )?;
-        let panels = root.split_evenly((2, 2));
         let settings = ["imbalanced", "diverse"];
         for (i, panel) in panels.iter().enumerate() {
             let (soft, setting) = (i < 2, settings[i % 2]);
@@ -788,7 +803,7 @@ mod plots {
 
     #[allow(clippy::too_many_arguments)]
     fn draw_errors(
-        area: &DrawingArea<BitMapBackend<'_>, Shift>,
+        area: &Area<'_>,
         runs: &[RunResult],
         names: &[&str],
         setting: &str,
@@ -867,14 +882,12 @@ mod plots {
     /// `decomposition.png`: the decomposition terms of the training batches over training
     /// (mean over seeds), a line per loss; a row per setting.
     pub fn decomposition(path: &Path, runs: &[RunResult], names: &[&str]) -> Drawn {
-        font()?;
-        let root = BitMapBackend::new(path, (1650, 1060)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let root = root.titled(
+        let (root, panels) = figure(
+            path,
+            (1650, 1060),
             "segloss's decomposition of the training batches (mean over seeds)",
-            ("sans-serif", 24),
+            (2, 3),
         )?;
-        let panels = root.split_evenly((2, 3));
         type Term = fn(&LogPoint) -> f64;
         let terms: [(&str, Term); 3] = [
             ("CE's region term KL(τ‖û)", |p| p.kl),
@@ -935,14 +948,12 @@ mod plots {
     /// Σ_c log(û_c + τ_c)/2 as functions of the predicted foreground proportion û, each
     /// curve's minimum marked.
     pub fn region_terms(path: &Path) -> Drawn {
-        font()?;
-        let root = BitMapBackend::new(path, (1400, 600)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let root = root.titled(
+        let (root, panels) = figure(
+            path,
+            (1400, 600),
             "Region-size terms for two classes, as functions of the predicted foreground proportion û (dots: minima)",
-            ("sans-serif", 22),
+            (1, 2),
         )?;
-        let panels = root.split_evenly((1, 2));
         let taus = [0.02, 0.1, 0.3, 0.5];
         let kl = |t: f64, u: f64| {
             let f = |a: f64, b: f64| if a > 0.0 { a * (a / b).ln() } else { 0.0 };
