@@ -736,21 +736,37 @@ mod plots {
         ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
     type Format<'f> = &'f dyn Fn(&f64) -> String;
 
-    /// Every panel's axes: described, formatted, faint grid, the one font.
-    fn axes(chart: &mut Chart<'_, '_>, x: (&str, Format), y: (&str, Format), xn: usize) -> Drawn {
+    /// An axis: its range, its description and how its ticks read.
+    type Axis<'f> = (std::ops::Range<f64>, &'f str, Format<'f>);
+
+    /// A captioned chart on `area` with every panel's axes: described, formatted, faint
+    /// grid, the one font.
+    fn panel<'a, 'b: 'a>(
+        area: &'a Area<'b>,
+        caption: &str,
+        x: Axis,
+        y: Axis,
+        x_ticks: usize,
+    ) -> std::result::Result<Chart<'a, 'b>, Box<dyn std::error::Error>> {
+        let mut chart = ChartBuilder::on(area)
+            .caption(caption, ("sans-serif", 19))
+            .margin(12)
+            .x_label_area_size(48)
+            .y_label_area_size(70)
+            .build_cartesian_2d(x.0, y.0)?;
         chart
             .configure_mesh()
-            .x_labels(xn)
-            .x_desc(x.0)
-            .y_desc(y.0)
-            .x_label_formatter(x.1)
-            .y_label_formatter(y.1)
+            .x_labels(x_ticks)
+            .x_desc(x.1)
+            .y_desc(y.1)
+            .x_label_formatter(x.2)
+            .y_label_formatter(y.2)
             .light_line_style(TRANSPARENT)
             .bold_line_style(BLACK.mix(0.12))
             .label_style(("sans-serif", 14))
             .axis_desc_style(("sans-serif", 15))
             .draw()?;
-        Ok(())
+        Ok(chart)
     }
 
     /// A curve with its legend entry.
@@ -833,12 +849,6 @@ mod plots {
                 .chain([0.0]),
             0.08,
         );
-        let mut chart = ChartBuilder::on(area)
-            .caption(format!("{setting}: {what}"), ("sans-serif", 20))
-            .margin(12)
-            .x_label_area_size(48)
-            .y_label_area_size(70)
-            .build_cartesian_2d(-0.5f64..5.5f64, lo..hi)?;
         let bin_name = |v: &f64| {
             let k = v.round();
             if (v - k).abs() < 0.01 && (0.0..6.0).contains(&k) {
@@ -847,13 +857,17 @@ mod plots {
                 String::new()
             }
         };
-        axes(
-            &mut chart,
+        let mut chart = panel(
+            area,
+            &format!("{setting}: {what}"),
             (
+                -0.5..5.5,
                 "ground-truth proportion τ of the class in the image",
                 &bin_name,
             ),
-            ("signed error (fraction of pixels)", &|v| format!("{v:+.3}")),
+            (lo..hi, "signed error (fraction of pixels)", &|v| {
+                format!("{v:+.3}")
+            }),
             6,
         )?;
         chart.draw_series(LineSeries::new([(-0.5, 0.0), (5.5, 0.0)], BLACK.mix(0.5)))?;
@@ -897,7 +911,7 @@ mod plots {
         let cells = ["imbalanced", "diverse"]
             .into_iter()
             .flat_map(|setting| terms.map(|t| (setting, t)));
-        for (panel, (setting, (title, term))) in panels.iter().zip(cells) {
+        for (area, (setting, (title, term))) in panels.iter().zip(cells) {
             // Per loss: (step, mean over seeds).
             let curves: Vec<Vec<(f64, f64)>> = names
                 .iter()
@@ -917,16 +931,11 @@ mod plots {
                 .collect();
             let xmax = curves.iter().flatten().map(|p| p.0).fold(1.0f64, f64::max);
             let (lo, hi) = range(curves.iter().flatten().map(|p| p.1), 0.05);
-            let mut chart = ChartBuilder::on(panel)
-                .caption(format!("{setting}: {title}"), ("sans-serif", 19))
-                .margin(12)
-                .x_label_area_size(44)
-                .y_label_area_size(70)
-                .build_cartesian_2d(0.0..xmax, lo..hi)?;
-            axes(
-                &mut chart,
-                ("training step", &|v| format!("{v:.0}")),
-                ("", &|v| format!("{v:.3}")),
+            let mut chart = panel(
+                area,
+                &format!("{setting}: {title}"),
+                (0.0..xmax, "training step", &|v| format!("{v:.0}")),
+                (lo..hi, "", &|v| format!("{v:.3}")),
                 10,
             )?;
             for (l, (loss, curve)) in names.iter().zip(&curves).enumerate() {
@@ -976,22 +985,19 @@ mod plots {
             ),
         ];
         let grid: Vec<f64> = (1..1000).map(|i| i as f64 / 1000.0).collect();
-        for (panel, (title, term, cap, legend_at)) in panels.iter().zip(terms) {
+        for (area, (title, term, cap, legend_at)) in panels.iter().zip(terms) {
             let curves: Vec<Vec<(f64, f64)>> = taus
                 .iter()
                 .map(|&t| grid.iter().map(|&u| (u, term(t, u).min(cap))).collect())
                 .collect();
             let (lo, hi) = range(curves.iter().flatten().map(|p| p.1), 0.05);
-            let mut chart = ChartBuilder::on(panel)
-                .caption(title, ("sans-serif", 19))
-                .margin(14)
-                .x_label_area_size(44)
-                .y_label_area_size(64)
-                .build_cartesian_2d(0.0..1.0, lo..hi)?;
-            axes(
-                &mut chart,
-                ("predicted foreground proportion û", &|v| format!("{v:.1}")),
-                ("term value", &|v| format!("{v:.2}")),
+            let mut chart = panel(
+                area,
+                title,
+                (0.0..1.0, "predicted foreground proportion û", &|v| {
+                    format!("{v:.1}")
+                }),
+                (lo..hi, "term value", &|v| format!("{v:.2}")),
                 10,
             )?;
             for (k, (t, curve)) in taus.iter().zip(&curves).enumerate() {
