@@ -6,6 +6,10 @@
 // the adapter has subgroup operations, tile_sum/workgroup.wgsl (a row per tile) on other
 // GPUs, tile_sum/invocation.wgsl (a row per invocation, no barrier) on CPU adapters. No
 // float atomics: the order of every sum is fixed, so the results are bitwise reproducible.
+// Two more forms for specs of pixel terms only (ARCHITECTURE.md, "One pass for pixel
+// terms"): NORMS_ONLY, a pass over the labels alone that sums the normalisers, and the
+// module that links grad_pixel.wgsl instead of stats_no_grad.wgsl, which also writes each
+// pixel's gradient (scaled by what finalize made of those normalisers) as it goes.
 // CPU port: src/reference/stats.rs.
 
 @group(0) @binding(0) var<storage, read> logits: array<u32>;
@@ -66,6 +70,11 @@ fn publish(bad: BadInput) {
         atomicMin(&check[3], bad.first_label);
     }
 }
+
+// The labels-only pass: only the valid count and the pixel terms' normalisers are summed
+// (they depend on the labels alone); logits are not read and the class columns of the rows
+// are not written (finalize reads nothing else of them for a spec of pixel terms only).
+override NORMS_ONLY: bool = false;
 
 // Bit t: pixel term t writes a per-pixel loss map (cross-entropy with reduction "none").
 override PIXEL_MAPS: u32 = 15u;
@@ -146,10 +155,24 @@ fn probs(z: f32, sm: vec2<f32>, smt: vec2<f32>) -> vec2<f32> {
 // src/reference/stats.rs. A pixel's logits and targets come as its register blocks (z, g)
 // and its softmax pieces; `t` is the term's slot, `off` its class vector (term_weight).
 
-// Cross-entropy of one pixel as (loss, normaliser): with class weights w and smoothing ε,
-// (1 − ε)·w_y·(−log p_y) + ε/C·Σ_c w_c·(−log p_c), normalised by w_y (index labels) or 1
-// (soft labels, where the first part is Σ_c w_c g_c (−log p_c)). `plain` is −log p_y.
-fn ce_pixel(t: u32, eps: f32, off: f32, z: ptr<function, Block>, g: ptr<function, Block>, b: u32, i: u32, y: u32, lse: f32, plain: f32) -> vec2<f32> {
+// The normaliser a valid pixel adds to pixel term t (of kind `kind`, class vector `off`):
+// BCE C (a mean over channels), CE w_y with index labels, else 1. The labels alone decide
+// it, which is what lets the one-pass form know it before reading a logit.
+fn pixel_norm(kind: u32, t: u32, off: f32, y: u32) -> f32 {
+    if SIGMOID {
+        return f32(C);
+    }
+    if LABEL_KIND != LABELS_SOFT && is_ce(kind) {
+        return term_weight(t, off, y);
+    }
+    return 1.0;
+}
+
+// Cross-entropy of one pixel: with class weights w and smoothing ε,
+// (1 − ε)·w_y·(−log p_y) + ε/C·Σ_c w_c·(−log p_c), normalised (`pixel_norm`) by w_y (index
+// labels) or 1 (soft labels, where the first part is Σ_c w_c g_c (−log p_c)). `plain` is
+// −log p_y. (The f64 twin returns the normaliser with the loss.)
+fn ce_pixel(t: u32, eps: f32, off: f32, z: ptr<function, Block>, g: ptr<function, Block>, b: u32, i: u32, y: u32, lse: f32, plain: f32) -> f32 {
     var smoothing = 0.0;
     if eps > 0.0 {
         for (var c = 0u; c < C; c++) {
@@ -162,10 +185,9 @@ fn ce_pixel(t: u32, eps: f32, off: f32, z: ptr<function, Block>, g: ptr<function
         for (var c = 0u; c < C; c++) {
             l += term_weight(t, off, c) * g_of(g, b, c, i, y) * (lse - z_of(z, b, c, i));
         }
-        return vec2((1.0 - eps) * l + smoothing, 1.0);
+        return (1.0 - eps) * l + smoothing;
     }
-    let w = term_weight(t, off, y);
-    return vec2((1.0 - eps) * w * plain + smoothing, w);
+    return (1.0 - eps) * term_weight(t, off, y) * plain + smoothing;
 }
 
 // Focal loss of one pixel: Σ_c α_c g_c (1 − p_c)^γ (−log p_c), with 1 − p_c = Σ_{k≠c} e_k / Σe
@@ -220,6 +242,8 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
     let row = (tile_row + sub_row()) * dims.row_width;
     let n_maps = dims.total_batch * dims.spatial;
     let first = min(C, BLOCK);
+    // The one-pass form's gradient constants (nothing in the stats stage alone).
+    var cs = load_consts(b);
 
     // Bit k: pixel k was counted; the class blocks past the first (C > BLOCK) read those
     // pixels again. (A bit mask, not arrays indexed by k: those would live in scratch memory.)
@@ -243,6 +267,16 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
         if LABEL_KIND != LABELS_SOFT {
             yk = class_label(b, i);
         }
+        if NORMS_ONLY {
+            // A bad label (≥ C) is left out here as in the full pass, which reports it.
+            if yk != IGNORE && yk < C {
+                counts.x += 1.0;
+                for (var t = 0u; t < N_PIX; t++) {
+                    norms[t] += pixel_norm(kinds[t], t, offs[t], yk);
+                }
+            }
+            continue;
+        }
         var z = load_logits(b, i);
         var g = load_targets(b, i);
         if !check_pixel(b, i, yk, &z, &g, &bad) {
@@ -255,23 +289,27 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
                     loss_map[t * n_maps + b * dims.spatial + i] = 0.0;
                 }
             }
+            zero_grad(b, i, &cs);
             continue;
         }
         counted |= 1u << k;
         counts.x += 1.0;
+        for (var t = 0u; t < N_PIX; t++) {
+            norms[t] += pixel_norm(kinds[t], t, offs[t], yk);
+        }
+        var ez: Block;   // exp(z − max), computed once per class
+        var et: Block;   // exp(T·z − max_T)
         if SIGMOID {
             for (var t = 0u; t < N_PIX; t++) {
                 losses[t] += bce_pixel(t, offs[t], &z, &g, b, i, yk);
-                norms[t] += f32(C);
             }
             for (var c = 0u; c < first; c++) {
                 let ps = probs(z[c], vec2(0.0), vec2(0.0));
                 accumulate(&sums, c, ps.x, ps.y, g_of(&g, b, c, i, yk));
             }
+            pixel_grad(&cs, b, i, yk, true, &z, &g, &ez, &et, vec2(0.0, 1.0), vec2(0.0, 1.0));
             continue;
         }
-        var ez: Block;   // exp(z − max), computed once per class
-        var et: Block;   // exp(T·z − max_T)
         let p = pieces(&z, &ez, b, i, 1.0);
         var pt = vec2(0.0, 1.0);
         if TEMPERED {
@@ -292,30 +330,35 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
         }
         counts.y += plain;
         for (var t = 0u; t < N_PIX; t++) {
-            var ln = vec2(0.0, 1.0); // (loss, normaliser)
+            var l: f32;
             if is_ce(kinds[t]) {
-                ln = ce_pixel(t, opt[t], offs[t], &z, &g, b, i, yk, lse, plain);
+                l = ce_pixel(t, opt[t], offs[t], &z, &g, b, i, yk, lse, plain);
                 if has_map(t) {
-                    loss_map[t * n_maps + b * dims.spatial + i] = ln.x;
+                    loss_map[t * n_maps + b * dims.spatial + i] = l;
                 }
             } else {
-                ln.x = focal_pixel(t, opt[t], offs[t], &z, &g, &ez, b, i, yk, p, lse);
+                l = focal_pixel(t, opt[t], offs[t], &z, &g, &ez, b, i, yk, p, lse);
             }
-            losses[t] += ln.x;
-            norms[t] += ln.y;
+            losses[t] += l;
         }
         for (var c = 0u; c < first; c++) {
             let pc = ez[c] / p.y;
             let sc = select(pc, et[c] / pt.y, TEMPERED);
             accumulate(&sums, c, pc, sc, g_of(&g, b, c, i, yk));
         }
+        pixel_grad(&cs, b, i, yk, true, &z, &g, &ez, &et, p, pt);
     }
     publish(bad);
-    flush(lid, row, 0u, first, &sums);
+    if !NORMS_ONLY {
+        flush(lid, row, 0u, first, &sums);
+    }
 
     // Classes past the first block (C > BLOCK): read their logits, a block at a time.
     // The bound is opaque to the compiler for the same reason as flush's.
-    let c_rt = min(C, dims.row_width);
+    var c_rt = min(C, dims.row_width);
+    if NORMS_ONLY {
+        c_rt = 0u;
+    }
     for (var c0 = BLOCK; c0 < c_rt; c0 += BLOCK) {
         let n = min(c_rt - c0, BLOCK);
         var more: ClassSums;

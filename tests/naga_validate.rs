@@ -253,6 +253,16 @@ fn host_can_create(c: &Constants) -> bool {
     if get("TEMPERED") == Some(1.0) && get("STAT_KINDS").is_some_and(|k| (k as u32) & 64 == 0) {
         return false;
     }
+    // Without statistic terms there is no temperature and at least one pixel term; the
+    // labels-only pass exists for specs of pixel terms only (record.rs `one_pass`).
+    if get("STAT_TERMS") == Some(0.0) && (get("TEMPERED") == Some(1.0) || get("N_PIX") == Some(0.0))
+    {
+        return false;
+    }
+    if get("NORMS_ONLY") == Some(1.0) && (get("TEMPERED") == Some(1.0) || get("N_PIX") == Some(0.0))
+    {
+        return false;
+    }
     true
 }
 
@@ -360,6 +370,12 @@ fn kernel_dims(k: &KernelInfo) -> Vec<Vec<Value>> {
             "STAT_KINDS",
             &(0..16).map(|s| (s << 3) as f64).collect::<Vec<_>>(),
         ));
+    }
+    if has(Override::NormsOnly) {
+        d.push(dim("NORMS_ONLY", &[0.0, 1.0]));
+    }
+    if has(Override::StatTerms) {
+        d.push(dim("STAT_TERMS", &[0.0, 1.0]));
     }
     if has(Override::GradKind) {
         d.push(dim("GRAD_KIND", &[1.0, 2.0])); // f16, bf16

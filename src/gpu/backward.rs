@@ -220,6 +220,7 @@ impl GpuContext {
                 ws: &ws,
                 variant: self.variant(&req),
                 dispatches: vec![],
+                kernels: vec![],
             };
             enc.grad(&plans, grad);
             Ok(enc.dispatches)

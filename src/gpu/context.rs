@@ -167,6 +167,8 @@ pub struct GpuContext {
     /// The adapter's strategy, chosen once (calls may pass another in `Options`).
     pub(super) strategy: Strategy,
     pub(super) last_chunks: std::sync::atomic::AtomicUsize,
+    /// The kernels of the last recorded call's dispatches, in order (tests).
+    pub(super) last_kernels: Mutex<Vec<super::stages::Kernel>>,
     /// The next recording's sequence number.
     pub(super) next_seq: std::sync::atomic::AtomicU32,
     pub(super) created_bytes: std::sync::atomic::AtomicU64,
@@ -259,6 +261,7 @@ impl GpuContext {
             inner: Mutex::new(Caches::default()),
             strategy,
             last_chunks: std::sync::atomic::AtomicUsize::new(0),
+            last_kernels: Mutex::new(vec![]),
             next_seq: std::sync::atomic::AtomicU32::new(1),
             created_bytes: std::sync::atomic::AtomicU64::new(0),
             lost: Arc::new(Mutex::new(None)),
@@ -270,6 +273,16 @@ impl GpuContext {
     #[doc(hidden)]
     pub fn last_chunks(&self) -> usize {
         self.last_chunks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The kernels the last recorded call dispatches, in order (tests check which path a
+    /// call took).
+    #[doc(hidden)]
+    pub fn last_kernels(&self) -> Vec<super::stages::Kernel> {
+        self.last_kernels
+            .lock()
+            .map(|k| k.clone())
+            .unwrap_or_default()
     }
 
     /// How the stats stage sums a tile by default (the default strategy's `tile_sum`).

@@ -350,6 +350,21 @@ pub(super) fn plan_chunks(
     (slots, plans)
 }
 
+/// Whether a call takes the one-pass path: loss and gradient of a spec of pixel terms only
+/// (their normalisers depend on the labels alone), large enough for the labels-only pass and
+/// the extra finalize to cost less than a second read of the logits
+/// (`Strategy::one_pass_min_elements`), with inputs the stats stage may bind read-only.
+fn one_pass(req: &Request<'_>, call: &Checked) -> bool {
+    let elements = (call.batch * call.classes * call.pixels) as u64;
+    req.grad.is_some()
+        && req.finalize
+        && req.given_stats.is_none()
+        && !req.backward_slots
+        && !call.grad_shares_input
+        && req.spec.terms.iter().all(|t| t.is_pixel_term())
+        && elements >= req.strategy.one_pass_min_elements
+}
+
 /// Records prepared dispatches as one compute pass (timestamps 0 and 1 of `timestamps`
 /// at its start and end).
 pub(super) fn encode_dispatches(
@@ -383,6 +398,8 @@ pub(super) struct Encoding<'a, 'c> {
     pub(super) ws: &'c Workspace,
     pub(super) variant: Variant,
     pub(super) dispatches: Vec<Dispatch>,
+    /// The kernel of each dispatch.
+    pub(super) kernels: Vec<Kernel>,
 }
 
 const DIMS_SIZE: u64 = std::mem::size_of::<Dims>() as u64;
@@ -409,6 +426,7 @@ impl Encoding<'_, '_> {
         let pipeline = self.ctx.pipeline(self.caches, key);
         let bind_group = self.ctx.bind_group(self.caches, key, entries);
         self.dispatches.push((pipeline, bind_group, groups));
+        self.kernels.push(kernel);
     }
 
     /// The workspace's binding of `b` covering the whole buffer (`dims`: slot 0).
@@ -426,13 +444,14 @@ impl Encoding<'_, '_> {
         }
     }
 
-    /// Stage 1 per chunk.
-    fn stats(&mut self, plans: &[ChunkPlan]) {
+    /// Stage 1 per chunk (with `norms_only`, its labels-only form).
+    fn stats(&mut self, plans: &[ChunkPlan], norms_only: bool) {
         let kernel = match self.req.strategy.tile_sum {
             TileSum::Workgroup => Kernel::StatsWorkgroup,
             TileSum::Subgroup => Kernel::StatsSubgroup,
             TileSum::Invocation => Kernel::StatsInvocation,
         };
+        self.variant.norms_only = norms_only;
         let (batch, ws) = (self.req.batch, self.ws);
         for p in plans {
             self.add(kernel, p.stats_groups, |b| match b {
@@ -442,6 +461,63 @@ impl Encoding<'_, '_> {
                 other => Self::whole(ws, other),
             });
         }
+        self.variant.norms_only = false;
+    }
+
+    /// Stage 1 in its one-pass form per chunk: statistics, and the gradient from the pixel
+    /// terms' scales that finalize left from the labels-only pass (then stage 4 for 16-bit
+    /// gradients).
+    fn stats_with_grad(&mut self, plans: &[ChunkPlan], g: GradTarget<'_>) {
+        let kernel = match self.req.strategy.tile_sum {
+            TileSum::Workgroup => Kernel::StatsGradWorkgroup,
+            TileSum::Subgroup => Kernel::StatsGradSubgroup,
+            TileSum::Invocation => Kernel::StatsGradInvocation,
+        };
+        let (batch, ws) = (self.req.batch, self.ws);
+        for p in plans {
+            let target = Self::grad_target(ws, self.call.narrow, p, g);
+            self.add(kernel, p.stats_groups, |b| match b {
+                Binding::Logits => (batch.logits.buffer, p.logits.offset, p.logits.size),
+                Binding::Labels => (batch.labels.buffer, p.labels.offset, p.labels.size),
+                Binding::Dims => (&ws.dims, p.slot, DIMS_SIZE),
+                Binding::Grad => target,
+                other => Self::whole(ws, other),
+            });
+            self.narrow(p, g);
+        }
+    }
+
+    /// Where a chunk's f32 gradient goes: the caller's range, or the scratch a 16-bit
+    /// gradient is computed in first.
+    fn grad_target<'b>(
+        ws: &'b Workspace,
+        narrow: bool,
+        p: &ChunkPlan,
+        g: GradTarget<'b>,
+    ) -> (&'b wgpu::Buffer, u64, u64) {
+        let r = p.grad.expect("planned with the gradient");
+        match &ws.scratch {
+            Some(sc) if narrow => (sc, 0, sc.size()),
+            _ => (g.region.buffer, r.offset, r.size),
+        }
+    }
+
+    /// Stage 4 of a chunk: its f32 scratch into the caller's 16-bit gradient (nothing for an
+    /// f32 gradient).
+    fn narrow(&mut self, p: &ChunkPlan, g: GradTarget<'_>) {
+        if !self.call.narrow {
+            return;
+        }
+        let ws = self.ws;
+        let r = p.grad.expect("planned with the gradient");
+        let target = Self::grad_target(ws, self.call.narrow, p, g);
+        let groups = Kernel::Narrow.info().groups_for(p.narrow_words);
+        self.add(Kernel::Narrow, groups, |b| match b {
+            Binding::Dims => (&ws.dims, p.slot, DIMS_SIZE),
+            Binding::Grad => target,
+            Binding::Out16 => (g.region.buffer, r.offset, r.size),
+            other => Self::whole(ws, other),
+        });
     }
 
     /// Stage 2a: the partial rows into one statistics row per image.
@@ -472,12 +548,7 @@ impl Encoding<'_, '_> {
             Kernel::Grad
         };
         for p in plans {
-            let r = p.grad.expect("planned with the gradient");
-            // A 16-bit gradient is computed in f32 scratch first.
-            let target = match &ws.scratch {
-                Some(sc) if self.call.narrow => (sc, 0, sc.size()),
-                _ => (g.region.buffer, r.offset, r.size),
-            };
+            let target = Self::grad_target(ws, self.call.narrow, p, g);
             self.add(kernel, p.grad_groups, |b| match b {
                 Binding::Logits => (batch.logits.buffer, p.logits.offset, p.logits.size),
                 Binding::Labels => (batch.labels.buffer, p.labels.offset, p.labels.size),
@@ -485,15 +556,7 @@ impl Encoding<'_, '_> {
                 Binding::Grad => target,
                 other => Self::whole(ws, other),
             });
-            if self.call.narrow {
-                let groups = Kernel::Narrow.info().groups_for(p.narrow_words);
-                self.add(Kernel::Narrow, groups, |b| match b {
-                    Binding::Dims => (&ws.dims, p.slot, DIMS_SIZE),
-                    Binding::Grad => target,
-                    Binding::Out16 => (g.region.buffer, r.offset, r.size),
-                    other => Self::whole(ws, other),
-                });
-            }
+            self.narrow(p, g);
         }
     }
 }
@@ -656,6 +719,7 @@ impl GpuContext {
             pixel_maps: plan::pixel_maps(spec),
             stat_kinds: plan::stat_kinds(spec),
             contiguous: req.strategy.contiguous_pixels,
+            norms_only: false,
             block: req.strategy.block_for(batch.shape.classes),
         }
     }
@@ -757,18 +821,37 @@ impl GpuContext {
             ws: &ws,
             variant: self.variant(req),
             dispatches: vec![],
+            kernels: vec![],
         };
-        if req.given_stats.is_none() {
-            enc.stats(&plans);
-            enc.sum_tiles(&base);
-        }
-        if req.finalize {
-            enc.finalize();
-            if let Some(g) = req.grad {
-                enc.grad(&plans, g);
+        match req.grad {
+            Some(g) if one_pass(req, &call) => {
+                // ARCHITECTURE.md, "One pass for pixel terms": the normalisers from the labels,
+                // their scales from finalize, then one pass over the logits for statistics
+                // and gradient, and finalize again for the values.
+                enc.stats(&plans, true);
+                enc.sum_tiles(&base);
+                enc.finalize();
+                enc.stats_with_grad(&plans, g);
+                enc.sum_tiles(&base);
+                enc.finalize();
+            }
+            _ => {
+                if req.given_stats.is_none() {
+                    enc.stats(&plans, false);
+                    enc.sum_tiles(&base);
+                }
+                if req.finalize {
+                    enc.finalize();
+                    if let Some(g) = req.grad {
+                        enc.grad(&plans, g);
+                    }
+                }
             }
         }
         let dispatches = enc.dispatches;
+        if let Ok(mut k) = self.last_kernels.lock() {
+            *k = enc.kernels;
+        }
         drop(caches);
         let mut prepared = self.finish_preparing(req, &call, ws, dispatches);
         if req.backward_slots {

@@ -36,6 +36,8 @@ const TILE_SUM_INVOCATION: Source = wgsl!("tile_sum/invocation.wgsl");
 const SUM_TILES: Source = wgsl!("sum_tiles.wgsl");
 const FINALIZE: Source = wgsl!("finalize.wgsl");
 const GRAD: Source = wgsl!("grad.wgsl");
+const GRAD_PIXEL: Source = wgsl!("grad_pixel.wgsl");
+const STATS_NO_GRAD: Source = wgsl!("stats_no_grad.wgsl");
 const NARROW: Source = wgsl!("narrow.wgsl");
 
 /// The kernels, one per pipeline shape the host creates.
@@ -47,6 +49,13 @@ pub enum Kernel {
     StatsSubgroup,
     /// Stage 1 with `TileSum::Invocation`.
     StatsInvocation,
+    /// Stage 1 that also writes the gradient (specs of pixel terms only), with
+    /// `TileSum::Workgroup`.
+    StatsGradWorkgroup,
+    /// The same with `TileSum::Subgroup`.
+    StatsGradSubgroup,
+    /// The same with `TileSum::Invocation`.
+    StatsGradInvocation,
     /// Stage 2a, first half (only with more than one partial row per tile).
     SumTileRows,
     /// Stage 2a: the statistics rows.
@@ -90,7 +99,7 @@ pub enum Binding {
 
 impl Binding {
     /// The binding number.
-    pub fn slot(self) -> u32 {
+    pub const fn slot(self) -> u32 {
         match self {
             Binding::Logits => 0,
             Binding::Labels => 1,
@@ -166,11 +175,15 @@ pub enum Override {
     Contiguous,
     /// Pixels per grad invocation.
     Ppt,
+    /// The stats stage's labels-only form (the normalisers of the one-pass path).
+    NormsOnly,
+    /// The spec has statistic terms (the gradient reads coefficients).
+    StatTerms,
 }
 
 impl Override {
     /// Every override, in the order of [`Variant`]'s values.
-    pub const ALL: [Override; 14] = [
+    pub const ALL: [Override; 16] = [
         Override::C,
         Override::LabelKind,
         Override::LogitKind,
@@ -185,6 +198,8 @@ impl Override {
         Override::StatKinds,
         Override::Contiguous,
         Override::Ppt,
+        Override::NormsOnly,
+        Override::StatTerms,
     ];
 
     /// The constant's name in WGSL.
@@ -204,6 +219,8 @@ impl Override {
             Override::StatKinds => "STAT_KINDS",
             Override::Contiguous => "CONTIGUOUS",
             Override::Ppt => "PPT",
+            Override::NormsOnly => "NORMS_ONLY",
+            Override::StatTerms => "STAT_TERMS",
         }
     }
 }
@@ -256,32 +273,69 @@ const PIXEL_OVERRIDES: [Override; 10] = [
     O::Contiguous,
 ];
 
-/// The pixel stages' overrides and one of a stage's own.
-const fn pixel_overrides_and(own: Override) -> [Override; 11] {
-    let mut all = [own; 11];
+/// The pixel stages' overrides followed by `own` (the first `N` entries of the result).
+const fn pixel_overrides_and<const N: usize>(own: [Override; 3]) -> [Override; N] {
+    let mut all = [O::C; N];
     let mut k = 0;
-    while k < PIXEL_OVERRIDES.len() {
-        all[k] = PIXEL_OVERRIDES[k];
+    while k < N {
+        all[k] = if k < 10 {
+            PIXEL_OVERRIDES[k]
+        } else {
+            own[k - 10]
+        };
         k += 1;
     }
     all
 }
 
-/// The stats stage also writes loss maps; the grad stage also sets its pixels per invocation.
-const STATS_OVERRIDES: &[Override] = &pixel_overrides_and(O::PixelMaps);
-const GRAD_OVERRIDES: &[Override] = &pixel_overrides_and(O::Ppt);
-const GRAD_PARTS: &[Source] = &[DISPATCH, MATH, SPEC, PIXELS, GRAD];
+/// The stats stage also writes loss maps and has its labels-only form; the grad stage sets
+/// its pixels per invocation and skips coefficients without statistic terms; the stats
+/// stage's one-pass form takes the stats stage's and the coefficient switch.
+const STATS_OVERRIDES: &[Override] = &pixel_overrides_and::<12>([O::PixelMaps, O::NormsOnly, O::C]);
+const GRAD_OVERRIDES: &[Override] = &pixel_overrides_and::<12>([O::Ppt, O::StatTerms, O::C]);
+const STATS_GRAD_OVERRIDES: &[Override] =
+    &pixel_overrides_and::<13>([O::PixelMaps, O::NormsOnly, O::StatTerms]);
+const GRAD_PARTS: &[Source] = &[DISPATCH, MATH, SPEC, PIXELS, GRAD_PIXEL, GRAD];
+/// The stats stage's bindings with the gradient's (fin read, grad written) in binding
+/// order: the one-pass form.
+const STATS_GRAD_BINDINGS: &[(Binding, Access)] = &{
+    let mut all = [(B::Fin, Read); STATS_BINDINGS.len() + 2];
+    let (mut k, mut j) = (0, 0);
+    while k < STATS_BINDINGS.len() {
+        if STATS_BINDINGS[k].0.slot() > B::Fin.slot() && j == k {
+            all[j] = (B::Fin, Read);
+            all[j + 1] = (B::Grad, ReadWrite);
+            j += 2;
+        }
+        all[j] = STATS_BINDINGS[k];
+        j += 1;
+        k += 1;
+    }
+    all
+};
 
 const fn stats(kernel: Kernel, module: &'static str, parts: &'static [Source]) -> KernelInfo {
+    let with_grad = matches!(
+        kernel,
+        Kernel::StatsGradWorkgroup | Kernel::StatsGradSubgroup | Kernel::StatsGradInvocation
+    );
     KernelInfo {
         kernel,
         module,
         parts,
         entry: "main",
         workgroup_size: STATS_WG,
-        bindings: STATS_BINDINGS,
-        overrides: STATS_OVERRIDES,
-        subgroups: matches!(kernel, Kernel::StatsSubgroup),
+        bindings: if with_grad {
+            STATS_GRAD_BINDINGS
+        } else {
+            STATS_BINDINGS
+        },
+        overrides: if with_grad {
+            STATS_GRAD_OVERRIDES
+        } else {
+            STATS_OVERRIDES
+        },
+        subgroups: matches!(kernel, Kernel::StatsSubgroup | Kernel::StatsGradSubgroup),
     }
 }
 
@@ -315,22 +369,44 @@ const fn grad(kernel: Kernel, module: &'static str, inputs: Access) -> KernelInf
     }
 }
 
+/// A stats module's parts: the shared ones, its tile sum, and the gradient or its stand-ins.
+macro_rules! stats_parts {
+    ($tile_sum:expr, $grad:expr) => {
+        &[DISPATCH, MATH, SPEC, PIXELS, STATS, $tile_sum, $grad]
+    };
+}
+
 /// The stage table.
-pub const KERNELS: [KernelInfo; 9] = [
+pub const KERNELS: [KernelInfo; 12] = [
     stats(
         Kernel::StatsWorkgroup,
         "stats_workgroup",
-        &[DISPATCH, MATH, SPEC, PIXELS, STATS, TILE_SUM_WORKGROUP],
+        stats_parts!(TILE_SUM_WORKGROUP, STATS_NO_GRAD),
     ),
     stats(
         Kernel::StatsSubgroup,
         "stats_subgroup",
-        &[DISPATCH, MATH, SPEC, PIXELS, STATS, TILE_SUM_SUBGROUP],
+        stats_parts!(TILE_SUM_SUBGROUP, STATS_NO_GRAD),
     ),
     stats(
         Kernel::StatsInvocation,
         "stats_invocation",
-        &[DISPATCH, MATH, SPEC, PIXELS, STATS, TILE_SUM_INVOCATION],
+        stats_parts!(TILE_SUM_INVOCATION, STATS_NO_GRAD),
+    ),
+    stats(
+        Kernel::StatsGradWorkgroup,
+        "stats_grad_workgroup",
+        stats_parts!(TILE_SUM_WORKGROUP, GRAD_PIXEL),
+    ),
+    stats(
+        Kernel::StatsGradSubgroup,
+        "stats_grad_subgroup",
+        stats_parts!(TILE_SUM_SUBGROUP, GRAD_PIXEL),
+    ),
+    stats(
+        Kernel::StatsGradInvocation,
+        "stats_grad_invocation",
+        stats_parts!(TILE_SUM_INVOCATION, GRAD_PIXEL),
     ),
     KernelInfo {
         kernel: Kernel::SumTileRows,
@@ -495,6 +571,8 @@ pub struct Variant {
     pub stat_kinds: u32,
     /// Runs of consecutive pixels per invocation.
     pub contiguous: bool,
+    /// The stats stage's labels-only form.
+    pub norms_only: bool,
     /// Classes an invocation keeps once read (`Strategy::block_for`): a constant of the
     /// pixel stages' source, not an override (WGSL sizes function arrays by constants).
     pub block: u32,
@@ -518,6 +596,8 @@ impl Variant {
             O::StatKinds => self.stat_kinds,
             O::Contiguous => self.contiguous as u32,
             O::Ppt => grad_pixels_per_invocation(self.contiguous) as u32,
+            O::NormsOnly => self.norms_only as u32,
+            O::StatTerms => (self.stat_kinds != 0) as u32,
         }
     }
 }

@@ -67,10 +67,17 @@ pub struct Strategy {
     /// memory once per pass. 1024 on CPU adapters; 8 on GPUs, whose registers hold little
     /// (see `BLOCK` in shaders/util/pixels.wgsl).
     pub class_block: u32,
+    /// Specs of pixel terms only (cross-entropy, focal, BCE) with a gradient take the
+    /// one-pass path (a labels-only pass for the normalisers, then one pass over the logits
+    /// that writes statistics and gradient) from this many logits B·C·S up; below it the
+    /// two passes cost less than the extra dispatches. 0: always; `u64::MAX`: never.
+    pub one_pass_min_elements: u64,
 }
 
 /// The largest class block a kernel is compiled for.
 pub const MAX_CLASS_BLOCK: u32 = 1024;
+/// Where the one-pass path starts paying (BENCHMARKS.md, "One pass for pixel terms").
+const ONE_PASS_MIN_ELEMENTS: u64 = 1 << 18;
 /// The class block cap on CPU adapters.
 const CPU_CLASS_BLOCK: u32 = 256;
 
@@ -87,6 +94,7 @@ impl Strategy {
             } else {
                 8
             },
+            one_pass_min_elements: ONE_PASS_MIN_ELEMENTS,
         }
     }
 

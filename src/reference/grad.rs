@@ -1,5 +1,5 @@
 //! Stage 3, the gradient pass: ∂L/∂z per logit from the pixel's own logits and label, the
-//! coefficient table and the pixel-term scales. CPU port of `shaders/grad.wgsl`.
+//! coefficient table and the pixel-term scales. CPU port of `shaders/grad_pixel.wgsl` (and grad.wgsl).
 
 use super::finalize::Finalized;
 use super::stats::{pixel, probabilities};
@@ -79,7 +79,7 @@ pub fn gradient(
 
 /// A softmax pixel term's h_c, its weight on ([c = k] − p_k) in ∂/∂z_k, so that the term's
 /// gradient is λ/n·(h_c − p_c·Σ_k h_k): cross-entropy −w_c·((1 − ε)·g_c + ε/C) (the
-/// smoothed, weighted target), focal [`focal_h`]. Twin: `shaders/grad.wgsl` `pixel_h`.
+/// smoothed, weighted target), focal [`focal_h`]. Twin: `shaders/grad_pixel.wgsl` `pixel_h`.
 fn pixel_h(term: &Term, p: &[f64], logp: &[f64], g: &[f64], c: usize) -> f64 {
     let c_n = p.len();
     match term {

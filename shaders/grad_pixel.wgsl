@@ -1,0 +1,181 @@
+// ∂L/∂z of one pixel, every class, from its logits, targets and softmax pieces, the
+// coefficient table and the pixel-term scales. Two stages link it: the grad stage
+// (grad.wgsl), and the stats stage's one-pass form for specs of pixel terms only, which
+// writes the gradient in the same pass that sums the loss (stats.wgsl calls `load_consts`,
+// `pixel_grad` and `zero_grad`; the stats stage alone links stats_no_grad.wgsl's empty
+// stand-ins instead). ARCHITECTURE.md, "One pass for pixel terms".
+// CPU port: src/reference/grad.rs.
+
+@group(0) @binding(6) var<storage, read> fin: array<f32>;
+@group(0) @binding(7) var<storage, read_write> grad: array<f32>;
+
+// Whether the spec has statistic terms. Without them every coefficient is 0 (finalize
+// writes none), so none is read and their sums compile out: the gradient is the pixel
+// terms' alone.
+override STAT_TERMS: bool = true;
+
+// What an invocation reads once for all its pixels: the first BLOCK classes' coefficients
+// and, per pixel term, its kind, ε or γ, scale and class-vector offset (−1: none).
+struct Consts {
+    kc: array<vec4<f32>, BLOCK>,
+    kinds: vec4<u32>,
+    opt: vec4<f32>,
+    scales: vec4<f32>,
+    offs: vec4<f32>,
+    // The upstream gradient (fin, Dims::fin_upstream) every value is scaled by.
+    up: f32,
+}
+
+// Class c's coefficients (∂L/∂P, ∂L/∂Q, ∂L/∂I, ∂L/∂U) of image b.
+fn coef(b: u32, c: u32) -> vec4<f32> {
+    let o = (b * C + c) * COEFS;
+    return vec4(fin[o + COEF_P], fin[o + COEF_Q], fin[o + COEF_I], fin[o + COEF_U]);
+}
+
+// Everything image b's pixels share, read before any branch (`b` is uniform over a
+// workgroup in both stages that link this file).
+fn load_consts(b: u32) -> Consts {
+    var cs: Consts;
+    if STAT_TERMS {
+        for (var c = 0u; c < min(C, BLOCK); c++) {
+            cs.kc[c] = coef(b, c);
+        }
+    }
+    for (var t = 0u; t < N_PIX; t++) {
+        cs.kinds[t] = u32(record(t, REC_KIND));
+        cs.opt[t] = record(t, PIXEL_OPTION);
+        cs.scales[t] = fin[dims.fin_scales + t];
+        cs.offs[t] = record(t, REC_VECTOR);
+    }
+    cs.up = fin[dims.fin_upstream];
+    return cs;
+}
+
+// Class c's coefficients, from the invocation's copy for the first BLOCK classes.
+fn coef_of(k: ptr<function, Consts>, b: u32, c: u32) -> vec4<f32> {
+    if !STAT_TERMS {
+        return vec4(0.0);
+    }
+    if c < BLOCK {
+        return (*k).kc[c];
+    }
+    return coef(b, c);
+}
+
+// a_c = ∂L/∂p_c of the statistic terms; without tempering, s = p and the region
+// coefficient joins a.
+fn stat_a(k: vec4<f32>, p: f32, g: f32) -> f32 {
+    return k.x + 2.0 * p * k.y + g * k.z + select(k.w, 0.0, TEMPERED);
+}
+
+// Writes one gradient value, or adds it to the target's (`Dims::accumulate`, a backward
+// recording's choice; uniform, so the branch costs nothing where it is not taken).
+fn store_grad(e: u32, v: f32) {
+    if dims.accumulate != 0u {
+        grad[e] += v;
+    } else {
+        grad[e] = v;
+    }
+}
+
+// The focal weight on ([c = k] − p_k) of one class with target mass αg (twin: src/reference/mod.rs `focal_h`).
+fn focal_h(p: f32, one_minus_p: f32, log_p: f32, alpha_g: f32, gamma: f32) -> f32 {
+    let qg = safe_pow(one_minus_p, gamma);
+    var first = 0.0;
+    if one_minus_p > 0.0 && gamma > 0.0 {
+        first = gamma * p * log_p * qg / one_minus_p;
+    }
+    return alpha_g * (first - qg);
+}
+
+// A softmax pixel term's h_c, its weight on ([c = k] − p_k) in ∂/∂z_k, so that the term's
+// gradient is scale·(h_c − p_c·Σ_k h_k): CE −w_c·((1 − ε)·g_c + ε/C); focal `focal_h`.
+// Twin: src/reference/grad.rs `pixel_h`. `e`, `se`: exp(z_c − max) and Σe; `opt`: ε or γ.
+fn pixel_h(ce: bool, opt: f32, w: f32, gc: f32, p: f32, e: f32, se: f32, log_p: f32) -> f32 {
+    if ce {
+        return -w * ((1.0 - opt) * gc + opt / f32(C));
+    }
+    if gc == 0.0 {
+        return 0.0;
+    }
+    let one_minus_p = max(se - e, 0.0) / se;
+    return focal_h(p, one_minus_p, log_p, w * gc, opt);
+}
+
+// Zeros for every class of an ignored pixel.
+fn zero_grad(b: u32, i: u32, cs: ptr<function, Consts>) {
+    for (var c = 0u; c < C; c++) {
+        store_grad(elem(b, c, i) + dims.grad_shift, 0.0);
+    }
+}
+
+// ∂L/∂z of every class of pixel i of global image b, whose label is y (kept: `keep`; an
+// ignored pixel may run the same code and write zeros), first logits and targets z and g,
+// softmax pieces sm (max, Σe) with the first exponentials in ez, and tempered ones smt, et
+// (unused in sigmoid mode).
+fn pixel_grad(cs: ptr<function, Consts>, b: u32, i: u32, y: u32, keep: bool, z: ptr<function, Block>, g: ptr<function, Block>, ez: ptr<function, Block>, et: ptr<function, Block>, sm: vec2<f32>, smt: vec2<f32>) {
+    let temp = dims.temperature;
+    if SIGMOID {
+        for (var c = 0u; c < C; c++) {
+            let zc = z_of(z, b, c, i);
+            let gc = g_of(g, b, c, i, y);
+            let p = sigmoid(zc);
+            let k = coef_of(cs, b, c);
+            var dz = stat_a(k, p, gc) * p * sigmoid(-zc);
+            if TEMPERED {
+                dz += temp * k.w * sigmoid(temp * zc) * sigmoid(-temp * zc);
+            }
+            for (var t = 0u; t < N_PIX; t++) {
+                let pw = term_weight(t, (*cs).offs[t], c);
+                dz += (*cs).scales[t] * (p * (1.0 - gc + pw * gc) - pw * gc);
+            }
+            store_grad(elem(b, c, i) + dims.grad_shift, select(0.0, dz * (*cs).up, keep));
+        }
+        return;
+    }
+
+    let log_se = log(sm.y);
+    // First class loop: the sums every class's gradient needs.
+    var ap = 0.0;               // Σ_k a_k p_k
+    var us = 0.0;               // Σ_k u_k s_k
+    var h_sum = vec4(0.0);      // per pixel term: Σ_k h_k
+    for (var c = 0u; c < C; c++) {
+        let zc = z_of(z, b, c, i);
+        let gc = g_of(g, b, c, i, y);
+        let e = exp_of(ez, z, b, c, i, 1.0, sm.x);
+        let p = e / sm.y;
+        if STAT_TERMS {
+            let k = coef_of(cs, b, c);
+            ap += stat_a(k, p, gc) * p;
+            if TEMPERED {
+                us += k.w * exp_of(et, z, b, c, i, temp, smt.x) / smt.y;
+            }
+        }
+        for (var t = 0u; t < N_PIX; t++) {
+            let w = term_weight(t, (*cs).offs[t], c);
+            h_sum[t] += pixel_h(is_ce((*cs).kinds[t]), (*cs).opt[t], w, gc, p, e, sm.y, zc - sm.x - log_se);
+        }
+    }
+    // Second class loop: write ∂L/∂z_c.
+    for (var c = 0u; c < C; c++) {
+        let zc = z_of(z, b, c, i);
+        let gc = g_of(g, b, c, i, y);
+        let e = exp_of(ez, z, b, c, i, 1.0, sm.x);
+        let p = e / sm.y;
+        var dz = 0.0;
+        if STAT_TERMS {
+            let k = coef_of(cs, b, c);
+            dz = p * (stat_a(k, p, gc) - ap);
+            if TEMPERED {
+                let s = exp_of(et, z, b, c, i, temp, smt.x) / smt.y;
+                dz += temp * s * (k.w - us);
+            }
+        }
+        for (var t = 0u; t < N_PIX; t++) {
+            let w = term_weight(t, (*cs).offs[t], c);
+            let h = pixel_h(is_ce((*cs).kinds[t]), (*cs).opt[t], w, gc, p, e, sm.y, zc - sm.x - log_se);
+            dz += (*cs).scales[t] * (h - p * h_sum[t]);
+        }
+        store_grad(elem(b, c, i) + dims.grad_shift, select(0.0, dz * (*cs).up, keep));
+    }
+}

@@ -1,0 +1,386 @@
+//! The one-pass path for specs of pixel terms only (ARCHITECTURE.md, "One pass for pixel
+//! terms"): a labels-only pass for the normalisers, then one pass over the logits that
+//! writes statistics and gradient. Every output element against the f64 reference, on
+//! random shapes with partial tiles, C = 2 to 150, both pixel orders, every option of the
+//! pixel terms, soft labels, ignored pixels and images with every pixel ignored; and the
+//! dispatches each call records, so a test cannot pass on the two-pass path by mistake.
+
+mod common;
+
+use common::{check_with, gpu, spec};
+use segloss::gpu::stages::Kernel;
+use segloss::gpu::{GpuContext, Strategy};
+use segloss::input::{Labels, Shape, IGNORE};
+use segloss::testing::{random_labels, random_logits, random_masks, random_soft_labels, Rng};
+
+/// The tests of this file share one context and read which kernels its last call ran, so
+/// they run one at a time.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The context's strategy with the one-pass path from `min` logits up.
+fn from(ctx: &GpuContext, min: u64) -> Strategy {
+    Strategy {
+        one_pass_min_elements: min,
+        ..ctx.strategy()
+    }
+}
+
+/// The stats kernels of `ctx`'s strategy: (stats alone, stats with the gradient).
+fn stats_kernels(strategy: &Strategy) -> (Kernel, Kernel) {
+    use segloss::gpu::TileSum;
+    match strategy.tile_sum {
+        TileSum::Subgroup => (Kernel::StatsSubgroup, Kernel::StatsGradSubgroup),
+        TileSum::Workgroup => (Kernel::StatsWorkgroup, Kernel::StatsGradWorkgroup),
+        TileSum::Invocation => (Kernel::StatsInvocation, Kernel::StatsGradInvocation),
+    }
+}
+
+/// The call just recorded took the one-pass path: labels-only stats pass, finalize,
+/// the stats pass with the gradient, finalize; no grad pass.
+fn assert_one_pass(ctx: &GpuContext, strategy: &Strategy, what: &str) {
+    let k = ctx.last_kernels();
+    let (alone, with_grad) = stats_kernels(strategy);
+    let at = |kernel| k.iter().position(|x| *x == kernel);
+    assert!(
+        !k.contains(&Kernel::Grad) && !k.contains(&Kernel::GradShared),
+        "{what}: a grad pass in {k:?}"
+    );
+    let (norms, fused) = (at(alone), at(with_grad));
+    assert!(
+        norms.is_some() && fused.is_some() && norms < fused,
+        "{what}: not the one-pass path: {k:?}"
+    );
+    assert_eq!(
+        k.iter().filter(|x| **x == Kernel::Finalize).count(),
+        2,
+        "{what}: {k:?}"
+    );
+}
+
+/// [`check_with`] under `strategy`, then [`assert_one_pass`].
+fn check_one_pass(
+    ctx: &GpuContext,
+    strategy: Strategy,
+    json: &str,
+    shape: &Shape,
+    z: &[f32],
+    labels: Labels<'_>,
+    what: &str,
+) -> segloss::LossOutput {
+    let out = check_with(ctx, Some(strategy), &spec(json), shape, z, labels, what);
+    assert_one_pass(ctx, &strategy, what);
+    out
+}
+
+/// Random odd shapes: 1 to 4 images, C from `classes`, 1 to 3 spatial dimensions.
+fn random_shape(rng: &mut Rng, classes: &[usize]) -> Shape {
+    let b = rng.range(1, 5);
+    let c = classes[rng.range(0, classes.len())];
+    let spatial = match rng.range(0, 3) {
+        0 => vec![rng.range(1, 2500)],
+        1 => vec![rng.range(1, 50), rng.range(1, 50)],
+        _ => vec![rng.range(1, 12), rng.range(1, 12), rng.range(1, 12)],
+    };
+    Shape::new(b, c, &spatial)
+}
+
+fn class_vector(rng: &mut Rng, c: usize) -> String {
+    let v: Vec<String> = (0..c)
+        .map(|_| format!("{:.3}", 0.1 + 2.0 * rng.uniform()))
+        .collect();
+    format!("[{}]", v.join(","))
+}
+
+/// Softmax specs of pixel terms only: every reduction, class weights, smoothing, focal's
+/// α and γ, two terms, and ignore_index.
+const SOFTMAX_SPECS: &[&str] = &[
+    r#"{"terms":[{"kind":"cross_entropy"}]}"#,
+    r#"{"terms":[{"kind":"cross_entropy","class_weights":{W},"label_smoothing":0.2}]}"#,
+    r#"{"terms":[{"kind":"cross_entropy","reduction":"sum","label_smoothing":0.05}]}"#,
+    r#"{"terms":[{"kind":"cross_entropy","reduction":"none","class_weights":{W}}]}"#,
+    r#"{"terms":[{"kind":"focal","gamma":0.5,"alpha":{W}}]}"#,
+    r#"{"terms":[{"kind":"cross_entropy","weight":0.5},{"kind":"focal","weight":2.0,"gamma":1.0}]}"#,
+    r#"{"ignore_index":1,"terms":[{"kind":"cross_entropy","class_weights":{W}}]}"#,
+];
+
+#[test]
+fn one_pass_matches_the_reference_on_random_shapes() {
+    let _one_at_a_time = serial();
+    let ctx = gpu();
+    let mut rng = Rng::new(2024);
+    for round in 0..14 {
+        let shape = random_shape(&mut rng, &[2, 3, 9, 21]);
+        let z = random_logits(&mut rng, &shape, 4.0);
+        let ignored = [0.0, 0.1, 0.6][round % 3];
+        let y = random_labels(&mut rng, &shape, ignored);
+        let w = class_vector(&mut rng, shape.classes);
+        let json = SOFTMAX_SPECS[round % SOFTMAX_SPECS.len()].replace("{W}", &w);
+        // Both pixel orders on alternate rounds.
+        let strategy = Strategy {
+            contiguous_pixels: round % 2 == 0,
+            ..from(ctx, 0)
+        };
+        let what = format!("{json} on {shape:?}, contiguous {}", round % 2 == 0);
+        check_one_pass(ctx, strategy, &json, &shape, &z, Labels::index(&y), &what);
+        if !json.contains("ignore_index") && !json.contains("\"none\"") {
+            let soft = random_soft_labels(&mut rng, &shape);
+            let what = format!("soft labels, {what}");
+            check_one_pass(ctx, strategy, &json, &shape, &z, Labels::Soft(&soft), &what);
+        }
+    }
+}
+
+/// 150 classes (past the GPU class block, inside the CPU one) and 300 (past both: the class
+/// blocks after the first are read again by the stats sums and the gradient).
+#[test]
+fn one_pass_with_many_classes() {
+    let _one_at_a_time = serial();
+    let ctx = gpu();
+    let mut rng = Rng::new(150);
+    for (c, spatial, json) in [
+        (
+            150,
+            vec![37, 29],
+            r#"{"terms":[{"kind":"cross_entropy","label_smoothing":0.1}]}"#,
+        ),
+        (
+            300,
+            vec![301],
+            r#"{"terms":[{"kind":"focal","gamma":2.0}]}"#,
+        ),
+    ] {
+        let shape = Shape::new(2, c, &spatial);
+        let z = random_logits(&mut rng, &shape, 3.0);
+        let y = random_labels(&mut rng, &shape, 0.1);
+        for contiguous in [true, false] {
+            let strategy = Strategy {
+                contiguous_pixels: contiguous,
+                ..from(ctx, 0)
+            };
+            let what = format!("C={c} contiguous {contiguous}: {json}");
+            check_one_pass(ctx, strategy, json, &shape, &z, Labels::index(&y), &what);
+        }
+    }
+}
+
+/// Images with every pixel ignored, alone and beside others: their normaliser is 0 (a mean
+/// of nothing is 0 and its gradient is 0, as PyTorch's weighted mean of no pixel is not
+/// taken: the reference's convention), and their gradient is all zeros.
+#[test]
+fn one_pass_with_all_ignored_images() {
+    let _one_at_a_time = serial();
+    let ctx = gpu();
+    let mut rng = Rng::new(7);
+    let shape = Shape::new(3, 5, &[19, 23]);
+    let z = random_logits(&mut rng, &shape, 3.0);
+    let s = shape.pixels();
+    let mut y = random_labels(&mut rng, &shape, 0.2);
+    y[s..2 * s].fill(IGNORE); // image 1 entirely ignored
+    let none = vec![IGNORE; y.len()];
+    let strategy = from(ctx, 0);
+    for json in [
+        r#"{"terms":[{"kind":"cross_entropy"}]}"#,
+        r#"{"terms":[{"kind":"cross_entropy","reduction":"sum","class_weights":[1,2,3,0.5,1]}]}"#,
+        r#"{"terms":[{"kind":"focal","gamma":2.0},{"kind":"cross_entropy","reduction":"none"}]}"#,
+    ] {
+        for (labels, which) in [(&y, "image 1 ignored"), (&none, "every pixel ignored")] {
+            let what = format!("{which}: {json}");
+            let out = check_one_pass(
+                ctx,
+                strategy,
+                json,
+                &shape,
+                &z,
+                Labels::index(labels),
+                &what,
+            );
+            let g = out.gradient.as_ref().unwrap();
+            let image = shape.classes * s;
+            assert!(
+                g[image..2 * image].iter().all(|v| *v == 0.0),
+                "{what}: gradient of an ignored image"
+            );
+        }
+    }
+}
+
+#[test]
+fn one_pass_bce_in_sigmoid_mode() {
+    let _one_at_a_time = serial();
+    let ctx = gpu();
+    let mut rng = Rng::new(12);
+    for round in 0..4 {
+        let shape = random_shape(&mut rng, &[1, 3, 10]);
+        let z = random_logits(&mut rng, &shape, 5.0);
+        let m = random_masks(&mut rng, &shape);
+        let json = [
+            r#"{"activation":"sigmoid","terms":[{"kind":"bce"}]}"#.to_string(),
+            format!(
+                r#"{{"activation":"sigmoid","terms":[{{"kind":"bce","pos_weight":{},"weight":0.3}}]}}"#,
+                class_vector(&mut rng, shape.classes)
+            ),
+        ][round % 2]
+            .clone();
+        let strategy = from(ctx, 0);
+        let what = format!("{json} on {shape:?}");
+        check_one_pass(ctx, strategy, &json, &shape, &z, Labels::Soft(&m), &what);
+    }
+}
+
+/// Which calls take the path: pixel terms only, a gradient, at least
+/// `one_pass_min_elements` logits; a statistic term, a forward-only call or a smaller
+/// call takes the two passes (and still matches the reference).
+#[test]
+fn the_path_is_taken_exactly_where_it_applies() {
+    let _one_at_a_time = serial();
+    let ctx = gpu();
+    let mut rng = Rng::new(3);
+    let shape = Shape::new(2, 4, &[20, 30]);
+    let z = random_logits(&mut rng, &shape, 3.0);
+    let y = random_labels(&mut rng, &shape, 0.1);
+    let ce = r#"{"terms":[{"kind":"cross_entropy"}]}"#;
+    let dice_ce = r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice"}]}"#;
+    let elements = shape.len() as u64;
+    let (alone, with_grad) = stats_kernels(&ctx.strategy());
+    for (json, min, one_pass) in [
+        (ce, elements, true),
+        (ce, elements + 1, false),
+        (ce, u64::MAX, false),
+        (dice_ce, 0, false),
+    ] {
+        let strategy = from(ctx, min);
+        let what = format!("{json}, from {min} logits");
+        check_with(
+            ctx,
+            Some(strategy),
+            &spec(json),
+            &shape,
+            &z,
+            Labels::index(&y),
+            &what,
+        );
+        let k = ctx.last_kernels();
+        assert_eq!(k.contains(&with_grad), one_pass, "{what}: {k:?}");
+        assert_eq!(k.contains(&Kernel::Grad), !one_pass, "{what}: {k:?}");
+        assert!(k.contains(&alone), "{what}: {k:?}");
+    }
+    // Forward only: one stats pass, no gradient.
+    let out = ctx
+        .evaluate(
+            &spec(ce),
+            &shape,
+            &z,
+            Labels::index(&y),
+            segloss::gpu::Options {
+                gradient: false,
+                statistics: false,
+                poison: true,
+                strategy: Some(from(ctx, 0)),
+            },
+        )
+        .unwrap();
+    assert!(out.loss.is_finite() && out.gradient.is_none());
+    assert!(!ctx.last_kernels().contains(&with_grad));
+}
+
+/// The host inputs' other forms on the one-pass path, each against the same call on the two
+/// passes (which the other test files hold to the reference): f16 logits with an f16
+/// gradient (the narrow stage after the pass), channels last, packed u8 labels, and a batch
+/// split into chunks that each fit a small binding.
+#[test]
+fn one_pass_with_half_precision_channels_last_and_chunks() {
+    use segloss::gpu::{HostBatch, HostLogits, Options};
+    use segloss::input::{permute, GradFormat, LabelFormat, Layout};
+    let _one_at_a_time = serial();
+    let ctx = gpu();
+    let mut rng = Rng::new(16);
+    let shape = Shape::new(3, 6, &[29, 31]);
+    let z = random_logits(&mut rng, &shape, 3.0);
+    let y = random_labels(&mut rng, &shape, 0.1);
+    let json = r#"{"terms":[{"kind":"cross_entropy","label_smoothing":0.1},{"kind":"focal","weight":0.5}]}"#;
+    let z16: Vec<half::f16> = z.iter().map(|v| half::f16::from_f32(*v)).collect();
+    let z_nhwc = permute(&z, &shape, false);
+    let image_bytes = (shape.classes * shape.pixels() * 4) as u64;
+    let batch = |logits, layout, label_format, grad_format| HostBatch {
+        shape: &shape,
+        layout,
+        logits,
+        labels: Labels::index(&y),
+        label_format,
+        grad_format,
+    };
+    let cases = [
+        (
+            "f16 logits and gradient",
+            batch(HostLogits::F16(&z16), Layout::Nchw, None, GradFormat::F16),
+            0,
+        ),
+        (
+            "channels last, u8 labels",
+            batch(
+                HostLogits::F32(&z_nhwc),
+                Layout::Nhwc,
+                Some(LabelFormat::U8),
+                GradFormat::F32,
+            ),
+            0,
+        ),
+        (
+            "one image a chunk",
+            batch(
+                HostLogits::F32(&z),
+                Layout::Nchw,
+                Some(LabelFormat::I32),
+                GradFormat::F32,
+            ),
+            image_bytes + 600,
+        ),
+    ];
+    for (what, batch, binding_limit) in cases {
+        let grad_format = batch.grad_format;
+        let run = |min| {
+            let strategy = Strategy {
+                binding_limit,
+                ..from(ctx, min)
+            };
+            let opts = Options {
+                gradient: true,
+                statistics: true,
+                poison: true,
+                strategy: Some(strategy),
+            };
+            let out = ctx
+                .evaluate_host(&spec(json), &batch, opts)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            (out, ctx.last_chunks(), strategy)
+        };
+        let (two, _, _) = run(u64::MAX);
+        let (one, chunks, strategy) = run(0);
+        assert_one_pass(ctx, &strategy, what);
+        if binding_limit > 0 {
+            assert_eq!(chunks, 3, "{what}: chunks");
+        }
+        assert!(
+            common::close(one.loss, two.loss),
+            "{what}: loss {} vs {}",
+            one.loss,
+            two.loss
+        );
+        let (g1, g2) = (one.gradient.unwrap(), two.gradient.unwrap());
+        assert_eq!(g1.len(), g2.len());
+        for (k, (a, b)) in g1.iter().zip(&g2).enumerate() {
+            // One 16-bit step apart at most (the two f32 values may round to neighbours).
+            let tol = match grad_format {
+                GradFormat::F16 => 1e-3 * b.abs() + 1e-7,
+                _ => 1e-6 * b.abs() + 1e-9,
+            };
+            assert!(
+                a.is_finite() && (a - b).abs() <= tol,
+                "{what}: gradient[{k}] {a} vs {b}"
+            );
+        }
+    }
+}
