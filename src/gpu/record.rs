@@ -444,6 +444,32 @@ impl Encoding<'_, '_> {
         }
     }
 
+    /// A pass over the pixels (stats, or grad) per chunk: `kernel` bound to the chunk's
+    /// logits, labels and `Dims` slot, and with a gradient `g` to its gradient range, then
+    /// stage 4 for a 16-bit gradient.
+    fn pixel_pass(
+        &mut self,
+        kernel: Kernel,
+        plans: &[ChunkPlan],
+        groups: fn(&ChunkPlan) -> usize,
+        g: Option<GradTarget<'_>>,
+    ) {
+        let (batch, ws) = (self.req.batch, self.ws);
+        for p in plans {
+            let target = g.map(|g| Self::grad_target(ws, self.call.narrow, p, g));
+            self.add(kernel, groups(p), |b| match (b, target) {
+                (Binding::Logits, _) => (batch.logits.buffer, p.logits.offset, p.logits.size),
+                (Binding::Labels, _) => (batch.labels.buffer, p.labels.offset, p.labels.size),
+                (Binding::Dims, _) => (&ws.dims, p.slot, DIMS_SIZE),
+                (Binding::Grad, Some(t)) => t,
+                (other, _) => Self::whole(ws, other),
+            });
+            if let Some(g) = g {
+                self.narrow(p, g);
+            }
+        }
+    }
+
     /// Stage 1 per chunk (with `norms_only`, its labels-only form).
     fn stats(&mut self, plans: &[ChunkPlan], norms_only: bool) {
         let kernel = match self.req.strategy.tile_sum {
@@ -452,39 +478,19 @@ impl Encoding<'_, '_> {
             TileSum::Invocation => Kernel::StatsInvocation,
         };
         self.variant.norms_only = norms_only;
-        let (batch, ws) = (self.req.batch, self.ws);
-        for p in plans {
-            self.add(kernel, p.stats_groups, |b| match b {
-                Binding::Logits => (batch.logits.buffer, p.logits.offset, p.logits.size),
-                Binding::Labels => (batch.labels.buffer, p.labels.offset, p.labels.size),
-                Binding::Dims => (&ws.dims, p.slot, DIMS_SIZE),
-                other => Self::whole(ws, other),
-            });
-        }
+        self.pixel_pass(kernel, plans, |p| p.stats_groups, None);
         self.variant.norms_only = false;
     }
 
     /// Stage 1 in its one-pass form per chunk: statistics, and the gradient from the pixel
-    /// terms' scales that finalize left from the labels-only pass (then stage 4 for 16-bit
-    /// gradients).
+    /// terms' scales that finalize left from the labels-only pass.
     fn stats_with_grad(&mut self, plans: &[ChunkPlan], g: GradTarget<'_>) {
         let kernel = match self.req.strategy.tile_sum {
             TileSum::Workgroup => Kernel::StatsGradWorkgroup,
             TileSum::Subgroup => Kernel::StatsGradSubgroup,
             TileSum::Invocation => Kernel::StatsGradInvocation,
         };
-        let (batch, ws) = (self.req.batch, self.ws);
-        for p in plans {
-            let target = Self::grad_target(ws, self.call.narrow, p, g);
-            self.add(kernel, p.stats_groups, |b| match b {
-                Binding::Logits => (batch.logits.buffer, p.logits.offset, p.logits.size),
-                Binding::Labels => (batch.labels.buffer, p.labels.offset, p.labels.size),
-                Binding::Dims => (&ws.dims, p.slot, DIMS_SIZE),
-                Binding::Grad => target,
-                other => Self::whole(ws, other),
-            });
-            self.narrow(p, g);
-        }
+        self.pixel_pass(kernel, plans, |p| p.stats_groups, Some(g));
     }
 
     /// Where a chunk's f32 gradient goes: the caller's range, or the scratch a 16-bit
@@ -541,23 +547,12 @@ impl Encoding<'_, '_> {
 
     /// Stage 3 (and 4 for 16-bit gradients) per chunk.
     pub(super) fn grad(&mut self, plans: &[ChunkPlan], g: GradTarget<'_>) {
-        let (batch, ws) = (self.req.batch, self.ws);
         let kernel = if self.call.grad_shares_input {
             Kernel::GradShared
         } else {
             Kernel::Grad
         };
-        for p in plans {
-            let target = Self::grad_target(ws, self.call.narrow, p, g);
-            self.add(kernel, p.grad_groups, |b| match b {
-                Binding::Logits => (batch.logits.buffer, p.logits.offset, p.logits.size),
-                Binding::Labels => (batch.labels.buffer, p.labels.offset, p.labels.size),
-                Binding::Dims => (&ws.dims, p.slot, DIMS_SIZE),
-                Binding::Grad => target,
-                other => Self::whole(ws, other),
-            });
-            self.narrow(p, g);
-        }
+        self.pixel_pass(kernel, plans, |p| p.grad_groups, Some(g));
     }
 }
 
