@@ -16,7 +16,8 @@
 // every dispatch. That cost ~10 ms a call for B = 8; the loops here are short anyway.
 @group(0) @binding(2) var<storage, read> dims: Dims;
 @group(0) @binding(3) var<storage, read> params: array<f32>;
-@group(0) @binding(5) var<storage, read> stats: array<f32>;
+@group(0) @binding(4) var<storage, read> partial: array<f32>;
+@group(0) @binding(5) var<storage, read_write> stats: array<f32>;
 @group(0) @binding(6) var<storage, read_write> fin: array<f32>;
 
 // The statistic-term kinds of the spec, bit k for kind code k: the rules of absent kinds
@@ -342,6 +343,26 @@ fn finalize_terms(@builtin(local_invocation_index) lid: u32) {
     if lid == 0u {
         fin[dims.fin_upstream] = 1.0;
     }
+    // Small calls (dims.fin_sums_partial = 1): the stats stage's partial rows added here into
+    // one statistics row per image, in sum_tiles.wgsl's order (a tile's rows, then the
+    // tiles), so the bits are those of the two dispatches this replaces.
+    if dims.fin_sums_partial != 0u {
+        for (var j = lid; j < dims.batch * dims.row_width; j += FIN_WG) {
+            let col = j % dims.row_width;
+            let first_tile = (j / dims.row_width) * dims.tiles_per_image;
+            var s = 0.0;
+            for (var t = 0u; t < dims.tiles_per_image; t++) {
+                let first = (first_tile + t) * dims.rows_per_tile * dims.row_width + col;
+                var in_tile = 0.0;
+                for (var r = 0u; r < dims.rows_per_tile; r++) {
+                    in_tile += partial[first + r * dims.row_width];
+                }
+                s += in_tile;
+            }
+            stats[j] = s;
+        }
+    }
+    storageBarrier();
     // The pooled row, column by column.
     for (var col = lid; col < dims.row_width; col += FIN_WG) {
         var s = 0.0;

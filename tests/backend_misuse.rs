@@ -363,3 +363,105 @@ fn a_shard_reports_no_statistics_for_images_it_does_not_hold() {
         }
     }
 }
+
+/// The device `context::choose` picks, opened with at most `bytes` of workgroup memory.
+fn device_with_workgroup_memory(bytes: u32) -> GpuContext {
+    let adapter = context::choose(context::enumerate()).unwrap();
+    let mut desc = context::device_descriptor(&adapter);
+    desc.required_limits.max_compute_workgroup_storage_size = bytes;
+    let (device, queue) = pollster::block_on(adapter.request_device(&desc)).unwrap();
+    assert_eq!(device.limits().max_compute_workgroup_storage_size, bytes);
+    GpuContext::from_device(device, queue, adapter.get_info())
+}
+
+/// An adapter limited to 16 KiB of workgroup memory (the least any adapter has) runs every
+/// strategy: each tile sum, classes past the GPU register block and past the CPU one, and
+/// the one-pass path, each against the reference. (wgpu does not check workgroup memory
+/// against the limit; tests/naga_validate.rs checks each kernel's declaration.)
+#[test]
+fn an_adapter_limited_to_16_kib_of_workgroup_memory_runs_every_strategy() {
+    let ctx = device_with_workgroup_memory(16 << 10);
+    let mut tile_sums = vec![TileSum::Workgroup, TileSum::Invocation];
+    if ctx.uses_subgroups() {
+        tile_sums.push(TileSum::Subgroup);
+    }
+    let mut rng = Rng::new(16);
+    // The pipelines gpu_region_family compiles anyway (llvmpipe compiles the workgroup
+    // strategy for about a minute with a cold shader cache).
+    let focal =
+        r#"{"terms":[{"kind":"focal","gamma":2},{"kind":"tversky","alpha":0.3,"beta":0.7}]}"#;
+    let cases = [
+        (Shape::new(2, 3, &[45, 101]), DICE_CE, tile_sums.clone()),
+        (Shape::new(2, 21, &[93, 97]), focal, vec![ctx.tile_sum()]),
+        (Shape::new(1, 600, &[19, 23]), focal, vec![ctx.tile_sum()]),
+    ];
+    for (shape, json, sums) in cases {
+        let z = random_logits(&mut rng, &shape, 3.0);
+        let y = random_labels(&mut rng, &shape, 0.1);
+        for tile_sum in sums {
+            let strategy = segloss::gpu::Strategy {
+                tile_sum,
+                ..ctx.strategy()
+            };
+            assert!(strategy.validate(ctx.device(), ctx.adapter_info()).is_ok());
+            let what = format!("{tile_sum:?} within 16 KiB on {shape:?}: {json}");
+            common::check_with(
+                &ctx,
+                Some(strategy),
+                &spec(json),
+                &shape,
+                &z,
+                Labels::index(&y),
+                &what,
+            );
+        }
+    }
+    let one_pass = segloss::gpu::Strategy {
+        one_pass_min_elements: 0,
+        ..ctx.strategy()
+    };
+    let shape = Shape::new(2, 9, &[31, 37]);
+    let z = random_logits(&mut rng, &shape, 3.0);
+    let y = random_labels(&mut rng, &shape, 0.1);
+    common::check_with(
+        &ctx,
+        Some(one_pass),
+        &spec(r#"{"terms":[{"kind":"cross_entropy","label_smoothing":0.1}]}"#),
+        &shape,
+        &z,
+        Labels::index(&y),
+        "one pass within 16 KiB",
+    );
+}
+
+/// A device with less workgroup memory than the workgroup-memory sum declares (12 KiB):
+/// that strategy is refused with an error naming the limit, the default strategy does not
+/// take it, and calls under the default work.
+#[test]
+fn a_strategy_needing_more_workgroup_memory_than_the_device_has_is_refused() {
+    let ctx = device_with_workgroup_memory(8 << 10);
+    assert_ne!(ctx.tile_sum(), TileSum::Workgroup);
+    let workgroup = segloss::gpu::Strategy {
+        tile_sum: TileSum::Workgroup,
+        ..ctx.strategy()
+    };
+    let err = workgroup
+        .validate(ctx.device(), ctx.adapter_info())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("workgroup memory") && err.contains("8192"),
+        "{err}"
+    );
+    let p = problem(8);
+    let opts = segloss::gpu::Options {
+        strategy: Some(workgroup),
+        ..common::GRADIENT
+    };
+    let refused = ctx.evaluate(&spec(DICE_CE), &p.shape, &p.z, Labels::index(&p.y), opts);
+    assert!(
+        refused.is_err_and(|e| e.to_string().contains("workgroup memory")),
+        "the call was not refused"
+    );
+    plain_call_is_ok(&ctx, &p);
+}

@@ -28,21 +28,11 @@ fn from(ctx: &GpuContext, min: u64) -> Strategy {
     }
 }
 
-/// The stats kernels of `ctx`'s strategy: (stats alone, stats with the gradient).
-fn stats_kernels(strategy: &Strategy) -> (Kernel, Kernel) {
-    use segloss::gpu::TileSum;
-    match strategy.tile_sum {
-        TileSum::Subgroup => (Kernel::StatsSubgroup, Kernel::StatsGradSubgroup),
-        TileSum::Workgroup => (Kernel::StatsWorkgroup, Kernel::StatsGradWorkgroup),
-        TileSum::Invocation => (Kernel::StatsInvocation, Kernel::StatsGradInvocation),
-    }
-}
-
 /// The call just recorded took the one-pass path: labels-only stats pass, finalize,
 /// the stats pass with the gradient, finalize; no grad pass.
 fn assert_one_pass(ctx: &GpuContext, strategy: &Strategy, what: &str) {
     let k = ctx.last_kernels();
-    let (alone, with_grad) = stats_kernels(strategy);
+    let [alone, with_grad] = strategy.tile_sum.kernels();
     let at = |kernel| k.iter().position(|x| *x == kernel);
     assert!(
         !k.contains(&Kernel::Grad) && !k.contains(&Kernel::GradShared),
@@ -244,7 +234,7 @@ fn the_path_is_taken_exactly_where_it_applies() {
     let ce = r#"{"terms":[{"kind":"cross_entropy"}]}"#;
     let dice_ce = r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice"}]}"#;
     let elements = shape.len() as u64;
-    let (alone, with_grad) = stats_kernels(&ctx.strategy());
+    let [alone, with_grad] = ctx.strategy().tile_sum.kernels();
     for (json, min, one_pass) in [
         (ce, elements, true),
         (ce, elements + 1, false),

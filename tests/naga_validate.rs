@@ -83,10 +83,17 @@ fn stages_validate_with_exactly_the_capabilities_they_use() {
     }
 }
 
-/// What the WGSL says about one entry point: its workgroup size, the bindings it uses
-/// (binding number → variable name and access) and the overrides it uses, after naga
-/// compacts the module to that entry point.
-fn wgsl_entry(k: &KernelInfo) -> (u32, Vec<(u32, String, Access)>, Vec<String>) {
+/// What the WGSL says about one entry point, after naga compacts the module to it.
+struct Entry {
+    workgroup_size: u32,
+    /// Binding number, variable name, access.
+    bindings: Vec<(u32, String, Access)>,
+    overrides: Vec<String>,
+    /// Bytes of the workgroup variables it uses.
+    workgroup_bytes: u32,
+}
+
+fn wgsl_entry(k: &KernelInfo) -> Entry {
     let src = k.source(8);
     let mut module = naga::front::wgsl::parse_str(&src)
         .unwrap_or_else(|e| panic!("{}: {}", k.module, e.emit_to_string(&src)));
@@ -128,19 +135,48 @@ fn wgsl_entry(k: &KernelInfo) -> (u32, Vec<(u32, String, Access)>, Vec<String>) 
         .iter()
         .filter_map(|(_, o)| o.name.clone())
         .collect();
-    (x, bindings, overrides)
+    let workgroup_bytes = module
+        .global_variables
+        .iter()
+        .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+        .map(|(_, g)| module.types[g.ty].inner.size(module.to_ctx()))
+        .sum();
+    Entry {
+        workgroup_size: x,
+        bindings,
+        overrides,
+        workgroup_bytes,
+    }
 }
 
 /// The stage table and the WGSL agree, kernel by kernel: workgroup size, every binding
-/// (number, name, access) and the overrides the entry point uses. A binding number, a
-/// workgroup size or an override changed on one side alone fails here, not on a device.
+/// (number, name, access), the overrides the entry point uses and its workgroup memory. A
+/// binding number, a workgroup size, an override or a workgroup array changed on one side
+/// alone fails here, not on a device. Every kernel fits the 16 KiB of workgroup memory of
+/// the most limited adapters.
 #[test]
 fn the_stage_table_matches_every_wgsl_entry_point() {
+    let least = 16 << 10;
     for k in &KERNELS {
-        let (size, bindings, overrides) = wgsl_entry(k);
+        let Entry {
+            workgroup_size: size,
+            bindings,
+            overrides,
+            workgroup_bytes,
+        } = wgsl_entry(k);
         assert_eq!(
             size, k.workgroup_size,
             "{:?}: @workgroup_size in WGSL against the stage table",
+            k.kernel
+        );
+        assert_eq!(
+            workgroup_bytes, k.workgroup_bytes,
+            "{:?}: workgroup memory in WGSL against the stage table",
+            k.kernel
+        );
+        assert!(
+            workgroup_bytes <= least,
+            "{:?}: {workgroup_bytes} bytes of workgroup memory",
             k.kernel
         );
         let table: Vec<(u32, String, Access)> = k

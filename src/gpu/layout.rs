@@ -257,6 +257,9 @@ dims_struct! {
     /// Partial rows per stats tile: 1 with the workgroup-memory reduction, one per subgroup
     /// or one per invocation with the others (`TileSum`).
     rows_per_tile: u32,
+    /// 1: finalize first adds the stats stage's partial rows into the statistics rows
+    /// itself (small calls: two dispatches fewer; ARCHITECTURE.md, "Small calls").
+    fin_sums_partial: u32,
     /// `fin`: where the pixel-term scales start ([`FinLayout::scales`]).
     fin_scales: u32,
     /// `fin`: the report (the total loss, then term values).

@@ -365,6 +365,18 @@ fn one_pass(req: &Request<'_>, call: &Checked) -> bool {
         && elements >= req.strategy.one_pass_min_elements
 }
 
+/// Whether finalize adds the stats stage's partial rows itself (`Dims::fin_sums_partial`):
+/// a call that finalizes statistics it computed, with few partial rows
+/// (`Strategy::finalize_sums_max_floats`). The two summing dispatches it saves are most of a
+/// small call's cost on lavapipe (ARCHITECTURE.md, "Small calls").
+fn finalize_sums(req: &Request<'_>, total: usize, base: &Dims) -> bool {
+    let floats = total as u64
+        * base.tiles_per_image as u64
+        * base.rows_per_tile as u64
+        * base.row_width as u64;
+    req.finalize && req.given_stats.is_none() && floats <= req.strategy.finalize_sums_max_floats
+}
+
 /// Records prepared dispatches as one compute pass (timestamps 0 and 1 of `timestamps`
 /// at its start and end).
 pub(super) fn encode_dispatches(
@@ -526,8 +538,12 @@ impl Encoding<'_, '_> {
         });
     }
 
-    /// Stage 2a: the partial rows into one statistics row per image.
+    /// Stage 2a: the partial rows into one statistics row per image (nothing to record when
+    /// finalize adds them itself).
     fn sum_tiles(&mut self, base: &Dims) {
+        if base.fin_sums_partial != 0 {
+            return;
+        }
         let ws = self.ws;
         let (total, width) = (self.call.total, base.row_width as usize);
         if base.rows_per_tile > 1 {
@@ -794,10 +810,11 @@ impl GpuContext {
         let ws = self.workspace(&mut caches, &key);
         self.upload(req, &call, &ws, &params)?;
         let fin = FinLayout::new(call.total, call.classes, spec.terms.len());
-        let base = Dims {
+        let mut base = Dims {
             rows_per_tile: rows_per_tile as u32,
             ..plan::dims(spec, shape, &fin)
         };
+        base.fin_sums_partial = finalize_sums(req, call.total, &base) as u32;
         let align = storage_align(&self.device);
         let (slots, plans) = plan_chunks(req, &call, &chunks, base, align);
         let mut dims_bytes = vec![0u8; (DIMS_SLOT as usize) * slots.len()];

@@ -244,6 +244,10 @@ pub struct KernelInfo {
     pub overrides: &'static [Override],
     /// Needs subgroup operations (naga's SUBGROUP capability, wgpu's `Features::SUBGROUP`).
     pub subgroups: bool,
+    /// Bytes of workgroup memory its entry point declares (tests/naga_validate.rs checks
+    /// the WGSL against it; `Strategy::validate` against the device's
+    /// `max_compute_workgroup_storage_size`, which wgpu does not check).
+    pub workgroup_bytes: u32,
 }
 
 use Access::{Read, ReadWrite, Uniform};
@@ -336,6 +340,12 @@ const fn stats(kernel: Kernel, module: &'static str, parts: &'static [Source]) -
             STATS_OVERRIDES
         },
         subgroups: matches!(kernel, Kernel::StatsSubgroup | Kernel::StatsGradSubgroup),
+        // tile_sum/workgroup.wgsl: three arrays of one vec4 an invocation.
+        workgroup_bytes: if matches!(kernel, Kernel::StatsWorkgroup | Kernel::StatsGradWorkgroup) {
+            3 * 16 * STATS_WG
+        } else {
+            0
+        },
     }
 }
 
@@ -366,6 +376,7 @@ const fn grad(kernel: Kernel, module: &'static str, inputs: Access) -> KernelInf
         },
         overrides: GRAD_OVERRIDES,
         subgroups: false,
+        workgroup_bytes: 0,
     }
 }
 
@@ -417,6 +428,7 @@ pub const KERNELS: [KernelInfo; 12] = [
         bindings: &[(B::Dims, Read), (B::Partial, ReadWrite)],
         overrides: &[],
         subgroups: false,
+        workgroup_bytes: 0,
     },
     KernelInfo {
         kernel: Kernel::SumTiles,
@@ -431,6 +443,7 @@ pub const KERNELS: [KernelInfo; 12] = [
         ],
         overrides: &[],
         subgroups: false,
+        workgroup_bytes: 0,
     },
     KernelInfo {
         kernel: Kernel::Finalize,
@@ -441,11 +454,14 @@ pub const KERNELS: [KernelInfo; 12] = [
         bindings: &[
             (B::Dims, Read),
             (B::Params, Read),
-            (B::Stats, Read),
+            (B::Partial, Read),
+            (B::Stats, ReadWrite),
             (B::Fin, ReadWrite),
         ],
         overrides: &[O::C, O::Sigmoid, O::StatKinds],
         subgroups: false,
+        // finalize.wgsl's `part`: one f32 an invocation.
+        workgroup_bytes: 4 * FIN_WG,
     },
     grad(Kernel::Grad, "grad", Read),
     grad(Kernel::GradShared, "grad_shared", ReadWrite),
@@ -458,6 +474,7 @@ pub const KERNELS: [KernelInfo; 12] = [
         bindings: &[(B::Dims, Uniform), (B::Grad, Read), (B::Out16, ReadWrite)],
         overrides: &[O::GradKind],
         subgroups: false,
+        workgroup_bytes: 0,
     },
 ];
 

@@ -3,6 +3,7 @@
 //! per call through [`crate::gpu::Options::strategy`] (tests run every strategy on one
 //! device; benchmarks compare them). Nothing here is mutable context state.
 
+use super::stages::Kernel;
 use crate::error::{Error, Result};
 
 /// How the stats stage combines the sums of a tile's invocations (a file of
@@ -24,19 +25,51 @@ impl TileSum {
         if subgroups_usable(device, info) {
             TileSum::Subgroup
         } else {
-            Self::without_subgroups(info)
+            Self::without_subgroups(device, info)
         }
     }
 
     /// Without subgroups: no barrier on CPU adapters (llvmpipe compiles barriers slowly
-    /// and runs them slowly), workgroup memory on GPUs (fewer partial rows to write).
-    pub fn without_subgroups(info: &wgpu::AdapterInfo) -> Self {
-        if info.device_type == wgpu::DeviceType::Cpu {
-            TileSum::Invocation
-        } else {
+    /// and runs them slowly), workgroup memory on GPUs (fewer partial rows to write) when
+    /// the device has enough of it.
+    pub fn without_subgroups(device: &wgpu::Device, info: &wgpu::AdapterInfo) -> Self {
+        if info.device_type != wgpu::DeviceType::Cpu && TileSum::Workgroup.fits(device) {
             TileSum::Workgroup
+        } else {
+            TileSum::Invocation
         }
     }
+
+    /// The stats kernels of this sum: (stats alone, stats that also writes the gradient).
+    pub fn kernels(self) -> [Kernel; 2] {
+        match self {
+            TileSum::Subgroup => [Kernel::StatsSubgroup, Kernel::StatsGradSubgroup],
+            TileSum::Workgroup => [Kernel::StatsWorkgroup, Kernel::StatsGradWorkgroup],
+            TileSum::Invocation => [Kernel::StatsInvocation, Kernel::StatsGradInvocation],
+        }
+    }
+
+    /// Whether the device has the workgroup memory this sum's kernels declare.
+    fn fits(self, device: &wgpu::Device) -> bool {
+        workgroup_memory_error(&self.kernels(), device).is_none()
+    }
+}
+
+/// An error naming the first of `kernels` that declares more workgroup memory than the
+/// device's `max_compute_workgroup_storage_size` (16 KiB on the most limited adapters).
+/// wgpu does not check this; a pipeline past the limit fails on some drivers and is
+/// undefined on others.
+fn workgroup_memory_error(kernels: &[Kernel], device: &wgpu::Device) -> Option<Error> {
+    let limit = device.limits().max_compute_workgroup_storage_size;
+    kernels.iter().find_map(|k| {
+        let need = k.info().workgroup_bytes;
+        (need > limit).then(|| {
+            Error::Input(format!(
+                "{k:?} declares {need} bytes of workgroup memory; this device allows {limit} \
+                 (max_compute_workgroup_storage_size)"
+            ))
+        })
+    })
 }
 
 fn subgroups_usable(device: &wgpu::Device, info: &wgpu::AdapterInfo) -> bool {
@@ -72,12 +105,20 @@ pub struct Strategy {
     /// that writes statistics and gradient) from this many logits B·C·S up; below it the
     /// two passes cost less than the extra dispatches. 0: always; `u64::MAX`: never.
     pub one_pass_min_elements: u64,
+    /// Calls whose stats stage writes at most this many partial-row floats (B × tiles ×
+    /// rows per tile × row width) have finalize add the partial rows itself instead of two
+    /// summing dispatches before it (same order, so the same bits; ARCHITECTURE.md, "Small
+    /// calls"). 0: never.
+    pub finalize_sums_max_floats: u64,
 }
 
 /// The largest class block a kernel is compiled for.
 pub const MAX_CLASS_BLOCK: u32 = 1024;
 /// Where the one-pass path starts paying (BENCHMARKS.md, "One pass for pixel terms").
 const ONE_PASS_MIN_ELEMENTS: u64 = 1 << 18;
+/// Where finalize stops adding the partial rows itself: 2¹⁶ floats are 1,024 reads for
+/// each of its 64 invocations, far below llvmpipe's 65,535 loop iterations an invocation.
+const FINALIZE_SUMS_MAX_FLOATS: u64 = 1 << 16;
 /// The class block cap on CPU adapters.
 const CPU_CLASS_BLOCK: u32 = 256;
 
@@ -95,11 +136,12 @@ impl Strategy {
                 8
             },
             one_pass_min_elements: ONE_PASS_MIN_ELEMENTS,
+            finalize_sums_max_floats: FINALIZE_SUMS_MAX_FLOATS,
         }
     }
 
     /// An error where the device cannot run this strategy: subgroup sums without usable
-    /// subgroups, or rows planned for subgroups larger than the adapter's smallest (rows
+    /// subgroups, kernels declaring more workgroup memory than the device has, or rows planned for subgroups larger than the adapter's smallest (rows
     /// some subgroups would then leave unwritten).
     pub fn validate(&self, device: &wgpu::Device, info: &wgpu::AdapterInfo) -> Result<()> {
         if self.tile_sum == TileSum::Subgroup && !subgroups_usable(device, info) {
@@ -121,6 +163,10 @@ impl Strategy {
                 "class_block {} is not a power of two from 8 to {MAX_CLASS_BLOCK}",
                 self.class_block
             )));
+        }
+        let [stats, stats_grad] = self.tile_sum.kernels();
+        if let Some(e) = workgroup_memory_error(&[stats, stats_grad, Kernel::Finalize], device) {
+            return Err(e);
         }
         if self.planned_subgroup_size > info.subgroup_min_size {
             return Err(Error::Input(format!(

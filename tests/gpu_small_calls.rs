@@ -1,0 +1,190 @@
+//! Small calls (ARCHITECTURE.md, "Small calls"): when the stats stage writes few partial
+//! rows, finalize adds them itself and the two summing dispatches are not recorded. Each
+//! case runs with the path forced on and forced off: every output (loss, terms, statistics,
+//! gradient, loss maps) must be the same bits, match the f64 reference, and the recorded
+//! kernels must show which path ran, so a test cannot pass on the other path by mistake.
+
+mod common;
+
+use common::{check_with, gpu, spec};
+use segloss::gpu::stages::Kernel;
+use segloss::gpu::{GpuContext, Options, Strategy, TileSum};
+use segloss::input::{Labels, Shape};
+use segloss::testing::{random_labels, random_logits, Rng};
+use segloss::LossOutput;
+
+/// The tests of this file read which kernels the shared context's last call ran, so they
+/// run one at a time.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const DICE_CE: &str = r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice"}]}"#;
+/// Every statistic term and a loss map: finalize reads every column of the rows it summed.
+const EVERY_TERM: &str = r#"{"terms":[{"kind":"cross_entropy","label_smoothing":0.1,"reduction":"none"},{"kind":"focal","weight":0.5},{"kind":"dice","weight":0.7,"squared":true},{"kind":"tversky","weight":0.2,"alpha":0.7,"beta":0.3},{"kind":"generalized_dice","weight":0.3},{"kind":"region","weight":0.1,"penalty":"kl","temperature":10}]}"#;
+
+fn with_sums(strategy: Strategy, on: bool) -> Strategy {
+    Strategy {
+        finalize_sums_max_floats: if on { u64::MAX } else { 0 },
+        ..strategy
+    }
+}
+
+fn sums_recorded(ctx: &GpuContext) -> bool {
+    let k = ctx.last_kernels();
+    k.contains(&Kernel::SumTiles) || k.contains(&Kernel::SumTileRows)
+}
+
+/// `json` on (`shape`, `z`, `y`) under `strategy` with finalize's sums forced on and off:
+/// both against the reference, the kernels each recorded, and the same bits from both.
+fn check_both_ways(
+    ctx: &GpuContext,
+    strategy: Strategy,
+    json: &str,
+    shape: &Shape,
+    z: &[f32],
+    y: &[u32],
+    what: &str,
+) -> LossOutput {
+    let on = check_with(
+        ctx,
+        Some(with_sums(strategy, true)),
+        &spec(json),
+        shape,
+        z,
+        Labels::index(y),
+        &format!("finalize sums, {what}"),
+    );
+    let k = ctx.last_kernels();
+    assert!(!sums_recorded(ctx), "{what}: summing dispatches in {k:?}");
+    assert!(k.contains(&Kernel::Finalize), "{what}: {k:?}");
+    let off = check_with(
+        ctx,
+        Some(with_sums(strategy, false)),
+        &spec(json),
+        shape,
+        z,
+        Labels::index(y),
+        &format!("summing dispatches, {what}"),
+    );
+    assert!(
+        ctx.last_kernels().contains(&Kernel::SumTiles),
+        "{what}: {:?}",
+        ctx.last_kernels()
+    );
+    assert_eq!(on, off, "{what}: the two paths differ");
+    on
+}
+
+/// Every tile-sum strategy the device runs (partial rows per tile: 1, one per subgroup,
+/// one per invocation), over images of one tile, of several tiles with a partial last one,
+/// and of a few pixels.
+#[test]
+fn finalize_sums_match_the_summing_dispatches_bit_for_bit() {
+    let _one_at_a_time = serial();
+    let ctx = gpu();
+    let mut tile_sums = vec![TileSum::Invocation, TileSum::Workgroup];
+    if ctx.uses_subgroups() {
+        tile_sums.push(TileSum::Subgroup);
+    }
+    let mut rng = Rng::new(31);
+    for (b, c, spatial) in [
+        (1, 3, vec![64, 64]),
+        (2, 3, vec![100, 101]),
+        (3, 3, vec![7]),
+        (2, 9, vec![5, 7, 311]),
+    ] {
+        let shape = Shape::new(b, c, &spatial);
+        let z = random_logits(&mut rng, &shape, 3.0);
+        let y = random_labels(&mut rng, &shape, 0.1);
+        for &tile_sum in &tile_sums {
+            // llvmpipe compiles the workgroup strategy's barriers slowly (about a minute a
+            // pipeline; CI starts with a cold shader cache): it runs a pipeline that
+            // gpu_region_family compiles anyway (DiceCE at C = 3).
+            let specs: &[&str] = match tile_sum {
+                TileSum::Workgroup if c != 3 => continue,
+                TileSum::Workgroup => &[DICE_CE],
+                _ => &[DICE_CE, EVERY_TERM],
+            };
+            let strategy = Strategy {
+                tile_sum,
+                ..ctx.strategy()
+            };
+            for json in specs {
+                let what = format!("{tile_sum:?} on {shape:?}: {json}");
+                check_both_ways(ctx, strategy, json, &shape, &z, &y, &what);
+            }
+        }
+    }
+}
+
+/// The default threshold: a 1×2×64×64 DiceCE call records its three passes and nothing
+/// else; a 4 × 8 × 256 × 256 one (32 tiles an image) keeps the summing dispatches.
+#[test]
+fn small_call_records_three_dispatches() {
+    let _one_at_a_time = serial();
+    let ctx = gpu();
+    let mut rng = Rng::new(64);
+    let shape = Shape::new(1, 2, &[64, 64]);
+    let z = random_logits(&mut rng, &shape, 3.0);
+    let y = random_labels(&mut rng, &shape, 0.1);
+    check_with(
+        ctx,
+        None,
+        &spec(DICE_CE),
+        &shape,
+        &z,
+        Labels::index(&y),
+        "1×2×64×64",
+    );
+    let k = ctx.last_kernels();
+    assert_eq!(k.len(), 3, "{k:?}");
+    assert_eq!(k[1..], [Kernel::Finalize, Kernel::Grad], "{k:?}");
+
+    let big = Shape::new(4, 8, &[256, 256]);
+    let z = random_logits(&mut rng, &big, 3.0);
+    let y = random_labels(&mut rng, &big, 0.1);
+    let opts = Options {
+        gradient: false,
+        statistics: false,
+        poison: false,
+        strategy: None,
+    };
+    ctx.evaluate(&spec(DICE_CE), &big, &z, Labels::index(&y), opts)
+        .unwrap();
+    assert!(sums_recorded(ctx), "{:?}", ctx.last_kernels());
+}
+
+/// The one-pass path (pixel terms only) sums in finalize twice; and a batch split into
+/// chunks, whose partial rows come from several dispatches.
+#[test]
+fn finalize_sums_with_one_pass_and_chunks() {
+    let _one_at_a_time = serial();
+    let ctx = gpu();
+    let mut rng = Rng::new(5);
+    let shape = Shape::new(3, 5, &[19, 23]);
+    let z = random_logits(&mut rng, &shape, 3.0);
+    let y = random_labels(&mut rng, &shape, 0.2);
+
+    let one_pass = Strategy {
+        one_pass_min_elements: 0,
+        ..ctx.strategy()
+    };
+    let ce = r#"{"terms":[{"kind":"cross_entropy","class_weights":[1,2,3,0.5,1]}]}"#;
+    check_both_ways(ctx, one_pass, ce, &shape, &z, &y, "one pass");
+    let k = ctx.last_kernels();
+    assert_eq!(
+        k.iter().filter(|x| **x == Kernel::Finalize).count(),
+        2,
+        "{k:?}"
+    );
+
+    // One image (5 × 437 logits) per binding: three chunks.
+    let chunked = Strategy {
+        binding_limit: (5 * 437 * 4 + 600) as u64,
+        ..ctx.strategy()
+    };
+    check_both_ways(ctx, chunked, EVERY_TERM, &shape, &z, &y, "three chunks");
+    assert_eq!(ctx.last_chunks(), 3);
+}
