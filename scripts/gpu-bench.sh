@@ -9,6 +9,13 @@
 #   cp ../shared/gpu-peer/torch_losses.py scripts/          # the PyTorch side
 # Carry target/release/segloss, .gl and scripts/ to the GPU machine, then run:
 #   bash scripts/gpu-bench.sh [OUTDIR]
+#
+# The same table on lavapipe beside PyTorch on the CPU (BENCHMARKS.md, issue 12's table):
+#   SEGLOSS_BIN=target/debug/segloss TORCH_ARGS="--device cpu" \
+#   SHAPES="8,4,256,256 2,21,128,128 1,150,96,96 2,4,96,96,96 1,2,64,64" bash scripts/gpu-bench.sh
+# Overrides: SEGLOSS_BIN (the binary), SHAPES, REPS (segloss bench --reps, 50), TORCH_ARGS
+# (default --compile), TORCH_SCRIPT (default scripts/torch_losses.py, else
+# ../shared/gpu-peer/torch_losses.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/segloss-gpu-bench}}
@@ -28,12 +35,14 @@ for icd in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json /usr/share/vulka
   if [ -z "${VK_DRIVER_FILES:-}" ] && [ -f "$icd" ]; then export VK_DRIVER_FILES=$icd; fi
 done
 export WGPU_BACKEND=vulkan
-bin=target/release/segloss
+bin=${SEGLOSS_BIN:-target/release/segloss}
+torch_script=${TORCH_SCRIPT:-scripts/torch_losses.py}
+[ -f "$torch_script" ] || torch_script=../shared/gpu-peer/torch_losses.py
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee "$out/gpu.txt"
 $bin info >"$out/info.json" 2>"$out/info.err" || { cat "$out/info.err"; exit 1; }
 grep '"chosen"' "$out/info.json"
 
-shapes="1,2,64,64 8,4,256,256 2,4,96,96,96 2,21,128,128 1,150,96,96 16,21,512,512 4,150,256,256"
+shapes=${SHAPES:-"1,2,64,64 8,4,256,256 2,4,96,96,96 2,21,128,128 1,150,96,96 16,21,512,512 4,150,256,256"}
 declare -A specs=(
   [ce]='{"terms":[{"kind":"cross_entropy"}]}'
   [dicece]='{"terms":[{"kind":"cross_entropy"},{"kind":"dice"}]}'
@@ -42,11 +51,11 @@ declare -A specs=(
 : >"$out/segloss.jsonl"
 for s in $shapes; do
   for name in ce dicece ce_l1; do
-    r=$($bin bench --shape "$s" --spec "${specs[$name]}" --reps 50 --json 2>>"$out/bench.err")
+    r=$($bin bench --shape "$s" --spec "${specs[$name]}" --reps "${REPS:-50}" --json 2>>"$out/bench.err")
     echo "{\"loss\":\"$name\",\"result\":$r}" | tee -a "$out/segloss.jsonl"
   done
 done
-PYTHONUNBUFFERED=1 python3 scripts/torch_losses.py --compile $shapes 2>"$out/torch.err" | tee "$out/torch.jsonl"
+PYTHONUNBUFFERED=1 python3 "$torch_script" ${TORCH_ARGS:---compile} $shapes 2>"$out/torch.err" | tee "$out/torch.jsonl"
 
 python3 - "$out" <<'PY'
 import json, sys

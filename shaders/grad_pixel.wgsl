@@ -142,13 +142,13 @@ fn pixel_grad(cs: ptr<function, Consts>, b: u32, i: u32, y: u32, keep: bool, z: 
     for (var c = 0u; c < C; c++) {
         let zc = z_of(z, b, c, i);
         let gc = g_of(g, b, c, i, y);
-        let e = exp_of(ez, z, b, c, i, 1.0, sm.x);
+        let e = exp_of(ez, c, zc, 1.0, sm.x);
         let p = e / sm.y;
         if STAT_TERMS {
             let k = coef_of(cs, b, c);
             ap += stat_a(k, p, gc) * p;
             if TEMPERED {
-                us += k.w * exp_of(et, z, b, c, i, temp, smt.x) / smt.y;
+                us += k.w * exp_of(et, c, zc, temp, smt.x) / smt.y;
             }
         }
         for (var t = 0u; t < N_PIX; t++) {
@@ -160,14 +160,14 @@ fn pixel_grad(cs: ptr<function, Consts>, b: u32, i: u32, y: u32, keep: bool, z: 
     for (var c = 0u; c < C; c++) {
         let zc = z_of(z, b, c, i);
         let gc = g_of(g, b, c, i, y);
-        let e = exp_of(ez, z, b, c, i, 1.0, sm.x);
+        let e = exp_of(ez, c, zc, 1.0, sm.x);
         let p = e / sm.y;
         var dz = 0.0;
         if STAT_TERMS {
             let k = coef_of(cs, b, c);
             dz = p * (stat_a(k, p, gc) - ap);
             if TEMPERED {
-                let s = exp_of(et, z, b, c, i, temp, smt.x) / smt.y;
+                let s = exp_of(et, c, zc, temp, smt.x) / smt.y;
                 dz += temp * s * (k.w - us);
             }
         }

@@ -198,7 +198,7 @@ fn focal_pixel(t: u32, gamma: f32, off: f32, z: ptr<function, Block>, g: ptr<fun
         let gc = g_of(g, b, c, i, y);
         if gc != 0.0 {
             let zc = z_of(z, b, c, i);
-            let e = exp_of(ez, z, b, c, i, 1.0, sm.x);
+            let e = exp_of(ez, c, zc, 1.0, sm.x);
             let q = max(sm.y - e, 0.0) / sm.y;
             l += term_weight(t, off, c) * gc * safe_pow(q, gamma) * (lse - zc);
         }

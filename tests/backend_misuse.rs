@@ -375,25 +375,27 @@ fn device_with_workgroup_memory(bytes: u32) -> GpuContext {
 }
 
 /// An adapter limited to 16 KiB of workgroup memory (the least any adapter has) runs every
-/// strategy: each tile sum, classes past the GPU register block and past the CPU one, and
-/// the one-pass path, each against the reference. (wgpu does not check workgroup memory
-/// against the limit; tests/naga_validate.rs checks each kernel's declaration.)
+/// strategy: each tile sum, classes past the GPU register block, and the one-pass path,
+/// each against the reference. (wgpu does not check workgroup memory against the limit;
+/// tests/naga_validate.rs checks each kernel's declaration.)
 #[test]
 fn an_adapter_limited_to_16_kib_of_workgroup_memory_runs_every_strategy() {
     let ctx = device_with_workgroup_memory(16 << 10);
-    let mut tile_sums = vec![TileSum::Workgroup, TileSum::Invocation];
+    let mut tile_sums = vec![TileSum::Invocation];
     if ctx.uses_subgroups() {
         tile_sums.push(TileSum::Subgroup);
     }
     let mut rng = Rng::new(16);
-    // The pipelines gpu_region_family compiles anyway (llvmpipe compiles the workgroup
-    // strategy for about a minute with a cold shader cache).
+    // The workgroup sum (the one kernel with 12 KiB of workgroup memory) with the smallest
+    // stats module, a Dice term alone: llvmpipe compiles its barriers slowly, and this
+    // context shares no pipeline with the others of the run.
+    let dice = r#"{"terms":[{"kind":"dice"}]}"#;
     let focal =
         r#"{"terms":[{"kind":"focal","gamma":2},{"kind":"tversky","alpha":0.3,"beta":0.7}]}"#;
     let cases = [
-        (Shape::new(2, 3, &[45, 101]), DICE_CE, tile_sums.clone()),
-        (Shape::new(2, 21, &[93, 97]), focal, vec![ctx.tile_sum()]),
-        (Shape::new(1, 600, &[19, 23]), focal, vec![ctx.tile_sum()]),
+        (Shape::new(2, 2, &[45, 101]), dice, vec![TileSum::Workgroup]),
+        (Shape::new(2, 3, &[45, 101]), DICE_CE, tile_sums),
+        (Shape::new(2, 21, &[33, 37]), focal, vec![ctx.tile_sum()]),
     ];
     for (shape, json, sums) in cases {
         let z = random_logits(&mut rng, &shape, 3.0);

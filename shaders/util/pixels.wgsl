@@ -172,27 +172,45 @@ fn g_of(g: ptr<function, Block>, b: u32, c: u32, i: u32, y: u32) -> f32 {
 
 // Max and Σ exp(t·z − max) over the classes of one pixel: the pieces of a (tempered)
 // softmax. The exponentials of the first BLOCK classes are kept in e, so callers do not
-// compute them again.
+// compute them again. Classes past the block (C > BLOCK) are read from memory once here,
+// not twice: an online max and sum (the sum rescaled whenever the max grows), and the kept
+// exponentials rescaled to the final max at the end.
 fn pieces(z: ptr<function, Block>, e: ptr<function, Block>, b: u32, i: u32, t: f32) -> vec2<f32> {
     var m = -3.4e38;
-    for (var c = 0u; c < C; c++) {
-        m = max(m, t * z_of(z, b, c, i));
+    for (var c = 0u; c < min(C, BLOCK); c++) {
+        m = max(m, t * (*z)[c]);
     }
     var se = 0.0;
-    for (var c = 0u; c < C; c++) {
-        let ec = exp(t * z_of(z, b, c, i) - m);
-        if c < BLOCK {
-            (*e)[c] = ec;
-        }
+    for (var c = 0u; c < min(C, BLOCK); c++) {
+        let ec = exp(t * (*z)[c] - m);
+        (*e)[c] = ec;
         se += ec;
+    }
+    if C > BLOCK {
+        let m_block = m;
+        for (var c = BLOCK; c < C; c++) {
+            let v = t * logit(b, c, i);
+            if v > m {
+                se *= exp(m - v);
+                m = v;
+            }
+            se += exp(v - m);
+        }
+        if m > m_block {
+            let r = exp(m_block - m);
+            for (var c = 0u; c < BLOCK; c++) {
+                (*e)[c] *= r;
+            }
+        }
     }
     return vec2(m, se);
 }
 
-// exp(t·z_c − max) of class c, from e (filled by `pieces` with the same t) when it holds it.
-fn exp_of(e: ptr<function, Block>, z: ptr<function, Block>, b: u32, c: u32, i: u32, t: f32, m: f32) -> f32 {
+// exp(t·z_c − max) of class c, whose logit the caller holds (zc), from e (filled by
+// `pieces` with the same t) when it holds it: past the block, no second read of the logit.
+fn exp_of(e: ptr<function, Block>, c: u32, zc: f32, t: f32, m: f32) -> f32 {
     if c < BLOCK {
         return (*e)[c];
     }
-    return exp(t * z_of(z, b, c, i) - m);
+    return exp(t * zc - m);
 }
