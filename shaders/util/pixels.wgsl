@@ -128,9 +128,10 @@ fn term_weight(t: u32, off: f32, c: u32) -> f32 {
 // BLOCK (generated before this file, src/gpu/strategy.rs `Strategy::class_block`): the
 // classes whose logits (and soft targets, exponentials, coefficients) an invocation keeps
 // once read, so each is read from memory once per pass when C ≤ BLOCK; classes past BLOCK
-// are read again where used. BLOCK is the smallest power of two ≥ C, from 8 up to the
-// strategy's cap (1024 on CPU adapters, where invocation memory is the CPU's cache and
-// lavapipe loads storage buffers lane by lane; 8 on GPUs, where larger arrays would spill
+// are read again where used (three times a pass: ARCHITECTURE.md, "The byte floor"). BLOCK
+// is the smallest power of two ≥ C, from 8 up to the strategy's cap (256 on CPU adapters,
+// where invocation memory is the CPU's cache and lavapipe loads storage buffers lane by
+// lane, and compile time grows steeply past 256; 8 on GPUs, where larger arrays would spill
 // from registers).
 alias Block = array<f32, BLOCK>;
 

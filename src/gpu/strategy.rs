@@ -97,8 +97,9 @@ pub struct Strategy {
     pub binding_limit: u64,
     /// The most classes whose logits an invocation of the stats and grad stages keeps once
     /// read (a power of two, 8 to 1024): with C ≤ `class_block` each logit is read from
-    /// memory once per pass. 1024 on CPU adapters; 8 on GPUs, whose registers hold little
-    /// (see `BLOCK` in shaders/util/pixels.wgsl).
+    /// memory once per pass. 256 on CPU adapters (llvmpipe's compile time grows steeply
+    /// past it); 8 on GPUs, whose registers hold little (see `BLOCK` in
+    /// shaders/util/pixels.wgsl).
     pub class_block: u32,
     /// Specs of pixel terms only (cross-entropy, focal, BCE) with a gradient take the
     /// one-pass path (a labels-only pass for the normalisers, then one pass over the logits
