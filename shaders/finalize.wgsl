@@ -361,8 +361,10 @@ fn finalize_terms(@builtin(local_invocation_index) lid: u32) {
             }
             stats[j] = s;
         }
+        // (`dims` is read-only storage, so the condition is uniform and the barrier may
+        // sit here.)
+        storageBarrier();
     }
-    storageBarrier();
     // The pooled row, column by column.
     for (var col = lid; col < dims.row_width; col += FIN_WG) {
         var s = 0.0;

@@ -437,12 +437,27 @@ fn an_adapter_limited_to_16_kib_of_workgroup_memory_runs_every_strategy() {
 }
 
 /// A device with less workgroup memory than the workgroup-memory sum declares (12 KiB):
-/// that strategy is refused with an error naming the limit, the default strategy does not
-/// take it, and calls under the default work.
+/// that strategy is refused with an error naming the limit, a GPU without subgroups would
+/// not choose it (it would with 16 KiB), and calls under the default strategy work.
 #[test]
 fn a_strategy_needing_more_workgroup_memory_than_the_device_has_is_refused() {
     let ctx = device_with_workgroup_memory(8 << 10);
     assert_ne!(ctx.tile_sum(), TileSum::Workgroup);
+    // The choice a GPU adapter without subgroups makes (on a CPU adapter the sum without
+    // barriers is chosen before memory is looked at).
+    let as_gpu = wgpu::AdapterInfo {
+        device_type: wgpu::DeviceType::DiscreteGpu,
+        ..ctx.adapter_info().clone()
+    };
+    assert_eq!(
+        TileSum::without_subgroups(ctx.device(), &as_gpu),
+        TileSum::Invocation
+    );
+    let roomy = device_with_workgroup_memory(16 << 10);
+    assert_eq!(
+        TileSum::without_subgroups(roomy.device(), &as_gpu),
+        TileSum::Workgroup
+    );
     let workgroup = segloss::gpu::Strategy {
         tile_sum: TileSum::Workgroup,
         ..ctx.strategy()

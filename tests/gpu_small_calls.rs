@@ -37,6 +37,30 @@ fn sums_recorded(ctx: &GpuContext) -> bool {
     k.contains(&Kernel::SumTiles) || k.contains(&Kernel::SumTileRows)
 }
 
+/// The same bits: loss, term values, gradient and statistics compared as bit patterns
+/// (`==` on floats would take −0.0 for 0.0).
+fn assert_same_bits(a: &LossOutput, b: &LossOutput, what: &str) {
+    assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "{what}: loss");
+    for (x, y) in a.terms.iter().zip(&b.terms) {
+        assert_eq!(x.value.to_bits(), y.value.to_bits(), "{what}: {}", x.kind);
+    }
+    let bits32 =
+        |g: &Option<Vec<f32>>| -> Vec<u32> { g.iter().flatten().map(|v| v.to_bits()).collect() };
+    assert_eq!(bits32(&a.gradient), bits32(&b.gradient), "{what}: gradient");
+    let bits64 = |o: &LossOutput| -> Vec<u64> {
+        let s = o.statistics.as_ref().expect("statistics requested");
+        s.to_flat().iter().map(|v| v.to_bits()).collect()
+    };
+    assert_eq!(bits64(a), bits64(b), "{what}: statistics");
+    assert_eq!(a, b, "{what}: the outputs differ");
+}
+
+/// What the call with finalize's sums on recorded: its kernels and its chunks.
+struct OnPath {
+    kernels: Vec<Kernel>,
+    chunks: usize,
+}
+
 /// `json` on (`shape`, `z`, `y`) under `strategy` with finalize's sums forced on and off:
 /// both against the reference, the kernels each recorded, and the same bits from both.
 fn check_both_ways(
@@ -47,7 +71,7 @@ fn check_both_ways(
     z: &[f32],
     y: &[u32],
     what: &str,
-) -> LossOutput {
+) -> OnPath {
     let on = check_with(
         ctx,
         Some(with_sums(strategy, true)),
@@ -57,7 +81,11 @@ fn check_both_ways(
         Labels::index(y),
         &format!("finalize sums, {what}"),
     );
-    let k = ctx.last_kernels();
+    let path = OnPath {
+        kernels: ctx.last_kernels(),
+        chunks: ctx.last_chunks(),
+    };
+    let k = &path.kernels;
     assert!(!sums_recorded(ctx), "{what}: summing dispatches in {k:?}");
     assert!(k.contains(&Kernel::Finalize), "{what}: {k:?}");
     let off = check_with(
@@ -74,8 +102,8 @@ fn check_both_ways(
         "{what}: {:?}",
         ctx.last_kernels()
     );
-    assert_eq!(on, off, "{what}: the two paths differ");
-    on
+    assert_same_bits(&on, &off, what);
+    path
 }
 
 /// Every tile-sum strategy the device runs (partial rows per tile: 1, one per subgroup,
@@ -157,13 +185,13 @@ fn finalize_sums_with_one_pass_and_chunks() {
         ..ctx.strategy()
     };
     let ce = r#"{"terms":[{"kind":"cross_entropy","class_weights":[1,2,3,0.5,1]}]}"#;
-    check_both_ways(ctx, one_pass, ce, &shape, &z, &y, "one pass");
-    let k = ctx.last_kernels();
+    let k = check_both_ways(ctx, one_pass, ce, &shape, &z, &y, "one pass").kernels;
     assert_eq!(
         k.iter().filter(|x| **x == Kernel::Finalize).count(),
         2,
         "{k:?}"
     );
+    assert!(k.contains(&one_pass.tile_sum.kernels()[1]), "{k:?}");
 
     // One image (9 × 437 logits) per binding: three chunks.
     let shape = Shape::new(3, 9, &[19, 23]);
@@ -173,6 +201,6 @@ fn finalize_sums_with_one_pass_and_chunks() {
         binding_limit: (9 * 437 * 4 + 600) as u64,
         ..ctx.strategy()
     };
-    check_both_ways(ctx, chunked, EVERY_TERM, &shape, &z, &y, "three chunks");
-    assert_eq!(ctx.last_chunks(), 3);
+    let on = check_both_ways(ctx, chunked, EVERY_TERM, &shape, &z, &y, "three chunks");
+    assert_eq!(on.chunks, 3);
 }

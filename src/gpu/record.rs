@@ -374,7 +374,11 @@ fn finalize_sums(req: &Request<'_>, total: usize, base: &Dims) -> bool {
         * base.tiles_per_image as u64
         * base.rows_per_tile as u64
         * base.row_width as u64;
-    req.finalize && req.given_stats.is_none() && floats <= req.strategy.finalize_sums_max_floats
+    let max = req
+        .strategy
+        .finalize_sums_max_floats
+        .min(super::strategy::FINALIZE_SUMS_CAP);
+    req.finalize && req.given_stats.is_none() && floats <= max
 }
 
 /// Records prepared dispatches as one compute pass (timestamps 0 and 1 of `timestamps`

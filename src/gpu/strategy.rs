@@ -56,7 +56,8 @@ impl TileSum {
 }
 
 /// An error naming the first of `kernels` that declares more workgroup memory than the
-/// device's `max_compute_workgroup_storage_size` (16 KiB on the most limited adapters).
+/// device's `max_compute_workgroup_storage_size` (16,352 bytes on the most limited
+/// adapters: wgpu's downlevel limits).
 /// wgpu does not check this; a pipeline past the limit fails on some drivers and is
 /// undefined on others.
 fn workgroup_memory_error(kernels: &[Kernel], device: &wgpu::Device) -> Option<Error> {
@@ -109,7 +110,7 @@ pub struct Strategy {
     /// Calls whose stats stage writes at most this many partial-row floats (B × tiles ×
     /// rows per tile × row width) have finalize add the partial rows itself instead of two
     /// summing dispatches before it (same order, so the same bits; ARCHITECTURE.md, "Small
-    /// calls"). 0: never.
+    /// calls"). 0: never; values above [`FINALIZE_SUMS_CAP`] act as that cap.
     pub finalize_sums_max_floats: u64,
 }
 
@@ -120,6 +121,10 @@ const ONE_PASS_MIN_ELEMENTS: u64 = 1 << 18;
 /// Where finalize stops adding the partial rows itself: 2¹⁶ floats are 1,024 reads for
 /// each of its 64 invocations, far below llvmpipe's 65,535 loop iterations an invocation.
 const FINALIZE_SUMS_MAX_FLOATS: u64 = 1 << 16;
+/// The most partial-row floats finalize ever adds itself, whatever the strategy says: 2²⁰
+/// are 16,384 reads an invocation, a quarter of llvmpipe's cap on loop iterations (past
+/// the cap llvmpipe ends the loops early and the sums would be wrong, with no error).
+pub const FINALIZE_SUMS_CAP: u64 = 1 << 20;
 /// The class block cap on CPU adapters.
 const CPU_CLASS_BLOCK: u32 = 256;
 
