@@ -72,15 +72,13 @@ fn check_both_ways(
     y: &[u32],
     what: &str,
 ) -> OnPath {
-    let on = check_with(
-        ctx,
-        Some(with_sums(strategy, true)),
-        &spec(json),
-        shape,
-        z,
-        Labels::index(y),
-        &format!("finalize sums, {what}"),
-    );
+    let run = |on: bool, path: &str| {
+        let strategy = Some(with_sums(strategy, on));
+        let labels = Labels::index(y);
+        let what = format!("{path}, {what}");
+        check_with(ctx, strategy, &spec(json), shape, z, labels, &what)
+    };
+    let on = run(true, "finalize sums");
     let path = OnPath {
         kernels: ctx.last_kernels(),
         chunks: ctx.last_chunks(),
@@ -88,15 +86,7 @@ fn check_both_ways(
     let k = &path.kernels;
     assert!(!sums_recorded(ctx), "{what}: summing dispatches in {k:?}");
     assert!(k.contains(&Kernel::Finalize), "{what}: {k:?}");
-    let off = check_with(
-        ctx,
-        Some(with_sums(strategy, false)),
-        &spec(json),
-        shape,
-        z,
-        Labels::index(y),
-        &format!("summing dispatches, {what}"),
-    );
+    let off = run(false, "summing dispatches");
     assert!(
         ctx.last_kernels().contains(&Kernel::SumTiles),
         "{what}: {:?}",

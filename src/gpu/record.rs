@@ -11,7 +11,7 @@ use super::layout::{self, Dims, FinLayout, DIMS_SLOT, STATS_TILE};
 use super::plan::{self, Region};
 use super::readback::{stats_to_rows, Recorded};
 use super::stages::{grad_pixels_per_invocation, Binding, Kernel, PipelineKey, Variant};
-use super::strategy::{Strategy, TileSum};
+use super::strategy::Strategy;
 use super::workspace::{Workspace, WorkspaceKey, SEQ_AT};
 use crate::error::{Error, Result};
 use crate::input::{GradFormat, LabelFormat, Layout};
@@ -488,11 +488,7 @@ impl Encoding<'_, '_> {
 
     /// Stage 1 per chunk (with `norms_only`, its labels-only form).
     fn stats(&mut self, plans: &[ChunkPlan], norms_only: bool) {
-        let kernel = match self.req.strategy.tile_sum {
-            TileSum::Workgroup => Kernel::StatsWorkgroup,
-            TileSum::Subgroup => Kernel::StatsSubgroup,
-            TileSum::Invocation => Kernel::StatsInvocation,
-        };
+        let [kernel, _] = self.req.strategy.tile_sum.kernels();
         self.variant.norms_only = norms_only;
         self.pixel_pass(kernel, plans, |p| p.stats_groups, None);
         self.variant.norms_only = false;
@@ -501,11 +497,7 @@ impl Encoding<'_, '_> {
     /// Stage 1 in its one-pass form per chunk: statistics, and the gradient from the pixel
     /// terms' scales that finalize left from the labels-only pass.
     fn stats_with_grad(&mut self, plans: &[ChunkPlan], g: GradTarget<'_>) {
-        let kernel = match self.req.strategy.tile_sum {
-            TileSum::Workgroup => Kernel::StatsGradWorkgroup,
-            TileSum::Subgroup => Kernel::StatsGradSubgroup,
-            TileSum::Invocation => Kernel::StatsGradInvocation,
-        };
+        let [_, kernel] = self.req.strategy.tile_sum.kernels();
         self.pixel_pass(kernel, plans, |p| p.stats_groups, Some(g));
     }
 
