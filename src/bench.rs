@@ -23,6 +23,7 @@ pub struct Problem {
     queries: Option<(wgpu::QuerySet, wgpu::Buffer, wgpu::Buffer)>,
     empty: wgpu::ComputePipeline,
     shader_copy: (wgpu::ComputePipeline, wgpu::BindGroup, usize),
+    softmax_floor: Option<(wgpu::ComputePipeline, wgpu::BindGroup, usize)>,
 }
 
 /// The simplest compute kernel that reads every logit and writes it elsewhere, 16 bytes an
@@ -38,6 +39,72 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if i < arrayLength(&src) {
         dst[i] = src[i];
     }
+}";
+
+/// The least work of any softmax loss with its gradient, as plain as it can be written: an
+/// invocation takes PPT pixels (the pixel order of segloss's own kernels on this adapter),
+/// keeps each pixel's C logits in invocation memory once read, takes one exponential a
+/// logit and writes cross-entropy's gradient p − onehot(y) once an element; the loss is a
+/// sum an invocation, no reduction across invocations, no input checks, no statistics.
+/// What segloss's kernels cost above it is their own overhead; what it costs above the
+/// shader copy is the arithmetic of a softmax on this adapter (BENCHMARKS.md, "The softmax
+/// floor"). `{C}`, `{LABEL_BITS}`, `{CONTIGUOUS}` are filled in per problem.
+const SOFTMAX_FLOOR: &str = "
+const C: u32 = {C}u;
+const LABEL_BITS: u32 = {LABEL_BITS}u;
+const CONTIGUOUS: bool = {CONTIGUOUS};
+const WG: u32 = 256u;
+const PPT: u32 = 8u;
+struct Dims { batch: u32, spatial: u32, scale: f32 }
+@group(0) @binding(0) var<storage, read> logits: array<f32>;
+@group(0) @binding(1) var<storage, read> labels: array<u32>;
+@group(0) @binding(2) var<storage, read_write> grad: array<f32>;
+@group(0) @binding(3) var<storage, read_write> loss: array<f32>;
+@group(0) @binding(4) var<uniform> dims: Dims;
+fn label(p: u32) -> u32 {
+    let per = 32u / LABEL_BITS;
+    let mask = (1u << LABEL_BITS) - 1u;
+    return (labels[p / per] >> ((p % per) * LABEL_BITS)) & mask;
+}
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let group = wid.x + wid.y * nwg.x;
+    let tiles = (dims.spatial + WG * PPT - 1u) / (WG * PPT);
+    let b = group / tiles;
+    if b >= dims.batch {
+        return;
+    }
+    let base = (group % tiles) * WG * PPT;
+    var total = 0.0;
+    for (var k = 0u; k < PPT; k++) {
+        var i = base + k * WG + lid;
+        if CONTIGUOUS {
+            i = base + lid * PPT + k;
+        }
+        if i >= dims.spatial {
+            continue;
+        }
+        let y = label(b * dims.spatial + i);
+        let o = b * C * dims.spatial + i;
+        var z: array<f32, C>;
+        var m = -3.4e38;
+        for (var c = 0u; c < C; c++) {
+            z[c] = logits[o + c * dims.spatial];
+            m = max(m, z[c]);
+        }
+        var s = 0.0;
+        for (var c = 0u; c < C; c++) {
+            z[c] = exp(z[c] - m);
+            s += z[c];
+        }
+        let r = dims.scale / s;
+        for (var c = 0u; c < C; c++) {
+            grad[o + c * dims.spatial] = z[c] * r - select(0.0, dims.scale, c == y);
+        }
+        total += log(s) - log(z[min(y, C - 1u)]);
+    }
+    loss[group * WG + lid] = total;
 }";
 
 /// One benchmark's figures (milliseconds; medians after warm-up).
@@ -56,6 +123,10 @@ pub struct BenchResult {
     /// A compute kernel that reads the logits and writes them to another buffer (16 bytes
     /// an invocation): the floor of any shader pass over the logits on this adapter.
     pub shader_copy_median_ms: f64,
+    /// [`SOFTMAX_FLOOR`]: the least work of a softmax loss with its gradient, written as
+    /// plainly as possible (softmax specs with NCHW f32 logits and u8 or u16 labels).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub softmax_floor_median_ms: Option<f64>,
     /// Device time of the passes from timestamp queries, when the adapter has them.
     pub device_median_ms: Option<f64>,
     /// Bytes of logits.
@@ -80,7 +151,7 @@ impl Problem {
         shape.check()?;
         spec.validate(Some(shape.classes))?;
         let device = ctx.device();
-        let (z, label_format, words) = random_problem(spec, shape, label_format)?;
+        let (z, label_format, words, y) = random_problem(spec, shape, label_format)?;
         let logits = init_buffer(device, "bench logits", bytemuck::cast_slice(&z));
         let labels = init_buffer(device, "bench labels", bytemuck::cast_slice(&words));
         let bytes = 4 * shape.len() as u64;
@@ -93,7 +164,12 @@ impl Problem {
             "@compute @workgroup_size(1) fn main() {}",
         );
         let shader_copy = shader_copy(device, &logits, &copy_dst);
-        Ok(Problem {
+        let softmax_floor = (spec.activation == Activation::Softmax
+            && layout == Layout::Nchw
+            && matches!(label_format, LabelFormat::U8 | LabelFormat::U16))
+        .then(|| softmax_floor(ctx, shape, label_format, &logits, &labels, &copy_dst));
+        let problem = Problem {
+            softmax_floor,
             empty,
             shader_copy,
             shape: shape.clone(),
@@ -105,7 +181,9 @@ impl Problem {
             grad,
             copy_dst,
             queries,
-        })
+        };
+        problem.check_softmax_floor(ctx, &z, &y)?;
+        Ok(problem)
     }
 
     fn batch(&self) -> DeviceBatch<'_> {
@@ -231,6 +309,58 @@ impl Problem {
         Ok(start.elapsed().as_secs_f64() * 1e3)
     }
 
+    /// One [`SOFTMAX_FLOOR`] pass, submit to completion (ms), when the problem has one.
+    pub fn softmax_floor_once(&self, ctx: &GpuContext) -> Result<Option<f64>> {
+        let Some((pipeline, bind, groups)) = &self.softmax_floor else {
+            return Ok(None);
+        };
+        let device = ctx.device();
+        let start = Instant::now();
+        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("bench softmax floor"),
+        });
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(pipeline);
+            pass.set_bind_group(0, bind, &[]);
+            let (x, y) = crate::gpu::plan::dispatch_2d(*groups);
+            pass.dispatch_workgroups(x, y, 1);
+        }
+        ctx.queue().submit([enc.finish()]);
+        device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        Ok(Some(start.elapsed().as_secs_f64() * 1e3))
+    }
+
+    /// Runs [`SOFTMAX_FLOOR`] once and compares the gradient it wrote for the first image
+    /// (up to 65,536 pixels) with f64 arithmetic, so the floor the benchmarks report is a
+    /// kernel that does the work, not one the compiler could have emptied.
+    fn check_softmax_floor(&self, ctx: &GpuContext, z: &[f32], y: &[u32]) -> Result<()> {
+        if self.softmax_floor_once(ctx)?.is_none() {
+            return Ok(());
+        }
+        let (c_n, s) = (self.shape.classes, self.shape.pixels());
+        let got = ctx.read_f32(&self.copy_dst, 0, c_n * s)?;
+        let n = (self.shape.batch * s) as f64;
+        for i in 0..s.min(1 << 16) {
+            let zi = |c: usize| z[c * s + i] as f64;
+            let m = (0..c_n).map(zi).fold(f64::NEG_INFINITY, f64::max);
+            let se: f64 = (0..c_n).map(|c| (zi(c) - m).exp()).sum();
+            for c in 0..c_n {
+                let want = (zi(c) - m).exp() / se - (y[i] as usize == c) as u8 as f64;
+                let g = got[c * s + i] as f64 * n;
+                if (g - want).abs() > 1e-5 {
+                    return Err(Error::Gpu(format!(
+                        "the softmax floor kernel wrote {g} × 1/(B·S) at class {c}, pixel {i}; \
+                         the f64 gradient is {want}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes of logits.
     pub fn logit_bytes(&self) -> u64 {
         self.logits.size()
@@ -239,33 +369,32 @@ impl Problem {
 
 /// Random logits for `shape` and labels for `spec`: soft masks in sigmoid mode, else class
 /// indices in `label_format` (the most compact one for the class count by default),
-/// returned as the label format and the words the device reads.
+/// returned as the label format, the words the device reads and the class indices.
+#[allow(clippy::type_complexity)]
 fn random_problem(
     spec: &LossSpec,
     shape: &Shape,
     label_format: Option<LabelFormat>,
-) -> Result<(Vec<f32>, LabelFormat, Vec<u32>)> {
+) -> Result<(Vec<f32>, LabelFormat, Vec<u32>, Vec<u32>)> {
     let mut rng = Rng::new(7);
     let z = random_logits(&mut rng, shape, 3.0);
-    let (label_format, words) = if spec.activation == Activation::Sigmoid {
+    let (label_format, words, y) = if spec.activation == Activation::Sigmoid {
         let m = random_masks(&mut rng, shape);
         (
             LabelFormat::Soft,
             LabelFormat::Soft
                 .encode(&Labels::Soft(&m), -100, shape.classes)?
                 .into_owned(),
+            vec![],
         )
     } else {
         let y = random_labels(&mut rng, shape, 0.0);
         let f = label_format.unwrap_or(LabelFormat::compact(shape.classes));
         f.check_classes(shape.classes)?;
-        (
-            f,
-            f.encode(&Labels::index(&y), -100, shape.classes)?
-                .into_owned(),
-        )
+        let words = f.encode(&Labels::index(&y), -100, shape.classes)?;
+        (f, words.into_owned(), y)
     };
-    Ok((z, label_format, words))
+    Ok((z, label_format, words, y))
 }
 
 /// The usages of every buffer of a problem: bound as storage, copied from and to.
@@ -365,6 +494,61 @@ fn shader_copy(
     (pipeline, bind, (words as usize).div_ceil(256))
 }
 
+/// The [`SOFTMAX_FLOOR`] pipeline for `shape`, bound to the problem's logits and labels,
+/// writing its gradient to `grad` (the copy's destination: the loss call's own gradient
+/// buffer stays untouched), and its workgroup count.
+fn softmax_floor(
+    ctx: &GpuContext,
+    shape: &Shape,
+    labels_format: LabelFormat,
+    logits: &wgpu::Buffer,
+    labels: &wgpu::Buffer,
+    grad: &wgpu::Buffer,
+) -> (wgpu::ComputePipeline, wgpu::BindGroup, usize) {
+    let device = ctx.device();
+    let bits = if labels_format == LabelFormat::U8 {
+        8
+    } else {
+        16
+    };
+    let source = SOFTMAX_FLOOR
+        .replace("{C}", &shape.classes.to_string())
+        .replace("{LABEL_BITS}", &bits.to_string())
+        .replace("{CONTIGUOUS}", &ctx.contiguous_pixels().to_string());
+    let pipeline = compute_pipeline(device, "bench softmax floor", &source);
+    let spatial = shape.pixels();
+    let tiles = spatial.div_ceil(256 * 8);
+    let groups = shape.batch * tiles;
+    let loss = storage_buffer(device, "bench softmax floor loss", 4 * 256 * groups as u64);
+    let mut uniform = [0u8; 16];
+    uniform[0..4].copy_from_slice(&(shape.batch as u32).to_le_bytes());
+    uniform[4..8].copy_from_slice(&(spatial as u32).to_le_bytes());
+    uniform[8..12].copy_from_slice(&(1.0f32 / (shape.batch * spatial) as f32).to_le_bytes());
+    let dims = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some("bench softmax floor dims"),
+        contents: &uniform,
+        usage: wgpu::BufferUsages::UNIFORM,
+    });
+    fn whole(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
+        wgpu::BindGroupEntry {
+            binding,
+            resource: buffer.as_entire_binding(),
+        }
+    }
+    let bind = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("bench softmax floor"),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &[
+            whole(0, logits),
+            whole(1, labels),
+            whole(2, grad),
+            whole(3, &loss),
+            whole(4, &dims),
+        ],
+    });
+    (pipeline, bind, groups)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -385,7 +569,7 @@ pub fn run(
     }
     let reps = reps.max(1);
     let (mut wall, mut dev, mut copy, mut empty) = (vec![], vec![], vec![], vec![]);
-    let mut shader_copy = vec![];
+    let (mut shader_copy, mut floor) = (vec![], vec![]);
     for _ in 0..reps {
         let (w, _) = problem.run_once(ctx, false)?;
         wall.push(w);
@@ -395,6 +579,7 @@ pub fn run(
         copy.push(problem.copy_once(ctx)?);
         empty.push(problem.empty_once(ctx)?);
         shader_copy.push(problem.shader_copy_once(ctx)?);
+        floor.extend(problem.softmax_floor_once(ctx)?);
         tick();
     }
     let info = ctx.adapter_info();
@@ -411,6 +596,7 @@ pub fn run(
         ratio_to_copy: m / c,
         empty_dispatch_median_ms: median(empty),
         shader_copy_median_ms: median(shader_copy),
+        softmax_floor_median_ms: (!floor.is_empty()).then(|| median(floor)),
         device_median_ms: (!dev.is_empty()).then(|| median(dev)),
         logit_bytes: problem.logit_bytes(),
         reps,

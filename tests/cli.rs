@@ -445,6 +445,48 @@ fn a_backend_variable_that_selects_nothing_is_named() {
     }
 }
 
+/// `bench --json` reports every figure, the softmax floor for a softmax spec (its gradient
+/// checked against f64 inside `bench`, on an odd shape with a partial tile) and none for a
+/// sigmoid one.
+#[test]
+fn bench_reports_the_copies_and_the_softmax_floor() {
+    for (spec, floor) in [
+        (r#"{"terms":[{"kind":"cross_entropy"}]}"#, true),
+        (
+            r#"{"activation":"sigmoid","terms":[{"kind":"bce"}]}"#,
+            false,
+        ),
+    ] {
+        let (code, out, err) = segloss(&[
+            "bench",
+            "--shape",
+            "2,5,13,17",
+            "--spec",
+            spec,
+            "--reps",
+            "2",
+            "--json",
+        ]);
+        assert_eq!(code, 0, "{out}{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        for key in [
+            "median_ms",
+            "copy_median_ms",
+            "empty_dispatch_median_ms",
+            "shader_copy_median_ms",
+        ] {
+            assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {out}");
+        }
+        assert_eq!(
+            v["softmax_floor_median_ms"]
+                .as_f64()
+                .is_some_and(|x| x > 0.0),
+            floor,
+            "{out}"
+        );
+    }
+}
+
 /// `--reps 0` and u8 labels for more than 255 classes are refused by `bench`.
 #[test]
 fn bench_refuses_what_it_cannot_time() {

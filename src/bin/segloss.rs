@@ -80,7 +80,7 @@ enum Command {
     Info,
     /// Time loss + gradient on random data against a device copy of the logits.
     #[command(
-        after_help = "Example:\n  segloss bench --shape 8,4,256,256 --spec '{\"terms\":[{\"kind\":\"cross_entropy\"},{\"kind\":\"dice\"}]}' --json\n\nmedian_ms: loss + gradient, submit to completion, after warm-up; copy_median_ms: a device copy\nof the logits in the same run (loss + gradient cannot beat about 1.5× of it); shader_copy_median_ms:\na compute kernel that only copies the logits (the floor of any shader pass on this adapter)."
+        after_help = "Example:\n  segloss bench --shape 8,4,256,256 --spec '{\"terms\":[{\"kind\":\"cross_entropy\"},{\"kind\":\"dice\"}]}' --json\n\nmedian_ms: loss + gradient, submit to completion, after warm-up; copy_median_ms: a device copy\nof the logits in the same run (loss + gradient cannot beat about 1.5× of it); shader_copy_median_ms:\na compute kernel that only copies the logits (the floor of any shader pass on this adapter);\nsoftmax_floor_median_ms: the plainest softmax cross-entropy with its gradient (one read, one\nexponential and one write a logit; softmax specs, NCHW)."
     )]
     Bench {
         /// B,C,H,W (or B,C,D,H,W, or B,C,N).
@@ -386,12 +386,15 @@ fn bench(
         print_out(&serde_json::to_string(&r).map_err(|e| Error::Io(e.to_string()))?)
     } else {
         print_out(&format!(
-            "{}: loss + gradient {:.3} ms, device copy {:.3} ms, ratio {:.2}, shader copy {:.3} ms{} ({} on {})",
+            "{}: loss + gradient {:.3} ms, device copy {:.3} ms, ratio {:.2}, shader copy {:.3} ms{}{} ({} on {})",
             r.shape,
             r.median_ms,
             r.copy_median_ms,
             r.ratio_to_copy,
             r.shader_copy_median_ms,
+            r.softmax_floor_median_ms
+                .map(|d| format!(", softmax floor {d:.3} ms"))
+                .unwrap_or_default(),
             r.device_median_ms
                 .map(|d| format!(", device time {d:.3} ms"))
                 .unwrap_or_default(),
