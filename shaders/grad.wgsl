@@ -10,14 +10,14 @@
 @group(0) @binding(2) var<uniform> dims: Dims;
 @group(0) @binding(3) var<storage, read> params: array<f32>;
 
-const WG: u32 = GRAD_WG;
+const WG: u32 = PIXEL_WG;
 // Pixels per invocation, set by the host (plan::grad_pixels_per_invocation): 8 on GPUs,
 // 32 on CPU adapters, where longer runs of consecutive pixels per invocation read faster
 // (grad 23 → 19 ms at 8×4×256×256 on lavapipe) and there are no idle SMs to fill. Which
 // pixels: `pixel_of`.
 override PPT: u32 = 8u;
 
-@compute @workgroup_size(GRAD_WG)
+@compute @workgroup_size(PIXEL_WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

@@ -84,7 +84,7 @@ fn has_map(t: u32) -> bool {
     return (PIXEL_MAPS & (1u << t)) != 0u;
 }
 
-const WG: u32 = STATS_WG;
+const WG: u32 = PIXEL_WG;
 // Pixels per invocation (at most 32: one bit each in `counted`); more pixels per workgroup
 // means fewer workgroup reductions.
 const PPT: u32 = STATS_PPT;

@@ -376,7 +376,8 @@ fn device_with_workgroup_memory(bytes: u32) -> GpuContext {
 
 /// An adapter limited to 16 KiB of workgroup memory (the least any adapter has) runs every
 /// strategy: each tile sum, classes past the GPU register block, and the one-pass path,
-/// each against the reference. (wgpu does not check workgroup memory against the limit;
+/// each against the reference, all with GPUs' workgroups of 256 (the workgroup sum's
+/// 12 KiB). (wgpu does not check workgroup memory against the limit;
 /// tests/naga_validate.rs checks each kernel's declaration.)
 #[test]
 fn an_adapter_limited_to_16_kib_of_workgroup_memory_runs_every_strategy() {
@@ -403,6 +404,7 @@ fn an_adapter_limited_to_16_kib_of_workgroup_memory_runs_every_strategy() {
         for tile_sum in sums {
             let strategy = segloss::gpu::Strategy {
                 tile_sum,
+                pixel_workgroup: 256,
                 ..ctx.strategy()
             };
             assert!(strategy.validate(ctx.device(), ctx.adapter_info()).is_ok());
@@ -420,6 +422,7 @@ fn an_adapter_limited_to_16_kib_of_workgroup_memory_runs_every_strategy() {
     }
     let one_pass = segloss::gpu::Strategy {
         one_pass_min_elements: 0,
+        pixel_workgroup: 256,
         ..ctx.strategy()
     };
     let shape = Shape::new(2, 9, &[31, 37]);
@@ -436,9 +439,10 @@ fn an_adapter_limited_to_16_kib_of_workgroup_memory_runs_every_strategy() {
     );
 }
 
-/// A device with less workgroup memory than the workgroup-memory sum declares (12 KiB):
-/// that strategy is refused with an error naming the limit, a GPU without subgroups would
-/// not choose it (it would with 16 KiB), and calls under the default strategy work.
+/// A device with less workgroup memory than the workgroup-memory sum declares at GPUs'
+/// workgroups of 256 (12 KiB): that strategy is refused with an error naming the limit, a
+/// GPU without subgroups would not choose it (it would with 16 KiB), the same sum in
+/// workgroups of 32 (1.5 KiB) runs, and calls under the default strategy work.
 #[test]
 fn a_strategy_needing_more_workgroup_memory_than_the_device_has_is_refused() {
     let ctx = device_with_workgroup_memory(8 << 10);
@@ -460,6 +464,7 @@ fn a_strategy_needing_more_workgroup_memory_than_the_device_has_is_refused() {
     );
     let workgroup = segloss::gpu::Strategy {
         tile_sum: TileSum::Workgroup,
+        pixel_workgroup: 256,
         ..ctx.strategy()
     };
     let err = workgroup
@@ -480,5 +485,68 @@ fn a_strategy_needing_more_workgroup_memory_than_the_device_has_is_refused() {
         refused.is_err_and(|e| e.to_string().contains("workgroup memory")),
         "the call was not refused"
     );
+    let small = segloss::gpu::Strategy {
+        pixel_workgroup: 32,
+        ..workgroup
+    };
+    assert!(small.validate(ctx.device(), ctx.adapter_info()).is_ok());
+    // The shape and spec of the 16 KiB test's case of three classes.
+    let shape = Shape::new(2, 3, &[45, 101]);
+    let mut rng = Rng::new(8);
+    let z = random_logits(&mut rng, &shape, 3.0);
+    let y = random_labels(&mut rng, &shape, 0.1);
+    common::check_with(
+        &ctx,
+        Some(small),
+        &spec(DICE_CE),
+        &shape,
+        &z,
+        Labels::index(&y),
+        "the workgroup sum in workgroups of 32 within 8 KiB",
+    );
     plain_call_is_ok(&ctx, &p);
+}
+
+/// A pixel workgroup that is not a power of two from 32 to 256, or (with subgroup sums)
+/// smaller than the adapter's largest subgroup, is refused by `validate` and by the call.
+#[test]
+fn a_pixel_workgroup_out_of_range_is_refused() {
+    let ctx = common::gpu();
+    let p = problem(9);
+    if ctx.uses_subgroups() {
+        // As on an adapter whose subgroups are 64 wide.
+        let wide = wgpu::AdapterInfo {
+            subgroup_min_size: 64,
+            subgroup_max_size: 64,
+            ..ctx.adapter_info().clone()
+        };
+        let subgroup = segloss::gpu::Strategy {
+            tile_sum: TileSum::Subgroup,
+            pixel_workgroup: 32,
+            planned_subgroup_size: 0,
+            ..ctx.strategy()
+        };
+        let err = subgroup.validate(ctx.device(), &wide).unwrap_err();
+        assert!(err.to_string().contains("subgroups"), "{err}");
+    }
+    for wg in [0, 16, 48, 512] {
+        let strategy = segloss::gpu::Strategy {
+            pixel_workgroup: wg,
+            ..ctx.strategy()
+        };
+        assert!(
+            strategy.validate(ctx.device(), ctx.adapter_info()).is_err(),
+            "pixel_workgroup {wg} was accepted"
+        );
+        let opts = segloss::gpu::Options {
+            strategy: Some(strategy),
+            ..common::GRADIENT
+        };
+        let refused = ctx.evaluate(&spec(DICE_CE), &p.shape, &p.z, Labels::index(&p.y), opts);
+        assert!(
+            refused.is_err(),
+            "pixel_workgroup {wg}: the call was not refused"
+        );
+    }
+    plain_call_is_ok(ctx, &p);
 }

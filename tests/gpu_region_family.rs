@@ -315,8 +315,10 @@ fn class_blocks_match_the_reference() {
         let z = random_logits(&mut rng, &shape, 3.0);
         let y = random_labels(&mut rng, &shape, 0.1);
         let own = ctx.strategy();
+        // GPUs' class block and workgroup size.
         let gpu_block = Strategy {
             class_block: 8,
+            pixel_workgroup: 256,
             ..own
         };
         assert!(own.validate(ctx.device(), ctx.adapter_info()).is_ok());

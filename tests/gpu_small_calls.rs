@@ -97,8 +97,8 @@ fn check_both_ways(
 }
 
 /// Every tile-sum strategy the device runs (partial rows per tile: 1, one per subgroup,
-/// one per invocation), over images of one tile, of several tiles with a partial last one,
-/// and of a few pixels.
+/// one per invocation), over images of one tile (GPUs' workgroups of 256: 8,192 pixels),
+/// of several tiles with a partial last one, and of a few pixels.
 #[test]
 fn finalize_sums_match_the_summing_dispatches_bit_for_bit() {
     let _one_at_a_time = serial();
@@ -125,18 +125,31 @@ fn finalize_sums_match_the_summing_dispatches_bit_for_bit() {
             if tile_sum == TileSum::Workgroup && c != 3 {
                 continue;
             }
-            let strategy = Strategy {
+            let own = Strategy {
                 tile_sum,
                 ..ctx.strategy()
             };
-            let what = format!("{tile_sum:?} on {shape:?}: {json}");
-            check_both_ways(ctx, strategy, json, &shape, &z, &y, &what);
+            // GPUs' workgroups too, on the image of one of their tiles (four of a CPU
+            // adapter's); the workgroup sum at 256 runs in tests/backend_misuse.rs.
+            let mut strategies = vec![own];
+            if spatial == [64, 64] && own.pixel_workgroup != 256 && tile_sum != TileSum::Workgroup {
+                strategies.push(Strategy {
+                    pixel_workgroup: 256,
+                    ..own
+                });
+            }
+            for strategy in strategies {
+                let wg = strategy.pixel_workgroup;
+                let what = format!("{tile_sum:?} in workgroups of {wg} on {shape:?}: {json}");
+                check_both_ways(ctx, strategy, json, &shape, &z, &y, &what);
+            }
         }
     }
 }
 
-/// The default threshold: a 1×2×64×64 DiceCE call (one tile, at most 256 partial rows of
-/// 28 floats under any tile sum) records its three passes and nothing else.
+/// The default threshold: a 1×2×64×64 DiceCE call (one tile of a GPU's or four of a CPU
+/// adapter's, at most 256 partial rows of 28 floats under any tile sum) records its three
+/// passes and nothing else.
 #[test]
 fn small_call_records_three_dispatches() {
     let _one_at_a_time = serial();

@@ -62,11 +62,18 @@ fn validate(name: &str, src: &str, caps: Capabilities) {
 /// The class blocks a pixel stage's source is generated with: the smallest and the largest
 /// (`Strategy::block_for`).
 const BLOCKS: [u32; 2] = [8, 1024];
+/// The pixel stages' workgroup sizes (`Strategy::pixel_workgroup`): the smallest and the
+/// largest.
+const PIXEL_WGS: [u32; 2] = [32, 256];
 
 /// Each module validates with its capabilities, and is rejected without any one of them.
 #[test]
 fn stages_validate_with_exactly_the_capabilities_they_use() {
-    for (name, src) in BLOCKS.iter().flat_map(|b| segloss::gpu::shader_sources(*b)) {
+    let sources = BLOCKS
+        .iter()
+        .zip(PIXEL_WGS)
+        .flat_map(|(b, wg)| segloss::gpu::shader_sources(*b, wg));
+    for (name, src) in sources {
         let caps = capabilities(name);
         validate(name, &src, caps);
         // Each capability is needed: without any one of them the stage is rejected.
@@ -93,8 +100,8 @@ struct Entry {
     workgroup_bytes: u32,
 }
 
-fn wgsl_entry(k: &KernelInfo) -> Entry {
-    let src = k.source(8);
+fn wgsl_entry(k: &KernelInfo, pixel_wg: u32) -> Entry {
+    let src = k.source(8, pixel_wg);
     let mut module = naga::front::wgsl::parse_str(&src)
         .unwrap_or_else(|e| panic!("{}: {}", k.module, e.emit_to_string(&src)));
     Validator::new(ValidationFlags::all(), capabilities(k.module))
@@ -153,17 +160,32 @@ fn wgsl_entry(k: &KernelInfo) -> Entry {
 /// (number, name, access), the overrides the entry point uses and its workgroup memory. A
 /// binding number, a workgroup size, an override or a workgroup array changed on one side
 /// alone fails here, not on a device. Every kernel fits the workgroup memory of the most
-/// limited adapters (16,352 bytes, wgpu's downlevel limits).
+/// limited adapters (16,352 bytes, wgpu's downlevel limits). The pixel stages built with
+/// the smallest workgroup say so in `@workgroup_size`, and need the memory
+/// `workgroup_bytes_with` says.
 #[test]
 fn the_stage_table_matches_every_wgsl_entry_point() {
     let least = wgpu::Limits::downlevel_defaults().max_compute_workgroup_storage_size;
     for k in &KERNELS {
+        let small = wgsl_entry(k, PIXEL_WGS[0]);
+        let expected = if k.has_pixels() {
+            PIXEL_WGS[0]
+        } else {
+            k.workgroup_size
+        };
+        assert_eq!(small.workgroup_size, expected, "{:?}", k.kernel);
+        assert_eq!(
+            small.workgroup_bytes,
+            k.workgroup_bytes_with(PIXEL_WGS[0]),
+            "{:?}",
+            k.kernel
+        );
         let Entry {
             workgroup_size: size,
             bindings,
             overrides,
             workgroup_bytes,
-        } = wgsl_entry(k);
+        } = wgsl_entry(k, PIXEL_WGS[1]);
         assert_eq!(
             size, k.workgroup_size,
             "{:?}: @workgroup_size in WGSL against the stage table",
@@ -848,10 +870,13 @@ fn translate_variants(
 /// (see `covering_rows`) translates to SPIR-V, MSL and HLSL at the versions wgpu 30 uses.
 #[test]
 fn every_host_variant_translates_to_spirv_msl_and_hlsl() {
+    // The two pixel workgroup sizes alternate over the blocks (CPU adapters, WARP on DX12
+    // among them, take 32 at every block).
     let sources: Vec<(u32, &'static str, String)> = [8, 16, 32, 64, 128, 256, 512, 1024]
         .into_iter()
-        .flat_map(|b| {
-            segloss::gpu::shader_sources(b)
+        .enumerate()
+        .flat_map(|(k, b)| {
+            segloss::gpu::shader_sources(b, PIXEL_WGS[k % 2])
                 .into_iter()
                 .map(move |(n, s)| (b, n, s))
         })

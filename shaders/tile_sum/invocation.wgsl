@@ -22,7 +22,7 @@ fn sub_row() -> u32 {
 // Every invocation of a tile that runs writes its row.
 fn clear_spare_rows(tile_row: u32) {}
 
-@compute @workgroup_size(STATS_WG)
+@compute @workgroup_size(PIXEL_WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

@@ -3,7 +3,8 @@
 // smallest subgroup size; sum_tiles.wgsl adds the rows). No workgroup memory and no barrier:
 // on lavapipe every barrier suspends and resumes each SIMD row of the workgroup, and the
 // three barriers of each of the three workgroup sums a tile cost more than a third of the
-// pass. Correct for any subgroup size from 4 to 128 (WG is a multiple of each). The host
+// pass. Correct for any subgroup size from 4 to 128 that divides WG (`Strategy::validate`
+// refuses a workgroup smaller than the adapter's largest subgroup). The host
 // uses this file only where the adapter has subgroups (naga takes subgroup operations under
 // its SUBGROUP capability, without WGSL's `enable subgroups;`, which it does not parse yet).
 // The order of every sum is fixed by the hardware's subgroup layout, so results stay
@@ -34,7 +35,7 @@ fn clear_spare_rows(tile_row: u32) {
     }
 }
 
-@compute @workgroup_size(STATS_WG)
+@compute @workgroup_size(PIXEL_WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

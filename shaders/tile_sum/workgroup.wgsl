@@ -2,8 +2,11 @@
 // operations: 3 barriers a call, one partial row per tile. CPU port: none needed (a sum;
 // the oracle is src/reference/stats.rs).
 
-// The reduction folds WG values in two steps of FOLD (FOLD² = WG).
+// The reduction folds WG values in two steps: WG / FOLD runs of FOLD, then the runs' sums
+// (WG = 256: 16 and 16; CPU adapters' 32: 2 runs of 16). WG is a multiple of FOLD
+// (`Strategy::pixel_workgroup` is a power of two from 32).
 const FOLD: u32 = 16u;
+const RUNS: u32 = WG / FOLD;
 
 var<workgroup> red_a: array<vec4<f32>, WG>;
 var<workgroup> red_b: array<vec4<f32>, WG>;
@@ -32,13 +35,13 @@ fn reduce3(lid: u32, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>) -> Sums3 {
     red_b[lid] = b;
     red_c[lid] = c;
     workgroupBarrier();
-    if lid < FOLD {
+    if lid < RUNS {
         gather_sums(lid * FOLD, FOLD, 1u);
     }
     workgroupBarrier();
     var s = Sums3(false, vec4(0.0), vec4(0.0), vec4(0.0));
     if lid == 0u {
-        gather_sums(0u, FOLD, FOLD);
+        gather_sums(0u, RUNS, FOLD);
         s = Sums3(true, red_a[0], red_b[0], red_c[0]);
     }
     return s;
@@ -51,7 +54,7 @@ fn sub_row() -> u32 {
 
 fn clear_spare_rows(tile_row: u32) {}
 
-@compute @workgroup_size(STATS_WG)
+@compute @workgroup_size(PIXEL_WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

@@ -192,10 +192,10 @@ impl GpuContext {
             }
             let ws = forward.ws.clone();
             let fin = FinLayout::new(call.total, call.classes, forward.spec.terms.len());
+            let rows_per_tile = req.strategy.rows_per_tile(&self.info);
             let base = Dims {
-                rows_per_tile: req.strategy.rows_per_tile(&self.info) as u32,
                 accumulate: accumulate as u32,
-                ..plan::dims(&forward.spec, shape, &fin)
+                ..plan::dims(&forward.spec, shape, &fin, &req.strategy, rows_per_tile)
             };
             let align = storage_align(&self.device);
             let (dims, mut plans) = plan_chunks(&req, &call, &chunks, base, align);

@@ -20,8 +20,9 @@ type BindKey = (PipelineKey, Vec<(u32, wgpu::Buffer, u64, u64)>);
 /// A context's caches, behind its lock.
 #[derive(Default)]
 pub(super) struct Caches {
-    /// By module name and class block.
-    modules: HashMap<(&'static str, u32), wgpu::ShaderModule>,
+    /// By module name, class block and pixel workgroup (the constants its source is made
+    /// with: `KernelInfo::source`).
+    modules: HashMap<(&'static str, u32, u32), wgpu::ShaderModule>,
     layouts: HashMap<Kernel, wgpu::BindGroupLayout>,
     pipelines: HashMap<PipelineKey, wgpu::ComputePipeline>,
     bind_groups: HashMap<BindKey, wgpu::BindGroup>,
@@ -60,12 +61,14 @@ impl GpuContext {
         let info = key.kernel.info();
         let module = caches
             .modules
-            .entry((info.module, key.block))
+            .entry((info.module, key.block, key.pixel_wg))
             .or_insert_with(|| {
                 self.device
                     .create_shader_module(wgpu::ShaderModuleDescriptor {
                         label: Some(info.module),
-                        source: wgpu::ShaderSource::Wgsl(info.source(key.block).into()),
+                        source: wgpu::ShaderSource::Wgsl(
+                            info.source(key.block, key.pixel_wg).into(),
+                        ),
                     })
             })
             .clone();

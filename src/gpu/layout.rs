@@ -188,13 +188,11 @@ shared_constants! {
     /// Coefficient slot ∂L/∂U.
     COEF_U = 3;
 
-    // Workgroup sizes, read by the stage table (stages.rs) and by `@workgroup_size`.
-    /// Invocations per stats workgroup.
-    STATS_WG = 256;
+    // Workgroup sizes, read by the stage table (stages.rs) and by `@workgroup_size`. The
+    // pixel stages' (stats, grad) is the strategy's `pixel_workgroup`, generated into their
+    // source as `PIXEL_WG` (stages.rs `KernelInfo::source`).
     /// Pixels per stats invocation (at most 32: one bit each in stats.wgsl's `counted`).
     STATS_PPT = 32;
-    /// Invocations per grad workgroup.
-    GRAD_WG = 256;
     /// Invocations per reduce_rows and reduce_tiles workgroup (one column each).
     REDUCE_WG = 64;
     /// Invocations of the one finalize_terms workgroup.
@@ -203,8 +201,11 @@ shared_constants! {
     NARROW_WG = 256;
 }
 
-/// Pixels per stats workgroup.
-pub const STATS_TILE: usize = (STATS_WG * STATS_PPT) as usize;
+/// The largest pixel-stage workgroup (`Strategy::pixel_workgroup`), which the stage table
+/// declares and GPUs use.
+pub const PIXEL_WG_MAX: u32 = 256;
+/// The smallest: the workgroup tile sum folds a workgroup's values in groups of 16.
+pub const PIXEL_WG_MIN: u32 = 32;
 
 /// Declares the `Dims` header in Rust and its WGSL twin from one field list.
 macro_rules! dims_struct {

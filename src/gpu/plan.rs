@@ -3,6 +3,7 @@
 //! The layouts themselves are named in layout.rs.
 
 use super::layout::*;
+use super::strategy::Strategy;
 use crate::input::Shape;
 use crate::spec::{
     Activation, LossSpec, NamedTarget, Penalty, Reduction, RegionTarget, Term, WeightType,
@@ -291,21 +292,28 @@ pub fn pack_params(spec: &LossSpec, shape: &Shape) -> Vec<f32> {
 }
 
 /// The uniform header for a call over the whole batch (chunks adjust image_offset, batch
-/// and the shifts), with `fin`'s offsets.
-pub fn dims(spec: &LossSpec, shape: &Shape, fin: &FinLayout) -> Dims {
+/// and the shifts), with `fin`'s offsets and the strategy's stats tiles of
+/// `rows_per_tile` partial rows (`Strategy::rows_per_tile`).
+pub fn dims(
+    spec: &LossSpec,
+    shape: &Shape,
+    fin: &FinLayout,
+    strategy: &Strategy,
+    rows_per_tile: usize,
+) -> Dims {
     let s = shape.pixels();
     let n_pix = spec.terms.iter().filter(|t| t.is_pixel_term()).count();
     Dims {
         batch: shape.batch as u32,
         spatial: s as u32,
-        tiles_per_image: s.div_ceil(STATS_TILE) as u32,
+        tiles_per_image: s.div_ceil(strategy.stats_tile()) as u32,
         row_width: row_width(shape.classes) as u32,
         n_terms: spec.terms.len() as u32,
         n_pixel_terms: n_pix as u32,
         n_stat_terms: (spec.terms.len() - n_pix) as u32,
         temperature: spec.temperature() as f32,
         total_batch: shape.batch as u32,
-        rows_per_tile: 1,
+        rows_per_tile: rows_per_tile as u32,
         fin_scales: fin.scales as u32,
         fin_report: fin.report as u32,
         fin_elements: fin.elements as u32,

@@ -7,7 +7,7 @@
 use super::batch::{BufferRegion, DeviceBatch, GradTarget};
 use super::cache::{Bound, Caches};
 use super::context::{storage_align, GpuContext};
-use super::layout::{self, Dims, FinLayout, DIMS_SLOT, STATS_TILE};
+use super::layout::{self, Dims, FinLayout, DIMS_SLOT};
 use super::plan::{self, Region};
 use super::readback::{stats_to_rows, Recorded};
 use super::stages::{grad_pixels_per_invocation, Binding, Kernel, PipelineKey, Variant};
@@ -339,8 +339,8 @@ pub(super) fn plan_chunks(
         let ppt = grad_pixels_per_invocation(req.strategy.contiguous_pixels);
         plans.push(ChunkPlan {
             slot: (k as u64 + 1) * DIMS_SLOT,
-            stats_groups: count * s.div_ceil(STATS_TILE),
-            grad_groups: count * s.div_ceil(layout::GRAD_WG as usize * ppt),
+            stats_groups: count * s.div_ceil(req.strategy.stats_tile()),
+            grad_groups: count * s.div_ceil(req.strategy.pixel_workgroup as usize * ppt),
             logits: lr,
             labels: yr,
             grad: gr,
@@ -728,6 +728,7 @@ impl GpuContext {
             contiguous: req.strategy.contiguous_pixels,
             norms_only: false,
             block: req.strategy.block_for(batch.shape.classes),
+            pixel_wg: req.strategy.pixel_workgroup,
         }
     }
 
@@ -801,15 +802,13 @@ impl GpuContext {
             },
             map: map_bytes,
             rows_per_tile,
+            stats_tile: req.strategy.stats_tile(),
         };
         let mut caches = self.lock()?;
         let ws = self.workspace(&mut caches, &key);
         self.upload(req, &call, &ws, &params)?;
         let fin = FinLayout::new(call.total, call.classes, spec.terms.len());
-        let mut base = Dims {
-            rows_per_tile: rows_per_tile as u32,
-            ..plan::dims(spec, shape, &fin)
-        };
+        let mut base = plan::dims(spec, shape, &fin, &req.strategy, rows_per_tile);
         base.fin_sums_partial = finalize_sums(req, call.total, &base) as u32;
         let align = storage_align(&self.device);
         let (slots, plans) = plan_chunks(req, &call, &chunks, base, align);

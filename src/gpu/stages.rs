@@ -5,7 +5,7 @@
 //! workgroup size or override changed on one side alone fails there). ARCHITECTURE.md,
 //! "The stage table".
 
-use super::layout::{self, FIN_WG, GRAD_WG, NARROW_WG, REDUCE_WG, STATS_WG};
+use super::layout::{self, FIN_WG, NARROW_WG, PIXEL_WG_MAX, REDUCE_WG};
 
 /// A WGSL file of `shaders/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,7 +236,9 @@ pub struct KernelInfo {
     pub parts: &'static [Source],
     /// The entry point.
     pub entry: &'static str,
-    /// Invocations per workgroup (`@workgroup_size`, one-dimensional).
+    /// Invocations per workgroup (`@workgroup_size`, one-dimensional); for the pixel stages
+    /// (stats, grad) the largest, `PIXEL_WG_MAX`: a call's strategy picks theirs
+    /// (`Strategy::pixel_workgroup`, generated into the source as `PIXEL_WG`).
     pub workgroup_size: u32,
     /// The buffers it binds, in binding order.
     pub bindings: &'static [(Binding, Access)],
@@ -244,9 +246,9 @@ pub struct KernelInfo {
     pub overrides: &'static [Override],
     /// Needs subgroup operations (naga's SUBGROUP capability, wgpu's `Features::SUBGROUP`).
     pub subgroups: bool,
-    /// Bytes of workgroup memory its entry point declares (tests/naga_validate.rs checks
-    /// the WGSL against it; `Strategy::validate` against the device's
-    /// `max_compute_workgroup_storage_size`, which wgpu does not check).
+    /// Bytes of workgroup memory its entry point declares, at `workgroup_size`
+    /// (tests/naga_validate.rs checks the WGSL against it; `Strategy::validate` against the
+    /// device's `max_compute_workgroup_storage_size`, which wgpu does not check).
     pub workgroup_bytes: u32,
 }
 
@@ -328,7 +330,7 @@ const fn stats(kernel: Kernel, module: &'static str, parts: &'static [Source]) -
         module,
         parts,
         entry: "main",
-        workgroup_size: STATS_WG,
+        workgroup_size: PIXEL_WG_MAX,
         bindings: if with_grad {
             STATS_GRAD_BINDINGS
         } else {
@@ -342,7 +344,7 @@ const fn stats(kernel: Kernel, module: &'static str, parts: &'static [Source]) -
         subgroups: matches!(kernel, Kernel::StatsSubgroup | Kernel::StatsGradSubgroup),
         // tile_sum/workgroup.wgsl: three arrays of one vec4 an invocation.
         workgroup_bytes: if matches!(kernel, Kernel::StatsWorkgroup | Kernel::StatsGradWorkgroup) {
-            3 * 16 * STATS_WG
+            3 * 16 * PIXEL_WG_MAX
         } else {
             0
         },
@@ -355,7 +357,7 @@ const fn grad(kernel: Kernel, module: &'static str, inputs: Access) -> KernelInf
         module,
         parts: GRAD_PARTS,
         entry: "main",
-        workgroup_size: GRAD_WG,
+        workgroup_size: PIXEL_WG_MAX,
         bindings: match inputs {
             ReadWrite => &[
                 (B::Logits, ReadWrite),
@@ -489,18 +491,29 @@ impl Kernel {
 }
 
 impl KernelInfo {
-    /// Whether the module includes the pixel helpers (and so a class block).
+    /// Whether the module includes the pixel helpers (and so a class block and a
+    /// strategy's workgroup size).
     pub fn has_pixels(&self) -> bool {
         self.parts.contains(&PIXELS)
     }
 
-    /// The module's WGSL as the device compiles it: the generated prelude (with `BLOCK`,
-    /// the class block, for the pixel stages), then the parts. The read-write variant of
-    /// a module binds its inputs as the row says.
-    pub fn source(&self, block: u32) -> String {
+    /// Bytes of workgroup memory the entry point declares when built with `pixel_wg`
+    /// invocations (the pixel stages' memory is per invocation).
+    pub fn workgroup_bytes_with(&self, pixel_wg: u32) -> u32 {
+        if self.has_pixels() {
+            self.workgroup_bytes / PIXEL_WG_MAX * pixel_wg
+        } else {
+            self.workgroup_bytes
+        }
+    }
+
+    /// The module's WGSL as the device compiles it: the generated prelude (for the pixel
+    /// stages with `BLOCK`, the class block, and `PIXEL_WG`, their workgroup size), then
+    /// the parts. The read-write variant of a module binds its inputs as the row says.
+    pub fn source(&self, block: u32, pixel_wg: u32) -> String {
         let mut s = layout::wgsl_prelude();
         if self.has_pixels() {
-            s += &format!("const BLOCK: u32 = {block}u;\n");
+            s += &format!("const BLOCK: u32 = {block}u;\nconst PIXEL_WG: u32 = {pixel_wg}u;\n");
         }
         for part in self.parts {
             s += &format!("\n// ---- shaders/{} ----\n{}", part.path, part.text);
@@ -547,12 +560,12 @@ impl KernelInfo {
 }
 
 /// Every module's WGSL as the device compiles it, by module name (one entry per module),
-/// with class block `block` where a module has one.
-pub fn shader_sources(block: u32) -> Vec<(&'static str, String)> {
+/// with class block `block` and workgroup size `pixel_wg` where a module has them.
+pub fn shader_sources(block: u32, pixel_wg: u32) -> Vec<(&'static str, String)> {
     let mut out: Vec<(&'static str, String)> = vec![];
     for k in &KERNELS {
         if !out.iter().any(|(m, _)| *m == k.module) {
-            out.push((k.module, k.source(block)));
+            out.push((k.module, k.source(block, pixel_wg)));
         }
     }
     out
@@ -593,6 +606,9 @@ pub struct Variant {
     /// Classes an invocation keeps once read (`Strategy::block_for`): a constant of the
     /// pixel stages' source, not an override (WGSL sizes function arrays by constants).
     pub block: u32,
+    /// Invocations per pixel-stage workgroup (`Strategy::pixel_workgroup`), also a constant
+    /// of their source (`@workgroup_size` and workgroup arrays take no overrides in naga).
+    pub pixel_wg: u32,
 }
 
 impl Variant {
@@ -639,6 +655,8 @@ pub struct PipelineKey {
     pub values: [u32; Override::ALL.len()],
     /// The source's class block (0 for kernels without the pixel helpers).
     pub block: u32,
+    /// The source's pixel workgroup size (0 for kernels without the pixel helpers).
+    pub pixel_wg: u32,
 }
 
 impl PipelineKey {
@@ -651,11 +669,16 @@ impl PipelineKey {
                 values[k] = variant.value(*o);
             }
         }
-        let block = if info.has_pixels() { variant.block } else { 0 };
+        let (block, pixel_wg) = if info.has_pixels() {
+            (variant.block, variant.pixel_wg)
+        } else {
+            (0, 0)
+        };
         PipelineKey {
             kernel,
             values,
             block,
+            pixel_wg,
         }
     }
 

@@ -3,6 +3,7 @@
 //! per call through [`crate::gpu::Options::strategy`] (tests run every strategy on one
 //! device; benchmarks compare them). Nothing here is mutable context state.
 
+use super::layout::{PIXEL_WG_MAX, PIXEL_WG_MIN, STATS_PPT};
 use super::stages::Kernel;
 use crate::error::{Error, Result};
 
@@ -51,7 +52,7 @@ impl TileSum {
 
     /// Whether the device has the workgroup memory this sum's kernels declare.
     fn fits(self, device: &wgpu::Device) -> bool {
-        workgroup_memory_error(&self.kernels(), device).is_none()
+        workgroup_memory_error(&self.kernels(), PIXEL_WG_MAX, device).is_none()
     }
 }
 
@@ -60,10 +61,14 @@ impl TileSum {
 /// adapters: wgpu's downlevel limits).
 /// wgpu does not check this; a pipeline past the limit fails on some drivers and is
 /// undefined on others.
-fn workgroup_memory_error(kernels: &[Kernel], device: &wgpu::Device) -> Option<Error> {
+fn workgroup_memory_error(
+    kernels: &[Kernel],
+    pixel_wg: u32,
+    device: &wgpu::Device,
+) -> Option<Error> {
     let limit = device.limits().max_compute_workgroup_storage_size;
     kernels.iter().find_map(|k| {
-        let need = k.info().workgroup_bytes;
+        let need = k.info().workgroup_bytes_with(pixel_wg);
         (need > limit).then(|| {
             Error::Input(format!(
                 "{k:?} declares {need} bytes of workgroup memory; this device allows {limit} \
@@ -112,6 +117,14 @@ pub struct Strategy {
     /// summing dispatches before it (same order, so the same bits; ARCHITECTURE.md, "Small
     /// calls"). 0: never; values above [`FINALIZE_SUMS_CAP`] act as that cap.
     pub finalize_sums_max_floats: u64,
+    /// Invocations per stats and grad workgroup (a power of two, 32 to 256; with
+    /// `TileSum::Subgroup` at least the adapter's largest subgroup). A stats tile is this
+    /// many invocations of 32 pixels. 256 on GPUs; 32 on CPU adapters, where a workgroup
+    /// runs on one thread: tiles of 1,024 pixels give every thread work on small images
+    /// (1×150×96×96 was 2 tiles of 8,192 and 1,024 pixels, one thread doing 8/9 of the
+    /// pass), and the partial rows per pixel stay the same (BENCHMARKS.md, "Tiles for
+    /// every thread").
+    pub pixel_workgroup: u32,
 }
 
 /// The largest class block a kernel is compiled for.
@@ -127,6 +140,8 @@ const FINALIZE_SUMS_MAX_FLOATS: u64 = 1 << 16;
 pub const FINALIZE_SUMS_CAP: u64 = 1 << 20;
 /// The class block cap on CPU adapters.
 const CPU_CLASS_BLOCK: u32 = 256;
+/// The pixel-stage workgroup on CPU adapters (`Strategy::pixel_workgroup`).
+const CPU_PIXEL_WG: u32 = PIXEL_WG_MIN;
 
 impl Strategy {
     /// The strategy segloss uses on this device by default.
@@ -143,6 +158,13 @@ impl Strategy {
             },
             one_pass_min_elements: ONE_PASS_MIN_ELEMENTS,
             finalize_sums_max_floats: FINALIZE_SUMS_MAX_FLOATS,
+            pixel_workgroup: if info.device_type == wgpu::DeviceType::Cpu {
+                CPU_PIXEL_WG
+                    .max(info.subgroup_max_size.next_power_of_two())
+                    .min(PIXEL_WG_MAX)
+            } else {
+                PIXEL_WG_MAX
+            },
         }
     }
 
@@ -170,8 +192,22 @@ impl Strategy {
                 self.class_block
             )));
         }
+        let wg = self.pixel_workgroup;
+        if !wg.is_power_of_two() || !(PIXEL_WG_MIN..=PIXEL_WG_MAX).contains(&wg) {
+            return Err(Error::Input(format!(
+                "pixel_workgroup {wg} is not a power of two from {PIXEL_WG_MIN} to {PIXEL_WG_MAX}"
+            )));
+        }
+        if self.tile_sum == TileSum::Subgroup && wg < info.subgroup_max_size {
+            return Err(Error::Input(format!(
+                "pixel_workgroup {wg} is smaller than this adapter's subgroups (up to {}): \
+                 TileSum::Subgroup plans a partial row per whole subgroup",
+                info.subgroup_max_size
+            )));
+        }
         let [stats, stats_grad] = self.tile_sum.kernels();
-        if let Some(e) = workgroup_memory_error(&[stats, stats_grad, Kernel::Finalize], device) {
+        if let Some(e) = workgroup_memory_error(&[stats, stats_grad, Kernel::Finalize], wg, device)
+        {
             return Err(e);
         }
         if self.planned_subgroup_size > info.subgroup_min_size {
@@ -190,9 +226,14 @@ impl Strategy {
         (classes.max(8).next_power_of_two() as u32).min(self.class_block)
     }
 
+    /// Pixels per stats tile (a workgroup's).
+    pub(crate) fn stats_tile(&self) -> usize {
+        (self.pixel_workgroup * STATS_PPT) as usize
+    }
+
     /// Partial rows each stats tile writes.
     pub(crate) fn rows_per_tile(&self, info: &wgpu::AdapterInfo) -> usize {
-        let wg = super::layout::STATS_WG as usize;
+        let wg = self.pixel_workgroup as usize;
         match self.tile_sum {
             TileSum::Subgroup => {
                 let size = match self.planned_subgroup_size {

@@ -5,7 +5,7 @@
 
 use super::cache::Caches;
 use super::context::GpuContext;
-use super::layout::{row_width, FinLayout, DIMS_SLOT, STATS_TILE};
+use super::layout::{row_width, FinLayout, DIMS_SLOT};
 use super::pool::BufferKey;
 #[allow(unused_imports)] // for the docs
 use super::readback::Recorded;
@@ -32,6 +32,8 @@ pub(super) struct WorkspaceKey {
     pub(super) map: u64,
     /// Partial rows per stats tile (`Strategy::rows_per_tile`).
     pub(super) rows_per_tile: usize,
+    /// Pixels per stats tile (`Strategy::stats_tile`).
+    pub(super) stats_tile: usize,
 }
 
 pub(super) struct Workspace {
@@ -92,7 +94,7 @@ impl GpuContext {
         }
         let fin_layout = FinLayout::new(key.total_batch, key.classes, key.terms);
         let width = row_width(key.classes) as u64;
-        let tiles = key.spatial.div_ceil(STATS_TILE) as u64;
+        let tiles = key.spatial.div_ceil(key.stats_tile) as u64;
         let sizes = Sizes {
             params: 4 * key.params_len as u64,
             partial: 4 * key.total_batch as u64 * tiles * key.rows_per_tile as u64 * width,
