@@ -95,10 +95,28 @@ struct ClassSums {
     b: array<vec2<f32>, BLOCK>,
 }
 
-// Adds one pixel's class c (local index k in the block) to the sums.
+// Adds one pixel's class c (local index k in the block) to the sums. With class-index
+// labels and no tempering the second pair is implied (H = Σg² = G, as g ∈ {0, 1}; U = P)
+// and `class_hu` reads it from the first four: one read-modify-write of class memory
+// fewer a class and pixel, the same bits.
 fn accumulate(sums: ptr<function, ClassSums>, k: u32, p: f32, s: f32, g: f32) {
     (*sums).a[k] += vec4(p, p * p, p * g, g);
-    (*sums).b[k] += vec2(g * g, s);
+    if !hu_implied() {
+        (*sums).b[k] += vec2(g * g, s);
+    }
+}
+
+// Whether (H, U) follow from (P, Q, I, G): class-index labels, untempered.
+fn hu_implied() -> bool {
+    return LABEL_KIND != LABELS_SOFT && !TEMPERED;
+}
+
+// (H, U) of local class k.
+fn class_hu(sums: ptr<function, ClassSums>, k: u32) -> vec2<f32> {
+    if hu_implied() {
+        return (*sums).a[k].wx;
+    }
+    return (*sums).b[k];
 }
 
 // Three vec4 summed by the reduction strategy's `reduce3`, and whether this invocation
@@ -118,7 +136,7 @@ fn flush(lid: u32, row: u32, c0: u32, n: u32, sums: ptr<function, ClassSums>) {
     let n_rt = min(n, dims.row_width);
     for (var k = 0u; k < n_rt; k += 2u) {
         let k1 = min(k + 1u, BLOCK - 1u);
-        let s = reduce3(lid, (*sums).a[k], vec4((*sums).b[k], (*sums).b[k1]), (*sums).a[k1]);
+        let s = reduce3(lid, (*sums).a[k], vec4(class_hu(sums, k), class_hu(sums, k1)), (*sums).a[k1]);
         if s.writer {
             let o = row + (c0 + k) * PER_CLASS;
             write_class(o, s.a, s.b.xy);
