@@ -76,6 +76,12 @@ fn publish(bad: BadInput) {
 // are not written (finalize reads nothing else of them for a spec of pixel terms only).
 override NORMS_ONLY: bool = false;
 
+// Whether the class columns of the rows (P, Q, I, G, H, U of each class) are summed and
+// written. Off only for a spec of pixel terms only whose caller does not want the
+// proportions (`GpuContext::record_loss`): finalize reads nothing of those columns then,
+// and at 150 classes their sums were about a quarter of one-pass CE's time on lavapipe.
+override CLASS_SUMS: bool = true;
+
 // Bit t: pixel term t writes a per-pixel loss map (cross-entropy with reduction "none").
 override PIXEL_MAPS: u32 = 15u;
 
@@ -100,6 +106,9 @@ struct ClassSums {
 // and `class_hu` reads it from the first four: one read-modify-write of class memory
 // fewer a class and pixel, the same bits.
 fn accumulate(sums: ptr<function, ClassSums>, k: u32, p: f32, s: f32, g: f32) {
+    if !CLASS_SUMS {
+        return;
+    }
     (*sums).a[k] += vec4(p, p * p, p * g, g);
     if !hu_implied() {
         (*sums).b[k] += vec2(g * g, s);
@@ -367,14 +376,14 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
         pixel_grad(&cs, b, i, yk, true, &z, &g, &ez, &et, p, pt);
     }
     publish(bad);
-    if !NORMS_ONLY {
+    if !NORMS_ONLY && CLASS_SUMS {
         flush(lid, row, 0u, first, &sums);
     }
 
     // Classes past the first block (C > BLOCK): read their logits, a block at a time.
     // The bound is opaque to the compiler for the same reason as flush's.
     var c_rt = min(C, dims.row_width);
-    if NORMS_ONLY {
+    if NORMS_ONLY || !CLASS_SUMS {
         c_rt = 0u;
     }
     for (var c0 = BLOCK; c0 < c_rt; c0 += BLOCK) {

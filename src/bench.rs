@@ -123,6 +123,10 @@ pub struct BenchResult {
     /// A compute kernel that reads the logits and writes them to another buffer (16 bytes
     /// an invocation): the floor of any shader pass over the logits on this adapter.
     pub shader_copy_median_ms: f64,
+    /// Loss + gradient without the proportions ([`GpuContext::record_loss`]), for specs of
+    /// pixel terms only (for the others it is the same recording as `median_ms`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_only_median_ms: Option<f64>,
     /// [`SOFTMAX_FLOOR`]: the least work of a softmax loss with its gradient, written as
     /// plainly as possible (softmax specs with NCHW f32 logits and u8 or u16 labels).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -203,6 +207,29 @@ impl Problem {
             image_offset: 0,
             total_batch: 0,
         }
+    }
+
+    /// Whether the spec is of pixel terms only, so that [`GpuContext::record_loss`] records
+    /// less than [`GpuContext::record`].
+    pub fn has_loss_only(&self) -> bool {
+        self.spec.terms.iter().all(|t| t.is_pixel_term())
+    }
+
+    /// One loss + gradient call without the proportions ([`GpuContext::record_loss`]),
+    /// submit to completion (ms).
+    pub fn loss_only_once(&self, ctx: &GpuContext) -> Result<f64> {
+        let device = ctx.device();
+        let start = Instant::now();
+        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("bench loss only"),
+        });
+        let grad = Some(GradTarget::f32(&self.grad));
+        let _rec = ctx.record_loss(&mut enc, &self.spec, &self.batch(), grad)?;
+        ctx.queue().submit([enc.finish()]);
+        device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
     }
 
     /// One loss + gradient call, submit to completion; returns (wall ms, device ms).
@@ -566,10 +593,13 @@ pub fn run(
     for _ in 0..warmup {
         problem.run_once(ctx, true)?;
         problem.copy_once(ctx)?;
+        if problem.has_loss_only() {
+            problem.loss_only_once(ctx)?;
+        }
     }
     let reps = reps.max(1);
     let (mut wall, mut dev, mut copy, mut empty) = (vec![], vec![], vec![], vec![]);
-    let (mut shader_copy, mut floor) = (vec![], vec![]);
+    let (mut shader_copy, mut floor, mut loss_only) = (vec![], vec![], vec![]);
     for _ in 0..reps {
         let (w, _) = problem.run_once(ctx, false)?;
         wall.push(w);
@@ -580,6 +610,9 @@ pub fn run(
         empty.push(problem.empty_once(ctx)?);
         shader_copy.push(problem.shader_copy_once(ctx)?);
         floor.extend(problem.softmax_floor_once(ctx)?);
+        if problem.has_loss_only() {
+            loss_only.push(problem.loss_only_once(ctx)?);
+        }
         tick();
     }
     let info = ctx.adapter_info();
@@ -597,6 +630,7 @@ pub fn run(
         empty_dispatch_median_ms: median(empty),
         shader_copy_median_ms: median(shader_copy),
         softmax_floor_median_ms: (!floor.is_empty()).then(|| median(floor)),
+        loss_only_median_ms: (!loss_only.is_empty()).then(|| median(loss_only)),
         device_median_ms: (!dev.is_empty()).then(|| median(dev)),
         logit_bytes: problem.logit_bytes(),
         reps,

@@ -188,13 +188,14 @@ pub struct LossOutput {
     pub loss: f64,
     /// Each term in spec order.
     pub terms: Vec<TermValue>,
-    /// û per image and class: (Σp + 1e-10)/(n_b + 1e-10), untempered.
+    /// û per image and class: (Σp + 1e-10)/(n_b + 1e-10), untempered (empty when the call
+    /// left the class sums out: `Options::proportions`, `GpuContext::record_loss`).
     pub predicted_proportions: Vec<Vec<f64>>,
-    /// τ per image and class: (Σg + 1e-10)/(n_b + 1e-10).
+    /// τ per image and class: (Σg + 1e-10)/(n_b + 1e-10) (empty as `predicted_proportions`).
     pub target_proportions: Vec<Vec<f64>>,
     /// Valid (not ignored) pixels per image.
     pub valid_pixels: Vec<u64>,
-    /// Per image, softmax mode only (empty in sigmoid mode).
+    /// Per image, softmax mode only (empty in sigmoid mode, and as `predicted_proportions`).
     pub decomposition: Vec<Decomposition>,
     /// Per term: its elements when its reduction is `none` (a B·S map for cross-entropy,
     /// B·C values for Dice, zeros at dropped classes), otherwise `None`.

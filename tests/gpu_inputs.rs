@@ -29,6 +29,7 @@ fn host(batch: &HostBatch<'_>, grad: bool) -> LossOutput {
                 statistics: true,
                 poison: true,
                 strategy: None,
+                proportions: true,
             },
         )
         .unwrap()
@@ -227,6 +228,7 @@ fn chunked_runs_equal_the_unchunked_one() {
                 statistics: true,
                 poison: true,
                 strategy: None,
+                proportions: true,
             };
             let whole = ctx.evaluate_host(&spec(json), &batch, opts).unwrap();
             // One image (3·851·4 bytes) per binding: five chunks.
@@ -481,6 +483,7 @@ fn two_phase_across_two_devices() {
                 statistics: true,
                 poison: false,
                 strategy: None,
+                proportions: true,
             },
         )
         .unwrap();

@@ -269,6 +269,7 @@ fn the_path_is_taken_exactly_where_it_applies() {
                 statistics: false,
                 poison: true,
                 strategy: Some(from(ctx, 0)),
+                proportions: true,
             },
         )
         .unwrap();
@@ -341,6 +342,7 @@ fn one_pass_with_half_precision_channels_last_and_chunks() {
                 statistics: true,
                 poison: true,
                 strategy: Some(strategy),
+                proportions: true,
             };
             let out = ctx
                 .evaluate_host(&spec(json), &batch, opts)
@@ -373,4 +375,182 @@ fn one_pass_with_half_precision_channels_last_and_chunks() {
             );
         }
     }
+}
+
+/// The same bits for loss, term values and gradient (`==` on floats would take −0.0 for 0.0).
+fn assert_same_loss_and_gradient(a: &segloss::LossOutput, b: &segloss::LossOutput, what: &str) {
+    assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "{what}: loss");
+    for (x, y) in a.terms.iter().zip(&b.terms) {
+        assert_eq!(x.value.to_bits(), y.value.to_bits(), "{what}: {}", x.kind);
+    }
+    let bits =
+        |g: &Option<Vec<f32>>| -> Vec<u32> { g.iter().flatten().map(|v| v.to_bits()).collect() };
+    assert_eq!(bits(&a.gradient), bits(&b.gradient), "{what}: gradient");
+    assert_eq!(a.elements, b.elements, "{what}: elements");
+    assert_eq!(a.valid_pixels, b.valid_pixels, "{what}: valid pixels");
+}
+
+/// Calls without the proportions (`Options::proportions: false`): for a spec of pixel
+/// terms only the stats pass leaves the class sums out, one pass or two, within the class
+/// block and past it, softmax and sigmoid; loss, term values and gradient are the same bits
+/// as the full call's (which matches the reference), with every output poisoned first, so
+/// a class column that finalize read unwritten would show; the proportions and the
+/// decomposition come back empty, and asking for the statistics as well is refused. A spec
+/// with a statistic term computes the sums anyway and returns them.
+#[test]
+fn calls_without_proportions_give_the_same_loss_and_gradient() {
+    let _one_at_a_time = serial();
+    let ctx = gpu();
+    let mut rng = Rng::new(77);
+    let one_pass = from(ctx, 0);
+    let two_passes = from(ctx, u64::MAX);
+    let past_block = Strategy {
+        class_block: 8,
+        ..one_pass
+    };
+    let weights = class_vector(&mut rng, 5);
+    let ce = format!(
+        r#"{{"ignore_index":1,"terms":[{{"kind":"cross_entropy","label_smoothing":0.1,"class_weights":{weights}}}]}}"#
+    );
+    let mixed =
+        r#"{"terms":[{"kind":"cross_entropy","reduction":"none"},{"kind":"focal","gamma":2.0}]}"#;
+    let bce = r#"{"activation":"sigmoid","terms":[{"kind":"bce"}]}"#;
+    let dice_ce = r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice"}]}"#;
+    let cases: [(Shape, &str, Vec<Strategy>); 4] = [
+        (Shape::new(2, 5, &[19, 23]), &ce, vec![one_pass, two_passes]),
+        (Shape::new(2, 21, &[13, 17]), mixed, vec![past_block]),
+        (Shape::new(2, 3, &[11, 29]), bce, vec![one_pass]),
+        (Shape::new(2, 4, &[9, 31]), dice_ce, vec![ctx.strategy()]),
+    ];
+    for (shape, json, strategies) in cases {
+        let z = random_logits(&mut rng, &shape, 3.0);
+        let (y, masks);
+        let labels = if json.contains("sigmoid") {
+            masks = random_masks(&mut rng, &shape);
+            Labels::Soft(&masks)
+        } else {
+            y = random_labels(&mut rng, &shape, 0.1);
+            Labels::index(&y)
+        };
+        let pixel_only = spec(json).terms.iter().all(|t| t.is_pixel_term());
+        for strategy in strategies {
+            let what = format!(
+                "{shape:?}, block {}: {json}",
+                strategy.block_for(shape.classes)
+            );
+            let full = check_with(ctx, Some(strategy), &spec(json), &shape, &z, labels, &what);
+            let lean_opts = segloss::gpu::Options {
+                gradient: true,
+                poison: true,
+                strategy: Some(strategy),
+                proportions: false,
+                ..Default::default()
+            };
+            let lean = ctx
+                .evaluate(&spec(json), &shape, &z, labels, lean_opts)
+                .unwrap();
+            assert_same_loss_and_gradient(&full, &lean, &what);
+            assert!(lean.statistics.is_none(), "{what}");
+            if pixel_only {
+                assert!(lean.predicted_proportions.is_empty(), "{what}");
+                assert!(lean.target_proportions.is_empty(), "{what}");
+                assert!(lean.decomposition.is_empty(), "{what}");
+            } else {
+                assert_eq!(
+                    lean.predicted_proportions, full.predicted_proportions,
+                    "{what}"
+                );
+                assert_eq!(lean.decomposition, full.decomposition, "{what}");
+            }
+            let both = segloss::gpu::Options {
+                statistics: true,
+                ..lean_opts
+            };
+            let refused = ctx.evaluate(&spec(json), &shape, &z, labels, both);
+            assert!(refused.is_err(), "{what}: statistics without class sums");
+        }
+    }
+}
+
+/// The backend API without the proportions: `record_loss` reads like `record` with empty
+/// proportions and refuses `statistics()`; `record_forward_loss` and its backward give the
+/// loss and the gradient of `record_forward` and its backward, bit for bit.
+#[test]
+fn record_loss_and_record_forward_loss() {
+    use segloss::gpu::{DeviceBatch, GradTarget};
+    use segloss::input::LabelFormat;
+    use segloss::wgpu::{self, util::DeviceExt};
+    let _one_at_a_time = serial();
+    let ctx = gpu();
+    let mut rng = Rng::new(78);
+    let shape = Shape::new(2, 21, &[13, 17]);
+    let z = random_logits(&mut rng, &shape, 3.0);
+    let y = random_labels(&mut rng, &shape, 0.1);
+    let sp = spec(r#"{"terms":[{"kind":"cross_entropy","label_smoothing":0.05}]}"#);
+    let device = ctx.device();
+    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+    let init = |bytes: &[u8]| {
+        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytes,
+            usage,
+        })
+    };
+    let logits = init(bytemuck::cast_slice(&z));
+    let labels = init(bytemuck::cast_slice(&y));
+    let grads: Vec<wgpu::Buffer> = (0..4).map(|_| init(&vec![0u8; 4 * shape.len()])).collect();
+    let batch = DeviceBatch::new(&shape, &logits, &labels, LabelFormat::U32);
+
+    let mut enc = device.create_command_encoder(&Default::default());
+    let full = ctx
+        .record(&mut enc, &sp, &batch, Some(GradTarget::f32(&grads[0])))
+        .unwrap();
+    ctx.queue().submit([enc.finish()]);
+    let full_out = full.read(ctx).unwrap();
+    let mut enc = device.create_command_encoder(&Default::default());
+    let lean = ctx
+        .record_loss(&mut enc, &sp, &batch, Some(GradTarget::f32(&grads[1])))
+        .unwrap();
+    ctx.queue().submit([enc.finish()]);
+    let lean_out = lean.read(ctx).unwrap();
+    assert_eq!(full_out.loss.to_bits(), lean_out.loss.to_bits());
+    assert!(lean_out.predicted_proportions.is_empty() && lean_out.decomposition.is_empty());
+    assert!(lean.statistics(ctx).is_err());
+    assert!(full.statistics(ctx).is_ok());
+
+    let backward_of = |forward_loss: bool, grad: &wgpu::Buffer| {
+        let mut enc = device.create_command_encoder(&Default::default());
+        let fwd = if forward_loss {
+            ctx.record_forward_loss(&mut enc, &sp, &batch, None)
+        } else {
+            ctx.record_forward(&mut enc, &sp, &batch, None)
+        }
+        .unwrap();
+        ctx.record_backward(&mut enc, &fwd, &batch, GradTarget::f32(grad), None, false)
+            .unwrap();
+        ctx.queue().submit([enc.finish()]);
+        fwd.read(ctx).unwrap()
+    };
+    let a = backward_of(false, &grads[2]);
+    let b = backward_of(true, &grads[3]);
+    assert_eq!(a.loss.to_bits(), b.loss.to_bits());
+    assert!(!a.predicted_proportions.is_empty() && b.predicted_proportions.is_empty());
+    let read = |g: &wgpu::Buffer| -> Vec<u32> {
+        let v = ctx.read_f32(g, 0, shape.len()).unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    };
+    assert_eq!(read(&grads[0]), read(&grads[1]), "record_loss gradient");
+    assert_eq!(
+        read(&grads[2]),
+        read(&grads[3]),
+        "record_forward_loss gradient"
+    );
+    // And the gradient is the reference's.
+    let want = segloss::reference::evaluate(&sp, &shape, &z, Labels::index(&y), true).unwrap();
+    let got = ctx.read_f32(&grads[3], 0, shape.len()).unwrap();
+    common::assert_gradient(
+        &got,
+        want.gradient.as_deref().unwrap(),
+        "record_forward_loss",
+    );
 }

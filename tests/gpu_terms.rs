@@ -213,6 +213,7 @@ fn weights_are_data_and_results_are_deterministic() {
         statistics: true,
         poison: false,
         strategy: None,
+        proportions: true,
     };
     let half_dice =
         spec(r#"{"terms":[{"kind":"cross_entropy","weight":1.0},{"kind":"dice","weight":0.5}]}"#);

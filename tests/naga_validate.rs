@@ -321,6 +321,12 @@ fn host_can_create(c: &Constants) -> bool {
     {
         return false;
     }
+    // The class sums are left out only for specs of pixel terms only (record.rs
+    // `Request::class_sums`): no temperature, at least one pixel term.
+    if get("CLASS_SUMS") == Some(0.0) && (get("TEMPERED") == Some(1.0) || get("N_PIX") == Some(0.0))
+    {
+        return false;
+    }
     true
 }
 
@@ -434,6 +440,9 @@ fn kernel_dims(k: &KernelInfo) -> Vec<Vec<Value>> {
     }
     if has(Override::StatTerms) {
         d.push(dim("STAT_TERMS", &[0.0, 1.0]));
+    }
+    if has(Override::ClassSums) {
+        d.push(dim("CLASS_SUMS", &[0.0, 1.0]));
     }
     if has(Override::GradKind) {
         d.push(dim("GRAD_KIND", &[1.0, 2.0])); // f16, bf16

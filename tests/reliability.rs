@@ -105,6 +105,7 @@ fn results_are_bitwise_deterministic() {
         statistics: true,
         poison: false,
         strategy: None,
+        proportions: true,
     };
     let first = ctx
         .evaluate(&sp, &shape, &z, Labels::index(&y), opts)

@@ -16,14 +16,19 @@ pub(crate) struct CallState {
     /// The forward's recording, set when the forward runs (with fusion, later than the call
     /// that created it); the backward and the report read it.
     pub(crate) forward: Mutex<Option<Recorded>>,
+    /// The caller may read a report (`forward_with_report`): the forward keeps the
+    /// proportions. Without one, a spec of pixel terms only leaves the per-class sums out
+    /// (`GpuContext::record_forward_loss`).
+    pub(crate) report: bool,
 }
 
 impl Call {
-    pub(crate) fn new(ctx: Arc<GpuContext>, spec: LossSpec) -> Self {
+    pub(crate) fn new(ctx: Arc<GpuContext>, spec: LossSpec, report: bool) -> Self {
         Call(Arc::new(CallState {
             ctx,
             spec,
             forward: Mutex::new(None),
+            report,
         }))
     }
 }

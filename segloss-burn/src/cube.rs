@@ -154,9 +154,13 @@ fn forward(logits: CubeTensor, labels: CubeTensor, soft: bool, call: Call) -> Cu
     let mut enc = ctx.device().create_command_encoder(&Default::default());
     // Every input error was refused by `SeglossLoss::forward` before this op existed; what
     // is left is a broken invariant, reported like burn's own kernel failures.
-    let recorded = ctx
-        .record_forward(&mut enc, &state.spec, &batch, Some(region(lr.resource())))
-        .unwrap_or_else(|e| panic!("segloss-burn forward: {e}"));
+    let loss = Some(region(lr.resource()));
+    let recorded = if state.report {
+        ctx.record_forward(&mut enc, &state.spec, &batch, loss)
+    } else {
+        ctx.record_forward_loss(&mut enc, &state.spec, &batch, loss)
+    }
+    .unwrap_or_else(|e| panic!("segloss-burn forward: {e}"));
     ctx.queue().submit([enc.finish()]);
     *state.forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(recorded);
     out

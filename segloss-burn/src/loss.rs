@@ -135,14 +135,25 @@ impl SeglossLoss {
         logits: Tensor<D>,
         labels: Tensor<L, Int>,
     ) -> Result<Tensor<1>> {
-        Ok(self.forward_with_report(logits, labels)?.0)
+        Ok(self.forward_labels(logits, labels, false)?.0)
     }
 
-    /// [`SeglossLoss::forward`] and a [`Report`] to read when wanted.
+    /// [`SeglossLoss::forward`] and a [`Report`] to read when wanted. Without a report a
+    /// spec of pixel terms only (cross-entropy, focal, BCE) leaves out the per-class sums
+    /// the proportions come from (`GpuContext::record_forward_loss`); with one it keeps them.
     pub fn forward_with_report<const D: usize, const L: usize>(
         &self,
         logits: Tensor<D>,
         labels: Tensor<L, Int>,
+    ) -> Result<(Tensor<1>, Report)> {
+        self.forward_labels(logits, labels, true)
+    }
+
+    fn forward_labels<const D: usize, const L: usize>(
+        &self,
+        logits: Tensor<D>,
+        labels: Tensor<L, Int>,
+        report: bool,
     ) -> Result<(Tensor<1>, Report)> {
         self.check_logits(&logits)?;
         let dims = logits.dims();
@@ -175,7 +186,7 @@ impl SeglossLoss {
             )));
         }
         let (logits, labels) = (logits.into_dispatch(), labels.into_dispatch());
-        Ok(self.run(|call| Dispatch::segloss_loss(logits, labels, call)))
+        Ok(self.run(report, |call| Dispatch::segloss_loss(logits, labels, call)))
     }
 
     /// The loss of logits against soft targets (or sigmoid masks) of the same shape, f32 in
@@ -185,7 +196,7 @@ impl SeglossLoss {
         logits: Tensor<D>,
         targets: Tensor<D>,
     ) -> Result<Tensor<1>> {
-        Ok(self.forward_soft_with_report(logits, targets)?.0)
+        Ok(self.forward_soft_targets(logits, targets, false)?.0)
     }
 
     /// [`SeglossLoss::forward_soft`] and a [`Report`].
@@ -193,6 +204,15 @@ impl SeglossLoss {
         &self,
         logits: Tensor<D>,
         targets: Tensor<D>,
+    ) -> Result<(Tensor<1>, Report)> {
+        self.forward_soft_targets(logits, targets, true)
+    }
+
+    fn forward_soft_targets<const D: usize>(
+        &self,
+        logits: Tensor<D>,
+        targets: Tensor<D>,
+        report: bool,
     ) -> Result<(Tensor<1>, Report)> {
         self.check_logits(&logits)?;
         if targets.dims() != logits.dims() {
@@ -210,15 +230,18 @@ impl SeglossLoss {
         }
         self.check_device("targets", &targets.device())?;
         let (logits, targets) = (logits.into_dispatch(), targets.detach().into_dispatch());
-        Ok(self.run(|call| Dispatch::segloss_loss_soft(logits, targets, call)))
+        Ok(self.run(report, |call| {
+            Dispatch::segloss_loss_soft(logits, targets, call)
+        }))
     }
 
     /// One evaluation: a new [`Call`], the operation `op` on it, and its report.
     fn run(
         &self,
+        report: bool,
         op: impl FnOnce(Call) -> burn::backend::tensor::FloatTensor<Dispatch>,
     ) -> (Tensor<1>, Report) {
-        let call = Call::new(self.shared.context().clone(), self.spec.clone());
+        let call = Call::new(self.shared.context().clone(), self.spec.clone(), report);
         let loss = Tensor::from_dispatch(op(call.clone()));
         let report = Report {
             call,

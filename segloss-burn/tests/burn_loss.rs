@@ -206,6 +206,44 @@ fn i32_and_i64_labels_with_ignored_pixels() {
     }
 }
 
+/// Cross-entropy alone without a report leaves the per-class sums out
+/// (`record_forward_loss`): the same loss and gradient bits as with a report, whose
+/// proportions are there.
+#[test]
+fn a_pixel_only_loss_without_a_report_gives_the_same_loss_and_gradient() {
+    let spec = LossSpec::from_json(
+        r#"{"ignore_index": 255, "terms": [{"kind": "cross_entropy", "label_smoothing": 0.1}]}"#,
+    )
+    .unwrap();
+    let loss_fn = SeglossLoss::new(spec.clone(), shared()).unwrap();
+    let k = case(9, 2, 13, 21, 19, 0.2);
+    let (host_loss, host_grad) = k.host(&spec);
+    let device = ad();
+    let z = k.logits(&device);
+    let lean = loss_fn
+        .forward(z.clone(), k.labels_i32(&device, 255))
+        .unwrap();
+    let lean_grad = values(z.grad(&lean.clone().backward()).unwrap());
+    let z = k.logits(&device);
+    let (full, report) = loss_fn
+        .forward_with_report(z.clone(), k.labels_i32(&device, 255))
+        .unwrap();
+    let full_grad = values(z.grad(&full.clone().backward()).unwrap());
+    assert_eq!(loss_value(lean).to_bits(), loss_value(full).to_bits());
+    let bits = |g: &[f32]| g.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&lean_grad), bits(&full_grad));
+    assert_eq!(full_grad, host_grad);
+    assert_eq!(
+        loss_value(
+            loss_fn
+                .forward(k.logits(&device), k.labels_i32(&device, 255))
+                .unwrap()
+        ),
+        host_loss as f32 as f64
+    );
+    assert_eq!(report.read().unwrap().predicted_proportions.len(), 2);
+}
+
 #[test]
 fn permuted_and_strided_logits() {
     let loss_fn = SeglossLoss::dice_ce(shared()).unwrap();

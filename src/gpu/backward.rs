@@ -96,6 +96,30 @@ impl GpuContext {
         batch: &DeviceBatch<'_>,
         loss: Option<BufferRegion<'_>>,
     ) -> Result<Recorded> {
+        self.forward(encoder, spec, batch, loss, true)
+    }
+
+    /// [`GpuContext::record_forward`] for a caller that reads the loss and its terms only:
+    /// a spec of pixel terms only leaves the per-class sums out, as
+    /// [`GpuContext::record_loss`] does (segloss-burn's loss without a report).
+    pub fn record_forward_loss(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        spec: &LossSpec,
+        batch: &DeviceBatch<'_>,
+        loss: Option<BufferRegion<'_>>,
+    ) -> Result<Recorded> {
+        self.forward(encoder, spec, batch, loss, false)
+    }
+
+    fn forward(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        spec: &LossSpec,
+        batch: &DeviceBatch<'_>,
+        loss: Option<BufferRegion<'_>>,
+        proportions: bool,
+    ) -> Result<Recorded> {
         if let Some(l) = &loss {
             check_scalar_region(
                 "loss",
@@ -106,6 +130,7 @@ impl GpuContext {
         }
         let req = Request {
             backward_slots: true,
+            proportions,
             ..Request::full(self, spec, batch, None)
         };
         let recorded = self.record_request(encoder, req, None)?;

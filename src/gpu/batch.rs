@@ -4,8 +4,9 @@
 use super::strategy::Strategy;
 use crate::input::{GradFormat, LabelFormat, Labels, Layout, LogitFormat, Shape};
 
-/// What to compute beyond the loss (host API).
-#[derive(Debug, Clone, Copy, Default)]
+/// What to compute beyond the loss (host API). `Options::default()` asks for the loss, its
+/// terms, the proportions and the decomposition.
+#[derive(Debug, Clone, Copy)]
 pub struct Options {
     /// Run the gradient pass and return ∂loss/∂logits.
     pub gradient: bool,
@@ -17,6 +18,24 @@ pub struct Options {
     /// How the kernels run (`None`: the context's [`crate::GpuContext::strategy`], chosen
     /// from the adapter); tests and benchmarks pick others.
     pub strategy: Option<Strategy>,
+    /// Return the predicted and target proportions and the decomposition (default true).
+    /// For a spec of pixel terms only (cross-entropy, focal, BCE) `false` leaves out the
+    /// per-class sums they come from, which nothing else needs (see
+    /// [`crate::GpuContext::record_loss`]), and those fields come back empty; with
+    /// `statistics` it is an error. A spec with a statistic term computes them anyway.
+    pub proportions: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            gradient: false,
+            statistics: false,
+            poison: false,
+            strategy: None,
+            proportions: true,
+        }
+    }
 }
 
 /// Host inputs in any layout and precision (the convenient API's general form).

@@ -76,6 +76,12 @@ impl GpuContext {
         opts: Options,
     ) -> Result<LossOutput> {
         self.check_device()?;
+        if opts.statistics && !opts.proportions {
+            return Err(Error::Input(
+                "Options: statistics need the per-class sums that proportions: false leaves out"
+                    .into(),
+            ));
+        }
         let shape = batch.shape;
         if batch.logits.len() != shape.len() {
             shape.check()?;
@@ -181,6 +187,7 @@ impl GpuContext {
         let req = Request {
             poison: opts.poison,
             strategy: opts.strategy.unwrap_or(self.strategy),
+            proportions: opts.proportions,
             ..Request::full(self, spec, &device_batch, grad)
         };
         let rec = self.record_request(&mut enc, req, None)?;

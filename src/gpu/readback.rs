@@ -52,6 +52,9 @@ pub struct Recorded {
     pub(super) strategy: super::strategy::Strategy,
     /// A forward recording's reserved backward (backward.rs); `None` for the others.
     pub(super) backward: Option<super::backward::BackwardSlots>,
+    /// Whether the stats pass summed each class (false: `record_loss` of a spec of pixel
+    /// terms only, whose rows hold no class columns).
+    pub(super) class_sums: bool,
 }
 
 impl std::fmt::Debug for Recorded {
@@ -120,8 +123,10 @@ impl Recorded {
         Ok(self.decode(&words))
     }
 
-    /// Only the statistics (the two-phase API's phase 1 result).
+    /// Only the statistics (the two-phase API's phase 1 result). An error for a recording
+    /// that left the class sums out ([`GpuContext::record_loss`]).
     pub fn statistics(&self, ctx: &GpuContext) -> Result<Statistics> {
+        self.check_class_sums()?;
         let words = self.copy_and_map(ctx)?;
         let words: &[f32] = bytemuck::cast_slice(&words);
         Ok(self.decode_statistics(
@@ -227,6 +232,18 @@ impl Recorded {
                 first_invalid_label: first(w[3]),
             })
         }
+    }
+
+    /// An error where the recording left the class sums out.
+    fn check_class_sums(&self) -> Result<()> {
+        if self.class_sums {
+            return Ok(());
+        }
+        Err(Error::Input(
+            "this recording left the per-class statistics out (record_loss, or a call without \
+             proportions): record with proportions to read them"
+                .into(),
+        ))
     }
 
     fn copy_and_map(&self, ctx: &GpuContext) -> Result<Vec<u32>> {
@@ -337,13 +354,18 @@ impl Recorded {
             elements.push(e);
         }
         let statistics = self.decode_statistics(stats_w);
-        let (predicted, target, decomposition) = crate::reference::proportions(spec, &statistics);
         let rows = |v: &[f64]| v.chunks(c_n.max(1)).map(|r| r.to_vec()).collect();
+        let (predicted, target, decomposition) = if self.class_sums {
+            let (p, t, d) = crate::reference::proportions(spec, &statistics);
+            (rows(&p), rows(&t), d)
+        } else {
+            (vec![], vec![], vec![])
+        };
         LossOutput {
             loss: at(fl.report),
             terms,
-            predicted_proportions: rows(&predicted),
-            target_proportions: rows(&target),
+            predicted_proportions: predicted,
+            target_proportions: target,
             valid_pixels: statistics.valid.iter().map(|v| *v as u64).collect(),
             decomposition,
             elements: if elements.iter().any(Option::is_some) {
@@ -352,7 +374,7 @@ impl Recorded {
                 vec![]
             },
             gradient: None,
-            statistics: Some(statistics),
+            statistics: self.class_sums.then_some(statistics),
         }
     }
 }

@@ -37,6 +37,9 @@ pub(super) struct Request<'a> {
     /// A forward recording: `Dims` slots are reserved for its one backward recording
     /// (backward.rs).
     pub backward_slots: bool,
+    /// The caller wants the proportions and the decomposition (and so the per-class sums);
+    /// false leaves the sums out for a spec of pixel terms only (`GpuContext::record_loss`).
+    pub proportions: bool,
 }
 
 impl<'a> Request<'a> {
@@ -56,7 +59,14 @@ impl<'a> Request<'a> {
             poison: false,
             strategy: ctx.strategy(),
             backward_slots: false,
+            proportions: true,
         }
+    }
+
+    /// Whether the stats stage sums each class (`CLASS_SUMS`): wanted, or needed by a
+    /// statistic term.
+    pub fn class_sums(&self) -> bool {
+        self.proportions || !self.spec.terms.iter().all(|t| t.is_pixel_term())
     }
 }
 
@@ -490,8 +500,12 @@ impl Encoding<'_, '_> {
     fn stats(&mut self, plans: &[ChunkPlan], norms_only: bool) {
         let [kernel, _] = self.req.strategy.tile_sum.kernels();
         self.variant.norms_only = norms_only;
+        // The labels-only form sums no class: one pipeline whatever the call wants.
+        let class_sums = self.variant.class_sums;
+        self.variant.class_sums |= norms_only;
         self.pixel_pass(kernel, plans, |p| p.stats_groups, None);
         self.variant.norms_only = false;
+        self.variant.class_sums = class_sums;
     }
 
     /// Stage 1 in its one-pass form per chunk: statistics, and the gradient from the pixel
@@ -601,6 +615,27 @@ impl GpuContext {
     ) -> Result<Recorded> {
         let req = Request::full(self, spec, batch, grad);
         self.record_request(encoder, req, Some(query_set))
+    }
+
+    /// [`GpuContext::record`] for a caller that reads the loss, its terms and the gradient
+    /// only: for a spec of pixel terms only (cross-entropy, focal, BCE) the stats pass
+    /// leaves out the per-class sums behind the proportions and the decomposition (about a
+    /// quarter of one-pass cross-entropy at 150 classes on lavapipe; on GPUs also one read
+    /// of each class past the register block), and the handle's [`Recorded::read`] returns
+    /// them empty ([`Recorded::statistics`] is an error). A spec with a statistic term
+    /// needs the sums for its loss, and records exactly as [`GpuContext::record`].
+    pub fn record_loss(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        spec: &LossSpec,
+        batch: &DeviceBatch<'_>,
+        grad: Option<GradTarget<'_>>,
+    ) -> Result<Recorded> {
+        let req = Request {
+            proportions: false,
+            ..Request::full(self, spec, batch, grad)
+        };
+        self.record_request(encoder, req, None)
     }
 
     /// Two-phase API, phase 1: records only the statistics pass. Submit, then read them with
@@ -727,6 +762,7 @@ impl GpuContext {
             stat_kinds: plan::stat_kinds(spec),
             contiguous: req.strategy.contiguous_pixels,
             norms_only: false,
+            class_sums: req.class_sums(),
             block: req.strategy.block_for(batch.shape.classes),
             pixel_wg: req.strategy.pixel_workgroup,
         }
@@ -896,6 +932,7 @@ impl GpuContext {
                 spatial: call.pixels,
                 strategy: req.strategy,
                 backward: None,
+                class_sums: req.class_sums(),
             },
         }
     }

@@ -179,11 +179,14 @@ pub enum Override {
     NormsOnly,
     /// The spec has statistic terms (the gradient reads coefficients).
     StatTerms,
+    /// The stats stage sums each class's statistics (off: a spec of pixel terms only whose
+    /// caller does not want the proportions).
+    ClassSums,
 }
 
 impl Override {
     /// Every override, in the order of [`Variant`]'s values.
-    pub const ALL: [Override; 16] = [
+    pub const ALL: [Override; 17] = [
         Override::C,
         Override::LabelKind,
         Override::LogitKind,
@@ -200,6 +203,7 @@ impl Override {
         Override::Ppt,
         Override::NormsOnly,
         Override::StatTerms,
+        Override::ClassSums,
     ];
 
     /// The constant's name in WGSL.
@@ -221,6 +225,7 @@ impl Override {
             Override::Ppt => "PPT",
             Override::NormsOnly => "NORMS_ONLY",
             Override::StatTerms => "STAT_TERMS",
+            Override::ClassSums => "CLASS_SUMS",
         }
     }
 }
@@ -280,7 +285,7 @@ const PIXEL_OVERRIDES: [Override; 10] = [
 ];
 
 /// The pixel stages' overrides followed by `own` (the first `N` entries of the result).
-const fn pixel_overrides_and<const N: usize>(own: [Override; 3]) -> [Override; N] {
+const fn pixel_overrides_and<const N: usize>(own: &[Override]) -> [Override; N] {
     let mut all = [O::C; N];
     let mut k = 0;
     while k < N {
@@ -294,13 +299,15 @@ const fn pixel_overrides_and<const N: usize>(own: [Override; 3]) -> [Override; N
     all
 }
 
-/// The stats stage also writes loss maps and has its labels-only form; the grad stage sets
-/// its pixels per invocation and skips coefficients without statistic terms; the stats
-/// stage's one-pass form takes the stats stage's and the coefficient switch.
-const STATS_OVERRIDES: &[Override] = &pixel_overrides_and::<12>([O::PixelMaps, O::NormsOnly, O::C]);
-const GRAD_OVERRIDES: &[Override] = &pixel_overrides_and::<12>([O::Ppt, O::StatTerms, O::C]);
+/// The stats stage also writes loss maps, has its labels-only form and may leave the class
+/// sums out; the grad stage sets its pixels per invocation and skips coefficients without
+/// statistic terms; the stats stage's one-pass form takes the stats stage's and the
+/// coefficient switch.
+const STATS_OVERRIDES: &[Override] =
+    &pixel_overrides_and::<13>(&[O::PixelMaps, O::NormsOnly, O::ClassSums]);
+const GRAD_OVERRIDES: &[Override] = &pixel_overrides_and::<12>(&[O::Ppt, O::StatTerms]);
 const STATS_GRAD_OVERRIDES: &[Override] =
-    &pixel_overrides_and::<13>([O::PixelMaps, O::NormsOnly, O::StatTerms]);
+    &pixel_overrides_and::<14>(&[O::PixelMaps, O::NormsOnly, O::ClassSums, O::StatTerms]);
 const GRAD_PARTS: &[Source] = &[DISPATCH, MATH, SPEC, PIXELS, GRAD_PIXEL, GRAD];
 /// The stats stage's bindings with the gradient's (fin read, grad written) in binding
 /// order: the one-pass form.
@@ -603,6 +610,8 @@ pub struct Variant {
     pub contiguous: bool,
     /// The stats stage's labels-only form.
     pub norms_only: bool,
+    /// The stats stage sums each class's statistics.
+    pub class_sums: bool,
     /// Classes an invocation keeps once read (`Strategy::block_for`): a constant of the
     /// pixel stages' source, not an override (WGSL sizes function arrays by constants).
     pub block: u32,
@@ -631,6 +640,7 @@ impl Variant {
             O::Ppt => grad_pixels_per_invocation(self.contiguous) as u32,
             O::NormsOnly => self.norms_only as u32,
             O::StatTerms => (self.stat_kinds != 0) as u32,
+            O::ClassSums => self.class_sums as u32,
         }
     }
 }

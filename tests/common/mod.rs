@@ -14,6 +14,7 @@ pub const GRADIENT: Options = Options {
     statistics: false,
     poison: true,
     strategy: None,
+    proportions: true,
 };
 
 /// A spec from JSON, panicking with the JSON on a mistake in the test itself.
@@ -96,6 +97,7 @@ pub fn check_with(
                 statistics: true,
                 poison: true,
                 strategy,
+                proportions: true,
             },
         )
         .unwrap_or_else(|e| panic!("{what}: {e}"));
