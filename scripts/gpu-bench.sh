@@ -67,12 +67,13 @@ torch = {}
 for line in open(f"{out}/torch.jsonl"):
     d = json.loads(line)
     if "median_ms" in d: torch[(d["shape"], d["loss"], d["mode"])] = d
-print(f"{'shape':16} {'loss':7} {'segloss ms':>10} {'copy ms':>8} {'x copy':>7} {'x shader copy':>13} {'x floor':>7} {'x empty':>7} {'eager ms':>9} {'compile ms':>10} {'vs eager':>8} {'vs compile':>10}")
+print(f"{'shape':16} {'loss':7} {'segloss ms':>10} {'copy ms':>8} {'x copy':>7} {'x shader copy':>13} {'x floor':>7} {'loss-only x shc':>15} {'x empty':>7} {'eager ms':>9} {'compile ms':>10} {'vs eager':>8} {'vs compile':>10}")
 for (shape, loss), r in seg.items():
     e = torch.get((shape, loss, "eager")); c = torch.get((shape, loss, "compile"))
     em = e["median_ms"] if e else float("nan"); cm = c["median_ms"] if c else float("nan")
     xe = r['median_ms'] / r['empty_dispatch_median_ms']
     xs = r['median_ms'] / r['shader_copy_median_ms']
     xf = r['median_ms'] / r.get('softmax_floor_median_ms', float('nan'))
-    print(f"{shape:16} {loss:7} {r['median_ms']:10.3f} {r['copy_median_ms']:8.3f} {r['ratio_to_copy']:7.2f} {xs:13.2f} {xf:7.2f} {xe:7.1f} {em:9.3f} {cm:10.3f} {em / r['median_ms']:8.2f} {cm / r['median_ms']:10.2f}")
+    xl = r.get('loss_only_median_ms', float('nan')) / r['shader_copy_median_ms']
+    print(f"{shape:16} {loss:7} {r['median_ms']:10.3f} {r['copy_median_ms']:8.3f} {r['ratio_to_copy']:7.2f} {xs:13.2f} {xf:7.2f} {xl:15.2f} {xe:7.1f} {em:9.3f} {cm:10.3f} {em / r['median_ms']:8.2f} {cm / r['median_ms']:10.2f}")
 PY
