@@ -49,7 +49,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 /// What segloss's kernels cost above it is their own overhead; what it costs above the
 /// shader copy is the arithmetic of a softmax on this adapter (BENCHMARKS.md, "The softmax
 /// floor"). `{C}`, `{LABEL_BITS}`, `{CONTIGUOUS}` are filled in per problem.
-const SOFTMAX_FLOOR: &str = "
+pub const SOFTMAX_FLOOR: &str = "
 const C: u32 = {C}u;
 const LABEL_BITS: u32 = {LABEL_BITS}u;
 const CONTIGUOUS: bool = {CONTIGUOUS};
