@@ -22,9 +22,12 @@ pub struct Problem {
     copy_dst: wgpu::Buffer,
     queries: Option<(wgpu::QuerySet, wgpu::Buffer, wgpu::Buffer)>,
     empty: wgpu::ComputePipeline,
-    shader_copy: (wgpu::ComputePipeline, wgpu::BindGroup, usize),
-    softmax_floor: Option<(wgpu::ComputePipeline, wgpu::BindGroup, usize)>,
+    shader_copy: BenchKernel,
+    softmax_floor: Option<BenchKernel>,
 }
+
+/// A reference kernel bound to a problem's buffers: pipeline, bind group, workgroups.
+type BenchKernel = (wgpu::ComputePipeline, wgpu::BindGroup, usize);
 
 /// The simplest compute kernel that reads every logit and writes it elsewhere, 16 bytes an
 /// invocation: the floor of any shader that touches the logits. On GPUs it matches the
@@ -218,18 +221,10 @@ impl Problem {
     /// One loss + gradient call without the proportions ([`GpuContext::record_loss`]),
     /// submit to completion (ms).
     pub fn loss_only_once(&self, ctx: &GpuContext) -> Result<f64> {
-        let device = ctx.device();
-        let start = Instant::now();
-        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("bench loss only"),
-        });
-        let grad = Some(GradTarget::f32(&self.grad));
-        let _rec = ctx.record_loss(&mut enc, &self.spec, &self.batch(), grad)?;
-        ctx.queue().submit([enc.finish()]);
-        device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Gpu(e.to_string()))?;
-        Ok(start.elapsed().as_secs_f64() * 1e3)
+        submit_timed(ctx, "bench loss only", |enc| {
+            let grad = Some(GradTarget::f32(&self.grad));
+            ctx.record_loss(enc, &self.spec, &self.batch(), grad)
+        })
     }
 
     /// One loss + gradient call, submit to completion; returns (wall ms, device ms).
@@ -282,82 +277,40 @@ impl Problem {
 
     /// One device copy of the logits, submit to completion (ms).
     pub fn copy_once(&self, ctx: &GpuContext) -> Result<f64> {
-        let device = ctx.device();
-        let start = Instant::now();
-        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("bench copy"),
-        });
-        enc.copy_buffer_to_buffer(&self.logits, 0, &self.copy_dst, 0, self.logits.size());
-        ctx.queue().submit([enc.finish()]);
-        device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Gpu(e.to_string()))?;
-        Ok(start.elapsed().as_secs_f64() * 1e3)
+        submit_timed(ctx, "bench copy", |enc| {
+            enc.copy_buffer_to_buffer(&self.logits, 0, &self.copy_dst, 0, self.logits.size());
+            Ok(())
+        })
     }
 
     /// One empty compute dispatch, submit to completion (ms).
     pub fn empty_once(&self, ctx: &GpuContext) -> Result<f64> {
-        let device = ctx.device();
-        let start = Instant::now();
-        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("bench empty"),
-        });
-        {
+        submit_timed(ctx, "bench empty", |enc| {
             let mut pass = enc.begin_compute_pass(&Default::default());
             pass.set_pipeline(&self.empty);
             pass.dispatch_workgroups(1, 1, 1);
-        }
-        ctx.queue().submit([enc.finish()]);
-        device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Gpu(e.to_string()))?;
-        Ok(start.elapsed().as_secs_f64() * 1e3)
+            Ok(())
+        })
     }
 
     /// One shader copy of the logits (see [`BenchResult::shader_copy_median_ms`]), ms.
     pub fn shader_copy_once(&self, ctx: &GpuContext) -> Result<f64> {
-        let device = ctx.device();
-        let (pipeline, bind, groups) = &self.shader_copy;
-        let start = Instant::now();
-        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("bench shader copy"),
-        });
-        {
-            let mut pass = enc.begin_compute_pass(&Default::default());
-            pass.set_pipeline(pipeline);
-            pass.set_bind_group(0, bind, &[]);
-            let (x, y) = crate::gpu::plan::dispatch_2d(*groups);
-            pass.dispatch_workgroups(x, y, 1);
-        }
-        ctx.queue().submit([enc.finish()]);
-        device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Gpu(e.to_string()))?;
-        Ok(start.elapsed().as_secs_f64() * 1e3)
+        submit_timed(ctx, "bench shader copy", |enc| {
+            dispatch(enc, &self.shader_copy);
+            Ok(())
+        })
     }
 
     /// One [`SOFTMAX_FLOOR`] pass, submit to completion (ms), when the problem has one.
     pub fn softmax_floor_once(&self, ctx: &GpuContext) -> Result<Option<f64>> {
-        let Some((pipeline, bind, groups)) = &self.softmax_floor else {
+        let Some(floor) = &self.softmax_floor else {
             return Ok(None);
         };
-        let device = ctx.device();
-        let start = Instant::now();
-        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("bench softmax floor"),
-        });
-        {
-            let mut pass = enc.begin_compute_pass(&Default::default());
-            pass.set_pipeline(pipeline);
-            pass.set_bind_group(0, bind, &[]);
-            let (x, y) = crate::gpu::plan::dispatch_2d(*groups);
-            pass.dispatch_workgroups(x, y, 1);
-        }
-        ctx.queue().submit([enc.finish()]);
-        device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Gpu(e.to_string()))?;
-        Ok(Some(start.elapsed().as_secs_f64() * 1e3))
+        submit_timed(ctx, "bench softmax floor", |enc| {
+            dispatch(enc, floor);
+            Ok(())
+        })
+        .map(Some)
     }
 
     /// Runs [`SOFTMAX_FLOOR`] once and compares the gradient it wrote for the first image
@@ -501,7 +454,7 @@ fn shader_copy(
     device: &wgpu::Device,
     logits: &wgpu::Buffer,
     copy_dst: &wgpu::Buffer,
-) -> (wgpu::ComputePipeline, wgpu::BindGroup, usize) {
+) -> BenchKernel {
     let pipeline = compute_pipeline(device, "bench shader copy", SHADER_COPY);
     // Whole 16-byte words only (a tail of up to 12 bytes is left out of the floor).
     let words = (logits.size() / 16).max(1);
@@ -531,7 +484,7 @@ fn softmax_floor(
     logits: &wgpu::Buffer,
     labels: &wgpu::Buffer,
     grad: &wgpu::Buffer,
-) -> (wgpu::ComputePipeline, wgpu::BindGroup, usize) {
+) -> BenchKernel {
     let device = ctx.device();
     let bits = if labels_format == LabelFormat::U8 {
         8
@@ -574,6 +527,35 @@ fn softmax_floor(
         ],
     });
     (pipeline, bind, groups)
+}
+
+/// Records with `record` into a new encoder, submits it and waits for the device: the
+/// milliseconds from before the encoder to completion. What `record` returns (a recording's
+/// handle) is kept until then.
+fn submit_timed<R>(
+    ctx: &GpuContext,
+    label: &str,
+    record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<R>,
+) -> Result<f64> {
+    let device = ctx.device();
+    let start = Instant::now();
+    let mut enc =
+        device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
+    let _held = record(&mut enc)?;
+    ctx.queue().submit([enc.finish()]);
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| Error::Gpu(e.to_string()))?;
+    Ok(start.elapsed().as_secs_f64() * 1e3)
+}
+
+/// One compute pass of a bench kernel: its pipeline, bind group and workgroup count.
+fn dispatch(enc: &mut wgpu::CommandEncoder, (pipeline, bind, groups): &BenchKernel) {
+    let mut pass = enc.begin_compute_pass(&Default::default());
+    pass.set_pipeline(pipeline);
+    pass.set_bind_group(0, bind, &[]);
+    let (x, y) = crate::gpu::plan::dispatch_2d(*groups);
+    pass.dispatch_workgroups(x, y, 1);
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
