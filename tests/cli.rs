@@ -8,10 +8,27 @@ use segloss::{reference, LossSpec};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn dir(name: &str) -> PathBuf {
+/// A test's own folder under the system's temporary folder, removed with everything in it
+/// when the test is done with it (also when it fails).
+struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn dir(name: &str) -> TempDir {
     let d = std::env::temp_dir().join(format!("segloss-cli-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TempDir(d)
 }
 
 /// A .npy of little-endian i64 labels, as NumPy and PyTorch write them.
@@ -35,7 +52,7 @@ fn segloss(args: &[&str]) -> (i32, String, String) {
 const SPEC: &str = r#"{"ignore_index": 255, "terms": [{"kind": "cross_entropy", "class_weights": [1, 2, 0.5]}, {"kind": "dice", "weight": 0.5}, {"kind": "region", "weight": 0.1, "temperature": 10}]}"#;
 
 struct Case {
-    dir: PathBuf,
+    dir: TempDir,
     shape: Shape,
     logits: Vec<f32>,
     labels: Vec<u32>,
