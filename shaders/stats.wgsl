@@ -78,8 +78,10 @@ override NORMS_ONLY: bool = false;
 
 // Whether the class columns of the rows (P, Q, I, G, H, U of each class) are summed and
 // written. Off only for a spec of pixel terms only whose caller does not want the
-// proportions (`GpuContext::record_loss`): finalize reads nothing of those columns then,
-// and at 150 classes their sums were about a quarter of one-pass CE's time on lavapipe.
+// proportions (`GpuContext::record_loss`): the tile sums and finalize still add those
+// columns (whatever the buffer held) into the statistics rows and the pooled row, but no
+// term of such a spec reads them, and the host neither decodes nor returns them. At 150
+// classes their sums were about a quarter of one-pass CE's time on lavapipe.
 override CLASS_SUMS: bool = true;
 
 // Bit t: pixel term t writes a per-pixel loss map (cross-entropy with reduction "none").

@@ -626,7 +626,8 @@ fn the_context_is_send_and_sync_and_correct_from_many_threads() {
     });
 }
 
-/// 4200² pixels of one channel: 68 906 gradient workgroups, more than one dispatch
+/// 4200² pixels of one channel in grad workgroups of 32 invocations × 8 pixels (GPUs'
+/// pixel order, the smallest workgroup): 68 906 gradient workgroups, more than one dispatch
 /// dimension holds (65 535), so the 2D dispatch path runs.
 #[test]
 fn more_workgroups_than_one_dimension_holds() {
@@ -639,13 +640,23 @@ fn more_workgroups_than_one_dimension_holds() {
         .map(|k| ((k as u64).wrapping_mul(40503) % 3) as f32 / 2.0)
         .collect();
     let ctx = common::new_ctx();
+    let strategy = Strategy {
+        pixel_workgroup: 32,
+        contiguous_pixels: false,
+        ..ctx.strategy()
+    };
+    let per_group = 32 * segloss::gpu::stages::grad_pixels_per_invocation(false);
+    assert!((4200 * 4200usize).div_ceil(per_group) > 65_535);
     let out = ctx
         .evaluate(
             &spec(r#"{"activation":"sigmoid","terms":[{"kind":"bce"}]}"#),
             &shape,
             &z,
             Labels::Soft(&m),
-            common::GRADIENT,
+            Options {
+                strategy: Some(strategy),
+                ..common::GRADIENT
+            },
         )
         .unwrap();
     let softplus = |x: f64| x.max(0.0) + (-x.abs()).exp().ln_1p();

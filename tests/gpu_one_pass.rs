@@ -396,7 +396,7 @@ fn assert_same_loss_and_gradient(a: &segloss::LossOutput, b: &segloss::LossOutpu
 /// as the full call's (which matches the reference), with every output poisoned first, so
 /// a class column that finalize read unwritten would show; the proportions and the
 /// decomposition come back empty, and asking for the statistics as well is refused. A spec
-/// with a statistic term computes the sums anyway and returns them.
+/// with a statistic term computes the sums anyway and returns them, statistics included.
 #[test]
 fn calls_without_proportions_give_the_same_loss_and_gradient() {
     let _one_at_a_time = serial();
@@ -466,8 +466,16 @@ fn calls_without_proportions_give_the_same_loss_and_gradient() {
                 statistics: true,
                 ..lean_opts
             };
-            let refused = ctx.evaluate(&spec(json), &shape, &z, labels, both);
-            assert!(refused.is_err(), "{what}: statistics without class sums");
+            let with_stats = ctx.evaluate(&spec(json), &shape, &z, labels, both);
+            if pixel_only {
+                assert!(with_stats.is_err(), "{what}: statistics without class sums");
+            } else {
+                let got = with_stats.unwrap().statistics;
+                assert_eq!(
+                    got, full.statistics,
+                    "{what}: statistics of a statistic spec"
+                );
+            }
         }
     }
 }

@@ -21,8 +21,9 @@ pub struct Options {
     /// Return the predicted and target proportions and the decomposition (default true).
     /// For a spec of pixel terms only (cross-entropy, focal, BCE) `false` leaves out the
     /// per-class sums they come from, which nothing else needs (see
-    /// [`crate::GpuContext::record_loss`]), and those fields come back empty; with
-    /// `statistics` it is an error. A spec with a statistic term computes them anyway.
+    /// [`crate::GpuContext::record_loss`]), and those fields come back empty; asking for
+    /// `statistics` too is then an error. A spec with a statistic term computes (and
+    /// returns) them anyway.
     pub proportions: bool,
 }
 

@@ -111,6 +111,8 @@ impl Recorded {
     }
 
     /// The buffer of the statistics rows (per image: 8 floats per class, then 12 scalars).
+    /// After a recording that left the class sums out ([`GpuContext::record_loss`]) the
+    /// class columns hold nothing meaningful; the scalars are valid.
     pub fn statistics_buffer(&self) -> &wgpu::Buffer {
         &self.ws.stats
     }

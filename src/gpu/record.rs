@@ -806,7 +806,16 @@ impl GpuContext {
     /// touching the caller's encoder.
     fn prepare(&self, req: &Request<'_>) -> Result<Prepared> {
         let call = check_request(req)?;
+        // The workgroup this image size runs with (larger for very large images).
+        let req = &Request {
+            strategy: req.strategy.for_image(call.pixels),
+            ..*req
+        };
         req.strategy.validate(&self.device, &self.info)?;
+        let cpu = self.info.device_type == wgpu::DeviceType::Cpu;
+        if let Some(e) = super::strategy::tile_loop_error(&req.strategy, call.pixels, cpu) {
+            return Err(e);
+        }
         let (spec, shape) = (req.spec, req.batch.shape);
         let chunks = self.chunk_images(req, &call)?;
         // A forward recording reserves its backward's slots after its own.

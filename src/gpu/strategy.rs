@@ -78,6 +78,20 @@ fn workgroup_memory_error(
     })
 }
 
+/// An error where an image has more stats tiles than a CPU adapter's loops can sum (more
+/// than 65,535 × 8,192 pixels at the largest tiles: llvmpipe would stop the sum short and
+/// return a wrong loss with no error).
+pub(crate) fn tile_loop_error(strategy: &Strategy, pixels: usize, cpu: bool) -> Option<Error> {
+    let tiles = pixels.div_ceil(strategy.stats_tile());
+    (cpu && tiles > CPU_LOOP_CAP).then(|| {
+        Error::Input(format!(
+            "an image of {pixels} pixels is {tiles} stats tiles of {}; a CPU adapter sums at \
+             most {CPU_LOOP_CAP} an image (llvmpipe's cap on loop iterations): split the image",
+            strategy.stats_tile()
+        ))
+    })
+}
+
 fn subgroups_usable(device: &wgpu::Device, info: &wgpu::AdapterInfo) -> bool {
     device.features().contains(wgpu::Features::SUBGROUP)
         && info.subgroup_min_size >= 4
@@ -138,6 +152,12 @@ const FINALIZE_SUMS_MAX_FLOATS: u64 = 1 << 16;
 /// are 16,384 reads an invocation, a quarter of llvmpipe's cap on loop iterations (past
 /// the cap llvmpipe ends the loops early and the sums would be wrong, with no error).
 pub const FINALIZE_SUMS_CAP: u64 = 1 << 20;
+/// Stats tiles an image may have before a call doubles its pixel workgroup
+/// (`Strategy::for_image`): half of llvmpipe's cap on loop iterations.
+const MAX_TILES_PER_IMAGE: usize = 1 << 15;
+/// llvmpipe ends an invocation's loops after this many iterations in all, with no error;
+/// sum_tiles.wgsl loops over an image's stats tiles in one invocation.
+const CPU_LOOP_CAP: usize = 65_535;
 /// The class block cap on CPU adapters.
 const CPU_CLASS_BLOCK: u32 = 256;
 /// The pixel-stage workgroup on CPU adapters (`Strategy::pixel_workgroup`).
@@ -169,8 +189,10 @@ impl Strategy {
     }
 
     /// An error where the device cannot run this strategy: subgroup sums without usable
-    /// subgroups, kernels declaring more workgroup memory than the device has, or rows planned for subgroups larger than the adapter's smallest (rows
-    /// some subgroups would then leave unwritten).
+    /// subgroups, a class block or pixel workgroup out of range (or a workgroup smaller than
+    /// the adapter's subgroups, with subgroup sums), kernels declaring more workgroup memory
+    /// than the device has, or rows planned for subgroups larger than the adapter's
+    /// smallest (rows some subgroups would then leave unwritten).
     pub fn validate(&self, device: &wgpu::Device, info: &wgpu::AdapterInfo) -> Result<()> {
         if self.tile_sum == TileSum::Subgroup && !subgroups_usable(device, info) {
             return Err(Error::Input(format!(
@@ -226,6 +248,20 @@ impl Strategy {
         (classes.max(8).next_power_of_two() as u32).min(self.class_block)
     }
 
+    /// The strategy a call over images of `pixels` pixels runs with: `pixel_workgroup`
+    /// doubled (up to 256) while an image would have more than 32,768 stats tiles, so that
+    /// the tile sums stay far from llvmpipe's cap on loop iterations (CPU adapters' tiles
+    /// of 1,024 pixels reach it at 67 million pixels an image; 8,192² is 67 million).
+    pub fn for_image(self, pixels: usize) -> Strategy {
+        let mut s = self;
+        while s.pixel_workgroup < PIXEL_WG_MAX
+            && pixels.div_ceil(s.stats_tile()) > MAX_TILES_PER_IMAGE
+        {
+            s.pixel_workgroup *= 2;
+        }
+        s
+    }
+
     /// Pixels per stats tile (a workgroup's).
     pub(crate) fn stats_tile(&self) -> usize {
         (self.pixel_workgroup * STATS_PPT) as usize
@@ -245,5 +281,48 @@ impl Strategy {
             TileSum::Invocation => wg,
             TileSum::Workgroup => 1,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpu() -> Strategy {
+        Strategy {
+            tile_sum: TileSum::Subgroup,
+            contiguous_pixels: true,
+            planned_subgroup_size: 0,
+            binding_limit: 0,
+            class_block: CPU_CLASS_BLOCK,
+            one_pass_min_elements: ONE_PASS_MIN_ELEMENTS,
+            finalize_sums_max_floats: FINALIZE_SUMS_MAX_FLOATS,
+            pixel_workgroup: CPU_PIXEL_WG,
+        }
+    }
+
+    #[test]
+    fn very_large_images_get_larger_workgroups_and_the_largest_are_refused_on_cpus() {
+        let s = cpu();
+        // Up to 32,768 tiles of 1,024 pixels: the strategy's own workgroup.
+        assert_eq!(s.for_image(96 * 96).pixel_workgroup, 32);
+        assert_eq!(s.for_image(1 << 25).pixel_workgroup, 32);
+        // 8,192² pixels: 65,536 tiles of 1,024, so tiles of 2,048.
+        let big = s.for_image(8192 * 8192);
+        assert_eq!(big.pixel_workgroup, 64);
+        assert_eq!((8192 * 8192usize).div_ceil(big.stats_tile()), 1 << 15);
+        // Never past 256; past 65,535 tiles of 8,192 a CPU adapter refuses the image.
+        let huge = 65_536 * 8_192;
+        assert_eq!(s.for_image(huge).pixel_workgroup, 256);
+        assert!(tile_loop_error(&s.for_image(huge), huge, true).is_some());
+        assert!(tile_loop_error(&s.for_image(huge), huge, false).is_none());
+        let most = 65_535 * 8_192;
+        assert!(tile_loop_error(&s.for_image(most), most, true).is_none());
+        // A GPU's workgroup of 256 is left as it is.
+        let gpu = Strategy {
+            pixel_workgroup: PIXEL_WG_MAX,
+            ..s
+        };
+        assert_eq!(gpu.for_image(1 << 30).pixel_workgroup, 256);
     }
 }
