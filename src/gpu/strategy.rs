@@ -254,6 +254,10 @@ impl Strategy {
     /// of 1,024 pixels reach it at 67 million pixels an image; 8,192² is 67 million).
     pub fn for_image(self, pixels: usize) -> Strategy {
         let mut s = self;
+        let wg = s.pixel_workgroup;
+        if !wg.is_power_of_two() || !(PIXEL_WG_MIN..=PIXEL_WG_MAX).contains(&wg) {
+            return s; // for `validate` to refuse
+        }
         while s.pixel_workgroup < PIXEL_WG_MAX
             && pixels.div_ceil(s.stats_tile()) > MAX_TILES_PER_IMAGE
         {
@@ -318,6 +322,14 @@ mod tests {
         assert!(tile_loop_error(&s.for_image(huge), huge, false).is_none());
         let most = 65_535 * 8_192;
         assert!(tile_loop_error(&s.for_image(most), most, true).is_none());
+        // A workgroup out of range is left for `validate` to refuse.
+        for wg in [0, 16, 48, 512] {
+            let bad = Strategy {
+                pixel_workgroup: wg,
+                ..s
+            };
+            assert_eq!(bad.for_image(1 << 30).pixel_workgroup, wg);
+        }
         // A GPU's workgroup of 256 is left as it is.
         let gpu = Strategy {
             pixel_workgroup: PIXEL_WG_MAX,
