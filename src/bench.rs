@@ -218,7 +218,7 @@ impl Problem {
     /// Whether the spec is of pixel terms only, so that [`GpuContext::record_loss`] records
     /// less than [`GpuContext::record`].
     pub fn has_loss_only(&self) -> bool {
-        self.spec.terms.iter().all(|t| t.is_pixel_term())
+        self.spec.pixel_terms_only()
     }
 
     /// One loss + gradient call without the proportions ([`GpuContext::record_loss`]),

@@ -498,6 +498,12 @@ impl LossSpec {
             .unwrap_or(1.0)
     }
 
+    /// Whether every term is a pixel term (cross-entropy, focal, BCE): the spec needs no
+    /// per-class statistic for its loss (the one-pass path, calls without proportions).
+    pub fn pixel_terms_only(&self) -> bool {
+        self.terms.iter().all(|t| t.is_pixel_term())
+    }
+
     /// Whether the region terms need the tempered softmax s = softmax(T·z) (T ≠ 1).
     pub fn tempered(&self) -> bool {
         self.temperature() != 1.0

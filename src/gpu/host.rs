@@ -76,7 +76,7 @@ impl GpuContext {
         opts: Options,
     ) -> Result<LossOutput> {
         self.check_device()?;
-        if opts.statistics && !opts.proportions && spec.terms.iter().all(|t| t.is_pixel_term()) {
+        if opts.statistics && !opts.proportions && spec.pixel_terms_only() {
             return Err(Error::Input(
                 "Options: statistics need the per-class sums that proportions: false leaves out"
                     .into(),

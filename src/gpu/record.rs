@@ -66,7 +66,7 @@ impl<'a> Request<'a> {
     /// Whether the stats stage sums each class (`CLASS_SUMS`): wanted, or needed by a
     /// statistic term.
     pub fn class_sums(&self) -> bool {
-        self.proportions || !self.spec.terms.iter().all(|t| t.is_pixel_term())
+        self.proportions || !self.spec.pixel_terms_only()
     }
 }
 
@@ -371,7 +371,7 @@ fn one_pass(req: &Request<'_>, call: &Checked) -> bool {
         && req.given_stats.is_none()
         && !req.backward_slots
         && !call.grad_shares_input
-        && req.spec.terms.iter().all(|t| t.is_pixel_term())
+        && req.spec.pixel_terms_only()
         && elements >= req.strategy.one_pass_min_elements
 }
 
