@@ -125,6 +125,84 @@ fn zero_grad(b: u32, i: u32, cs: ptr<function, Consts>) {
     }
 }
 
+// The sums over a pixel's classes that every class's gradient needs: Σ_k a_k p_k and
+// Σ_k u_k s_k (statistic terms) and, per pixel term, Σ_k h_k.
+struct GradSums {
+    ap: f32,
+    us: f32,
+    h: vec4<f32>,
+}
+
+// Class c's share of a pixel's GradSums, from its logit zc, target gc, e = exp(zc − max),
+// tempered probability s (0 untempered), softmax pieces sm and log Σe. The register path
+// adds every class of a pixel in order; the staged path (staged_grad.wgsl) adds a share of
+// the classes per invocation and merges the shares.
+fn grad_sums_of(cs: ptr<function, Consts>, b: u32, c: u32, zc: f32, gc: f32, e: f32, s: f32, sm: vec2<f32>, log_se: f32) -> GradSums {
+    let p = e / sm.y;
+    var out = GradSums(0.0, 0.0, vec4(0.0));
+    if STAT_TERMS {
+        let k = coef_of(cs, b, c);
+        out.ap = stat_a(k, p, gc) * p;
+        if TEMPERED {
+            out.us = k.w * s;
+        }
+    }
+    for (var t = 0u; t < N_PIX; t++) {
+        let w = term_weight(t, (*cs).offs[t], c);
+        out.h[t] = pixel_h(is_ce((*cs).kinds[t]), (*cs).opt[t], w, gc, p, e, sm.y, zc - sm.x - log_se);
+    }
+    return out;
+}
+
+// Σ_k h_k of cross-entropy alone on class-index labels (`ce_closed_form`) for label y:
+// −((1 − ε)·w_y + ε/C·Σ_k w_k) per pixel term. (An ignored pixel's y is IGNORE; its values
+// are discarded by the caller.)
+fn ce_h_sum(cs: ptr<function, Consts>, y: u32) -> vec4<f32> {
+    let yc = min(y, C - 1u);
+    var h = vec4(0.0);
+    for (var t = 0u; t < N_PIX; t++) {
+        let eps = (*cs).opt[t];
+        h[t] = -((1.0 - eps) * term_weight(t, (*cs).offs[t], yc) + eps / f32(C) * (*cs).wsum[t]);
+    }
+    return h;
+}
+
+// ∂L/∂z_c of a softmax pixel (before the upstream factor) from its class's logit zc, target
+// gc, e = exp(zc − max) and tempered probability s, and the pixel's pieces and GradSums.
+fn class_dz(cs: ptr<function, Consts>, b: u32, c: u32, zc: f32, gc: f32, e: f32, s: f32, sm: vec2<f32>, log_se: f32, sums: GradSums) -> f32 {
+    let p = e / sm.y;
+    var dz = 0.0;
+    if STAT_TERMS {
+        let k = coef_of(cs, b, c);
+        dz = p * (stat_a(k, p, gc) - sums.ap);
+        if TEMPERED {
+            dz += dims.temperature * s * (k.w - sums.us);
+        }
+    }
+    for (var t = 0u; t < N_PIX; t++) {
+        let w = term_weight(t, (*cs).offs[t], c);
+        let h = pixel_h(is_ce((*cs).kinds[t]), (*cs).opt[t], w, gc, p, e, sm.y, zc - sm.x - log_se);
+        dz += (*cs).scales[t] * (h - p * sums.h[t]);
+    }
+    return dz;
+}
+
+// ∂L/∂z_c of a sigmoid-mode class (before the upstream factor): classes are independent.
+fn sigmoid_dz(cs: ptr<function, Consts>, b: u32, c: u32, zc: f32, gc: f32) -> f32 {
+    let temp = dims.temperature;
+    let p = sigmoid(zc);
+    let k = coef_of(cs, b, c);
+    var dz = stat_a(k, p, gc) * p * sigmoid(-zc);
+    if TEMPERED {
+        dz += temp * k.w * sigmoid(temp * zc) * sigmoid(-temp * zc);
+    }
+    for (var t = 0u; t < N_PIX; t++) {
+        let pw = term_weight(t, (*cs).offs[t], c);
+        dz += (*cs).scales[t] * (p * (1.0 - gc + pw * gc) - pw * gc);
+    }
+    return dz;
+}
+
 // ∂L/∂z of every class of pixel i of global image b, whose label is y (kept: `keep`; an
 // ignored pixel may run the same code and write zeros), first logits and targets z and g,
 // softmax pieces sm (max, Σe) with the first exponentials in ez, and tempered ones smt, et
@@ -133,75 +211,39 @@ fn pixel_grad(cs: ptr<function, Consts>, b: u32, i: u32, y: u32, keep: bool, z: 
     let temp = dims.temperature;
     if SIGMOID {
         for (var c = 0u; c < C; c++) {
-            let zc = z_of(z, b, c, i);
-            let gc = g_of(g, b, c, i, y);
-            let p = sigmoid(zc);
-            let k = coef_of(cs, b, c);
-            var dz = stat_a(k, p, gc) * p * sigmoid(-zc);
-            if TEMPERED {
-                dz += temp * k.w * sigmoid(temp * zc) * sigmoid(-temp * zc);
-            }
-            for (var t = 0u; t < N_PIX; t++) {
-                let pw = term_weight(t, (*cs).offs[t], c);
-                dz += (*cs).scales[t] * (p * (1.0 - gc + pw * gc) - pw * gc);
-            }
+            let dz = sigmoid_dz(cs, b, c, z_of(z, b, c, i), g_of(g, b, c, i, y));
             store_grad(elem(b, c, i) + dims.grad_shift, select(0.0, dz * (*cs).up, keep));
         }
         return;
     }
 
     let log_se = log(sm.y);
-    // First class loop: the sums every class's gradient needs.
-    var ap = 0.0;               // Σ_k a_k p_k
-    var us = 0.0;               // Σ_k u_k s_k
-    var h_sum = vec4(0.0);      // per pixel term: Σ_k h_k
+    // First class loop: the sums every class's gradient needs (none with the closed form).
+    var sums = GradSums(0.0, 0.0, vec4(0.0));
     var first_loop = C;
     if ce_closed_form() {
-        // (An ignored pixel's y is IGNORE; its values are discarded by `keep`.)
-        let yc = min(y, C - 1u);
-        for (var t = 0u; t < N_PIX; t++) {
-            let eps = (*cs).opt[t];
-            h_sum[t] = -((1.0 - eps) * term_weight(t, (*cs).offs[t], yc) + eps / f32(C) * (*cs).wsum[t]);
-        }
+        sums.h = ce_h_sum(cs, y);
         first_loop = 0u;
     }
     for (var c = 0u; c < first_loop; c++) {
         let zc = z_of(z, b, c, i);
-        let gc = g_of(g, b, c, i, y);
-        let e = exp_of(ez, c, zc, 1.0, sm.x);
-        let p = e / sm.y;
-        if STAT_TERMS {
-            let k = coef_of(cs, b, c);
-            ap += stat_a(k, p, gc) * p;
-            if TEMPERED {
-                us += k.w * exp_of(et, c, zc, temp, smt.x) / smt.y;
-            }
+        var s = 0.0;
+        if TEMPERED {
+            s = exp_of(et, c, zc, temp, smt.x) / smt.y;
         }
-        for (var t = 0u; t < N_PIX; t++) {
-            let w = term_weight(t, (*cs).offs[t], c);
-            h_sum[t] += pixel_h(is_ce((*cs).kinds[t]), (*cs).opt[t], w, gc, p, e, sm.y, zc - sm.x - log_se);
-        }
+        let add = grad_sums_of(cs, b, c, zc, g_of(g, b, c, i, y), exp_of(ez, c, zc, 1.0, sm.x), s, sm, log_se);
+        sums.ap += add.ap;
+        sums.us += add.us;
+        sums.h += add.h;
     }
     // Second class loop: write ∂L/∂z_c.
     for (var c = 0u; c < C; c++) {
         let zc = z_of(z, b, c, i);
-        let gc = g_of(g, b, c, i, y);
-        let e = exp_of(ez, c, zc, 1.0, sm.x);
-        let p = e / sm.y;
-        var dz = 0.0;
-        if STAT_TERMS {
-            let k = coef_of(cs, b, c);
-            dz = p * (stat_a(k, p, gc) - ap);
-            if TEMPERED {
-                let s = exp_of(et, c, zc, temp, smt.x) / smt.y;
-                dz += temp * s * (k.w - us);
-            }
+        var s = 0.0;
+        if TEMPERED {
+            s = exp_of(et, c, zc, temp, smt.x) / smt.y;
         }
-        for (var t = 0u; t < N_PIX; t++) {
-            let w = term_weight(t, (*cs).offs[t], c);
-            let h = pixel_h(is_ce((*cs).kinds[t]), (*cs).opt[t], w, gc, p, e, sm.y, zc - sm.x - log_se);
-            dz += (*cs).scales[t] * (h - p * h_sum[t]);
-        }
+        let dz = class_dz(cs, b, c, zc, g_of(g, b, c, i, y), exp_of(ez, c, zc, 1.0, sm.x), s, sm, log_se, sums);
         store_grad(elem(b, c, i) + dims.grad_shift, select(0.0, dz * (*cs).up, keep));
     }
 }

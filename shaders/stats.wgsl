@@ -227,12 +227,28 @@ fn focal_pixel(t: u32, gamma: f32, off: f32, z: ptr<function, Block>, g: ptr<fun
         let gc = g_of(g, b, c, i, y);
         if gc != 0.0 {
             let zc = z_of(z, b, c, i);
-            let e = exp_of(ez, c, zc, 1.0, sm.x);
-            let q = max(sm.y - e, 0.0) / sm.y;
-            l += term_weight(t, off, c) * gc * safe_pow(q, gamma) * (lse - zc);
+            l += focal_class(term_weight(t, off, c), gc, zc, exp_of(ez, c, zc, 1.0, sm.x), sm.y, gamma, lse);
         }
     }
     return l;
+}
+
+// One class's share of the focal loss: w·g·(1 − p)^γ·(−log p), with e = exp(z − max) and
+// Σe of the pixel.
+fn focal_class(w: f32, gc: f32, zc: f32, e: f32, se: f32, gamma: f32, lse: f32) -> f32 {
+    let q = max(se - e, 0.0) / se;
+    return w * gc * safe_pow(q, gamma) * (lse - zc);
+}
+
+// One class's share of cross-entropy with smoothing ε, w_c·(−log p_c)·((1 − ε)·g_c + ε/C)
+// (ce_pixel's sum split by class, for the staged path's shares of a pixel's classes).
+fn ce_class(eps: f32, w: f32, gc: f32, zc: f32, lse: f32) -> f32 {
+    return w * (lse - zc) * ((1.0 - eps) * gc + eps / f32(C));
+}
+
+// One channel's share of binary cross-entropy: pw·g·softplus(−z) + (1 − g)·softplus(z).
+fn bce_class(pw: f32, gc: f32, zc: f32) -> f32 {
+    return pw * gc * softplus(-zc) + (1.0 - gc) * softplus(zc);
 }
 
 // Binary cross-entropy of one pixel (sigmoid mode), summed over channels:
@@ -240,9 +256,7 @@ fn focal_pixel(t: u32, gamma: f32, off: f32, z: ptr<function, Block>, g: ptr<fun
 fn bce_pixel(t: u32, off: f32, z: ptr<function, Block>, g: ptr<function, Block>, b: u32, i: u32, y: u32) -> f32 {
     var l = 0.0;
     for (var c = 0u; c < C; c++) {
-        let zc = z_of(z, b, c, i);
-        let gc = g_of(g, b, c, i, y);
-        l += term_weight(t, off, c) * gc * softplus(-zc) + (1.0 - gc) * softplus(zc);
+        l += bce_class(term_weight(t, off, c), g_of(g, b, c, i, y), z_of(z, b, c, i));
     }
     return l;
 }

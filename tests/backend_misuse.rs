@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_gradient, close, new_ctx, spec};
+use common::{assert_gradient, close, device_with_workgroup_memory, new_ctx, spec};
 use segloss::gpu::{context, BufferRegion, DeviceBatch, GpuContext, GradTarget, TileSum};
 use segloss::input::{LabelFormat, Labels, Shape, IGNORE};
 use segloss::reference;
@@ -362,16 +362,6 @@ fn a_shard_reports_no_statistics_for_images_it_does_not_hold() {
                 .all(|r| r.iter().all(|v| *v == 0.0)));
         }
     }
-}
-
-/// The device `context::choose` picks, opened with at most `bytes` of workgroup memory.
-fn device_with_workgroup_memory(bytes: u32) -> GpuContext {
-    let adapter = context::choose(context::enumerate()).unwrap();
-    let mut desc = context::device_descriptor(&adapter);
-    desc.required_limits.max_compute_workgroup_storage_size = bytes;
-    let (device, queue) = pollster::block_on(adapter.request_device(&desc)).unwrap();
-    assert_eq!(device.limits().max_compute_workgroup_storage_size, bytes);
-    GpuContext::from_device(device, queue, adapter.get_info())
 }
 
 /// An adapter limited to 16 KiB of workgroup memory (the least any adapter has) runs every

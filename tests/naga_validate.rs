@@ -383,7 +383,22 @@ struct HostStage {
 fn kernel_dims(k: &KernelInfo) -> Vec<Vec<Value>> {
     let has = |o| k.overrides.contains(&o);
     let mut d = vec![];
-    if has(Override::C) && k.has_pixels() {
+    if has(Override::StagePixels) {
+        // strategy.rs `stage_pixels_for`: staged past the block of 8, the most pixels (up
+        // to 32) whose classes fit 2,048 floats; the staged modules keep a block of 8.
+        d.push(
+            [
+                (9.0, 32.0),
+                (21.0, 32.0),
+                (150.0, 8.0),
+                (1000.0, 2.0),
+                (1500.0, 1.0),
+            ]
+            .iter()
+            .map(|&(c, sp)| vec![("C", c), ("BLOCK", 8.0), ("STAGE_PIXELS", sp)])
+            .collect(),
+        );
+    } else if has(Override::C) && k.has_pixels() {
         // `BLOCK` is no override: it picks the source (strategy.rs `block_for`: the
         // smallest power of two ≥ C from 8, capped at 8 on GPUs and 1024 on CPUs).
         let mut v: Vec<Value> = vec![];

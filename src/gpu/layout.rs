@@ -193,6 +193,16 @@ shared_constants! {
     // source as `PIXEL_WG` (stages.rs `KernelInfo::source`).
     /// Pixels per stats invocation (at most 32: one bit each in stats.wgsl's `counted`).
     STATS_PPT = 32;
+    /// Pixels per staged invocation: a staged tile (shaders/staged.wgsl) is
+    /// `PIXEL_WG · STAGED_PPT` pixels.
+    STAGED_PPT = 4;
+    /// Floats of workgroup memory a staged sub-tile keeps its logits (and soft targets) in:
+    /// calls of up to this many classes (half with soft labels) read each logit once per
+    /// pass at any class count. 8 KiB, so that the staged kernels fit the 16,352 bytes of
+    /// the most limited adapters (`Kernel::StatsStaged`'s workgroup bytes).
+    STAGE_FLOATS = 2048;
+    /// The most pixels of a staged sub-tile: 32 floats a class plane are a 128-byte line.
+    STAGE_PIXELS_MAX = 32;
     /// Invocations per reduce_rows and reduce_tiles workgroup (one column each).
     REDUCE_WG = 64;
     /// Invocations of the one finalize_terms workgroup.

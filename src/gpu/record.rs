@@ -10,7 +10,7 @@ use super::context::{storage_align, GpuContext};
 use super::layout::{self, Dims, FinLayout, DIMS_SLOT};
 use super::plan::{self, Region};
 use super::readback::{stats_to_rows, Recorded};
-use super::stages::{grad_pixels_per_invocation, Binding, Kernel, PipelineKey, Variant};
+use super::stages::{Binding, Kernel, PipelineKey, Variant};
 use super::strategy::Strategy;
 use super::workspace::{Workspace, WorkspaceKey, SEQ_AT};
 use crate::error::{Error, Result};
@@ -346,11 +346,10 @@ pub(super) fn plan_chunks(
             narrow_words = (last_word - first_word + 1) as usize;
         }
         slots.push(d);
-        let ppt = grad_pixels_per_invocation(req.strategy.contiguous_pixels);
         plans.push(ChunkPlan {
             slot: (k as u64 + 1) * DIMS_SLOT,
             stats_groups: count * s.div_ceil(req.strategy.stats_tile()),
-            grad_groups: count * s.div_ceil(req.strategy.pixel_workgroup as usize * ppt),
+            grad_groups: count * s.div_ceil(req.strategy.grad_tile()),
             logits: lr,
             labels: yr,
             grad: gr,
@@ -498,7 +497,7 @@ impl Encoding<'_, '_> {
 
     /// Stage 1 per chunk (with `norms_only`, its labels-only form).
     fn stats(&mut self, plans: &[ChunkPlan], norms_only: bool) {
-        let [kernel, _] = self.req.strategy.tile_sum.kernels();
+        let [kernel, _] = self.req.strategy.pixel_kernels().0;
         self.variant.norms_only = norms_only;
         // The labels-only form sums no class: one pipeline whatever the call wants.
         let class_sums = self.variant.class_sums;
@@ -511,7 +510,7 @@ impl Encoding<'_, '_> {
     /// Stage 1 in its one-pass form per chunk: statistics, and the gradient from the pixel
     /// terms' scales that finalize left from the labels-only pass.
     fn stats_with_grad(&mut self, plans: &[ChunkPlan], g: GradTarget<'_>) {
-        let [_, kernel] = self.req.strategy.tile_sum.kernels();
+        let [_, kernel] = self.req.strategy.pixel_kernels().0;
         self.pixel_pass(kernel, plans, |p| p.stats_groups, Some(g));
     }
 
@@ -573,10 +572,11 @@ impl Encoding<'_, '_> {
 
     /// Stage 3 (and 4 for 16-bit gradients) per chunk.
     pub(super) fn grad(&mut self, plans: &[ChunkPlan], g: GradTarget<'_>) {
+        let [own, shared] = self.req.strategy.pixel_kernels().1;
         let kernel = if self.call.grad_shares_input {
-            Kernel::GradShared
+            shared
         } else {
-            Kernel::Grad
+            own
         };
         self.pixel_pass(kernel, plans, |p| p.grad_groups, Some(g));
     }
@@ -765,6 +765,7 @@ impl GpuContext {
             class_sums: req.class_sums(),
             block: req.strategy.block_for(batch.shape.classes),
             pixel_wg: req.strategy.pixel_workgroup,
+            stage_pixels: req.strategy.stage_pixels,
         }
     }
 
@@ -808,7 +809,11 @@ impl GpuContext {
         let call = check_request(req)?;
         // The workgroup this image size runs with (larger for very large images).
         let req = &Request {
-            strategy: req.strategy.for_image(call.pixels),
+            strategy: req.strategy.for_call(
+                call.pixels,
+                call.classes,
+                req.batch.label_format == LabelFormat::Soft,
+            ),
             ..*req
         };
         req.strategy.validate(&self.device, &self.info)?;

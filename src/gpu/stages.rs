@@ -39,6 +39,9 @@ const GRAD: Source = wgsl!("grad.wgsl");
 const GRAD_PIXEL: Source = wgsl!("grad_pixel.wgsl");
 const STATS_NO_GRAD: Source = wgsl!("stats_no_grad.wgsl");
 const NARROW: Source = wgsl!("narrow.wgsl");
+const STAGED: Source = wgsl!("staged.wgsl");
+const STAGED_GRAD: Source = wgsl!("staged_grad.wgsl");
+const STAGED_NO_GRAD: Source = wgsl!("staged_no_grad.wgsl");
 
 /// The kernels, one per pipeline shape the host creates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -68,6 +71,29 @@ pub enum Kernel {
     GradShared,
     /// Stage 4 (16-bit gradients only).
     Narrow,
+    /// Stage 1 for staged calls (more classes than the register block: every class of a
+    /// sub-tile in workgroup memory, `Strategy::stage_pixels`), with its own row per tile.
+    StatsStaged,
+    /// The one-pass form of [`Kernel::StatsStaged`].
+    StatsGradStaged,
+    /// Stage 3 for staged calls.
+    GradStaged,
+    /// [`Kernel::GradStaged`] where the gradient shares a buffer with the inputs.
+    GradStagedShared,
+}
+
+impl Kernel {
+    /// Whether the kernel stages a sub-tile's classes in workgroup memory
+    /// (shaders/staged.wgsl).
+    pub fn is_staged(self) -> bool {
+        matches!(
+            self,
+            Kernel::StatsStaged
+                | Kernel::StatsGradStaged
+                | Kernel::GradStaged
+                | Kernel::GradStagedShared
+        )
+    }
 }
 
 /// A bound buffer, by role. Each role has one binding number in every kernel that binds it.
@@ -182,11 +208,13 @@ pub enum Override {
     /// The stats stage sums each class's statistics (off: a spec of pixel terms only whose
     /// caller does not want the proportions).
     ClassSums,
+    /// Pixels per staged sub-tile (`Strategy::stage_pixels`).
+    StagePixels,
 }
 
 impl Override {
     /// Every override, in the order of [`Variant`]'s values.
-    pub const ALL: [Override; 17] = [
+    pub const ALL: [Override; 18] = [
         Override::C,
         Override::LabelKind,
         Override::LogitKind,
@@ -204,6 +232,7 @@ impl Override {
         Override::NormsOnly,
         Override::StatTerms,
         Override::ClassSums,
+        Override::StagePixels,
     ];
 
     /// The constant's name in WGSL.
@@ -226,6 +255,7 @@ impl Override {
             Override::NormsOnly => "NORMS_ONLY",
             Override::StatTerms => "STAT_TERMS",
             Override::ClassSums => "CLASS_SUMS",
+            Override::StagePixels => "STAGE_PIXELS",
         }
     }
 }
@@ -308,6 +338,24 @@ const STATS_OVERRIDES: &[Override] =
 const GRAD_OVERRIDES: &[Override] = &pixel_overrides_and::<12>(&[O::Ppt, O::StatTerms]);
 const STATS_GRAD_OVERRIDES: &[Override] =
     &pixel_overrides_and::<14>(&[O::PixelMaps, O::NormsOnly, O::ClassSums, O::StatTerms]);
+const GRAD_BINDINGS: &[(Binding, Access)] = &[
+    (B::Logits, Read),
+    (B::Labels, Read),
+    (B::Dims, Uniform),
+    (B::Params, Read),
+    (B::Fin, Read),
+    (B::Grad, ReadWrite),
+];
+/// The grad stage's bindings where the gradient shares a buffer with the inputs (wgpu
+/// refuses a buffer bound read-only and read-write in one dispatch).
+const GRAD_SHARED_BINDINGS: &[(Binding, Access)] = &[
+    (B::Logits, ReadWrite),
+    (B::Labels, ReadWrite),
+    (B::Dims, Uniform),
+    (B::Params, Read),
+    (B::Fin, Read),
+    (B::Grad, ReadWrite),
+];
 const GRAD_PARTS: &[Source] = &[DISPATCH, MATH, SPEC, PIXELS, GRAD_PIXEL, GRAD];
 /// The stats stage's bindings with the gradient's (fin read, grad written) in binding
 /// order: the one-pass form.
@@ -366,22 +414,8 @@ const fn grad(kernel: Kernel, module: &'static str, inputs: Access) -> KernelInf
         entry: "main",
         workgroup_size: PIXEL_WG_MAX,
         bindings: match inputs {
-            ReadWrite => &[
-                (B::Logits, ReadWrite),
-                (B::Labels, ReadWrite),
-                (B::Dims, Uniform),
-                (B::Params, Read),
-                (B::Fin, Read),
-                (B::Grad, ReadWrite),
-            ],
-            _ => &[
-                (B::Logits, Read),
-                (B::Labels, Read),
-                (B::Dims, Uniform),
-                (B::Params, Read),
-                (B::Fin, Read),
-                (B::Grad, ReadWrite),
-            ],
+            ReadWrite => GRAD_SHARED_BINDINGS,
+            _ => GRAD_BINDINGS,
         },
         overrides: GRAD_OVERRIDES,
         subgroups: false,
@@ -396,8 +430,103 @@ macro_rules! stats_parts {
     };
 }
 
+/// Workgroup bytes of the staged kernels that do not scale with the workgroup: the
+/// sub-tile (`STAGE_FLOATS` floats) and arrays of `STAGE_PIXELS_MAX`: the pieces and the
+/// labels, and with a gradient two more vec4 (`px_grad`, `px_h`). Per invocation they add
+/// one vec4 and one u32 (`shares`, `share_flags`).
+const fn staged_fixed_bytes(kernel: Kernel) -> u32 {
+    let per_pixel = match kernel {
+        Kernel::StatsStaged => 16 + 4,
+        _ => 3 * 16 + 4,
+    };
+    4 * layout::STAGE_FLOATS + per_pixel * layout::STAGE_PIXELS_MAX
+}
+const STAGED_BYTES_PER_INVOCATION: u32 = 16 + 4;
+/// A staged module's parts: the shared ones, stats.wgsl (bindings, rules), the gradient or
+/// its stand-ins, the staged stages.
+const STAGED_STATS_PARTS: &[Source] = &[
+    DISPATCH,
+    MATH,
+    SPEC,
+    PIXELS,
+    STATS,
+    STATS_NO_GRAD,
+    STAGED,
+    STAGED_NO_GRAD,
+];
+const STAGED_GRAD_PARTS: &[Source] = &[
+    DISPATCH,
+    MATH,
+    SPEC,
+    PIXELS,
+    STATS,
+    GRAD_PIXEL,
+    STAGED,
+    STAGED_GRAD,
+];
+/// The overrides every staged kernel takes: the pixel stages' but `CONTIGUOUS` (a staged
+/// sub-tile is copied in memory order whatever the adapter), and `STAGE_PIXELS`.
+const STAGED_OVERRIDES: [Override; 10] = [
+    O::C,
+    O::LabelKind,
+    O::LogitKind,
+    O::Sigmoid,
+    O::Tempered,
+    O::Nhwc,
+    O::NPix,
+    O::PixelKinds,
+    O::PixelWeighted,
+    O::StagePixels,
+];
+
+/// The staged overrides followed by `own` (the first `N` entries of the result).
+const fn staged_overrides_and<const N: usize>(own: &[Override]) -> [Override; N] {
+    let mut all = [O::C; N];
+    let mut k = 0;
+    while k < N {
+        all[k] = if k < 10 {
+            STAGED_OVERRIDES[k]
+        } else {
+            own[k - 10]
+        };
+        k += 1;
+    }
+    all
+}
+
+/// The staged stats stage reads the grad stage's coefficient switch only in its one-pass form.
+const STAGED_STATS_OVERRIDES: &[Override] =
+    &staged_overrides_and::<13>(&[O::PixelMaps, O::NormsOnly, O::ClassSums]);
+const STAGED_STATS_GRAD_OVERRIDES: &[Override] =
+    &staged_overrides_and::<14>(&[O::PixelMaps, O::NormsOnly, O::ClassSums, O::StatTerms]);
+const STAGED_GRAD_OVERRIDES: &[Override] = &staged_overrides_and::<11>(&[O::StatTerms]);
+
+const fn staged(
+    kernel: Kernel,
+    module: &'static str,
+    parts: &'static [Source],
+    entry: &'static str,
+    bindings: &'static [(Binding, Access)],
+    overrides: &'static [Override],
+) -> KernelInfo {
+    KernelInfo {
+        kernel,
+        module,
+        parts,
+        entry,
+        workgroup_size: PIXEL_WG_MAX,
+        bindings,
+        overrides,
+        subgroups: false,
+        workgroup_bytes: staged_fixed_bytes(kernel) + STAGED_BYTES_PER_INVOCATION * PIXEL_WG_MAX,
+    }
+}
+
+/// The class block the staged modules are built with (the smallest).
+pub const STAGED_BLOCK: u32 = 8;
+
 /// The stage table.
-pub const KERNELS: [KernelInfo; 12] = [
+pub const KERNELS: [KernelInfo; 16] = [
     stats(
         Kernel::StatsWorkgroup,
         "stats_workgroup",
@@ -485,6 +614,38 @@ pub const KERNELS: [KernelInfo; 12] = [
         subgroups: false,
         workgroup_bytes: 0,
     },
+    staged(
+        Kernel::StatsStaged,
+        "staged_stats",
+        STAGED_STATS_PARTS,
+        "stats_main",
+        STATS_BINDINGS,
+        STAGED_STATS_OVERRIDES,
+    ),
+    staged(
+        Kernel::StatsGradStaged,
+        "staged",
+        STAGED_GRAD_PARTS,
+        "stats_main",
+        STATS_GRAD_BINDINGS,
+        STAGED_STATS_GRAD_OVERRIDES,
+    ),
+    staged(
+        Kernel::GradStaged,
+        "staged",
+        STAGED_GRAD_PARTS,
+        "grad_main",
+        GRAD_BINDINGS,
+        STAGED_GRAD_OVERRIDES,
+    ),
+    staged(
+        Kernel::GradStagedShared,
+        "staged_shared",
+        STAGED_GRAD_PARTS,
+        "grad_main",
+        GRAD_SHARED_BINDINGS,
+        STAGED_GRAD_OVERRIDES,
+    ),
 ];
 
 impl Kernel {
@@ -507,7 +668,9 @@ impl KernelInfo {
     /// Bytes of workgroup memory the entry point declares when built with `pixel_wg`
     /// invocations (the pixel stages' memory is per invocation).
     pub fn workgroup_bytes_with(&self, pixel_wg: u32) -> u32 {
-        if self.has_pixels() {
+        if self.kernel.is_staged() {
+            staged_fixed_bytes(self.kernel) + STAGED_BYTES_PER_INVOCATION * pixel_wg
+        } else if self.has_pixels() {
             self.workgroup_bytes / PIXEL_WG_MAX * pixel_wg
         } else {
             self.workgroup_bytes
@@ -618,6 +781,8 @@ pub struct Variant {
     /// Invocations per pixel-stage workgroup (`Strategy::pixel_workgroup`), also a constant
     /// of their source (`@workgroup_size` and workgroup arrays take no overrides in naga).
     pub pixel_wg: u32,
+    /// Pixels per staged sub-tile (`Strategy::stage_pixels`; 0: the call is not staged).
+    pub stage_pixels: u32,
 }
 
 impl Variant {
@@ -641,6 +806,7 @@ impl Variant {
             O::NormsOnly => self.norms_only as u32,
             O::StatTerms => (self.stat_kinds != 0) as u32,
             O::ClassSums => self.class_sums as u32,
+            O::StagePixels => self.stage_pixels,
         }
     }
 }
@@ -679,7 +845,11 @@ impl PipelineKey {
                 values[k] = variant.value(*o);
             }
         }
-        let (block, pixel_wg) = if info.has_pixels() {
+        let (block, pixel_wg) = if kernel.is_staged() {
+            // The staged stages keep no register block (BLOCK sizes only the register
+            // path's code, which their module compiles but never calls).
+            (STAGED_BLOCK, variant.pixel_wg)
+        } else if info.has_pixels() {
             (variant.block, variant.pixel_wg)
         } else {
             (0, 0)

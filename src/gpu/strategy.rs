@@ -3,8 +3,10 @@
 //! per call through [`crate::gpu::Options::strategy`] (tests run every strategy on one
 //! device; benchmarks compare them). Nothing here is mutable context state.
 
-use super::layout::{PIXEL_WG_MAX, PIXEL_WG_MIN, STATS_PPT};
-use super::stages::Kernel;
+use super::layout::{
+    PIXEL_WG_MAX, PIXEL_WG_MIN, STAGED_PPT, STAGE_FLOATS, STAGE_PIXELS_MAX, STATS_PPT,
+};
+use super::stages::{grad_pixels_per_invocation, Kernel};
 use crate::error::{Error, Result};
 
 /// How the stats stage combines the sums of a tile's invocations (a file of
@@ -139,7 +141,24 @@ pub struct Strategy {
     /// pass), and the partial rows per pixel stay the same (BENCHMARKS.md, "Tiles for
     /// every thread").
     pub pixel_workgroup: u32,
+    /// Calls with more classes than `class_block` stage every class of a sub-tile of pixels
+    /// in workgroup memory (shaders/staged.wgsl), so that each logit is read from memory
+    /// once per pass at any class count up to `STAGE_FLOATS` (2,048; 1,024 with soft
+    /// labels); off, or past that, classes beyond the block are read again where used. On
+    /// wherever the device has the staged kernels' workgroup memory (ARCHITECTURE.md,
+    /// "Staged classes").
+    pub class_staging: bool,
+    /// Pixels per staged sub-tile of the call (0: not staged). Derived for each call from
+    /// the fields above ([`Strategy::for_call`]); a value set here is replaced.
+    pub stage_pixels: u32,
 }
+
+/// The staged kernels (their workgroup memory decides whether a device stages).
+const STAGED_KERNELS: [Kernel; 3] = [
+    Kernel::StatsStaged,
+    Kernel::StatsGradStaged,
+    Kernel::GradStaged,
+];
 
 /// The largest class block a kernel is compiled for.
 pub const MAX_CLASS_BLOCK: u32 = 1024;
@@ -153,7 +172,7 @@ const FINALIZE_SUMS_MAX_FLOATS: u64 = 1 << 16;
 /// the cap llvmpipe ends the loops early and the sums would be wrong, with no error).
 pub const FINALIZE_SUMS_CAP: u64 = 1 << 20;
 /// Stats tiles an image may have before a call doubles its pixel workgroup
-/// (`Strategy::for_image`): half of llvmpipe's cap on loop iterations.
+/// (`Strategy::for_call`): half of llvmpipe's cap on loop iterations.
 const MAX_TILES_PER_IMAGE: usize = 1 << 15;
 /// llvmpipe ends an invocation's loops after this many iterations in all, with no error;
 /// sum_tiles.wgsl loops over an image's stats tiles in one invocation.
@@ -185,6 +204,8 @@ impl Strategy {
             } else {
                 PIXEL_WG_MAX
             },
+            class_staging: workgroup_memory_error(&STAGED_KERNELS, PIXEL_WG_MAX, device).is_none(),
+            stage_pixels: 0,
         }
     }
 
@@ -232,6 +253,18 @@ impl Strategy {
         {
             return Err(e);
         }
+        let sp = self.stage_pixels;
+        if sp > 0 {
+            if !sp.is_power_of_two() || sp > STAGE_PIXELS_MAX.min(wg) {
+                return Err(Error::Input(format!(
+                    "stage_pixels {sp} is not a power of two up to {}",
+                    STAGE_PIXELS_MAX.min(wg)
+                )));
+            }
+            if let Some(e) = workgroup_memory_error(&STAGED_KERNELS, wg, device) {
+                return Err(e);
+            }
+        }
         if self.planned_subgroup_size > info.subgroup_min_size {
             return Err(Error::Input(format!(
                 "partial rows planned for subgroups of {} invocations, but this adapter's \
@@ -248,12 +281,31 @@ impl Strategy {
         (classes.max(8).next_power_of_two() as u32).min(self.class_block)
     }
 
-    /// The strategy a call over images of `pixels` pixels runs with: `pixel_workgroup`
-    /// doubled (up to 256) while an image would have more than 32,768 stats tiles, so that
-    /// the tile sums stay far from llvmpipe's cap on loop iterations (CPU adapters' tiles
-    /// of 1,024 pixels reach it at 67 million pixels an image; 8,192² is 67 million).
-    pub fn for_image(self, pixels: usize) -> Strategy {
+    /// Pixels per staged sub-tile for a call with `classes` classes (0: not staged): with
+    /// `class_staging`, more classes than `class_block` and every class of a pixel (and its
+    /// soft targets) within `STAGE_FLOATS`, the most pixels (a power of two, up to 32 and the
+    /// workgroup) whose classes fit.
+    pub fn stage_pixels_for(&self, classes: usize, soft_labels: bool) -> u32 {
+        let floats = classes * if soft_labels { 2 } else { 1 };
+        if !self.class_staging || classes <= self.class_block as usize || floats == 0 {
+            return 0;
+        }
+        let fit = STAGE_FLOATS as usize / floats;
+        if fit == 0 {
+            return 0;
+        }
+        let pow2 = 1u32 << (usize::BITS - 1 - fit.leading_zeros());
+        pow2.min(STAGE_PIXELS_MAX).min(self.pixel_workgroup.max(1))
+    }
+
+    /// The strategy a call over images of `pixels` pixels and `classes` classes runs with:
+    /// its `stage_pixels` ([`Strategy::stage_pixels_for`]), and `pixel_workgroup` doubled
+    /// (up to 256) while an image would have more than 32,768 stats tiles, so that the tile
+    /// sums stay far from llvmpipe's cap on loop iterations (CPU adapters' tiles of 1,024
+    /// pixels reach it at 67 million pixels an image; 8,192² is 67 million).
+    pub fn for_call(self, pixels: usize, classes: usize, soft_labels: bool) -> Strategy {
         let mut s = self;
+        s.stage_pixels = s.stage_pixels_for(classes, soft_labels);
         let wg = s.pixel_workgroup;
         if !wg.is_power_of_two() || !(PIXEL_WG_MIN..=PIXEL_WG_MAX).contains(&wg) {
             return s; // for `validate` to refuse
@@ -268,12 +320,44 @@ impl Strategy {
 
     /// Pixels per stats tile (a workgroup's).
     pub(crate) fn stats_tile(&self) -> usize {
+        if self.stage_pixels > 0 {
+            return self.staged_tile();
+        }
         (self.pixel_workgroup * STATS_PPT) as usize
+    }
+
+    /// Pixels per staged tile (stats and grad stages alike).
+    fn staged_tile(&self) -> usize {
+        (self.pixel_workgroup * STAGED_PPT) as usize
+    }
+
+    /// Pixels per grad workgroup.
+    pub(crate) fn grad_tile(&self) -> usize {
+        if self.stage_pixels > 0 {
+            return self.staged_tile();
+        }
+        self.pixel_workgroup as usize * grad_pixels_per_invocation(self.contiguous_pixels)
+    }
+
+    /// The call's stats kernels (stats alone, stats that also writes the gradient) and
+    /// grad kernels (its own buffers, a buffer shared with the inputs).
+    pub(crate) fn pixel_kernels(&self) -> ([Kernel; 2], [Kernel; 2]) {
+        if self.stage_pixels > 0 {
+            (
+                [Kernel::StatsStaged, Kernel::StatsGradStaged],
+                [Kernel::GradStaged, Kernel::GradStagedShared],
+            )
+        } else {
+            (self.tile_sum.kernels(), [Kernel::Grad, Kernel::GradShared])
+        }
     }
 
     /// Partial rows each stats tile writes.
     pub(crate) fn rows_per_tile(&self, info: &wgpu::AdapterInfo) -> usize {
         let wg = self.pixel_workgroup as usize;
+        if self.stage_pixels > 0 {
+            return 1;
+        }
         match self.tile_sum {
             TileSum::Subgroup => {
                 let size = match self.planned_subgroup_size {
@@ -302,6 +386,8 @@ mod tests {
             one_pass_min_elements: ONE_PASS_MIN_ELEMENTS,
             finalize_sums_max_floats: FINALIZE_SUMS_MAX_FLOATS,
             pixel_workgroup: CPU_PIXEL_WG,
+            class_staging: true,
+            stage_pixels: 0,
         }
     }
 
@@ -309,32 +395,82 @@ mod tests {
     fn very_large_images_get_larger_workgroups_and_the_largest_are_refused_on_cpus() {
         let s = cpu();
         // Up to 32,768 tiles of 1,024 pixels: the strategy's own workgroup.
-        assert_eq!(s.for_image(96 * 96).pixel_workgroup, 32);
-        assert_eq!(s.for_image(1 << 25).pixel_workgroup, 32);
+        assert_eq!(s.for_call(96 * 96, 4, false).pixel_workgroup, 32);
+        assert_eq!(s.for_call(1 << 25, 4, false).pixel_workgroup, 32);
         // 8,192² pixels: 65,536 tiles of 1,024, so tiles of 2,048.
-        let big = s.for_image(8192 * 8192);
+        let big = s.for_call(8192 * 8192, 4, false);
         assert_eq!(big.pixel_workgroup, 64);
         assert_eq!((8192 * 8192usize).div_ceil(big.stats_tile()), 1 << 15);
         // Never past 256; past 65,535 tiles of 8,192 a CPU adapter refuses the image.
         let huge = 65_536 * 8_192;
-        assert_eq!(s.for_image(huge).pixel_workgroup, 256);
-        assert!(tile_loop_error(&s.for_image(huge), huge, true).is_some());
-        assert!(tile_loop_error(&s.for_image(huge), huge, false).is_none());
+        assert_eq!(s.for_call(huge, 4, false).pixel_workgroup, 256);
+        assert!(tile_loop_error(&s.for_call(huge, 4, false), huge, true).is_some());
+        assert!(tile_loop_error(&s.for_call(huge, 4, false), huge, false).is_none());
         let most = 65_535 * 8_192;
-        assert!(tile_loop_error(&s.for_image(most), most, true).is_none());
+        assert!(tile_loop_error(&s.for_call(most, 4, false), most, true).is_none());
         // A workgroup out of range is left for `validate` to refuse.
         for wg in [0, 16, 48, 512] {
             let bad = Strategy {
                 pixel_workgroup: wg,
                 ..s
             };
-            assert_eq!(bad.for_image(1 << 30).pixel_workgroup, wg);
+            assert_eq!(bad.for_call(1 << 30, 4, false).pixel_workgroup, wg);
         }
         // A GPU's workgroup of 256 is left as it is.
         let gpu = Strategy {
             pixel_workgroup: PIXEL_WG_MAX,
             ..s
         };
-        assert_eq!(gpu.for_image(1 << 30).pixel_workgroup, 256);
+        assert_eq!(gpu.for_call(1 << 30, 4, false).pixel_workgroup, 256);
+    }
+
+    #[test]
+    fn staging_starts_past_the_class_block_and_fits_the_sub_tile() {
+        let gpu = Strategy {
+            class_block: 8,
+            pixel_workgroup: PIXEL_WG_MAX,
+            contiguous_pixels: false,
+            ..cpu()
+        };
+        // Within the register block: not staged.
+        assert_eq!(gpu.stage_pixels_for(8, false), 0);
+        // Past it: the most pixels whose classes fit 2,048 floats, at most 32.
+        assert_eq!(gpu.stage_pixels_for(9, false), 32);
+        assert_eq!(gpu.stage_pixels_for(21, false), 32);
+        assert_eq!(gpu.stage_pixels_for(150, false), 8);
+        assert_eq!(gpu.stage_pixels_for(150, true), 4);
+        assert_eq!(gpu.stage_pixels_for(1024, false), 2);
+        assert_eq!(gpu.stage_pixels_for(1024, true), 1);
+        assert_eq!(gpu.stage_pixels_for(2048, false), 1);
+        // Past the sub-tile, or with staging off: the register path.
+        assert_eq!(gpu.stage_pixels_for(2049, false), 0);
+        assert_eq!(gpu.stage_pixels_for(1025, true), 0);
+        let off = Strategy {
+            class_staging: false,
+            ..gpu
+        };
+        assert_eq!(off.stage_pixels_for(150, false), 0);
+        // CPU adapters' block of 256 holds up to 256 classes; their workgroup of 32 caps
+        // the sub-tile.
+        assert_eq!(cpu().stage_pixels_for(256, false), 0);
+        assert_eq!(cpu().stage_pixels_for(600, false), 2);
+        let small_wg = Strategy {
+            pixel_workgroup: 32,
+            ..gpu
+        };
+        assert_eq!(small_wg.stage_pixels_for(9, false), 32);
+        // A staged call has a row per tile of WG · 4 pixels, for stats and grad alike.
+        let call = gpu.for_call(1000, 150, false);
+        assert_eq!(call.stage_pixels, 8);
+        assert_eq!(call.stats_tile(), 1024);
+        assert_eq!(call.grad_tile(), 1024);
+        assert_eq!(
+            call.pixel_kernels().0,
+            [Kernel::StatsStaged, Kernel::StatsGradStaged]
+        );
+        let plain = gpu.for_call(1000, 8, false);
+        assert_eq!(plain.stage_pixels, 0);
+        assert_eq!(plain.stats_tile(), 8192);
+        assert_eq!(plain.grad_tile(), 2048);
     }
 }

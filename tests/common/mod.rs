@@ -1,8 +1,8 @@
 //! Shared by the GPU test files: the device, and comparison against the f64 reference.
 #![allow(dead_code)]
 
-use segloss::gpu::{GpuContext, Options, Strategy};
-use segloss::input::{Labels, Shape};
+use segloss::gpu::{context, GpuContext, HostBatch, HostLogits, Options, Strategy};
+use segloss::input::{permute, GradFormat, Labels, Layout, LogitFormat, Shape};
 use segloss::output::LossOutput;
 use segloss::reference;
 use segloss::spec::LossSpec;
@@ -205,4 +205,93 @@ pub fn assert_gradient(got: &[f32], want: &[f32], what: &str) {
             "{what}: gradient[{k}] = {a} vs reference {b} (max |ref| {scale})"
         );
     }
+}
+
+/// The device `context::choose` picks, opened with at most `bytes` of workgroup memory.
+pub fn device_with_workgroup_memory(bytes: u32) -> GpuContext {
+    let adapter = context::choose(context::enumerate()).unwrap();
+    let mut desc = context::device_descriptor(&adapter);
+    desc.required_limits.max_compute_workgroup_storage_size = bytes;
+    let (device, queue) = pollster::block_on(adapter.request_device(&desc)).unwrap();
+    assert_eq!(device.limits().max_compute_workgroup_storage_size, bytes);
+    GpuContext::from_device(device, queue, adapter.get_info())
+}
+
+/// `spec` on class-index labels `y` with the logits `z` (NCHW f32) handed over in `layout`
+/// and `format`: loss, terms and every gradient element against the reference on the same
+/// values rounded to `format` (16-bit logits, f32 gradient).
+#[allow(clippy::too_many_arguments)]
+pub fn check_layout_format(
+    ctx: &GpuContext,
+    strategy: Option<Strategy>,
+    spec: &LossSpec,
+    shape: &Shape,
+    z: &[f32],
+    y: &[u32],
+    layout: Layout,
+    format: LogitFormat,
+    what: &str,
+) {
+    let rounded: Vec<f32> = match format {
+        LogitFormat::F32 => z.to_vec(),
+        LogitFormat::F16 => z.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect(),
+        LogitFormat::Bf16 => z
+            .iter()
+            .map(|v| half::bf16::from_f32(*v).to_f32())
+            .collect(),
+    };
+    let want = reference::evaluate(spec, shape, &rounded, Labels::index(y), true).unwrap();
+    let laid = if layout == Layout::Nhwc {
+        permute(&rounded, shape, false)
+    } else {
+        rounded
+    };
+    let (h16, b16): (Vec<half::f16>, Vec<half::bf16>) = (
+        laid.iter().map(|v| half::f16::from_f32(*v)).collect(),
+        laid.iter().map(|v| half::bf16::from_f32(*v)).collect(),
+    );
+    let logits = match format {
+        LogitFormat::F32 => HostLogits::F32(&laid),
+        LogitFormat::F16 => HostLogits::F16(&h16),
+        LogitFormat::Bf16 => HostLogits::Bf16(&b16),
+    };
+    let got = ctx
+        .evaluate_host(
+            spec,
+            &HostBatch {
+                shape,
+                layout,
+                logits,
+                labels: Labels::index(y),
+                label_format: None,
+                grad_format: GradFormat::F32,
+            },
+            Options {
+                gradient: true,
+                poison: true,
+                strategy,
+                ..Default::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        close(got.loss, want.loss),
+        "{what}: loss {} vs reference {}",
+        got.loss,
+        want.loss
+    );
+    for (g, w) in got.terms.iter().zip(&want.terms) {
+        assert!(
+            close(g.value, w.value),
+            "{what}: term {} {} vs {}",
+            g.kind,
+            g.value,
+            w.value
+        );
+    }
+    let mut g = got.gradient.unwrap();
+    if layout == Layout::Nhwc {
+        g = permute(&g, shape, true);
+    }
+    assert_gradient(&g, want.gradient.as_ref().unwrap(), what);
 }
