@@ -5,9 +5,11 @@
 #
 # Stage here (a machine with the network):
 #   cargo build --release                                  # target/release/segloss
+#   cargo build --release --example class_staging         # staged classes vs register path
 #   mkdir -p .gl && (cd .gl && apt-get download libvulkan1)   # the Vulkan loader
 #   cp ../shared/gpu-peer/torch_losses.py scripts/          # the PyTorch side
-# Carry target/release/segloss, .gl and scripts/ to the GPU machine, then run:
+# Carry target/release/segloss, target/release/examples/class_staging, .gl and scripts/ to
+# the GPU machine, then run:
 #   bash scripts/gpu-bench.sh [OUTDIR]
 #
 # The same table on lavapipe beside PyTorch on the CPU (BENCHMARKS.md, issue 12's table):
@@ -55,6 +57,15 @@ for s in $shapes; do
     echo "{\"loss\":\"$name\",\"result\":$r}" | tee -a "$out/segloss.jsonl"
   done
 done
+# Past the register block of 8: classes staged in workgroup memory (GPUs' default) against
+# the register path, same run (BENCHMARKS.md, "Staged classes").
+staging_bin=${STAGING_BIN:-target/release/examples/class_staging}
+if [ -x "$staging_bin" ]; then
+  $staging_bin "${REPS:-50}" 2,21,128,128 1,150,96,96 16,21,512,512 4,150,256,256 1,1024,64,64 \
+    2>&1 | tee "$out/class_staging.txt"
+else
+  echo "no $staging_bin: staged classes not compared" | tee "$out/class_staging.txt"
+fi
 PYTHONUNBUFFERED=1 python3 "$torch_script" ${TORCH_ARGS:---compile} $shapes 2>"$out/torch.err" | tee "$out/torch.jsonl"
 
 python3 - "$out" <<'PY'

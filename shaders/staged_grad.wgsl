@@ -28,13 +28,18 @@ fn stage_grad(b: u32, at: u32, lid: u32, cs: ptr<function, Consts>) {
             }
         }
         var h = vec4(0.0);
+        var apus = vec4(0.0);
         if ce_closed_form() {
             h = ce_h_sum(cs, y);
+        } else if STAT_TERMS && N_PIX <= 2u {
+            // One merge for both: Σh of up to two pixel terms beside Σ a·p and Σ u·s.
+            let both = pixel_total(lid, vec4(sums.h.xy, sums.ap, sums.us));
+            h = vec4(both.xy, 0.0, 0.0);
+            apus = vec4(both.zw, 0.0, 0.0);
         } else {
             h = pixel_total(lid, sums.h);
         }
-        var apus = vec4(0.0);
-        if STAT_TERMS {
+        if STAT_TERMS && N_PIX > 2u {
             apus = pixel_total(lid, vec4(sums.ap, sums.us, 0.0, 0.0));
         }
         if lid < STAGE_PIXELS {

@@ -406,7 +406,12 @@ fn calls_without_proportions_give_the_same_loss_and_gradient() {
     let two_passes = from(ctx, u64::MAX);
     let past_block = Strategy {
         class_block: 8,
+        class_staging: false,
         ..one_pass
+    };
+    let staged = Strategy {
+        class_staging: true,
+        ..past_block
     };
     let weights = class_vector(&mut rng, 5);
     let ce = format!(
@@ -418,7 +423,11 @@ fn calls_without_proportions_give_the_same_loss_and_gradient() {
     let dice_ce = r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice"}]}"#;
     let cases: [(Shape, &str, Vec<Strategy>); 4] = [
         (Shape::new(2, 5, &[19, 23]), &ce, vec![one_pass, two_passes]),
-        (Shape::new(2, 21, &[13, 17]), mixed, vec![past_block]),
+        (
+            Shape::new(2, 21, &[13, 17]),
+            mixed,
+            vec![past_block, staged],
+        ),
         (Shape::new(2, 3, &[11, 29]), bce, vec![one_pass]),
         (Shape::new(2, 4, &[9, 31]), dice_ce, vec![ctx.strategy()]),
     ];

@@ -293,10 +293,10 @@ fn both_pixel_orders_match_the_reference() {
 
 /// Class counts past the register block of GPUs (8) and up to 1,024, with partial tiles,
 /// under the adapter's own strategy (on CPU adapters every class of a pixel kept in
-/// invocation memory up to 256: each logit read once per pass) and, up to 150 classes,
-/// under a class block of 8 (the GPU strategy: classes past it read again), each against
-/// the reference; C = 21
-/// and 150 also in the other pixel order and with soft labels.
+/// invocation memory up to 256, staged past it: each logit read once per pass) and, up to
+/// 150 classes, under a class block of 8 without staging (the register path's classes past
+/// the block, read again), each against the reference; C = 21 and 150 also in the other
+/// pixel order and with soft labels.
 #[test]
 fn class_blocks_match_the_reference() {
     let ctx = new_ctx();
@@ -315,10 +315,12 @@ fn class_blocks_match_the_reference() {
         let z = random_logits(&mut rng, &shape, 3.0);
         let y = random_labels(&mut rng, &shape, 0.1);
         let own = ctx.strategy();
-        // GPUs' class block and workgroup size.
+        // GPUs' class block and workgroup size, without staging (the register path past
+        // the block; staged calls: tests/gpu_staged.rs).
         let gpu_block = Strategy {
             class_block: 8,
             pixel_workgroup: 256,
+            class_staging: false,
             ..own
         };
         assert!(own.validate(ctx.device(), ctx.adapter_info()).is_ok());

@@ -10,10 +10,11 @@
 
 mod common;
 
-use common::{check_with, gpu, spec};
+use common::{check_with, gpu, new_ctx, spec};
 use segloss::gpu::stages::Kernel;
-use segloss::gpu::{DeviceBatch, GpuContext, Options, Strategy};
-use segloss::input::{LabelFormat, Labels, Layout, LogitFormat, Shape, IGNORE};
+use segloss::gpu::{BufferRegion, DeviceBatch, GpuContext, GradTarget, Options, Strategy};
+use segloss::input::{GradFormat, LabelFormat, Labels, Layout, LogitFormat, Shape, IGNORE};
+use segloss::reference;
 use segloss::testing::{random_labels, random_logits, random_masks, random_soft_labels, Rng};
 use wgpu::util::DeviceExt;
 
@@ -281,14 +282,16 @@ fn device_call(
     rec.read(ctx).map(|_| ()).map_err(|e| e.to_string())
 }
 
-/// Bad input past the first classes, found on the device by the staged stats stage (the
-/// context's own strategy stages 600 and 1,024 classes on every adapter): non-finite logits
-/// at class 700 of 1,024, a soft target outside [0, 1] at class 590 of 600, labels ≥ C are
-/// errors with their count and first position, as on the register path.
+/// Bad input past the first classes, found on the device by the staged stats stage (a
+/// context whose calls stage past a block of 8): non-finite logits at class 700 of 1,024,
+/// a soft target outside [0, 1] at class 590 of 600, labels ≥ C are errors with their
+/// count and first position, as on the register path.
 #[test]
 fn staged_calls_report_bad_input_past_the_first_classes() {
     let _one_at_a_time = serial();
-    let ctx = gpu();
+    let own = new_ctx();
+    let strategy = staged(&own, own.strategy().pixel_workgroup, u64::MAX);
+    let ctx = &own.with_strategy(strategy).unwrap();
     let mut rng = Rng::new(4099);
     let shape = Shape::new(2, 1024, &[5, 7]);
     let s = shape.pixels();
@@ -359,7 +362,8 @@ fn staged_calls_report_bad_input_past_the_first_classes() {
 
 /// An adapter limited to 16 KiB of workgroup memory stages (the staged kernels need
 /// 14,976 bytes at workgroups of 256) and matches the reference at 1,024 classes; one
-/// limited to 8 KiB does not stage by default, and refuses a strategy that asks it to.
+/// limited to 8 KiB does not stage by default (a GPU would not either), refuses a strategy
+/// that asks it to, and runs the call on the register path.
 #[test]
 fn staging_fits_an_adapter_limited_to_16_kib() {
     let _one_at_a_time = serial();
@@ -368,14 +372,16 @@ fn staging_fits_an_adapter_limited_to_16_kib() {
     let z = random_logits(&mut rng, &shape, 3.0);
     let y = random_labels(&mut rng, &shape, 0.1);
     let small = common::device_with_workgroup_memory(16 * 1024);
-    let own = small.strategy();
-    assert!(own.class_staging, "16 KiB holds the staged kernels");
     let gpu_like = Strategy {
         class_block: 8,
+        class_staging: true,
         pixel_workgroup: 256,
         one_pass_min_elements: 0,
-        ..own
+        ..small.strategy()
     };
+    assert!(gpu_like
+        .validate(small.device(), small.adapter_info())
+        .is_ok());
     for json in [DICE_CE_TEMPERED, CE] {
         let what = format!("16 KiB adapter: {json}");
         check_with(
@@ -420,4 +426,71 @@ fn staging_fits_an_adapter_limited_to_16_kib() {
         Labels::index(&y),
         "8 KiB, register path",
     );
+}
+
+/// Logits, labels and gradient at distinct ranges of one buffer (burn packs tensors into
+/// shared pages): the staged grad stage binds its inputs read-write there
+/// (`Kernel::GradStagedShared`), and the gradient matches the reference with the inputs
+/// untouched.
+#[test]
+fn staged_gradient_into_a_buffer_shared_with_the_inputs() {
+    let _one_at_a_time = serial();
+    let own = new_ctx();
+    let strategy = staged(&own, own.strategy().pixel_workgroup, u64::MAX);
+    let ctx = &own.with_strategy(strategy).unwrap();
+    let mut rng = Rng::new(4101);
+    let shape = Shape::new(2, 150, &[9, 13]);
+    let z = random_logits(&mut rng, &shape, 3.0);
+    let y = random_labels(&mut rng, &shape, 0.1);
+    let align = 256u64;
+    let lz = (4 * z.len() as u64).div_ceil(align) * align;
+    let ly = (4 * y.len() as u64).div_ceil(align) * align;
+    let mut bytes = vec![0u8; (lz + ly + lz) as usize];
+    bytes[..4 * z.len()].copy_from_slice(bytemuck::cast_slice(&z));
+    bytes[lz as usize..lz as usize + 4 * y.len()].copy_from_slice(bytemuck::cast_slice(&y));
+    let page = ctx
+        .device()
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: &bytes,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+        });
+    let batch = DeviceBatch {
+        labels: BufferRegion {
+            buffer: &page,
+            offset: lz,
+        },
+        ..DeviceBatch::new(&shape, &page, &page, LabelFormat::U32)
+    };
+    let target = GradTarget {
+        region: BufferRegion {
+            buffer: &page,
+            offset: lz + ly,
+        },
+        format: GradFormat::F32,
+    };
+    for json in [DICE_CE_TEMPERED, CE] {
+        let sp = spec(json);
+        let mut enc = ctx.device().create_command_encoder(&Default::default());
+        let rec = ctx.record(&mut enc, &sp, &batch, Some(target)).unwrap();
+        ctx.queue().submit([enc.finish()]);
+        let got = rec.read(ctx).unwrap();
+        assert!(
+            ctx.last_kernels().contains(&Kernel::GradStagedShared),
+            "{:?}",
+            ctx.last_kernels()
+        );
+        let want = reference::evaluate(&sp, &shape, &z, Labels::index(&y), true).unwrap();
+        assert!(
+            common::close(got.loss, want.loss),
+            "{} vs {}",
+            got.loss,
+            want.loss
+        );
+        let g = ctx.read_f32(&page, lz + ly, z.len()).unwrap();
+        common::assert_gradient(&g, want.gradient.as_ref().unwrap(), json);
+        assert_eq!(ctx.read_f32(&page, 0, z.len()).unwrap(), z);
+    }
 }

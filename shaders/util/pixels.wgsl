@@ -128,11 +128,12 @@ fn term_weight(t: u32, off: f32, c: u32) -> f32 {
 // BLOCK (generated before this file, src/gpu/strategy.rs `Strategy::class_block`): the
 // classes whose logits (and soft targets, exponentials, coefficients) an invocation keeps
 // once read, so each is read from memory once per pass when C ≤ BLOCK; classes past BLOCK
-// are read again where used (three times a pass: ARCHITECTURE.md, "The byte floor"). BLOCK
-// is the smallest power of two ≥ C, from 8 up to the strategy's cap (256 on CPU adapters,
-// where invocation memory is the CPU's cache and lavapipe loads storage buffers lane by
-// lane, and compile time grows steeply past 256; 8 on GPUs, where larger arrays would spill
-// from registers).
+// are read again where used (three times a pass: ARCHITECTURE.md, "The byte floor"), unless
+// the call is staged (staged.wgsl, which GPUs use past the block). BLOCK is the smallest
+// power of two ≥ C, from 8 up to the strategy's cap (256 on CPU adapters, where
+// invocation memory is the CPU's cache and lavapipe loads storage buffers lane by lane, and
+// compile time grows steeply past 256; 8 on GPUs, where larger arrays would spill from
+// registers).
 alias Block = array<f32, BLOCK>;
 
 // The first min(C, BLOCK) logits of pixel i of global image b.

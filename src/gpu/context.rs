@@ -269,6 +269,15 @@ impl GpuContext {
         }
     }
 
+    /// This context with calls defaulting to `strategy` instead of the one chosen for the
+    /// adapter (benchmarks comparing strategies on one device; a caller tuning its own),
+    /// refused with an error where the device cannot run it ([`Strategy::validate`]).
+    pub fn with_strategy(mut self, strategy: Strategy) -> Result<Self> {
+        strategy.validate(&self.device, &self.info)?;
+        self.strategy = strategy;
+        Ok(self)
+    }
+
     /// How many chunks the last recorded call was split into.
     #[doc(hidden)]
     pub fn last_chunks(&self) -> usize {

@@ -121,7 +121,8 @@ pub struct Strategy {
     /// read (a power of two, 8 to 1024): with C ≤ `class_block` each logit is read from
     /// memory once per pass. 256 on CPU adapters (llvmpipe's compile time grows steeply
     /// past it); 8 on GPUs, whose registers hold little (see `BLOCK` in
-    /// shaders/util/pixels.wgsl).
+    /// shaders/util/pixels.wgsl): past it GPUs stage the classes in workgroup memory
+    /// (`class_staging`).
     pub class_block: u32,
     /// Specs of pixel terms only (cross-entropy, focal, BCE) with a gradient take the
     /// one-pass path (a labels-only pass for the normalisers, then one pass over the logits
@@ -177,7 +178,9 @@ const MAX_TILES_PER_IMAGE: usize = 1 << 15;
 /// llvmpipe ends an invocation's loops after this many iterations in all, with no error;
 /// sum_tiles.wgsl loops over an image's stats tiles in one invocation.
 const CPU_LOOP_CAP: usize = 65_535;
-/// The class block cap on CPU adapters.
+/// The class block cap on CPU adapters: every class of a pixel in invocation memory up to
+/// 256 classes. llvmpipe's compile time grows steeply past it (a pipeline set at 600 or
+/// 1,024 classes: 15–18 s at 256, 255–272 s at 1,024; BENCHMARKS.md, "Staged classes").
 const CPU_CLASS_BLOCK: u32 = 256;
 /// The pixel-stage workgroup on CPU adapters (`Strategy::pixel_workgroup`).
 const CPU_PIXEL_WG: u32 = PIXEL_WG_MIN;
@@ -204,7 +207,12 @@ impl Strategy {
             } else {
                 PIXEL_WG_MAX
             },
-            class_staging: workgroup_memory_error(&STAGED_KERNELS, PIXEL_WG_MAX, device).is_none(),
+            // CPU adapters keep every class of a pixel in invocation memory up to 256 and
+            // read classes past it again (from the CPU's cache); the staged form measured
+            // 1.9–3.5× slower there (llvmpipe runs each barrier as a switch between
+            // coroutines: BENCHMARKS.md, "Staged classes").
+            class_staging: info.device_type != wgpu::DeviceType::Cpu
+                && workgroup_memory_error(&STAGED_KERNELS, PIXEL_WG_MAX, device).is_none(),
             stage_pixels: 0,
         }
     }
@@ -254,13 +262,13 @@ impl Strategy {
             return Err(e);
         }
         let sp = self.stage_pixels;
-        if sp > 0 {
-            if !sp.is_power_of_two() || sp > STAGE_PIXELS_MAX.min(wg) {
-                return Err(Error::Input(format!(
-                    "stage_pixels {sp} is not a power of two up to {}",
-                    STAGE_PIXELS_MAX.min(wg)
-                )));
-            }
+        if sp > 0 && (!sp.is_power_of_two() || sp > STAGE_PIXELS_MAX.min(wg)) {
+            return Err(Error::Input(format!(
+                "stage_pixels {sp} is not a power of two up to {}",
+                STAGE_PIXELS_MAX.min(wg)
+            )));
+        }
+        if self.class_staging || sp > 0 {
             if let Some(e) = workgroup_memory_error(&STAGED_KERNELS, wg, device) {
                 return Err(e);
             }
@@ -450,8 +458,8 @@ mod tests {
             ..gpu
         };
         assert_eq!(off.stage_pixels_for(150, false), 0);
-        // CPU adapters' block of 256 holds up to 256 classes; their workgroup of 32 caps
-        // the sub-tile.
+        // CPU adapters' block of 256 holds up to 256 classes; past it, with staging on,
+        // their workgroup of 32 caps the sub-tile.
         assert_eq!(cpu().stage_pixels_for(256, false), 0);
         assert_eq!(cpu().stage_pixels_for(600, false), 2);
         let small_wg = Strategy {
