@@ -7,8 +7,8 @@
 // 1. `stage`: the workgroup copies SP pixels × C classes in memory order (coalesced on
 //    GPUs: runs of SP pixels a class plane, or whole pixels channels-last) and the labels.
 // 2. `stage_pieces`: R = WG / SP invocations a pixel, each over classes r, r + R, …, find
-//    its softmax max and Σe (online) and check its values; the pixel's first invocation
-//    merges the R shares in order.
+//    its softmax max and Σe (online) and check its values; the R shares are merged
+//    pairwise in a fixed tree (log2 R steps).
 // 3. the pixel sums (losses here; the gradient's sums in staged_grad.wgsl), the same way.
 // 4. `stage_class_sums`: each class's sums over the tile are kept by one invocation
 //    (classes lid, lid + WG, …), pixel by pixel in order; no reduction across invocations.
@@ -129,7 +129,8 @@ fn merge_pieces(a: vec2<f32>, o: vec2<f32>) -> vec2<f32> {
 // The softmax pieces of every pixel of the sub-tile (at pixel `at` of image b) into
 // px_pieces; a pixel with a non-finite logit, a soft target outside [0, 1] or a label ≥ C
 // gets the label IGNORE (with `check`, the stats stage's, also counted and located in
-// staged_bad, as stats.wgsl's `check_pixel` does).
+// staged_bad, as stats.wgsl's `check_pixel` does). The grad stage (no `check`) leaves such
+// a pixel out too and writes zeros for it; the stats pass of the call reports the input.
 fn stage_pieces(b: u32, at: u32, lid: u32, check: bool) {
     let p = lid % STAGE_PIXELS;
     let i = at + p;
@@ -344,14 +345,10 @@ fn stats_main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    var kinds = vec4<u32>(0u);
-    var opt = vec4(0.0);
-    var offs = vec4(-1.0);
-    for (var t = 0u; t < N_PIX; t++) {
-        kinds[t] = u32(record(t, REC_KIND));
-        opt[t] = record(t, PIXEL_OPTION);
-        offs[t] = record(t, REC_VECTOR);
-    }
+    let terms = pixel_terms();
+    let kinds = terms.kinds;
+    let opt = terms.opt;
+    let offs = terms.offs;
     let tile = flat_group(wid, nwg);
     if tile >= dims.batch * dims.tiles_per_image {
         return;

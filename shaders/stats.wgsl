@@ -261,18 +261,32 @@ fn bce_pixel(t: u32, off: f32, z: ptr<function, Block>, g: ptr<function, Block>,
     return l;
 }
 
+// What the stats stages read once per invocation of each pixel term: its kind, its ε
+// (cross-entropy's smoothing) or γ (focal), and its class vector's offset (−1: none).
+struct PixelTerms {
+    kinds: vec4<u32>,
+    opt: vec4<f32>,
+    offs: vec4<f32>,
+}
+
+fn pixel_terms() -> PixelTerms {
+    var p = PixelTerms(vec4<u32>(0u), vec4(0.0), vec4(-1.0));
+    for (var t = 0u; t < N_PIX; t++) {
+        p.kinds[t] = u32(record(t, REC_KIND));
+        p.opt[t] = record(t, PIXEL_OPTION);
+        p.offs[t] = record(t, REC_VECTOR);
+    }
+    return p;
+}
+
 // The body of the entry point `main`, which the reduction strategy's file declares (it
 // needs builtins of its own).
 fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
     // Per pixel term, read once before any branch: kind, ε or γ, class vector.
-    var kinds = vec4<u32>(0u);
-    var opt = vec4(0.0);
-    var offs = vec4(-1.0);
-    for (var t = 0u; t < N_PIX; t++) {
-        kinds[t] = u32(record(t, REC_KIND));
-        opt[t] = record(t, PIXEL_OPTION);
-        offs[t] = record(t, REC_VECTOR);
-    }
+    let terms = pixel_terms();
+    let kinds = terms.kinds;
+    let opt = terms.opt;
+    let offs = terms.offs;
     let tile = flat_group(wid, nwg);
     if tile >= dims.batch * dims.tiles_per_image {
         return;

@@ -314,19 +314,24 @@ const PIXEL_OVERRIDES: [Override; 10] = [
     O::Contiguous,
 ];
 
-/// The pixel stages' overrides followed by `own` (the first `N` entries of the result).
-const fn pixel_overrides_and<const N: usize>(own: &[Override]) -> [Override; N] {
+/// `base` followed by `own` (the first `N` entries of the result).
+const fn overrides_and<const N: usize>(base: &[Override], own: &[Override]) -> [Override; N] {
     let mut all = [O::C; N];
     let mut k = 0;
     while k < N {
-        all[k] = if k < 10 {
-            PIXEL_OVERRIDES[k]
+        all[k] = if k < base.len() {
+            base[k]
         } else {
-            own[k - 10]
+            own[k - base.len()]
         };
         k += 1;
     }
     all
+}
+
+/// The pixel stages' overrides followed by `own`.
+const fn pixel_overrides_and<const N: usize>(own: &[Override]) -> [Override; N] {
+    overrides_and(&PIXEL_OVERRIDES, own)
 }
 
 /// The stats stage also writes loss maps, has its labels-only form and may leave the class
@@ -479,19 +484,9 @@ const STAGED_OVERRIDES: [Override; 10] = [
     O::StagePixels,
 ];
 
-/// The staged overrides followed by `own` (the first `N` entries of the result).
+/// The staged overrides followed by `own`.
 const fn staged_overrides_and<const N: usize>(own: &[Override]) -> [Override; N] {
-    let mut all = [O::C; N];
-    let mut k = 0;
-    while k < N {
-        all[k] = if k < 10 {
-            STAGED_OVERRIDES[k]
-        } else {
-            own[k - 10]
-        };
-        k += 1;
-    }
-    all
+    overrides_and(&STAGED_OVERRIDES, own)
 }
 
 /// The staged stats stage reads the grad stage's coefficient switch only in its one-pass form.
