@@ -300,8 +300,8 @@ const STATS_BINDINGS: &[(Binding, Access)] = &[
     (B::LossMap, ReadWrite),
     (B::Check, ReadWrite),
 ];
-/// The overrides both pixel stages take.
-const PIXEL_OVERRIDES: [Override; 10] = [
+/// The overrides every pixel kernel takes, register path and staged alike.
+const PIXEL_COMMON: [Override; 9] = [
     O::C,
     O::LabelKind,
     O::LogitKind,
@@ -311,8 +311,9 @@ const PIXEL_OVERRIDES: [Override; 10] = [
     O::NPix,
     O::PixelKinds,
     O::PixelWeighted,
-    O::Contiguous,
 ];
+/// The overrides both register-path pixel stages take.
+const PIXEL_OVERRIDES: [Override; 10] = overrides_and(&PIXEL_COMMON, &[O::Contiguous]);
 
 /// `base` followed by `own` (the first `N` entries of the result).
 const fn overrides_and<const N: usize>(base: &[Override], own: &[Override]) -> [Override; N] {
@@ -471,18 +472,7 @@ const STAGED_GRAD_PARTS: &[Source] = &[
 ];
 /// The overrides every staged kernel takes: the pixel stages' but `CONTIGUOUS` (a staged
 /// sub-tile is copied in memory order whatever the adapter), and `STAGE_PIXELS`.
-const STAGED_OVERRIDES: [Override; 10] = [
-    O::C,
-    O::LabelKind,
-    O::LogitKind,
-    O::Sigmoid,
-    O::Tempered,
-    O::Nhwc,
-    O::NPix,
-    O::PixelKinds,
-    O::PixelWeighted,
-    O::StagePixels,
-];
+const STAGED_OVERRIDES: [Override; 10] = overrides_and(&PIXEL_COMMON, &[O::StagePixels]);
 
 /// The staged overrides followed by `own`.
 const fn staged_overrides_and<const N: usize>(own: &[Override]) -> [Override; N] {
