@@ -7,18 +7,11 @@
 
 mod common;
 
-use common::{check_with, gpu, spec};
+use common::{check_with, new_ctx, spec};
 use segloss::gpu::stages::Kernel;
 use segloss::gpu::{GpuContext, Strategy};
 use segloss::input::{Labels, Shape, IGNORE};
 use segloss::testing::{random_labels, random_logits, random_masks, random_soft_labels, Rng};
-
-/// The tests of this file share one context and read which kernels its last call ran, so
-/// they run one at a time.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The context's strategy with the one-pass path from `min` logits up.
 fn from(ctx: &GpuContext, min: u64) -> Strategy {
@@ -98,8 +91,7 @@ const SOFTMAX_SPECS: &[&str] = &[
 
 #[test]
 fn one_pass_matches_the_reference_on_random_shapes() {
-    let _one_at_a_time = serial();
-    let ctx = gpu();
+    let ctx = &new_ctx();
     let mut rng = Rng::new(2024);
     for round in 0..14 {
         let shape = random_shape(&mut rng, &[2, 3, 9, 21]);
@@ -127,8 +119,7 @@ fn one_pass_matches_the_reference_on_random_shapes() {
 /// blocks after the first are read again by the stats sums and the gradient).
 #[test]
 fn one_pass_with_many_classes() {
-    let _one_at_a_time = serial();
-    let ctx = gpu();
+    let ctx = &new_ctx();
     let mut rng = Rng::new(150);
     for (c, spatial, json) in [
         (
@@ -161,8 +152,7 @@ fn one_pass_with_many_classes() {
 /// taken: the reference's convention), and their gradient is all zeros.
 #[test]
 fn one_pass_with_all_ignored_images() {
-    let _one_at_a_time = serial();
-    let ctx = gpu();
+    let ctx = &new_ctx();
     let mut rng = Rng::new(7);
     let shape = Shape::new(3, 5, &[19, 23]);
     let z = random_logits(&mut rng, &shape, 3.0);
@@ -199,8 +189,7 @@ fn one_pass_with_all_ignored_images() {
 
 #[test]
 fn one_pass_bce_in_sigmoid_mode() {
-    let _one_at_a_time = serial();
-    let ctx = gpu();
+    let ctx = &new_ctx();
     let mut rng = Rng::new(12);
     for round in 0..4 {
         let shape = random_shape(&mut rng, &[1, 3, 10]);
@@ -225,8 +214,7 @@ fn one_pass_bce_in_sigmoid_mode() {
 /// call takes the two passes (and still matches the reference).
 #[test]
 fn the_path_is_taken_exactly_where_it_applies() {
-    let _one_at_a_time = serial();
-    let ctx = gpu();
+    let ctx = &new_ctx();
     let mut rng = Rng::new(3);
     let shape = Shape::new(2, 4, &[20, 30]);
     let z = random_logits(&mut rng, &shape, 3.0);
@@ -285,8 +273,7 @@ fn the_path_is_taken_exactly_where_it_applies() {
 fn one_pass_with_half_precision_channels_last_and_chunks() {
     use segloss::gpu::{HostBatch, HostLogits, Options};
     use segloss::input::{permute, GradFormat, LabelFormat, Layout};
-    let _one_at_a_time = serial();
-    let ctx = gpu();
+    let ctx = &new_ctx();
     let mut rng = Rng::new(16);
     let shape = Shape::new(3, 6, &[29, 31]);
     let z = random_logits(&mut rng, &shape, 3.0);
@@ -399,8 +386,7 @@ fn assert_same_loss_and_gradient(a: &segloss::LossOutput, b: &segloss::LossOutpu
 /// with a statistic term computes the sums anyway and returns them, statistics included.
 #[test]
 fn calls_without_proportions_give_the_same_loss_and_gradient() {
-    let _one_at_a_time = serial();
-    let ctx = gpu();
+    let ctx = &new_ctx();
     let mut rng = Rng::new(77);
     let one_pass = from(ctx, 0);
     let two_passes = from(ctx, u64::MAX);
@@ -497,8 +483,7 @@ fn record_loss_and_record_forward_loss() {
     use segloss::gpu::{DeviceBatch, GradTarget};
     use segloss::input::LabelFormat;
     use segloss::wgpu::{self, util::DeviceExt};
-    let _one_at_a_time = serial();
-    let ctx = gpu();
+    let ctx = &new_ctx();
     let mut rng = Rng::new(78);
     let shape = Shape::new(2, 21, &[13, 17]);
     let z = random_logits(&mut rng, &shape, 3.0);
