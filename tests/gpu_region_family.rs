@@ -295,8 +295,8 @@ fn both_pixel_orders_match_the_reference() {
 /// under the adapter's own strategy (on CPU adapters every class of a pixel kept in
 /// invocation memory up to 256, staged past it: each logit read once per pass) and, up to
 /// 150 classes, under a class block of 8 without staging (the register path's classes past
-/// the block, read again), each against the reference; C = 21 and 150 also in the other
-/// pixel order and with soft labels.
+/// the block, read again), each against the reference; C = 21 also in the other pixel
+/// order, C = 21 and 150 with soft labels.
 #[test]
 fn class_blocks_match_the_reference() {
     let ctx = new_ctx();
@@ -344,20 +344,24 @@ fn class_blocks_match_the_reference() {
             );
         }
         if c == 21 || c == 150 {
-            let other_order = Strategy {
-                contiguous_pixels: !own.contiguous_pixels,
-                ..own
-            };
-            let what = format!("other pixel order at C = {c}: {json}");
-            check_with(
-                &ctx,
-                Some(other_order),
-                &spec(json),
-                &shape,
-                &z,
-                Labels::index(&y),
-                &what,
-            );
+            // The other pixel order at 21 only: a 256-class pipeline set takes llvmpipe
+            // seconds to compile, and the order's indexing does not depend on C.
+            if c == 21 {
+                let other_order = Strategy {
+                    contiguous_pixels: !own.contiguous_pixels,
+                    ..own
+                };
+                let what = format!("other pixel order at C = {c}: {json}");
+                check_with(
+                    &ctx,
+                    Some(other_order),
+                    &spec(json),
+                    &shape,
+                    &z,
+                    Labels::index(&y),
+                    &what,
+                );
+            }
             let soft = random_soft_labels(&mut rng, &shape);
             let what = format!("soft labels at C = {c}: {json}");
             check_with(
