@@ -3,9 +3,7 @@
 //! into a caller's buffer, i32/i64 labels as burn and PyTorch hold them, every array in one
 //! buffer, and the device-side input status. Tolerances: tests/common/mod.rs.
 
-mod common;
-
-use common::{assert_gradient, close, gpu, spec};
+use crate::common::{assert_gradient, close, gpu, spec};
 use segloss::gpu::{BufferRegion, DeviceBatch, GpuContext, GradTarget};
 use segloss::input::{GradFormat, LabelFormat, Labels, Layout, LogitFormat, Shape, IGNORE};
 use segloss::reference;

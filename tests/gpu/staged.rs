@@ -8,9 +8,8 @@
 //! limited to 16 KiB of workgroup memory; and the kernels each call ran, so a test cannot
 //! pass on the register path by mistake.
 
-mod common;
-
-use common::{check_with, new_ctx, spec};
+use crate::common;
+use crate::common::{check_with, new_ctx, spec};
 use segloss::gpu::stages::Kernel;
 use segloss::gpu::{BufferRegion, DeviceBatch, GpuContext, GradTarget, Options, Strategy};
 use segloss::input::{GradFormat, LabelFormat, Labels, Layout, LogitFormat, Shape, IGNORE};

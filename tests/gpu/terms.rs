@@ -2,11 +2,10 @@
 //! sizes that leave partial tiles; every output element is checked after poisoning.
 //! Tolerances: tests/common/mod.rs.
 
-mod common;
+use crate::common;
+use crate::common::spec;
 
-use common::spec;
-
-use common::{check, gpu};
+use crate::common::{check, gpu};
 use segloss::gpu::Options;
 use segloss::input::{Labels, Shape, IGNORE};
 use segloss::testing::{random_labels, random_logits, random_masks, random_soft_labels, Rng};

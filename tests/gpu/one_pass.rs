@@ -5,9 +5,8 @@
 //! pixel terms, soft labels, ignored pixels and images with every pixel ignored; and the
 //! dispatches each call records, so a test cannot pass on the two-pass path by mistake.
 
-mod common;
-
-use common::{check_with, new_ctx, spec};
+use crate::common;
+use crate::common::{check_with, new_ctx, spec};
 use segloss::gpu::stages::Kernel;
 use segloss::gpu::{GpuContext, Strategy};
 use segloss::input::{Labels, Shape, IGNORE};

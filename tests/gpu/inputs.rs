@@ -2,11 +2,10 @@
 //! two-phase APIs, and use from several threads. Tolerances: tests/common/mod.rs; 16-bit
 //! gradients are compared after rounding the reference the same way.
 
-mod common;
+use crate::common;
+use crate::common::spec;
 
-use common::spec;
-
-use common::{check, close, gpu};
+use crate::common::{check, close, gpu};
 use segloss::gpu::{
     BufferRegion, DeviceBatch, GpuContext, GradTarget, HostBatch, HostLogits, Options, Strategy,
 };

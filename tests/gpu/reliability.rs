@@ -1,10 +1,9 @@
 //! Bad input found on the device, a lost device, determinism and load.
 
-mod common;
+use crate::common;
+use crate::common::spec;
 
-use common::spec;
-
-use common::{close, gpu, new_ctx};
+use crate::common::{close, gpu, new_ctx};
 use segloss::gpu::{DeviceBatch, Options};
 use segloss::input::{LabelFormat, Labels, Shape};
 use segloss::testing::{random_labels, random_logits, Rng};

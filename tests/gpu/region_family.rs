@@ -2,11 +2,9 @@
 //! reference, over an option grid that uses every option at least once and in
 //! combinations, with the edge cases of the region-size family.
 
-mod common;
+use crate::common::spec;
 
-use common::spec;
-
-use common::{check, check_with, new_ctx};
+use crate::common::{check, check_with, new_ctx};
 use segloss::gpu::{Strategy, TileSum};
 use segloss::input::{Labels, Shape, IGNORE};
 use segloss::testing::{random_labels, random_logits, random_masks, random_soft_labels, Rng};
@@ -316,7 +314,7 @@ fn class_blocks_match_the_reference() {
         let y = random_labels(&mut rng, &shape, 0.1);
         let own = ctx.strategy();
         // GPUs' class block and workgroup size, without staging (the register path past
-        // the block; staged calls: tests/gpu_staged.rs).
+        // the block; staged calls: staged.rs).
         let gpu_block = Strategy {
             class_block: 8,
             pixel_workgroup: 256,

@@ -4,9 +4,7 @@
 //! gradient, loss maps) must be the same bits, match the f64 reference, and the recorded
 //! kernels must show which path ran, so a test cannot pass on the other path by mistake.
 
-mod common;
-
-use common::{check_with, new_ctx, spec};
+use crate::common::{check_with, new_ctx, spec};
 use segloss::gpu::stages::Kernel;
 use segloss::gpu::{GpuContext, Strategy, TileSum};
 use segloss::input::{Labels, Shape};
@@ -14,8 +12,8 @@ use segloss::testing::{random_labels, random_logits, Rng};
 use segloss::LossOutput;
 
 const DICE_CE: &str = r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice"}]}"#;
-/// Every kind of term (gpu_region_family's option grid ends with it: with Mesa's shader
-/// cache on, as in CI, its pipelines at C = 9 compile once for both files): finalize reads
+/// Every kind of term (region_family.rs's option grid ends with it: with Mesa's shader cache on,
+/// as in CI, its pipelines at C = 9 compile once for both): finalize reads
 /// every column of the rows it summed.
 const EVERY_TERM: &str = r#"{"terms":[{"kind":"cross_entropy","label_smoothing":0.1},{"kind":"focal","weight":0.5},{"kind":"dice","weight":0.7,"squared":true},{"kind":"tversky","weight":0.2,"alpha":0.7,"beta":0.3},{"kind":"generalized_dice","weight":0.3},{"kind":"region","weight":0.1,"penalty":"kl","temperature":10}]}"#;
 
@@ -110,7 +108,7 @@ fn finalize_sums_match_the_summing_dispatches_bit_for_bit() {
         let shape = Shape::new(b, c, &spatial);
         let z = random_logits(&mut rng, &shape, 3.0);
         let y = random_labels(&mut rng, &shape, 0.1);
-        // One spec per class count, each a pipeline gpu_region_family compiles too; the
+        // One spec per class count, each a pipeline region_family.rs compiles too; the
         // workgroup sum at one of them only (llvmpipe compiles its barriers for about a
         // minute a pipeline, and CI starts with a cold shader cache).
         let json = if c == 3 { DICE_CE } else { EVERY_TERM };
@@ -123,7 +121,7 @@ fn finalize_sums_match_the_summing_dispatches_bit_for_bit() {
                 ..ctx.strategy()
             };
             // GPUs' workgroups too, on the image of one of their tiles (four of a CPU
-            // adapter's); the workgroup sum at 256 runs in tests/backend_misuse.rs.
+            // adapter's); the workgroup sum at 256 runs in backend_misuse.rs.
             let mut strategies = vec![own];
             if spatial == [64, 64] && own.pixel_workgroup != 256 && tile_sum != TileSum::Workgroup {
                 strategies.push(Strategy {

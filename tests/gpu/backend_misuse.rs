@@ -2,9 +2,8 @@
 //! number and never an error charged to a later call (one test per defect found by trying
 //! the API as a new user would).
 
-mod common;
-
-use common::{assert_gradient, close, device_with_workgroup_memory, new_ctx, spec};
+use crate::common;
+use crate::common::{assert_gradient, close, device_with_workgroup_memory, new_ctx, spec};
 use segloss::gpu::{context, BufferRegion, DeviceBatch, GpuContext, GradTarget, TileSum};
 use segloss::input::{LabelFormat, Labels, Shape, IGNORE};
 use segloss::reference;
