@@ -10,8 +10,7 @@
 // them from the statistic rows it reads back (src/reference/finalize.rs `proportions`), so
 // no device pass spends time on them.
 
-// The header is bound as a storage buffer here, not a uniform one as in the pixel stages
-// (and so in the fused module, which includes this file, for all of them):
+// The header is bound as a storage buffer here, not a uniform one as in the pixel stages:
 // lavapipe (Mesa 22) inlines uniform values that loop bounds depend on (dims.batch,
 // dims.n_terms, ...) and, for shaders that grow when their loops unroll, recompiles them at
 // every dispatch. That cost ~10 ms a call for B = 8; the loops here are short anyway.
@@ -329,12 +328,6 @@ fn region_term(lid: u32, slot: u32, lambda: f32) -> f32 {
 
 @compute @workgroup_size(FIN_WG)
 fn finalize_terms(@builtin(local_invocation_index) lid: u32) {
-    finalize_all(lid);
-}
-
-// The stage's body (also run by the fused small-call kernel, fused.wgsl, between its stats
-// and gradient phases).
-fn finalize_all(lid: u32) {
     let bc = dims.batch * C;
     let report = dims.fin_report;
     let values_off = report + 1u;

@@ -1,6 +1,6 @@
 // Stage 3: recomputes p from the logits (cheaper than storing it) and writes ∂L/∂z for
 // every class (grad_pixel.wgsl) from the coefficient table and the pixel-term scales. An
-// invocation covers GRAD_PPT pixels of one image: the image's coefficients and the per-term
+// invocation covers PPT pixels of one image: the image's coefficients and the per-term
 // constants, read once, serve all of them (lavapipe reads memory lane by lane, ~20 cycles a
 // value, so reading them per pixel cost more than the pixel's own logits).
 // CPU port: src/reference/grad.rs.
@@ -10,27 +10,23 @@
 @group(0) @binding(2) var<uniform> dims: Dims;
 @group(0) @binding(3) var<storage, read> params: array<f32>;
 
+const WG: u32 = PIXEL_WG;
 // Pixels per invocation, set by the host (plan::grad_pixels_per_invocation): 8 on GPUs,
 // 32 on CPU adapters, where longer runs of consecutive pixels per invocation read faster
 // (grad 23 → 19 ms at 8×4×256×256 on lavapipe) and there are no idle SMs to fill. Which
 // pixels: `pixel_of`.
-override GRAD_PPT: u32 = 8u;
+override PPT: u32 = 8u;
 
 @compute @workgroup_size(PIXEL_WG)
-fn grad_main(
+fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    grad_group(flat_group(wid, nwg), lid);
-}
-
-// Workgroup `group`'s pixels (a body of its own: the fused small-call kernel, fused.wgsl,
-// runs the groups one after another).
-fn grad_group(group: u32, lid: u32) {
-    // A workgroup covers PIXEL_WG·GRAD_PPT pixels of one image, so the image and everything
-    // read from it below are uniform over the workgroup, read before any branch.
-    let tile = PIXEL_WG * GRAD_PPT;
+    // A workgroup covers WG·PPT pixels of one image, so the image and everything read from it
+    // below are uniform over the workgroup, read before any branch.
+    let group = flat_group(wid, nwg);
+    let tile = WG * PPT;
     let per_image = (dims.spatial + tile - 1u) / tile;
     let b = dims.image_offset + min(group / per_image, dims.batch - 1u);
     let base = (group % per_image) * tile;
@@ -38,8 +34,8 @@ fn grad_group(group: u32, lid: u32) {
     if group >= dims.batch * per_image {
         return;
     }
-    for (var j = 0u; j < GRAD_PPT; j++) {
-        let i = pixel_of(base, j, lid, PIXEL_WG, GRAD_PPT);
+    for (var j = 0u; j < PPT; j++) {
+        let i = pixel_of(base, j, lid, WG, PPT);
         if i >= dims.spatial {
             break;
         }

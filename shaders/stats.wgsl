@@ -299,9 +299,7 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
     let row = (tile_row + sub_row()) * dims.row_width;
     let n_maps = dims.total_batch * dims.spatial;
     let first = min(C, BLOCK);
-    // The one-pass form's gradient constants (nothing in the stats stage alone). The fused
-    // small-call module links the gradient for a phase of its own after finalize, so its
-    // statistics phase writes none (STATS_WRITES_GRAD, generated: src/gpu/stages.rs).
+    // The one-pass form's gradient constants (nothing in the stats stage alone).
     var cs = load_consts(b);
 
     // Bit k: pixel k was counted; the class blocks past the first (C > BLOCK) read those
@@ -348,9 +346,7 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
                     loss_map[t * n_maps + b * dims.spatial + i] = 0.0;
                 }
             }
-            if STATS_WRITES_GRAD {
-                zero_grad(b, i, &cs);
-            }
+            zero_grad(b, i, &cs);
             continue;
         }
         counted |= 1u << k;
@@ -368,9 +364,7 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
                 let ps = probs(z[c], vec2(0.0), vec2(0.0));
                 accumulate(&sums, c, ps.x, ps.y, g_of(&g, b, c, i, yk));
             }
-            if STATS_WRITES_GRAD {
-                pixel_grad(&cs, b, i, yk, true, &z, &g, &ez, &et, vec2(0.0, 1.0), vec2(0.0, 1.0));
-            }
+            pixel_grad(&cs, b, i, yk, true, &z, &g, &ez, &et, vec2(0.0, 1.0), vec2(0.0, 1.0));
             continue;
         }
         let p = pieces(&z, &ez, b, i, 1.0);
@@ -409,9 +403,7 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
             let sc = select(pc, et[c] / pt.y, TEMPERED);
             accumulate(&sums, c, pc, sc, g_of(&g, b, c, i, yk));
         }
-        if STATS_WRITES_GRAD {
-            pixel_grad(&cs, b, i, yk, true, &z, &g, &ez, &et, p, pt);
-        }
+        pixel_grad(&cs, b, i, yk, true, &z, &g, &ez, &et, p, pt);
     }
     publish(bad);
     if !NORMS_ONLY && CLASS_SUMS {

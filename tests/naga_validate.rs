@@ -4,7 +4,7 @@
 //! stage table (src/gpu/stages.rs) checked against its WGSL entry point.
 
 use naga::valid::{Capabilities, ValidationFlags, Validator};
-use segloss::gpu::stages::{Access, Kernel, KernelInfo, Override, KERNELS};
+use segloss::gpu::stages::{Access, KernelInfo, Override, KERNELS};
 
 /// The capabilities a module needs: 16-bit unpacking and packing (unpack2x16float in
 /// util/pixels.wgsl, pack2x16float in narrow.wgsl) are core WGSL that naga files under
@@ -168,7 +168,7 @@ fn the_stage_table_matches_every_wgsl_entry_point() {
     let least = wgpu::Limits::downlevel_defaults().max_compute_workgroup_storage_size;
     for k in &KERNELS {
         let small = wgsl_entry(k, PIXEL_WGS[0]);
-        let expected = if k.sized_by_pixel_wg() {
+        let expected = if k.has_pixels() {
             PIXEL_WGS[0]
         } else {
             k.workgroup_size
@@ -280,7 +280,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// One value of a dimension of the variant space: the override constants it sets together
 /// (a spec's pixel terms set SIGMOID, N_PIX, PIXEL_KINDS, ... at once; CONTIGUOUS sets
-/// GRAD_PPT).
+/// PPT).
 type Value = Vec<(&'static str, f64)>;
 type Constants = BTreeMap<&'static str, f64>;
 
@@ -434,10 +434,10 @@ fn kernel_dims(k: &KernelInfo) -> Vec<Vec<Value>> {
         d.push(dim("NHWC", &[0.0, 1.0]));
     }
     if has(Override::Ppt) {
-        // stages.rs `grad_pixels_per_invocation`: GRAD_PPT = 32 exactly where CONTIGUOUS.
+        // stages.rs `grad_pixels_per_invocation`: PPT = 32 exactly where CONTIGUOUS.
         d.push(vec![
-            vec![("CONTIGUOUS", 0.0), ("GRAD_PPT", 8.0)],
-            vec![("CONTIGUOUS", 1.0), ("GRAD_PPT", 32.0)],
+            vec![("CONTIGUOUS", 0.0), ("PPT", 8.0)],
+            vec![("CONTIGUOUS", 1.0), ("PPT", 32.0)],
         ]);
     } else if has(Override::Contiguous) {
         d.push(dim("CONTIGUOUS", &[0.0, 1.0]));
@@ -451,9 +451,7 @@ fn kernel_dims(k: &KernelInfo) -> Vec<Vec<Value>> {
         ));
     }
     if has(Override::NormsOnly) {
-        // The fused kernel runs the full statistics pass only (record.rs `fused`).
-        let values: &[f64] = if k.kernel == Kernel::Fused { &[0.0] } else { &[0.0, 1.0] };
-        d.push(dim("NORMS_ONLY", values));
+        d.push(dim("NORMS_ONLY", &[0.0, 1.0]));
     }
     if has(Override::StatTerms) {
         d.push(dim("STAT_TERMS", &[0.0, 1.0]));

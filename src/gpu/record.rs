@@ -390,30 +390,6 @@ fn finalize_sums(req: &Request<'_>, total: usize, base: &Dims) -> bool {
     req.finalize && req.given_stats.is_none() && floats <= max
 }
 
-/// Whether a call runs its three stages in one dispatch (`Kernel::Fused`, ARCHITECTURE.md
-/// "Small calls"): loss and f32 gradient of the whole batch in one chunk, at most
-/// `Strategy::fused_max_elements` logits (and `FUSED_CAP`), with finalize adding the
-/// partial rows itself, on a strategy whose stats tile needs no barrier (`TileSum::Invocation`,
-/// not staged) and whose pixel workgroup divides finalize's.
-fn fused(req: &Request<'_>, call: &Checked, chunks: usize, base: &Dims) -> bool {
-    let elements = (call.batch * call.classes * call.pixels) as u64;
-    let s = &req.strategy;
-    req.grad.is_some()
-        && req.finalize
-        && req.given_stats.is_none()
-        && !req.backward_slots
-        && !call.narrow
-        && !call.grad_shares_input
-        && chunks == 1
-        && req.batch.image_offset == 0
-        && call.batch == call.total
-        && base.fin_sums_partial != 0
-        && s.tile_sum == super::strategy::TileSum::Invocation
-        && s.stage_pixels == 0
-        && layout::FIN_WG % s.pixel_workgroup == 0
-        && elements <= s.fused_max_elements.min(super::strategy::FUSED_CAP)
-}
-
 /// Records prepared dispatches as one compute pass (timestamps 0 and 1 of `timestamps`
 /// at its start and end).
 pub(super) fn encode_dispatches(
@@ -592,13 +568,6 @@ impl Encoding<'_, '_> {
     fn finalize(&mut self) {
         let ws = self.ws;
         self.add(Kernel::Finalize, 1, |b| Self::whole(ws, b));
-    }
-
-    /// Stages 1-3 of a small call in one workgroup (`fused` decided it may): bound like the
-    /// stats stage of its one chunk, with the gradient, finalize's buffers and that chunk's
-    /// `Dims` slot, which for a call of one chunk of the whole batch holds slot 0's values.
-    fn fused(&mut self, plans: &[ChunkPlan], g: GradTarget<'_>) {
-        self.pixel_pass(Kernel::Fused, plans, |_| 1, Some(g));
     }
 
     /// Stage 3 (and 4 for 16-bit gradients) per chunk.
@@ -912,9 +881,6 @@ impl GpuContext {
             kernels: vec![],
         };
         match req.grad {
-            Some(g) if !one_pass(req, &call) && fused(req, &call, plans.len(), &base) => {
-                enc.fused(&plans, g);
-            }
             Some(g) if one_pass(req, &call) => {
                 // ARCHITECTURE.md, "One pass for pixel terms": the normalisers from the labels,
                 // their scales from finalize, then one pass over the logits for statistics

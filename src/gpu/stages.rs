@@ -42,7 +42,6 @@ const NARROW: Source = wgsl!("narrow.wgsl");
 const STAGED: Source = wgsl!("staged.wgsl");
 const STAGED_GRAD: Source = wgsl!("staged_grad.wgsl");
 const STAGED_NO_GRAD: Source = wgsl!("staged_no_grad.wgsl");
-const FUSED: Source = wgsl!("fused.wgsl");
 
 /// The kernels, one per pipeline shape the host creates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -81,8 +80,6 @@ pub enum Kernel {
     GradStaged,
     /// [`Kernel::GradStaged`] where the gradient shares a buffer with the inputs.
     GradStagedShared,
-    /// Stages 1-3 of a small call in one workgroup (`Strategy::fused_max_elements`).
-    Fused,
 }
 
 impl Kernel {
@@ -254,7 +251,7 @@ impl Override {
             Override::PixelMaps => "PIXEL_MAPS",
             Override::StatKinds => "STAT_KINDS",
             Override::Contiguous => "CONTIGUOUS",
-            Override::Ppt => "GRAD_PPT",
+            Override::Ppt => "PPT",
             Override::NormsOnly => "NORMS_ONLY",
             Override::StatTerms => "STAT_TERMS",
             Override::ClassSums => "CLASS_SUMS",
@@ -420,7 +417,7 @@ const fn grad(kernel: Kernel, module: &'static str, inputs: Access) -> KernelInf
         kernel,
         module,
         parts: GRAD_PARTS,
-        entry: "grad_main",
+        entry: "main",
         workgroup_size: PIXEL_WG_MAX,
         bindings: match inputs {
             ReadWrite => GRAD_SHARED_BINDINGS,
@@ -489,42 +486,6 @@ const STAGED_STATS_GRAD_OVERRIDES: &[Override] =
     &staged_overrides_and::<14>(&[O::PixelMaps, O::NormsOnly, O::ClassSums, O::StatTerms]);
 const STAGED_GRAD_OVERRIDES: &[Override] = &staged_overrides_and::<11>(&[O::StatTerms]);
 
-/// The fused small-call kernel: the stats, finalize and grad stages' files in one module
-/// (shaders/fused.wgsl), each binding once with the widest access any of them needs.
-const FUSED_PARTS: &[Source] = &[
-    DISPATCH,
-    MATH,
-    SPEC,
-    PIXELS,
-    STATS,
-    TILE_SUM_INVOCATION,
-    GRAD_PIXEL,
-    GRAD,
-    FINALIZE,
-    FUSED,
-];
-const FUSED_BINDINGS: &[(Binding, Access)] = &[
-    (B::Logits, Read),
-    (B::Labels, Read),
-    (B::Dims, Read),
-    (B::Params, Read),
-    (B::Partial, ReadWrite),
-    (B::Stats, ReadWrite),
-    (B::Fin, ReadWrite),
-    (B::Grad, ReadWrite),
-    (B::LossMap, ReadWrite),
-    (B::Check, ReadWrite),
-];
-/// The overrides of the three stages it runs.
-const FUSED_OVERRIDES: &[Override] = &pixel_overrides_and::<16>(&[
-    O::PixelMaps,
-    O::NormsOnly,
-    O::ClassSums,
-    O::Ppt,
-    O::StatTerms,
-    O::StatKinds,
-]);
-
 const fn staged(
     kernel: Kernel,
     module: &'static str,
@@ -550,7 +511,7 @@ const fn staged(
 pub const STAGED_BLOCK: u32 = 8;
 
 /// The stage table.
-pub const KERNELS: [KernelInfo; 17] = [
+pub const KERNELS: [KernelInfo; 16] = [
     stats(
         Kernel::StatsWorkgroup,
         "stats_workgroup",
@@ -670,18 +631,6 @@ pub const KERNELS: [KernelInfo; 17] = [
         GRAD_SHARED_BINDINGS,
         STAGED_GRAD_OVERRIDES,
     ),
-    KernelInfo {
-        kernel: Kernel::Fused,
-        module: "fused",
-        parts: FUSED_PARTS,
-        entry: "fused_main",
-        workgroup_size: FIN_WG,
-        bindings: FUSED_BINDINGS,
-        overrides: FUSED_OVERRIDES,
-        subgroups: false,
-        // finalize.wgsl's `part` (the invocation tile sum declares none).
-        workgroup_bytes: 4 * FIN_WG,
-    },
 ];
 
 impl Kernel {
@@ -701,18 +650,12 @@ impl KernelInfo {
         self.parts.contains(&PIXELS)
     }
 
-    /// Whether the entry point's workgroup is the strategy's pixel workgroup (`PIXEL_WG`):
-    /// every pixel stage but the fused kernel, whose workgroup is finalize's.
-    pub fn sized_by_pixel_wg(&self) -> bool {
-        self.has_pixels() && self.kernel != Kernel::Fused
-    }
-
     /// Bytes of workgroup memory the entry point declares when built with `pixel_wg`
     /// invocations (the pixel stages' memory is per invocation).
     pub fn workgroup_bytes_with(&self, pixel_wg: u32) -> u32 {
         if self.kernel.is_staged() {
             staged_fixed_bytes(self.kernel) + STAGED_BYTES_PER_INVOCATION * pixel_wg
-        } else if self.sized_by_pixel_wg() {
+        } else if self.has_pixels() {
             self.workgroup_bytes / PIXEL_WG_MAX * pixel_wg
         } else {
             self.workgroup_bytes
@@ -720,74 +663,28 @@ impl KernelInfo {
     }
 
     /// The module's WGSL as the device compiles it: the generated prelude (for the pixel
-    /// stages with `BLOCK`, the class block, `PIXEL_WG`, their workgroup size, and
-    /// `STATS_WRITES_GRAD`, false only in the fused module), then the parts. Where the row
-    /// binds a buffer otherwise than a file declares it (the read-write variants; the fused
-    /// module, whose files declare some bindings more than once and differently) the row
-    /// wins, and each binding number keeps its first declaration.
+    /// stages with `BLOCK`, the class block, and `PIXEL_WG`, their workgroup size), then
+    /// the parts. The read-write variant of a module binds its inputs as the row says.
     pub fn source(&self, block: u32, pixel_wg: u32) -> String {
         let mut s = layout::wgsl_prelude();
         if self.has_pixels() {
-            s += &format!(
-                "const BLOCK: u32 = {block}u;\nconst PIXEL_WG: u32 = {pixel_wg}u;\n\
-                 const STATS_WRITES_GRAD: bool = {};\n",
-                self.kernel != Kernel::Fused
-            );
+            s += &format!("const BLOCK: u32 = {block}u;\nconst PIXEL_WG: u32 = {pixel_wg}u;\n");
         }
-        let mut declared = vec![];
         for part in self.parts {
-            s += &format!("\n// ---- shaders/{} ----\n", part.path);
-            for line in part.text.lines() {
-                match self.declaration(line) {
-                    Some((slot, _)) if declared.contains(&slot) => {
-                        s += &format!("// (binding {slot} declared above)\n");
-                    }
-                    Some((slot, decl)) => {
-                        declared.push(slot);
-                        s += &decl;
-                        s.push('\n');
-                    }
-                    None => {
-                        s += line;
-                        s.push('\n');
-                    }
-                }
+            s += &format!("\n// ---- shaders/{} ----\n{}", part.path, part.text);
+        }
+        // grad_shared: the one module whose bindings differ from its files' declarations
+        // (wgpu refuses a buffer bound read-only and read-write in one dispatch).
+        for (b, access) in self.bindings {
+            if *access == ReadWrite {
+                let name = b.wgsl_name();
+                s = s.replace(
+                    &format!("var<storage, read> {name}:"),
+                    &format!("var<storage, read_write> {name}:"),
+                );
             }
         }
         s
-    }
-
-    /// A binding declaration line of a part, as this row binds it: its number and the line.
-    /// Only a widening is rewritten (uniform to read-only storage, read-only to read-write):
-    /// a file that declares more access than its row says is left as it is, for
-    /// tests/naga_validate.rs to report.
-    fn declaration(&self, line: &str) -> Option<(u32, String)> {
-        let rest = line.strip_prefix("@group(0) @binding(")?;
-        let slot: u32 = rest.split(')').next()?.parse().ok()?;
-        let unchanged = Some((slot, line.to_string()));
-        let Some((b, access)) = self.bindings.iter().find(|(b, _)| b.slot() == slot) else {
-            return unchanged;
-        };
-        let name = b.wgsl_name();
-        let space = |a: Access| match a {
-            Uniform => "uniform",
-            Read => "storage, read",
-            ReadWrite => "storage, read_write",
-        };
-        let declared = [Uniform, Read, ReadWrite]
-            .into_iter()
-            .position(|a| line.contains(&format!("var<{}> {name}:", space(a))));
-        let wanted = [Uniform, Read, ReadWrite].iter().position(|a| a == access);
-        match (declared, wanted, line.split_once(&format!(" {name}:"))) {
-            (Some(d), Some(w), Some((_, ty))) if w > d => Some((
-                slot,
-                format!(
-                    "@group(0) @binding({slot}) var<{}> {name}:{ty}",
-                    space(*access)
-                ),
-            )),
-            _ => unchanged,
-        }
     }
 
     /// Groups of `workgroup_size` invocations that cover `items`.
@@ -899,7 +796,7 @@ impl Variant {
     }
 }
 
-/// Pixels per grad invocation (the `GRAD_PPT` override of grad.wgsl): 32 where invocations take
+/// Pixels per grad invocation (the `PPT` override of grad.wgsl): 32 where invocations take
 /// runs of consecutive pixels (CPU adapters), else 8.
 pub fn grad_pixels_per_invocation(contiguous: bool) -> usize {
     if contiguous {

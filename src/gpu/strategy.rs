@@ -134,14 +134,6 @@ pub struct Strategy {
     /// summing dispatches before it (same order, so the same bits; ARCHITECTURE.md, "Small
     /// calls"). 0: never; values above [`FINALIZE_SUMS_CAP`] act as that cap.
     pub finalize_sums_max_floats: u64,
-    /// Calls of at most this many logits B·C·S (and never more than [`FUSED_CAP`]) that
-    /// ask for loss and f32 gradient run their three stages in one workgroup, one dispatch
-    /// (`Kernel::Fused`, ARCHITECTURE.md "Small calls"), where the rest of the strategy
-    /// allows it: `TileSum::Invocation` (the fused kernel's statistics phase cannot hold a
-    /// barrier) and a `pixel_workgroup` of at most 64 (finalize's workgroup). One
-    /// workgroup runs on one core, so this pays only while the dispatches' fixed cost is
-    /// most of the call. 0: never.
-    pub fused_max_elements: u64,
     /// Invocations per stats and grad workgroup (a power of two, 32 to 256; with
     /// `TileSum::Subgroup` at least the adapter's largest subgroup). A stats tile is this
     /// many invocations of 32 pixels. 256 on GPUs; 32 on CPU adapters, where a workgroup
@@ -180,14 +172,6 @@ const FINALIZE_SUMS_MAX_FLOATS: u64 = 1 << 16;
 /// are 16,384 reads an invocation, a quarter of llvmpipe's cap on loop iterations (past
 /// the cap llvmpipe ends the loops early and the sums would be wrong, with no error).
 pub const FINALIZE_SUMS_CAP: u64 = 1 << 20;
-/// Where small calls stop running in one dispatch on CPU adapters (BENCHMARKS.md, "Small
-/// calls in one dispatch").
-const FUSED_MAX_ELEMENTS: u64 = 1 << 14;
-/// The largest call the fused kernel ever runs, whatever a strategy says: 2¹⁶ logits are
-/// 1,024 an invocation of its 64, about 10,000 loop iterations with both pixel phases,
-/// well below the 65,535 llvmpipe allows an invocation in all (past it llvmpipe ends the
-/// loops early, with no error).
-pub const FUSED_CAP: u64 = 1 << 16;
 /// Stats tiles an image may have before a call doubles its pixel workgroup
 /// (`Strategy::for_call`): half of llvmpipe's cap on loop iterations.
 const MAX_TILES_PER_IMAGE: usize = 1 << 15;
@@ -216,7 +200,6 @@ impl Strategy {
             },
             one_pass_min_elements: ONE_PASS_MIN_ELEMENTS,
             finalize_sums_max_floats: FINALIZE_SUMS_MAX_FLOATS,
-            fused_max_elements: FUSED_MAX_ELEMENTS,
             pixel_workgroup: if info.device_type == wgpu::DeviceType::Cpu {
                 CPU_PIXEL_WG
                     .max(info.subgroup_max_size.next_power_of_two())
@@ -410,7 +393,6 @@ mod tests {
             class_block: CPU_CLASS_BLOCK,
             one_pass_min_elements: ONE_PASS_MIN_ELEMENTS,
             finalize_sums_max_floats: FINALIZE_SUMS_MAX_FLOATS,
-            fused_max_elements: FUSED_MAX_ELEMENTS,
             pixel_workgroup: CPU_PIXEL_WG,
             class_staging: true,
             stage_pixels: 0,

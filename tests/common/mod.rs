@@ -101,13 +101,6 @@ pub fn check_with(
             },
         )
         .unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert_output(&got, &want, what);
-    got
-}
-
-/// Every output of `got` (loss, terms, valid pixels, proportions, decomposition, elements,
-/// statistics, every gradient element) against the reference's `want`.
-pub fn assert_output(got: &LossOutput, want: &LossOutput, what: &str) {
     assert!(
         got.loss.is_finite() && close(got.loss, want.loss),
         "{what}: loss {} vs reference {}",
@@ -198,6 +191,7 @@ pub fn assert_output(got: &LossOutput, want: &LossOutput, what: &str) {
         "{what}: gradient relative L2 {}",
         diff.sqrt() / norm.sqrt()
     );
+    got
 }
 
 /// Every gradient element within the tolerances of [`check_on`] (and finite).

@@ -1,17 +1,14 @@
 //! Small calls (ARCHITECTURE.md, "Small calls"): when the stats stage writes few partial
-//! rows, finalize adds them itself and the two summing dispatches are not recorded; the
-//! smallest calls run all three stages in one dispatch (`Kernel::Fused`). Each case runs
-//! with the path forced on and forced off: every output (loss, terms, statistics,
+//! rows, finalize adds them itself and the two summing dispatches are not recorded. Each
+//! case runs with the path forced on and forced off: every output (loss, terms, statistics,
 //! gradient, loss maps) must be the same bits, match the f64 reference, and the recorded
 //! kernels must show which path ran, so a test cannot pass on the other path by mistake.
 
 use crate::common::{check_with, new_ctx, spec};
 use segloss::gpu::stages::Kernel;
-use segloss::gpu::Options;
 use segloss::gpu::{GpuContext, Strategy, TileSum};
 use segloss::input::{Labels, Shape};
-use segloss::reference;
-use segloss::testing::{random_labels, random_logits, random_soft_labels, Rng};
+use segloss::testing::{random_labels, random_logits, Rng};
 use segloss::LossOutput;
 
 const DICE_CE: &str = r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice"}]}"#;
@@ -20,11 +17,9 @@ const DICE_CE: &str = r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice"}]}"#;
 /// every column of the rows it summed.
 const EVERY_TERM: &str = r#"{"terms":[{"kind":"cross_entropy","label_smoothing":0.1},{"kind":"focal","weight":0.5},{"kind":"dice","weight":0.7,"squared":true},{"kind":"tversky","weight":0.2,"alpha":0.7,"beta":0.3},{"kind":"generalized_dice","weight":0.3},{"kind":"region","weight":0.1,"penalty":"kl","temperature":10}]}"#;
 
-/// Finalize's sums forced on or off, and the fused kernel off (its own tests below).
 fn with_sums(strategy: Strategy, on: bool) -> Strategy {
     Strategy {
         finalize_sums_max_floats: if on { u64::MAX } else { 0 },
-        fused_max_elements: 0,
         ..strategy
     }
 }
@@ -143,12 +138,11 @@ fn finalize_sums_match_the_summing_dispatches_bit_for_bit() {
     }
 }
 
-/// The default thresholds: a 1×2×64×64 DiceCE call (one tile of a GPU's or four of a CPU
+/// The default threshold: a 1×2×64×64 DiceCE call (one tile of a GPU's or four of a CPU
 /// adapter's, at most 256 partial rows of 28 floats under any tile sum) records its three
-/// passes and nothing else, in one dispatch where the strategy allows the fused kernel
-/// (CPU adapters), in three elsewhere.
+/// passes and nothing else.
 #[test]
-fn small_call_records_one_dispatch_or_three() {
+fn small_call_records_three_dispatches() {
     let ctx = &new_ctx();
     let mut rng = Rng::new(64);
     let shape = Shape::new(1, 2, &[64, 64]);
@@ -164,182 +158,8 @@ fn small_call_records_one_dispatch_or_three() {
         "1×2×64×64",
     );
     let k = ctx.last_kernels();
-    let s = ctx.strategy();
-    if s.tile_sum == TileSum::Invocation && s.pixel_workgroup <= 64 && s.fused_max_elements > 0 {
-        assert_eq!(k, [Kernel::Fused], "{k:?}");
-    } else {
-        assert_eq!(k.len(), 3, "{k:?}");
-        assert_eq!(k[1..], [Kernel::Finalize, Kernel::Grad], "{k:?}");
-    }
-}
-
-/// The fused kernel forced on or off for every call (its cap still applies).
-fn fused(strategy: Strategy, on: bool) -> Strategy {
-    Strategy {
-        tile_sum: TileSum::Invocation,
-        finalize_sums_max_floats: u64::MAX,
-        fused_max_elements: if on { u64::MAX } else { 0 },
-        ..strategy
-    }
-}
-
-/// One call with the fused kernel on and off: both against the f64 reference (every
-/// output, every gradient element), the same bits from both, and the kernels each recorded.
-fn check_fused(
-    ctx: &GpuContext,
-    strategy: Strategy,
-    json: &str,
-    shape: &Shape,
-    labels: Labels<'_>,
-    z: &[f32],
-    what: &str,
-) {
-    let spec = spec(json);
-    let want = reference::evaluate(&spec, shape, z, labels, true).unwrap();
-    let run = |on: bool| {
-        let options = Options {
-            gradient: true,
-            statistics: true,
-            poison: true,
-            strategy: Some(fused(strategy, on)),
-            proportions: true,
-        };
-        let got = ctx
-            .evaluate(&spec, shape, z, labels, options)
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
-        (got, ctx.last_kernels())
-    };
-    let (on, k_on) = run(true);
-    assert_eq!(k_on, [Kernel::Fused], "{what}");
-    let (off, k_off) = run(false);
-    assert!(
-        k_off.contains(&Kernel::Grad) && !k_off.contains(&Kernel::Fused),
-        "{what}: {k_off:?}"
-    );
-    crate::common::assert_output(&on, &want, what);
-    assert_same_bits(&on, &off, what);
-}
-
-/// The fused kernel against the three dispatches it replaces, bit for bit, and against the
-/// reference: every kind of term, soft labels and sigmoid, ignored pixels and a wholly
-/// ignored image, class weights and label smoothing, reduction "none" (loss maps), several
-/// images, partial stats tiles and gradient groups, pixel workgroups of 32 and 64 (one or
-/// two tiles a step of its 64 invocations) and both pixel orders.
-#[test]
-fn fused_kernel_matches_the_three_dispatches_bit_for_bit() {
-    let ctx = &new_ctx();
-    let mut rng = Rng::new(77);
-    let base = ctx.strategy();
-    let ce_none = r#"{"terms":[{"kind":"cross_entropy","reduction":"none","class_weights":[1,2,0.5,1,3,1,1,1,2]},{"kind":"dice","reduction":"none"}]}"#;
-    let sigmoid = r#"{"activation":"sigmoid","terms":[{"kind":"bce"},{"kind":"dice"}]}"#;
-    for (b, c, spatial) in [
-        (1, 2, vec![64, 64]),
-        (3, 9, vec![5, 7, 11]),
-        (2, 3, vec![1000]),
-        (1, 21, vec![13, 17]),
-    ] {
-        let shape = Shape::new(b, c, &spatial);
-        let z = random_logits(&mut rng, &shape, 3.0);
-        let mut y = random_labels(&mut rng, &shape, 0.1);
-        if b == 3 {
-            // The last image wholly ignored.
-            let s = shape.pixels();
-            y[2 * s..].iter_mut().for_each(|v| *v = u32::MAX);
-        }
-        let labels = Labels::index(&y);
-        // The workgroup and pixel-order grid at one class count (each point is a pipeline
-        // of its own for llvmpipe to compile, about 2 s with CI's `nopt`).
-        let grid: &[(u32, bool)] = if c == 9 {
-            &[(32, true), (64, true), (32, false), (64, false)]
-        } else {
-            &[(32, true)]
-        };
-        for &(wg, contiguous) in grid {
-            let strategy = Strategy {
-                pixel_workgroup: wg,
-                contiguous_pixels: contiguous,
-                ..base
-            };
-            let what = format!("{shape:?}, workgroups of {wg}, contiguous {contiguous}");
-            let json = if c == 9 { EVERY_TERM } else { DICE_CE };
-            check_fused(
-                ctx,
-                strategy,
-                json,
-                &shape,
-                labels,
-                &z,
-                &format!("{what}: {json}"),
-            );
-            if c == 9 && wg == 32 && contiguous {
-                check_fused(
-                    ctx,
-                    strategy,
-                    ce_none,
-                    &shape,
-                    labels,
-                    &z,
-                    &format!("{what}: {ce_none}"),
-                );
-            }
-        }
-        if c == 3 {
-            let g = random_soft_labels(&mut rng, &shape);
-            for json in [DICE_CE, sigmoid] {
-                let what = format!("{shape:?}, soft labels: {json}");
-                check_fused(ctx, base, json, &shape, Labels::Soft(&g), &z, &what);
-            }
-        }
-    }
-}
-
-/// Where the fused kernel does not run: past the default threshold, with a tile sum that
-/// has barriers, with a pixel workgroup wider than its 64 invocations, and past its cap
-/// whatever the strategy says.
-#[test]
-fn fused_kernel_only_where_it_may_run() {
-    let ctx = &new_ctx();
-    let mut rng = Rng::new(78);
-    let base = fused(ctx.strategy(), true);
-    let small = Shape::new(1, 2, &[24, 24]);
-    let z = random_logits(&mut rng, &small, 3.0);
-    let y = random_labels(&mut rng, &small, 0.1);
-    let run = |strategy: Strategy, shape: &Shape, z: &[f32], y: &[u32]| {
-        check_with(
-            ctx,
-            Some(strategy),
-            &spec(DICE_CE),
-            shape,
-            z,
-            Labels::index(y),
-            "fused?",
-        );
-        ctx.last_kernels()
-    };
-    let default_on = Strategy {
-        fused_max_elements: 1 << 14,
-        ..base
-    };
-    assert_eq!(run(default_on, &small, &z, &y), [Kernel::Fused]);
-    let past = Shape::new(1, 2, &[91, 91]);
-    let zp = random_logits(&mut rng, &past, 3.0);
-    let yp = random_labels(&mut rng, &past, 0.1);
-    assert!(!run(default_on, &past, &zp, &yp).contains(&Kernel::Fused));
-    let wide = Strategy {
-        pixel_workgroup: 128,
-        ..base
-    };
-    assert!(!run(wide, &small, &z, &y).contains(&Kernel::Fused));
-    let workgroup_sum = Strategy {
-        tile_sum: TileSum::Workgroup,
-        ..base
-    };
-    assert!(!run(workgroup_sum, &small, &z, &y).contains(&Kernel::Fused));
-    // 2 × 185 × 185 = 68,450 logits, past FUSED_CAP.
-    let capped = Shape::new(1, 2, &[185, 185]);
-    let zc = random_logits(&mut rng, &capped, 3.0);
-    let yc = random_labels(&mut rng, &capped, 0.1);
-    assert!(!run(base, &capped, &zc, &yc).contains(&Kernel::Fused));
+    assert_eq!(k.len(), 3, "{k:?}");
+    assert_eq!(k[1..], [Kernel::Finalize, Kernel::Grad], "{k:?}");
 }
 
 /// The one-pass path (pixel terms only) sums in finalize twice; and a batch split into
