@@ -1,7 +1,7 @@
 //! Device time of each stage alone, for performance work: the statistics pass, the whole
 //! forward (statistics + finalize) and forward + gradient, against a copy of the logits.
 //!
-//! cargo run --release --example stage_times -- 8,4,256,256
+//! cargo run --release --example stage_times -- 8,4,256,256 [ROUNDS]
 
 use segloss::gpu::{DeviceBatch, GpuContext, GradTarget};
 use segloss::input::{LabelFormat, Labels, Shape};
@@ -42,40 +42,54 @@ fn main() -> segloss::Result<()> {
         mapped_at_creation: false,
     });
     let batch = DeviceBatch::new(&shape, &logits, &labels, LabelFormat::U8);
-    let time =
-        |f: &dyn Fn(&mut wgpu::CommandEncoder) -> segloss::Result<()>| -> segloss::Result<f64> {
-            let mut v = vec![];
-            for _ in 0..15 {
-                let t = Instant::now();
-                let mut enc = dev.create_command_encoder(&Default::default());
-                f(&mut enc)?;
-                ctx.queue().submit([enc.finish()]);
-                dev.poll(wgpu::PollType::wait_indefinitely())
-                    .map_err(|e| segloss::Error::Gpu(e.to_string()))?;
-                v.push(t.elapsed().as_secs_f64() * 1e3);
-            }
-            v.sort_by(f64::total_cmp);
-            Ok(v[7])
-        };
-    let copy = time(&|enc| {
-        enc.copy_buffer_to_buffer(&logits, 0, &grad, 0, logits.size());
-        Ok(())
-    })?;
-    let stats = time(&|enc| ctx.record_statistics(enc, &spec, &batch).map(|_| ()))?;
-    let forward = time(&|enc| ctx.record(enc, &spec, &batch, None).map(|_| ()))?;
-    let full = time(&|enc| {
-        ctx.record(enc, &spec, &batch, Some(GradTarget::f32(&grad)))
-            .map(|_| ())
-    })?;
+    // Each round times every variant once, in turn, so all see the same machine state
+    // (lavapipe's times drift by tens of percent within a minute); medians of the rounds.
     // Finalize alone: the two-phase API given the statistics, without the gradient.
     let mut enc = dev.create_command_encoder(&Default::default());
     let st = ctx.record_statistics(&mut enc, &spec, &batch)?;
     ctx.queue().submit([enc.finish()]);
     let st = st.statistics(&ctx)?;
-    let finalize = time(&|enc| {
-        ctx.record_with_statistics(enc, &spec, &batch, &st, None)
-            .map(|_| ())
-    })?;
+    type Variant<'a> = &'a dyn Fn(&mut wgpu::CommandEncoder) -> segloss::Result<()>;
+    let variants: [Variant; 5] = [
+        &|enc| {
+            enc.copy_buffer_to_buffer(&logits, 0, &grad, 0, logits.size());
+            Ok(())
+        },
+        &|enc| ctx.record_statistics(enc, &spec, &batch).map(|_| ()),
+        &|enc| ctx.record(enc, &spec, &batch, None).map(|_| ()),
+        &|enc| {
+            ctx.record(enc, &spec, &batch, Some(GradTarget::f32(&grad)))
+                .map(|_| ())
+        },
+        &|enc| {
+            ctx.record_with_statistics(enc, &spec, &batch, &st, None)
+                .map(|_| ())
+        },
+    ];
+    let rounds: usize = std::env::args()
+        .nth(2)
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(15);
+    let mut times = vec![vec![]; variants.len()];
+    for round in 0..rounds + 2 {
+        for (k, f) in variants.iter().enumerate() {
+            let t = Instant::now();
+            let mut enc = dev.create_command_encoder(&Default::default());
+            f(&mut enc)?;
+            ctx.queue().submit([enc.finish()]);
+            dev.poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| segloss::Error::Gpu(e.to_string()))?;
+            // The first two rounds compile the pipelines and warm the pools.
+            if round >= 2 {
+                times[k].push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let [copy, stats, forward, full, finalize] = [0, 1, 2, 3, 4].map(|k| median(&mut times[k]));
     println!(
         "{arg} on {}: copy {copy:.3} ms | stats {stats:.3} | stats+finalize {forward:.3} | +grad {full:.3} ms | finalize alone {finalize:.3} ms",
         ctx.adapter_info().name

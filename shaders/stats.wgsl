@@ -383,7 +383,7 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
                 plain += g_of(&g, b, c, i, yk) * (lse - z_of(&z, b, c, i));
             }
         } else {
-            plain = lse - z_of(&z, b, yk, i);
+            plain = lse - z_label(&z, b, yk, i);
         }
         counts.y += plain;
         for (var t = 0u; t < N_PIX; t++) {

@@ -164,6 +164,22 @@ fn z_of(z: ptr<function, Block>, b: u32, c: u32, i: u32) -> f32 {
     return logit(b, c, i);
 }
 
+// The logit of class y (< C) of the pixel whose first logits are in z. Up to 32 classes it
+// is picked by a select per class, not by indexing z with y: a register array indexed by a
+// value that differs between lanes leaves registers on SIMD CPUs (lavapipe: stats −4.8 %
+// executed instructions at C = 4, −2.1 % at 21; BENCHMARKS.md, "Instruction counts").
+// Past 32 the selects would outnumber what they save.
+fn z_label(z: ptr<function, Block>, b: u32, y: u32, i: u32) -> f32 {
+    if C > BLOCK || C > 32u {
+        return z_of(z, b, y, i);
+    }
+    var v = 0.0;
+    for (var c = 0u; c < C; c++) {
+        v = select(v, (*z)[c], c == y);
+    }
+    return v;
+}
+
 // Target c of the pixel whose first soft targets are in g (y: its class index).
 fn g_of(g: ptr<function, Block>, b: u32, c: u32, i: u32, y: u32) -> f32 {
     if LABEL_KIND == LABELS_SOFT && c < BLOCK {
