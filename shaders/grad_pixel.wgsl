@@ -84,10 +84,16 @@ fn stat_a(k: vec4<f32>, p: f32, g: f32) -> f32 {
     return k.x + 2.0 * p * k.y + g * k.z + select(k.w, 0.0, TEMPERED);
 }
 
-// Writes one gradient value, or adds it to the target's (`Dims::accumulate`, a backward
-// recording's choice; uniform, so the branch costs nothing where it is not taken).
+// Whether the gradient is added to the target's values (a backward recording's choice).
+// An override, not a `Dims` field: llvmpipe runs both sides of a branch on a value it
+// cannot prove uniform (a uniform buffer's is not), each per-lane access behind its mask
+// test, so the untaken side cost the grad stage 15 % of its executed instructions
+// (BENCHMARKS.md, "Instruction counts").
+override ACCUMULATE: bool = false;
+
+// Writes one gradient value, or adds it to the target's (ACCUMULATE).
 fn store_grad(e: u32, v: f32) {
-    if dims.accumulate != 0u {
+    if ACCUMULATE {
         grad[e] += v;
     } else {
         grad[e] = v;

@@ -462,6 +462,9 @@ fn kernel_dims(k: &KernelInfo) -> Vec<Vec<Value>> {
     if has(Override::GradKind) {
         d.push(dim("GRAD_KIND", &[1.0, 2.0])); // f16, bf16
     }
+    if has(Override::Accumulate) {
+        d.push(dim("ACCUMULATE", &[0.0, 1.0]));
+    }
     // Every override of the kernel has values here, and nothing else.
     let mut named: Vec<&str> = d
         .iter()

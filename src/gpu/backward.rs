@@ -203,6 +203,7 @@ impl GpuContext {
         }
         let req = Request {
             strategy: forward.strategy,
+            accumulate,
             ..Request::full(self, &forward.spec, batch, Some(grad))
         };
         let dispatches = self.scoped(|| {
@@ -218,10 +219,7 @@ impl GpuContext {
             let ws = forward.ws.clone();
             let fin = FinLayout::new(call.total, call.classes, forward.spec.terms.len());
             let rows_per_tile = req.strategy.rows_per_tile(&self.info);
-            let base = Dims {
-                accumulate: accumulate as u32,
-                ..plan::dims(&forward.spec, shape, &fin, &req.strategy, rows_per_tile)
-            };
+            let base = plan::dims(&forward.spec, shape, &fin, &req.strategy, rows_per_tile);
             let align = storage_align(&self.device);
             let (dims, mut plans) = plan_chunks(&req, &call, &chunks, base, align);
             // The chunk slots (not the header, slot 0) go to the reserved ones.

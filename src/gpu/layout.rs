@@ -282,8 +282,6 @@ dims_struct! {
     /// `fin`: the upstream gradient the gradient pass scales by (finalize writes 1; the
     /// backward recording copies the caller's value over it).
     fin_upstream: u32,
-    /// 1: the gradient pass adds to the target instead of overwriting it.
-    accumulate: u32,
     /// The spec's ignore_index as i32 bits, for I32 and I64 labels (whose negative values
     /// are ignored too).
     ignore_label: u32,

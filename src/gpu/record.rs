@@ -40,6 +40,9 @@ pub(super) struct Request<'a> {
     /// The caller wants the proportions and the decomposition (and so the per-class sums);
     /// false leaves the sums out for a spec of pixel terms only (`GpuContext::record_loss`).
     pub proportions: bool,
+    /// The gradient pass adds to the target (`record_backward`'s choice): the `ACCUMULATE`
+    /// override, so the store that is not taken compiles out.
+    pub accumulate: bool,
 }
 
 impl<'a> Request<'a> {
@@ -60,6 +63,7 @@ impl<'a> Request<'a> {
             strategy: ctx.strategy(),
             backward_slots: false,
             proportions: true,
+            accumulate: false,
         }
     }
 
@@ -766,6 +770,7 @@ impl GpuContext {
             block: req.strategy.block_for(batch.shape.classes),
             pixel_wg: req.strategy.pixel_workgroup,
             stage_pixels: req.strategy.stage_pixels,
+            accumulate: req.accumulate,
         }
     }
 

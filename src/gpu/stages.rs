@@ -210,11 +210,13 @@ pub enum Override {
     ClassSums,
     /// Pixels per staged sub-tile (`Strategy::stage_pixels`).
     StagePixels,
+    /// The gradient is added to the target's values (a backward recording's choice).
+    Accumulate,
 }
 
 impl Override {
     /// Every override, in the order of [`Variant`]'s values.
-    pub const ALL: [Override; 18] = [
+    pub const ALL: [Override; 19] = [
         Override::C,
         Override::LabelKind,
         Override::LogitKind,
@@ -233,6 +235,7 @@ impl Override {
         Override::StatTerms,
         Override::ClassSums,
         Override::StagePixels,
+        Override::Accumulate,
     ];
 
     /// The constant's name in WGSL.
@@ -256,6 +259,7 @@ impl Override {
             Override::StatTerms => "STAT_TERMS",
             Override::ClassSums => "CLASS_SUMS",
             Override::StagePixels => "STAGE_PIXELS",
+            Override::Accumulate => "ACCUMULATE",
         }
     }
 }
@@ -341,9 +345,15 @@ const fn pixel_overrides_and<const N: usize>(own: &[Override]) -> [Override; N] 
 /// coefficient switch.
 const STATS_OVERRIDES: &[Override] =
     &pixel_overrides_and::<13>(&[O::PixelMaps, O::NormsOnly, O::ClassSums]);
-const GRAD_OVERRIDES: &[Override] = &pixel_overrides_and::<12>(&[O::Ppt, O::StatTerms]);
-const STATS_GRAD_OVERRIDES: &[Override] =
-    &pixel_overrides_and::<14>(&[O::PixelMaps, O::NormsOnly, O::ClassSums, O::StatTerms]);
+const GRAD_OVERRIDES: &[Override] =
+    &pixel_overrides_and::<13>(&[O::Ppt, O::StatTerms, O::Accumulate]);
+const STATS_GRAD_OVERRIDES: &[Override] = &pixel_overrides_and::<15>(&[
+    O::PixelMaps,
+    O::NormsOnly,
+    O::ClassSums,
+    O::StatTerms,
+    O::Accumulate,
+]);
 const GRAD_BINDINGS: &[(Binding, Access)] = &[
     (B::Logits, Read),
     (B::Labels, Read),
@@ -482,9 +492,15 @@ const fn staged_overrides_and<const N: usize>(own: &[Override]) -> [Override; N]
 /// The staged stats stage reads the grad stage's coefficient switch only in its one-pass form.
 const STAGED_STATS_OVERRIDES: &[Override] =
     &staged_overrides_and::<13>(&[O::PixelMaps, O::NormsOnly, O::ClassSums]);
-const STAGED_STATS_GRAD_OVERRIDES: &[Override] =
-    &staged_overrides_and::<14>(&[O::PixelMaps, O::NormsOnly, O::ClassSums, O::StatTerms]);
-const STAGED_GRAD_OVERRIDES: &[Override] = &staged_overrides_and::<11>(&[O::StatTerms]);
+const STAGED_STATS_GRAD_OVERRIDES: &[Override] = &staged_overrides_and::<15>(&[
+    O::PixelMaps,
+    O::NormsOnly,
+    O::ClassSums,
+    O::StatTerms,
+    O::Accumulate,
+]);
+const STAGED_GRAD_OVERRIDES: &[Override] =
+    &staged_overrides_and::<12>(&[O::StatTerms, O::Accumulate]);
 
 const fn staged(
     kernel: Kernel,
@@ -768,6 +784,8 @@ pub struct Variant {
     pub pixel_wg: u32,
     /// Pixels per staged sub-tile (`Strategy::stage_pixels`; 0: the call is not staged).
     pub stage_pixels: u32,
+    /// The gradient pass adds to the target instead of overwriting it.
+    pub accumulate: bool,
 }
 
 impl Variant {
@@ -792,6 +810,7 @@ impl Variant {
             O::StatTerms => (self.stat_kinds != 0) as u32,
             O::ClassSums => self.class_sums as u32,
             O::StagePixels => self.stage_pixels,
+            O::Accumulate => self.accumulate as u32,
         }
     }
 }
