@@ -19,11 +19,12 @@ def jit_costs(path):
     names, objs, costs = {}, {}, collections.defaultdict(collections.Counter)
     fn, ob, addr, skip = None, None, 0, False
     for line in open(path, errors="replace"):
-        m = re.match(r"ob=\((\d+)\)(?: (.*))?", line)
+        m = re.match(r"c?ob=\((\d+)\)(?: (.*))?", line)
         if m:
             if m.group(2):
                 objs[m.group(1)] = m.group(2).strip()
-            ob = objs.get(m.group(1), "")
+            if line.startswith("ob="):
+                ob = objs.get(m.group(1), "")
             continue
         m = re.match(r"c?fn=\((\d+)\)(?: (.*))?", line)
         if m:
