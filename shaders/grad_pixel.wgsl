@@ -17,7 +17,7 @@ override STAT_TERMS: bool = true;
 // What an invocation reads once for all its pixels: the first BLOCK classes' coefficients
 // and, per pixel term, its kind, ε or γ, scale and class-vector offset (−1: none).
 struct Consts {
-    kc: array<vec4<f32>, BLOCK>,
+    kc: array<vec4<f32>, BLOCK_PAD>,
     kinds: vec4<u32>,
     opt: vec4<f32>,
     scales: vec4<f32>,

@@ -99,8 +99,8 @@ const PPT: u32 = STATS_PPT;
 const TILE: u32 = WG * PPT;
 // Per-class sums of one invocation for a block of classes: (P, Q, I, G) and (H, U).
 struct ClassSums {
-    a: array<vec4<f32>, BLOCK>,
-    b: array<vec2<f32>, BLOCK>,
+    a: array<vec4<f32>, BLOCK_PAD>,
+    b: array<vec2<f32>, BLOCK_PAD>,
 }
 
 // Adds one pixel's class c (local index k in the block) to the sums. With class-index

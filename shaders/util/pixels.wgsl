@@ -134,7 +134,13 @@ fn term_weight(t: u32, off: f32, c: u32) -> f32 {
 // invocation memory is the CPU's cache and lavapipe loads storage buffers lane by lane, and
 // compile time grows steeply past 256; 8 on GPUs, where larger arrays would spill from
 // registers).
-alias Block = array<f32, BLOCK>;
+// An invocation's class arrays hold BLOCK_PAD = BLOCK + 1 elements, the last unused: at
+// BLOCK = 256 on lavapipe each array is 8 KiB (8 lanes of f32), so arrays of exactly BLOCK
+// laid one after another put the same class of each in the same L1 set, and a 64-byte shift
+// of the stack frame (no other change) made one-pass CE at 1×150×96×96 15 % slower; padded,
+// it measured as before (BENCHMARKS.md, "Instruction counts").
+const BLOCK_PAD: u32 = BLOCK + 1u;
+alias Block = array<f32, BLOCK_PAD>;
 
 // The first min(C, BLOCK) logits of pixel i of global image b.
 fn load_logits(b: u32, i: u32) -> Block {
