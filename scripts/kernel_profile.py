@@ -19,6 +19,8 @@ def jit_costs(path):
     names, objs, costs = {}, {}, collections.defaultdict(collections.Counter)
     fn, ob, addr, skip = None, None, 0, False
     for line in open(path, errors="replace"):
+        if line.startswith("positions:") and "instr" not in line:
+            sys.exit(f"{path}: no instruction addresses; run callgrind with --dump-instr=yes")
         m = re.match(r"c?ob=\((\d+)\)(?: (.*))?", line)
         if m:
             if m.group(2):
