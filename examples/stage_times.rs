@@ -1,7 +1,11 @@
 //! Device time of each stage alone, for performance work: the statistics pass, the whole
 //! forward (statistics + finalize) and forward + gradient, against a copy of the logits.
 //!
-//! cargo run --release --example stage_times -- 8,4,256,256 [ROUNDS]
+//! cargo run --release --example stage_times -- 8,4,256,256 [ROUNDS] [SPEC]
+//!
+//! SPEC is a loss spec in JSON (default DiceCE: cross_entropy + dice). With a spec of pixel
+//! terms only, "+grad" takes the one-pass path where it applies (ARCHITECTURE.md, "One pass
+//! for pixel terms").
 
 use segloss::gpu::{DeviceBatch, GpuContext, GradTarget};
 use segloss::input::{LabelFormat, Labels, Shape};
@@ -16,7 +20,11 @@ fn main() -> segloss::Result<()> {
         .unwrap_or_else(|| "8,4,256,256".into());
     let d: Vec<usize> = arg.split(',').filter_map(|v| v.parse().ok()).collect();
     let shape = Shape::new(d[0], d[1], &d[2..]);
-    let spec = LossSpec::from_json(r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice"}]}"#)?;
+    let spec = LossSpec::from_json(
+        &std::env::args()
+            .nth(3)
+            .unwrap_or_else(|| r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice"}]}"#.into()),
+    )?;
     let ctx = GpuContext::new()?;
     let dev = ctx.device();
     let mut rng = Rng::new(1);
