@@ -21,19 +21,19 @@ def jit_costs(path):
     for line in open(path, errors="replace"):
         if line.startswith("positions:") and "instr" not in line:
             sys.exit(f"{path}: no instruction addresses; run callgrind with --dump-instr=yes")
-        m = re.match(r"c?ob=\((\d+)\)(?: (.*))?", line)
+        # callgrind names objects and functions once, "ob=(3) name", then by number alone;
+        # "cob="/"cfn=" (a call's target) name them without making them current.
+        m = re.match(r"c?(ob|fn)=\((\d+)\)(?: (.*))?", line)
         if m:
-            if m.group(2):
-                objs[m.group(1)] = m.group(2).strip()
-            if line.startswith("ob="):
-                ob = objs.get(m.group(1), "")
-            continue
-        m = re.match(r"c?fn=\((\d+)\)(?: (.*))?", line)
-        if m:
-            if m.group(2):
-                names[m.group(1)] = m.group(2).strip()
-            if line.startswith("fn="):
-                fn = names.get(m.group(1), "")
+            kind, num, name = m.groups()
+            table = objs if kind == "ob" else names
+            if name:
+                table[num] = name.strip()
+            if line.startswith(kind):
+                if kind == "ob":
+                    ob = table.get(num, "")
+                else:
+                    fn = table.get(num, "")
             continue
         if line.startswith("calls="):
             skip = True  # the next line is the call's inclusive cost

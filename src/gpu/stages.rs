@@ -347,13 +347,16 @@ const STATS_OVERRIDES: &[Override] =
     &pixel_overrides_and::<13>(&[O::PixelMaps, O::NormsOnly, O::ClassSums]);
 const GRAD_OVERRIDES: &[Override] =
     &pixel_overrides_and::<13>(&[O::Ppt, O::StatTerms, O::Accumulate]);
-const STATS_GRAD_OVERRIDES: &[Override] = &pixel_overrides_and::<15>(&[
+/// What the one-pass form (stats with the gradient) takes beyond the pixel overrides, on
+/// the register path and staged alike.
+const STATS_GRAD_OWN: &[Override] = &[
     O::PixelMaps,
     O::NormsOnly,
     O::ClassSums,
     O::StatTerms,
     O::Accumulate,
-]);
+];
+const STATS_GRAD_OVERRIDES: &[Override] = &pixel_overrides_and::<15>(STATS_GRAD_OWN);
 const GRAD_BINDINGS: &[(Binding, Access)] = &[
     (B::Logits, Read),
     (B::Labels, Read),
@@ -492,13 +495,7 @@ const fn staged_overrides_and<const N: usize>(own: &[Override]) -> [Override; N]
 /// The staged stats stage reads the grad stage's coefficient switch only in its one-pass form.
 const STAGED_STATS_OVERRIDES: &[Override] =
     &staged_overrides_and::<13>(&[O::PixelMaps, O::NormsOnly, O::ClassSums]);
-const STAGED_STATS_GRAD_OVERRIDES: &[Override] = &staged_overrides_and::<15>(&[
-    O::PixelMaps,
-    O::NormsOnly,
-    O::ClassSums,
-    O::StatTerms,
-    O::Accumulate,
-]);
+const STAGED_STATS_GRAD_OVERRIDES: &[Override] = &staged_overrides_and::<15>(STATS_GRAD_OWN);
 const STAGED_GRAD_OVERRIDES: &[Override] =
     &staged_overrides_and::<12>(&[O::StatTerms, O::Accumulate]);
 
