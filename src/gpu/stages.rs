@@ -340,22 +340,15 @@ const fn pixel_overrides_and<const N: usize>(own: &[Override]) -> [Override; N] 
 }
 
 /// The stats stage also writes loss maps, has its labels-only form and may leave the class
-/// sums out; the grad stage sets its pixels per invocation and skips coefficients without
-/// statistic terms; the stats stage's one-pass form takes the stats stage's and the
-/// coefficient switch.
-const STATS_OVERRIDES: &[Override] =
-    &pixel_overrides_and::<13>(&[O::PixelMaps, O::NormsOnly, O::ClassSums]);
+/// sums out; every kernel that writes the gradient skips coefficients without statistic
+/// terms and compiles in either the store or the add (`GRAD_OWN`); the grad stage also sets
+/// its pixels per invocation; the stats stage's one-pass form takes both lists.
+const STATS_OWN: &[Override] = &[O::PixelMaps, O::NormsOnly, O::ClassSums];
+const GRAD_OWN: &[Override] = &[O::StatTerms, O::Accumulate];
+const STATS_GRAD_OWN: &[Override] = &overrides_and::<5>(STATS_OWN, GRAD_OWN);
+const STATS_OVERRIDES: &[Override] = &pixel_overrides_and::<13>(STATS_OWN);
 const GRAD_OVERRIDES: &[Override] =
-    &pixel_overrides_and::<13>(&[O::Ppt, O::StatTerms, O::Accumulate]);
-/// What the one-pass form (stats with the gradient) takes beyond the pixel overrides, on
-/// the register path and staged alike.
-const STATS_GRAD_OWN: &[Override] = &[
-    O::PixelMaps,
-    O::NormsOnly,
-    O::ClassSums,
-    O::StatTerms,
-    O::Accumulate,
-];
+    &pixel_overrides_and::<13>(&overrides_and::<3>(&[O::Ppt], GRAD_OWN));
 const STATS_GRAD_OVERRIDES: &[Override] = &pixel_overrides_and::<15>(STATS_GRAD_OWN);
 const GRAD_BINDINGS: &[(Binding, Access)] = &[
     (B::Logits, Read),
@@ -492,12 +485,10 @@ const fn staged_overrides_and<const N: usize>(own: &[Override]) -> [Override; N]
     overrides_and(&STAGED_OVERRIDES, own)
 }
 
-/// The staged stats stage reads the grad stage's coefficient switch only in its one-pass form.
-const STAGED_STATS_OVERRIDES: &[Override] =
-    &staged_overrides_and::<13>(&[O::PixelMaps, O::NormsOnly, O::ClassSums]);
+/// The staged stats stage takes the gradient's overrides only in its one-pass form.
+const STAGED_STATS_OVERRIDES: &[Override] = &staged_overrides_and::<13>(STATS_OWN);
 const STAGED_STATS_GRAD_OVERRIDES: &[Override] = &staged_overrides_and::<15>(STATS_GRAD_OWN);
-const STAGED_GRAD_OVERRIDES: &[Override] =
-    &staged_overrides_and::<12>(&[O::StatTerms, O::Accumulate]);
+const STAGED_GRAD_OVERRIDES: &[Override] = &staged_overrides_and::<12>(GRAD_OWN);
 
 const fn staged(
     kernel: Kernel,
