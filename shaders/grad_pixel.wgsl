@@ -8,6 +8,8 @@
 
 @group(0) @binding(6) var<storage, read> fin: array<f32>;
 @group(0) @binding(7) var<storage, read_write> grad: array<f32>;
+// The same range as `grad`, four values an element: a quad's stores (pixels.wgsl, QUADS).
+@group(0) @binding(12) var<storage, read_write> grad4: array<vec4<f32>>;
 
 // Whether the spec has statistic terms. Without them every coefficient is 0 (finalize
 // writes none), so none is read and their sums compile out: the gradient is the pixel
@@ -100,6 +102,29 @@ fn store_grad(e: u32, v: f32) {
     }
 }
 
+// Class c's gradient value v at pixel i of global image b: stored (`store_grad`), or with
+// QUADS put in the pixel's block `out`, which the caller stores with its quad's.
+fn put_grad(b: u32, c: u32, i: u32, v: f32, out: ptr<function, Block>) {
+    if QUADS {
+        (*out)[c] = v;
+    } else {
+        store_grad(elem(b, c, i) + dims.grad_shift, v);
+    }
+}
+
+// Stores (or adds, ACCUMULATE) the gradient of the quad of pixels i0..i0+4 of global image
+// b, one vec4 a class.
+fn store_quad_grad(b: u32, i0: u32, dz: ptr<function, Quad>) {
+    for (var c = 0u; c < min(C, BLOCK); c++) {
+        let e = (elem(b, c, i0) + dims.grad_shift) >> 2u;
+        if ACCUMULATE {
+            grad4[e] += (*dz)[c];
+        } else {
+            grad4[e] = (*dz)[c];
+        }
+    }
+}
+
 // The focal weight on ([c = k] − p_k) of one class with target mass αg (twin: src/reference/mod.rs `focal_h`).
 fn focal_h(p: f32, one_minus_p: f32, log_p: f32, alpha_g: f32, gamma: f32) -> f32 {
     let qg = safe_pow(one_minus_p, gamma);
@@ -125,9 +150,9 @@ fn pixel_h(ce: bool, opt: f32, w: f32, gc: f32, p: f32, e: f32, se: f32, log_p: 
 }
 
 // Zeros for every class of an ignored pixel.
-fn zero_grad(b: u32, i: u32, cs: ptr<function, Consts>) {
+fn zero_grad(b: u32, i: u32, cs: ptr<function, Consts>, out: ptr<function, Block>) {
     for (var c = 0u; c < C; c++) {
-        store_grad(elem(b, c, i) + dims.grad_shift, 0.0);
+        put_grad(b, c, i, 0.0, out);
     }
 }
 
@@ -212,13 +237,13 @@ fn sigmoid_dz(cs: ptr<function, Consts>, b: u32, c: u32, zc: f32, gc: f32) -> f3
 // ∂L/∂z of every class of pixel i of global image b, whose label is y (kept: `keep`; an
 // ignored pixel may run the same code and write zeros), first logits and targets z and g,
 // softmax pieces sm (max, Σe) with the first exponentials in ez, and tempered ones smt, et
-// (unused in sigmoid mode).
-fn pixel_grad(cs: ptr<function, Consts>, b: u32, i: u32, y: u32, keep: bool, z: ptr<function, Block>, g: ptr<function, Block>, ez: ptr<function, Block>, et: ptr<function, Block>, sm: vec2<f32>, smt: vec2<f32>) {
+// (unused in sigmoid mode); written by `put_grad` (`out`: the pixel's block of a quad).
+fn pixel_grad(cs: ptr<function, Consts>, b: u32, i: u32, y: u32, keep: bool, z: ptr<function, Block>, g: ptr<function, Block>, ez: ptr<function, Block>, et: ptr<function, Block>, sm: vec2<f32>, smt: vec2<f32>, out: ptr<function, Block>) {
     let temp = dims.temperature;
     if SIGMOID {
         for (var c = 0u; c < C; c++) {
             let dz = sigmoid_dz(cs, b, c, z_of(z, b, c, i), g_of(g, b, c, i, y));
-            store_grad(elem(b, c, i) + dims.grad_shift, select(0.0, dz * (*cs).up, keep));
+            put_grad(b, c, i, select(0.0, dz * (*cs).up, keep), out);
         }
         return;
     }
@@ -250,6 +275,6 @@ fn pixel_grad(cs: ptr<function, Consts>, b: u32, i: u32, y: u32, keep: bool, z: 
             s = exp_of(et, c, zc, temp, smt.x) / smt.y;
         }
         let dz = class_dz(cs, b, c, zc, g_of(g, b, c, i, y), exp_of(ez, c, zc, 1.0, sm.x), s, sm, log_se, sums);
-        store_grad(elem(b, c, i) + dims.grad_shift, select(0.0, dz * (*cs).up, keep));
+        put_grad(b, c, i, select(0.0, dz * (*cs).up, keep), out);
     }
 }

@@ -102,10 +102,7 @@ fn stage(b: u32, at: u32, lid: u32) {
     if lid < STAGE_PIXELS {
         var y = IGNORE;
         if at + lid < dims.spatial {
-            y = 0u;
-            if LABEL_KIND != LABELS_SOFT {
-                y = class_label(b, at + lid);
-            }
+            y = pixel_label(b, at + lid);
         }
         px_label[lid] = y;
     }
@@ -290,10 +287,7 @@ fn staged_norms(b: u32, base: u32, lid: u32, row: u32, kinds: vec4<u32>, offs: v
         if i >= dims.spatial {
             break;
         }
-        var y = 0u;
-        if LABEL_KIND != LABELS_SOFT {
-            y = class_label(b, i);
-        }
+        let y = pixel_label(b, i);
         if y != IGNORE && y < C {
             counts.x += 1.0;
             for (var t = 0u; t < N_PIX; t++) {

@@ -16,6 +16,8 @@
 @group(0) @binding(1) var<storage, read> labels: array<u32>;
 @group(0) @binding(2) var<uniform> dims: Dims;
 @group(0) @binding(3) var<storage, read> params: array<f32>;
+// The logits' range again, four values an element: the quads' reads (pixels.wgsl, QUADS).
+@group(0) @binding(11) var<storage, read> logits4: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> partial: array<f32>;
 @group(0) @binding(8) var<storage, read_write> loss_map: array<f32>;
 // Bad input found on the device: [non-finite logits, first such element, invalid labels,
@@ -279,14 +281,116 @@ fn pixel_terms() -> PixelTerms {
     return p;
 }
 
+// What an invocation sums over its pixels beside its class sums and bad input (separate:
+// naga 30 cannot write a pointer to a struct member passed to a function into SPIR-V).
+struct Totals {
+    // Bit k: pixel k was counted; the class blocks past the first (C > BLOCK) read those
+    // pixels again. (A bit mask, not arrays indexed by k: those would live in scratch memory.)
+    counted: u32,
+    counts: vec4<f32>,          // valid pixels, plain CE (ROW_VALID, ROW_PLAIN_CE)
+    losses: vec4<f32>,          // per pixel term
+    norms: vec4<f32>,           // per pixel term
+    // C > BLOCK: pixel k's softmax pieces (max, Σe, and the tempered pair), so the later
+    // class blocks read only their own logits (not all C again: C²/4 reads a pixel at
+    // C = 150, and more loop iterations than llvmpipe allows an invocation).
+    softmax_of: array<vec4<f32>, PPT>,
+}
+
+// Adds pixel k (flat position i of global image b, label y, first logits z unless
+// NORMS_ONLY) of an invocation to its totals, class sums and bad input, writes its loss
+// maps and, in the one-pass form, its gradient (`put_grad`; `dz`: its block of a quad).
+fn stats_pixel(acc: ptr<function, Totals>, sums: ptr<function, ClassSums>, bad: ptr<function, BadInput>, terms: PixelTerms, cs: ptr<function, Consts>, k: u32, b: u32, i: u32, y: u32, z: ptr<function, Block>, dz: ptr<function, Block>) {
+    let kinds = terms.kinds;
+    let opt = terms.opt;
+    let offs = terms.offs;
+    var yk = y;
+    if NORMS_ONLY {
+        // A bad label (≥ C) is left out here as in the full pass, which reports it.
+        if yk != IGNORE && yk < C {
+            (*acc).counts.x += 1.0;
+            for (var t = 0u; t < N_PIX; t++) {
+                (*acc).norms[t] += pixel_norm(kinds[t], t, offs[t], yk);
+            }
+        }
+        return;
+    }
+    let n_maps = dims.total_batch * dims.spatial;
+    var g = load_targets(b, i);
+    if !check_pixel(b, i, yk, z, &g, bad) {
+        // Reported by the host as an error; the pixel is left out of every sum.
+        yk = IGNORE;
+    }
+    if yk == IGNORE {
+        for (var t = 0u; t < N_PIX; t++) {
+            if has_map(t) {
+                loss_map[t * n_maps + b * dims.spatial + i] = 0.0;
+            }
+        }
+        zero_grad(b, i, cs, dz);
+        return;
+    }
+    (*acc).counted |= 1u << k;
+    (*acc).counts.x += 1.0;
+    for (var t = 0u; t < N_PIX; t++) {
+        (*acc).norms[t] += pixel_norm(kinds[t], t, offs[t], yk);
+    }
+    var ez: Block;   // exp(z − max), computed once per class
+    var et: Block;   // exp(T·z − max_T)
+    if SIGMOID {
+        for (var t = 0u; t < N_PIX; t++) {
+            (*acc).losses[t] += bce_pixel(t, offs[t], z, &g, b, i, yk);
+        }
+        for (var c = 0u; c < min(C, BLOCK); c++) {
+            let ps = probs((*z)[c], vec2(0.0), vec2(0.0));
+            accumulate(sums, c, ps.x, ps.y, g_of(&g, b, c, i, yk));
+        }
+        pixel_grad(cs, b, i, yk, true, z, &g, &ez, &et, vec2(0.0, 1.0), vec2(0.0, 1.0), dz);
+        return;
+    }
+    let p = pieces(z, &ez, b, i, 1.0);
+    var pt = vec2(0.0, 1.0);
+    if TEMPERED {
+        pt = pieces(z, &et, b, i, dims.temperature);
+    }
+    if C > BLOCK {
+        (*acc).softmax_of[k] = vec4(p, pt);
+    }
+    let lse = p.x + log(p.y);
+    // The decomposition's plain CE: −Σ_c g_c log p_c.
+    var plain = 0.0;
+    if LABEL_KIND == LABELS_SOFT {
+        for (var c = 0u; c < C; c++) {
+            plain += g_of(&g, b, c, i, yk) * (lse - z_of(z, b, c, i));
+        }
+    } else {
+        plain = lse - z_label(z, b, yk, i);
+    }
+    (*acc).counts.y += plain;
+    for (var t = 0u; t < N_PIX; t++) {
+        var l: f32;
+        if is_ce(kinds[t]) {
+            l = ce_pixel(t, opt[t], offs[t], z, &g, b, i, yk, lse, plain);
+            if has_map(t) {
+                loss_map[t * n_maps + b * dims.spatial + i] = l;
+            }
+        } else {
+            l = focal_pixel(t, opt[t], offs[t], z, &g, &ez, b, i, yk, p, lse);
+        }
+        (*acc).losses[t] += l;
+    }
+    for (var c = 0u; c < min(C, BLOCK); c++) {
+        let pc = ez[c] / p.y;
+        let sc = select(pc, et[c] / pt.y, TEMPERED);
+        accumulate(sums, c, pc, sc, g_of(&g, b, c, i, yk));
+    }
+    pixel_grad(cs, b, i, yk, true, z, &g, &ez, &et, p, pt, dz);
+}
+
 // The body of the entry point `main`, which the reduction strategy's file declares (it
 // needs builtins of its own).
 fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
     // Per pixel term, read once before any branch: kind, ε or γ, class vector.
     let terms = pixel_terms();
-    let kinds = terms.kinds;
-    let opt = terms.opt;
-    let offs = terms.offs;
     let tile = flat_group(wid, nwg);
     if tile >= dims.batch * dims.tiles_per_image {
         return;
@@ -297,113 +401,47 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
     // The tile's first partial row, and the row this invocation's sums go to.
     let tile_row = (b * dims.tiles_per_image + tile % dims.tiles_per_image) * dims.rows_per_tile;
     let row = (tile_row + sub_row()) * dims.row_width;
-    let n_maps = dims.total_batch * dims.spatial;
     let first = min(C, BLOCK);
     // The one-pass form's gradient constants (nothing in the stats stage alone).
     var cs = load_consts(b);
 
-    // Bit k: pixel k was counted; the class blocks past the first (C > BLOCK) read those
-    // pixels again. (A bit mask, not arrays indexed by k: those would live in scratch memory.)
-    var counted = 0u;
-    var counts = vec4(0.0);          // valid pixels, plain CE (ROW_VALID, ROW_PLAIN_CE)
-    var losses = vec4(0.0);          // per pixel term
-    var norms = vec4(0.0);           // per pixel term
+    var acc: Totals;
     var sums: ClassSums;             // the first block of classes
-    // C > BLOCK: pixel k's softmax pieces (max, Σe, and the tempered pair), so the later
-    // class blocks read only their own logits (not all C again: C²/4 reads a pixel at
-    // C = 150, and more loop iterations than llvmpipe allows an invocation).
-    var softmax_of: array<vec4<f32>, PPT>;
     var bad = BadInput(0u, IGNORE, 0u, IGNORE);
-
-    for (var k = 0u; k < PPT; k++) {
-        let i = pixel_of(base, k, lid, WG, PPT);
-        if i >= dims.spatial {
-            continue;
-        }
-        var yk = 0u;
-        if LABEL_KIND != LABELS_SOFT {
-            yk = class_label(b, i);
-        }
-        if NORMS_ONLY {
-            // A bad label (≥ C) is left out here as in the full pass, which reports it.
-            if yk != IGNORE && yk < C {
-                counts.x += 1.0;
-                for (var t = 0u; t < N_PIX; t++) {
-                    norms[t] += pixel_norm(kinds[t], t, offs[t], yk);
-                }
+    if QUADS {
+        for (var q = 0u; q < PPT; q += 4u) {
+            let i0 = pixel_of(base, q, lid, WG, PPT);
+            if i0 >= dims.spatial {
+                break;
             }
-            continue;
-        }
-        var z = load_logits(b, i);
-        var g = load_targets(b, i);
-        if !check_pixel(b, i, yk, &z, &g, &bad) {
-            // Reported by the host as an error; the pixel is left out of every sum.
-            yk = IGNORE;
-        }
-        if yk == IGNORE {
-            for (var t = 0u; t < N_PIX; t++) {
-                if has_map(t) {
-                    loss_map[t * n_maps + b * dims.spatial + i] = 0.0;
-                }
+            let ys = quad_labels(b, i0);
+            var zq: Quad;
+            if !NORMS_ONLY {
+                zq = load_quad(b, i0);
             }
-            zero_grad(b, i, &cs);
-            continue;
-        }
-        counted |= 1u << k;
-        counts.x += 1.0;
-        for (var t = 0u; t < N_PIX; t++) {
-            norms[t] += pixel_norm(kinds[t], t, offs[t], yk);
-        }
-        var ez: Block;   // exp(z − max), computed once per class
-        var et: Block;   // exp(T·z − max_T)
-        if SIGMOID {
-            for (var t = 0u; t < N_PIX; t++) {
-                losses[t] += bce_pixel(t, offs[t], &z, &g, b, i, yk);
+            var dq: Quad;
+            for (var k = 0u; k < 4u; k++) {
+                var z = quad_pixel(&zq, k);
+                var dz: Block;
+                stats_pixel(&acc, &sums, &bad, terms, &cs, q + k, b, i0 + k, ys[k], &z, &dz);
+                set_quad_pixel(&dq, k, &dz);
             }
-            for (var c = 0u; c < first; c++) {
-                let ps = probs(z[c], vec2(0.0), vec2(0.0));
-                accumulate(&sums, c, ps.x, ps.y, g_of(&g, b, c, i, yk));
+            store_quad_grad(b, i0, &dq);
+        }
+    } else {
+        for (var k = 0u; k < PPT; k++) {
+            let i = pixel_of(base, k, lid, WG, PPT);
+            if i >= dims.spatial {
+                continue;
             }
-            pixel_grad(&cs, b, i, yk, true, &z, &g, &ez, &et, vec2(0.0, 1.0), vec2(0.0, 1.0));
-            continue;
-        }
-        let p = pieces(&z, &ez, b, i, 1.0);
-        var pt = vec2(0.0, 1.0);
-        if TEMPERED {
-            pt = pieces(&z, &et, b, i, dims.temperature);
-        }
-        if C > BLOCK {
-            softmax_of[k] = vec4(p, pt);
-        }
-        let lse = p.x + log(p.y);
-        // The decomposition's plain CE: −Σ_c g_c log p_c.
-        var plain = 0.0;
-        if LABEL_KIND == LABELS_SOFT {
-            for (var c = 0u; c < C; c++) {
-                plain += g_of(&g, b, c, i, yk) * (lse - z_of(&z, b, c, i));
+            let yk = pixel_label(b, i);
+            var z: Block;
+            if !NORMS_ONLY {
+                z = load_logits(b, i);
             }
-        } else {
-            plain = lse - z_label(&z, b, yk, i);
+            var unused: Block;
+            stats_pixel(&acc, &sums, &bad, terms, &cs, k, b, i, yk, &z, &unused);
         }
-        counts.y += plain;
-        for (var t = 0u; t < N_PIX; t++) {
-            var l: f32;
-            if is_ce(kinds[t]) {
-                l = ce_pixel(t, opt[t], offs[t], &z, &g, b, i, yk, lse, plain);
-                if has_map(t) {
-                    loss_map[t * n_maps + b * dims.spatial + i] = l;
-                }
-            } else {
-                l = focal_pixel(t, opt[t], offs[t], &z, &g, &ez, b, i, yk, p, lse);
-            }
-            losses[t] += l;
-        }
-        for (var c = 0u; c < first; c++) {
-            let pc = ez[c] / p.y;
-            let sc = select(pc, et[c] / pt.y, TEMPERED);
-            accumulate(&sums, c, pc, sc, g_of(&g, b, c, i, yk));
-        }
-        pixel_grad(&cs, b, i, yk, true, &z, &g, &ez, &et, p, pt);
     }
     publish(bad);
     if !NORMS_ONLY && CLASS_SUMS {
@@ -420,14 +458,11 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
         let n = min(c_rt - c0, BLOCK);
         var more: ClassSums;
         for (var k = 0u; k < PPT; k++) {
-            if (counted & (1u << k)) != 0u {
+            if (acc.counted & (1u << k)) != 0u {
                 let i = pixel_of(base, k, lid, WG, PPT);
-                var yk = 0u;
-                if LABEL_KIND != LABELS_SOFT {
-                    yk = class_label(b, i);
-                }
-                let sm = softmax_of[k].xy;
-                let smt = softmax_of[k].zw;
+                let yk = pixel_label(b, i);
+                let sm = acc.softmax_of[k].xy;
+                let smt = acc.softmax_of[k].zw;
                 for (var c = 0u; c < n; c++) {
                     let ps = probs(logit(b, c0 + c, i), sm, smt);
                     accumulate(&more, c, ps.x, ps.y, target_of(b, c0 + c, i, yk));
@@ -437,7 +472,7 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
         flush(lid, row, c0, n, &more);
     }
 
-    let s = reduce3(lid, counts, losses, norms);
+    let s = reduce3(lid, acc.counts, acc.losses, acc.norms);
     if s.writer {
         let o = row + C * PER_CLASS;
         for (var k = 0u; k < 4u; k++) {

@@ -434,13 +434,19 @@ fn kernel_dims(k: &KernelInfo) -> Vec<Vec<Value>> {
         d.push(dim("NHWC", &[0.0, 1.0]));
     }
     if has(Override::Ppt) {
-        // stages.rs `grad_pixels_per_invocation`: PPT = 32 exactly where CONTIGUOUS.
+        // stages.rs `grad_pixels_per_invocation`: PPT = 32 exactly where CONTIGUOUS; QUADS
+        // only with CONTIGUOUS (plan.rs `quads`).
         d.push(vec![
-            vec![("CONTIGUOUS", 0.0), ("PPT", 8.0)],
-            vec![("CONTIGUOUS", 1.0), ("PPT", 32.0)],
+            vec![("CONTIGUOUS", 0.0), ("PPT", 8.0), ("QUADS", 0.0)],
+            vec![("CONTIGUOUS", 1.0), ("PPT", 32.0), ("QUADS", 0.0)],
+            vec![("CONTIGUOUS", 1.0), ("PPT", 32.0), ("QUADS", 1.0)],
         ]);
     } else if has(Override::Contiguous) {
-        d.push(dim("CONTIGUOUS", &[0.0, 1.0]));
+        d.push(vec![
+            vec![("CONTIGUOUS", 0.0), ("QUADS", 0.0)],
+            vec![("CONTIGUOUS", 1.0), ("QUADS", 0.0)],
+            vec![("CONTIGUOUS", 1.0), ("QUADS", 1.0)],
+        ]);
     }
     if has(Override::StatKinds) {
         // plan.rs `stat_kinds`: any set of dice (8), Tversky (16), generalized dice (32)

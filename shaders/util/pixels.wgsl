@@ -35,6 +35,64 @@ fn pixel_of(base: u32, k: u32, lid: u32, wg: u32, ppt: u32) -> u32 {
     return base + k * wg + lid;
 }
 
+// Quads (CPU adapters only): an invocation's run of consecutive pixels is read four pixels
+// at a time, one vec4 of each class's logits (`load_quad`, through the stage's `logits4`,
+// the logits' buffer bound a second time as vec4), and the gradient is written the same way
+// (grad_pixel.wgsl `store_quad_grad`). Mesa 25's lavapipe turns every storage access whose
+// address differs between lanes into about 13 instructions a lane (mask test, base and size
+// reloads, bounds check, the access), the same for a vec4 as for a scalar but for a bounds
+// check per component: a quad reads a class of four pixels for little more than one. The
+// per-pixel code is unchanged; `quad_pixel` hands it one pixel's block of the quad. The
+// host sets QUADS only where every quad is whole and aligned (src/gpu/plan.rs `quads`):
+// CONTIGUOUS, NCHW f32 logits, class-index labels, pixels per image and every bound
+// range's shift multiples of 4; and only for short pixel code: C ≤ QUAD_CLASSES, no
+// tempered term, no class vector (llvmpipe unrolls a quad's four pixels, and longer code,
+// four times over, outgrows the instruction cache and runs slower than one pixel at a time).
+override QUADS: bool = false;
+alias Quad = array<vec4<f32>, BLOCK_PAD>;
+
+// The logits of pixels i0..i0+4 (a quad) of global image b, one vec4 a class.
+fn load_quad(b: u32, i0: u32) -> Quad {
+    var z: Quad;
+    for (var c = 0u; c < min(C, BLOCK); c++) {
+        z[c] = logits4[(elem(b, c, i0) + dims.logit_shift) >> 2u];
+    }
+    return z;
+}
+
+// Pixel k (0..4) of a quad as a pixel's block.
+fn quad_pixel(q: ptr<function, Quad>, k: u32) -> Block {
+    var z: Block;
+    for (var c = 0u; c < min(C, BLOCK); c++) {
+        z[c] = (*q)[c][k];
+    }
+    return z;
+}
+
+// Puts a pixel's block in place k of a quad.
+fn set_quad_pixel(q: ptr<function, Quad>, k: u32, z: ptr<function, Block>) {
+    for (var c = 0u; c < min(C, BLOCK); c++) {
+        (*q)[c][k] = (*z)[c];
+    }
+}
+
+// The class indices (or IGNORE) of a quad's four pixels: one word of u8 labels, two of u16
+// (the host aligns their bound ranges for quads), else four reads.
+fn quad_labels(b: u32, i0: u32) -> vec4<u32> {
+    let idx = b * dims.spatial + i0 + dims.label_shift;
+    if LABEL_KIND == LABELS_U8 {
+        let v = (vec4(labels[idx >> 2u]) >> vec4(0u, 8u, 16u, 24u)) & vec4(0xFFu);
+        return select(v, vec4(IGNORE), v == vec4(255u));
+    }
+    if LABEL_KIND == LABELS_U16 {
+        let lo = labels[idx >> 1u];
+        let hi = labels[(idx >> 1u) + 1u];
+        let v = vec4(lo & 0xFFFFu, lo >> 16u, hi & 0xFFFFu, hi >> 16u);
+        return select(v, vec4(IGNORE), v == vec4(0xFFFFu));
+    }
+    return vec4(class_label(b, i0), class_label(b, i0 + 1u), class_label(b, i0 + 2u), class_label(b, i0 + 3u));
+}
+
 // How logits are stored: a FLOAT_* code (16-bit values two per word, widened here; the sums
 // stay f32).
 override LOGIT_KIND: u32 = FLOAT_F32;
@@ -82,6 +140,15 @@ fn class_label(b: u32, i: u32) -> u32 {
         return signed_label(labels[w], labels[w + 1u]);
     }
     return labels[idx];
+}
+
+// What the pixel loops take as pixel i's label: its class index (or IGNORE), or 0 with soft
+// labels, whose targets are read per class.
+fn pixel_label(b: u32, i: u32) -> u32 {
+    if LABEL_KIND == LABELS_SOFT {
+        return 0u;
+    }
+    return class_label(b, i);
 }
 
 // A signed class index as its low word and high word (an i32's sign extension): negative

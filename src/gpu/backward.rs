@@ -17,6 +17,7 @@ use super::readback::Recorded;
 use super::record::{
     bound_ranges, check_request, encode_dispatches, plan_chunks, Encoding, Request,
 };
+use super::stages::Variant;
 use crate::error::{Error, Result};
 use crate::input::GradFormat;
 use crate::spec::LossSpec;
@@ -241,11 +242,18 @@ impl GpuContext {
                 req: &req,
                 call: &call,
                 ws: &ws,
-                variant: self.variant(&req),
+                variant: {
+                    let v = self.variant(&req);
+                    Variant {
+                        quads: plan::quads(&req.strategy, &v, call.pixels, &dims[1..]),
+                        ..v
+                    }
+                },
                 dispatches: vec![],
                 kernels: vec![],
             };
             enc.grad(&plans, grad);
+            self.last_quads.store(enc.variant.quads, Ordering::Relaxed);
             Ok(enc.dispatches)
         })?;
         if slots.taken.swap(true, Ordering::AcqRel) {

@@ -169,6 +169,8 @@ pub struct GpuContext {
     pub(super) last_chunks: std::sync::atomic::AtomicUsize,
     /// The kernels of the last recorded call's dispatches, in order (tests).
     pub(super) last_kernels: Mutex<Vec<super::stages::Kernel>>,
+    /// Whether the last recorded call's pixel stages took quads (tests).
+    pub(super) last_quads: std::sync::atomic::AtomicBool,
     /// The next recording's sequence number.
     pub(super) next_seq: std::sync::atomic::AtomicU32,
     pub(super) created_bytes: std::sync::atomic::AtomicU64,
@@ -262,6 +264,7 @@ impl GpuContext {
             strategy,
             last_chunks: std::sync::atomic::AtomicUsize::new(0),
             last_kernels: Mutex::new(vec![]),
+            last_quads: std::sync::atomic::AtomicBool::new(false),
             next_seq: std::sync::atomic::AtomicU32::new(1),
             created_bytes: std::sync::atomic::AtomicU64::new(0),
             lost: Arc::new(Mutex::new(None)),
@@ -292,6 +295,13 @@ impl GpuContext {
             .lock()
             .map(|k| k.clone())
             .unwrap_or_default()
+    }
+
+    /// Whether the last recorded call's pixel stages took their pixels four at a time
+    /// (pixels.wgsl `QUADS`; tests check which path a call took).
+    #[doc(hidden)]
+    pub fn last_quads(&self) -> bool {
+        self.last_quads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How the stats stage sums a tile by default (the default strategy's `tile_sum`).

@@ -36,6 +36,53 @@ pub fn region(base: u64, first: u64, count: u64, per_word: u64, align: u64) -> R
     }
 }
 
+/// The most classes a call may have to take its pixels four at a time. llvmpipe unrolls the
+/// four pixels of a quad, so the pixel loop's code is four times the scalar loop's: at
+/// C = 4 the stats stage's hot loop spans 21 KiB of x86 (6 KiB one pixel at a time), and
+/// past about five classes it outgrows the CPU's 32 KiB instruction cache. Measured on
+/// lavapipe, one thread, interleaved (BENCHMARKS.md, "Quads"): DiceCE with its gradient
+/// −13 to −22 % at C = 2, −4 to −11 % at 4, even at 5, +5 to +22 % at 6 and 8, +21 % at 21.
+/// For the same reason a spec whose per-pixel code is longer takes no quads (`quads`).
+pub const QUAD_CLASSES: u32 = 4;
+
+/// Whether a call's register-path pixel stages take their pixels four at a time, one vec4 a
+/// class (pixels.wgsl `QUADS`): where the strategy asks for it (`Strategy::quad_pixels`)
+/// and gives each invocation a run of consecutive pixels (`v.contiguous`), with NCHW f32
+/// logits, class-index labels and at most [`QUAD_CLASSES`] classes, where every quad is
+/// whole and on a 16-byte boundary of each bound range: pixels per image a multiple of 4,
+/// and each chunk's logit and gradient shifts multiples of 4 (its u8 label shift too, u16
+/// a multiple of 2, so a quad's labels are one word or two). Not with a tempered region
+/// term or a pixel term's class vector (class weights, focal α, pos_weight): their longer
+/// per-pixel code, four times over, measured 4–31 % slower than one pixel at a time at
+/// four classes (BENCHMARKS.md, "Quads"). `slots` are the chunks' `Dims` (`plan_chunks`,
+/// after the header).
+pub fn quads(
+    strategy: &Strategy,
+    v: &super::stages::Variant,
+    pixels: usize,
+    slots: &[Dims],
+) -> bool {
+    let label_align = match v.label_kind {
+        LABELS_SOFT => return false,
+        LABELS_U8 => 4,
+        LABELS_U16 => 2,
+        _ => 1,
+    };
+    strategy.quad_pixels
+        && v.contiguous
+        && !v.nhwc
+        && v.logit_kind == FLOAT_F32
+        && v.classes <= QUAD_CLASSES
+        && !v.tempered
+        && v.pixel_weighted == 0
+        && pixels.is_multiple_of(4)
+        && slots.iter().all(|d| {
+            d.logit_shift.is_multiple_of(4)
+                && d.grad_shift.is_multiple_of(4)
+                && d.label_shift.is_multiple_of(label_align)
+        })
+}
+
 /// Splits B images into runs whose largest bound array fits `max_binding` bytes (with room
 /// for the alignment slack). `bytes_per_image` is the largest array's bytes per image.
 pub fn chunks(
@@ -343,6 +390,113 @@ pub fn sigmoid(spec: &LossSpec) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quads_only_where_every_quad_is_whole_aligned_and_short() {
+        use super::super::stages::Variant;
+        let strategy = super::super::strategy::cpu_for_tests();
+        let v = Variant {
+            classes: 4,
+            label_kind: LABELS_U8,
+            logit_kind: FLOAT_F32,
+            contiguous: true,
+            ..Variant::default()
+        };
+        let aligned = Dims {
+            logit_shift: 8,
+            grad_shift: 0u32.wrapping_sub(4096),
+            label_shift: 4,
+            ..Dims::default()
+        };
+        assert!(quads(&strategy, &v, 96, &[aligned, aligned]));
+        // Each condition alone turns them off.
+        let off = Strategy {
+            quad_pixels: false,
+            ..strategy
+        };
+        assert!(!quads(&off, &v, 96, &[aligned]));
+        assert!(!quads(&strategy, &v, 98, &[aligned]));
+        for other in [
+            Variant {
+                contiguous: false,
+                ..v
+            },
+            Variant { nhwc: true, ..v },
+            Variant {
+                logit_kind: FLOAT_F16,
+                ..v
+            },
+            Variant {
+                label_kind: LABELS_SOFT,
+                ..v
+            },
+            Variant {
+                classes: QUAD_CLASSES + 1,
+                ..v
+            },
+            Variant {
+                tempered: true,
+                ..v
+            },
+            Variant {
+                pixel_weighted: 1,
+                ..v
+            },
+        ] {
+            assert!(!quads(&strategy, &other, 96, &[aligned]), "{other:?}");
+        }
+        for shifted in [
+            Dims {
+                logit_shift: 9,
+                ..aligned
+            },
+            Dims {
+                grad_shift: 2,
+                ..aligned
+            },
+            Dims {
+                label_shift: 6,
+                ..aligned
+            },
+        ] {
+            assert!(
+                !quads(&strategy, &v, 96, &[aligned, shifted]),
+                "{shifted:?}"
+            );
+        }
+        // u16 labels need two-label alignment, 32-bit ones none.
+        let u16 = Variant {
+            label_kind: LABELS_U16,
+            ..v
+        };
+        let even = Dims {
+            label_shift: 6,
+            ..aligned
+        };
+        assert!(quads(&strategy, &u16, 96, &[even]));
+        assert!(!quads(
+            &strategy,
+            &u16,
+            96,
+            &[Dims {
+                label_shift: 7,
+                ..aligned
+            }]
+        ));
+        let i32s = Variant {
+            label_kind: LABELS_I32,
+            ..v
+        };
+        assert!(quads(
+            &strategy,
+            &i32s,
+            96,
+            &[Dims {
+                label_shift: 7,
+                ..aligned
+            }]
+        ));
+    }
 
     #[test]
     fn regions_align_down_and_shift_back() {

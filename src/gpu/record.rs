@@ -486,8 +486,16 @@ impl Encoding<'_, '_> {
         let (batch, ws) = (self.req.batch, self.ws);
         for p in plans {
             let target = g.map(|g| Self::grad_target(ws, self.call.narrow, p, g));
+            let quads = self.variant.quads;
+            let [read_stand_in, write_stand_in] = &ws.quad_stand_ins;
             self.add(kernel, groups(p), |b| match (b, target) {
                 (Binding::Logits, _) => (batch.logits.buffer, p.logits.offset, p.logits.size),
+                (Binding::Logits4, _) if quads => {
+                    (batch.logits.buffer, p.logits.offset, p.logits.size)
+                }
+                (Binding::Logits4, _) => (read_stand_in, 0, 16),
+                (Binding::Grad4, Some(t)) if quads => t,
+                (Binding::Grad4, _) => (write_stand_in, 0, 16),
                 (Binding::Labels, _) => (batch.labels.buffer, p.labels.offset, p.labels.size),
                 (Binding::Dims, _) => (&ws.dims, p.slot, DIMS_SIZE),
                 (Binding::Grad, Some(t)) => t,
@@ -771,6 +779,8 @@ impl GpuContext {
             pixel_wg: req.strategy.pixel_workgroup,
             stage_pixels: req.strategy.stage_pixels,
             accumulate: req.accumulate,
+            // Set from the call's bound ranges once they are planned (`plan::quads`).
+            quads: false,
         }
     }
 
@@ -881,7 +891,13 @@ impl GpuContext {
             req,
             call: &call,
             ws: &ws,
-            variant: self.variant(req),
+            variant: {
+                let v = self.variant(req);
+                Variant {
+                    quads: plan::quads(&req.strategy, &v, call.pixels, &slots[1..]),
+                    ..v
+                }
+            },
             dispatches: vec![],
             kernels: vec![],
         };
@@ -911,6 +927,8 @@ impl GpuContext {
             }
         }
         let dispatches = enc.dispatches;
+        self.last_quads
+            .store(enc.variant.quads, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut k) = self.last_kernels.lock() {
             *k = enc.kernels;
         }

@@ -121,6 +121,10 @@ pub enum Binding {
     Out16,
     /// Bad-input counters and the sequence number.
     Check,
+    /// The logits' range again as vec4 (a quad's reads; a stand-in without `QUADS`).
+    Logits4,
+    /// The f32 gradient's range again as vec4 (a quad's stores; a stand-in without `QUADS`).
+    Grad4,
 }
 
 impl Binding {
@@ -138,6 +142,8 @@ impl Binding {
             Binding::LossMap => 8,
             Binding::Out16 => 9,
             Binding::Check => 10,
+            Binding::Logits4 => 11,
+            Binding::Grad4 => 12,
         }
     }
 
@@ -155,6 +161,8 @@ impl Binding {
             Binding::LossMap => "loss_map",
             Binding::Out16 => "out16",
             Binding::Check => "check",
+            Binding::Logits4 => "logits4",
+            Binding::Grad4 => "grad4",
         }
     }
 }
@@ -212,11 +220,13 @@ pub enum Override {
     StagePixels,
     /// The gradient is added to the target's values (a backward recording's choice).
     Accumulate,
+    /// Four pixels a vec4 (pixels.wgsl `QUADS`).
+    Quads,
 }
 
 impl Override {
     /// Every override, in the order of [`Variant`]'s values.
-    pub const ALL: [Override; 19] = [
+    pub const ALL: [Override; 20] = [
         Override::C,
         Override::LabelKind,
         Override::LogitKind,
@@ -236,6 +246,7 @@ impl Override {
         Override::ClassSums,
         Override::StagePixels,
         Override::Accumulate,
+        Override::Quads,
     ];
 
     /// The constant's name in WGSL.
@@ -260,6 +271,7 @@ impl Override {
             Override::ClassSums => "CLASS_SUMS",
             Override::StagePixels => "STAGE_PIXELS",
             Override::Accumulate => "ACCUMULATE",
+            Override::Quads => "QUADS",
         }
     }
 }
@@ -295,7 +307,8 @@ use Access::{Read, ReadWrite, Uniform};
 use Binding as B;
 use Override as O;
 
-const STATS_BINDINGS: &[(Binding, Access)] = &[
+/// The stats stage's bindings in the staged modules, which read no quads.
+const STATS_STAGED_BINDINGS: &[(Binding, Access)] = &[
     (B::Logits, Read),
     (B::Labels, Read),
     (B::Dims, Uniform),
@@ -304,6 +317,10 @@ const STATS_BINDINGS: &[(Binding, Access)] = &[
     (B::LossMap, ReadWrite),
     (B::Check, ReadWrite),
 ];
+/// The register-path pixel stages also bind the logits (and the gradient) as vec4: their
+/// quads (pixels.wgsl `QUADS`).
+const STATS_BINDINGS: &[(Binding, Access)] =
+    &concat::<_, 8>(STATS_STAGED_BINDINGS, &[(B::Logits4, Read)]);
 /// The overrides every pixel kernel takes, register path and staged alike.
 const PIXEL_COMMON: [Override; 9] = [
     O::C,
@@ -317,11 +334,16 @@ const PIXEL_COMMON: [Override; 9] = [
     O::PixelWeighted,
 ];
 /// The overrides both register-path pixel stages take.
-const PIXEL_OVERRIDES: [Override; 10] = overrides_and(&PIXEL_COMMON, &[O::Contiguous]);
+const PIXEL_OVERRIDES: [Override; 11] = overrides_and(&PIXEL_COMMON, &[O::Contiguous, O::Quads]);
 
 /// `base` followed by `own` (the first `N` entries of the result).
 const fn overrides_and<const N: usize>(base: &[Override], own: &[Override]) -> [Override; N] {
-    let mut all = [O::C; N];
+    concat(base, own)
+}
+
+/// `base` followed by `own` (the first `N` entries of the result; `base` is not empty).
+const fn concat<T: Copy, const N: usize>(base: &[T], own: &[T]) -> [T; N] {
+    let mut all = [base[0]; N];
     let mut k = 0;
     while k < N {
         all[k] = if k < base.len() {
@@ -346,11 +368,11 @@ const fn pixel_overrides_and<const N: usize>(own: &[Override]) -> [Override; N] 
 const STATS_OWN: &[Override] = &[O::PixelMaps, O::NormsOnly, O::ClassSums];
 const GRAD_OWN: &[Override] = &[O::StatTerms, O::Accumulate];
 const STATS_GRAD_OWN: &[Override] = &overrides_and::<5>(STATS_OWN, GRAD_OWN);
-const STATS_OVERRIDES: &[Override] = &pixel_overrides_and::<13>(STATS_OWN);
+const STATS_OVERRIDES: &[Override] = &pixel_overrides_and::<14>(STATS_OWN);
 const GRAD_OVERRIDES: &[Override] =
-    &pixel_overrides_and::<13>(&overrides_and::<3>(&[O::Ppt], GRAD_OWN));
-const STATS_GRAD_OVERRIDES: &[Override] = &pixel_overrides_and::<15>(STATS_GRAD_OWN);
-const GRAD_BINDINGS: &[(Binding, Access)] = &[
+    &pixel_overrides_and::<14>(&overrides_and::<3>(&[O::Ppt], GRAD_OWN));
+const STATS_GRAD_OVERRIDES: &[Override] = &pixel_overrides_and::<16>(STATS_GRAD_OWN);
+const GRAD_STAGED_BINDINGS: &[(Binding, Access)] = &[
     (B::Logits, Read),
     (B::Labels, Read),
     (B::Dims, Uniform),
@@ -358,9 +380,11 @@ const GRAD_BINDINGS: &[(Binding, Access)] = &[
     (B::Fin, Read),
     (B::Grad, ReadWrite),
 ];
+const QUAD_BINDINGS: &[(Binding, Access)] = &[(B::Logits4, Read), (B::Grad4, ReadWrite)];
+const GRAD_BINDINGS: &[(Binding, Access)] = &concat::<_, 8>(GRAD_STAGED_BINDINGS, QUAD_BINDINGS);
 /// The grad stage's bindings where the gradient shares a buffer with the inputs (wgpu
 /// refuses a buffer bound read-only and read-write in one dispatch).
-const GRAD_SHARED_BINDINGS: &[(Binding, Access)] = &[
+const GRAD_SHARED_STAGED_BINDINGS: &[(Binding, Access)] = &[
     (B::Logits, ReadWrite),
     (B::Labels, ReadWrite),
     (B::Dims, Uniform),
@@ -368,24 +392,30 @@ const GRAD_SHARED_BINDINGS: &[(Binding, Access)] = &[
     (B::Fin, Read),
     (B::Grad, ReadWrite),
 ];
+const GRAD_SHARED_BINDINGS: &[(Binding, Access)] = &concat::<_, 8>(
+    GRAD_SHARED_STAGED_BINDINGS,
+    &[(B::Logits4, ReadWrite), (B::Grad4, ReadWrite)],
+);
 const GRAD_PARTS: &[Source] = &[DISPATCH, MATH, SPEC, PIXELS, GRAD_PIXEL, GRAD];
 /// The stats stage's bindings with the gradient's (fin read, grad written) in binding
 /// order: the one-pass form.
-const STATS_GRAD_BINDINGS: &[(Binding, Access)] = &{
-    let mut all = [(B::Fin, Read); STATS_BINDINGS.len() + 2];
+const STATS_GRAD_STAGED_BINDINGS: &[(Binding, Access)] = &{
+    let mut all = [(B::Fin, Read); STATS_STAGED_BINDINGS.len() + 2];
     let (mut k, mut j) = (0, 0);
-    while k < STATS_BINDINGS.len() {
-        if STATS_BINDINGS[k].0.slot() > B::Fin.slot() && j == k {
+    while k < STATS_STAGED_BINDINGS.len() {
+        if STATS_STAGED_BINDINGS[k].0.slot() > B::Fin.slot() && j == k {
             all[j] = (B::Fin, Read);
             all[j + 1] = (B::Grad, ReadWrite);
             j += 2;
         }
-        all[j] = STATS_BINDINGS[k];
+        all[j] = STATS_STAGED_BINDINGS[k];
         j += 1;
         k += 1;
     }
     all
 };
+const STATS_GRAD_BINDINGS: &[(Binding, Access)] =
+    &concat::<_, 11>(STATS_GRAD_STAGED_BINDINGS, QUAD_BINDINGS);
 
 const fn stats(kernel: Kernel, module: &'static str, parts: &'static [Source]) -> KernelInfo {
     let with_grad = matches!(
@@ -608,7 +638,7 @@ pub const KERNELS: [KernelInfo; 16] = [
         "staged_stats",
         STAGED_STATS_PARTS,
         "stats_main",
-        STATS_BINDINGS,
+        STATS_STAGED_BINDINGS,
         STAGED_STATS_OVERRIDES,
     ),
     staged(
@@ -616,7 +646,7 @@ pub const KERNELS: [KernelInfo; 16] = [
         "staged",
         STAGED_GRAD_PARTS,
         "stats_main",
-        STATS_GRAD_BINDINGS,
+        STATS_GRAD_STAGED_BINDINGS,
         STAGED_STATS_GRAD_OVERRIDES,
     ),
     staged(
@@ -624,7 +654,7 @@ pub const KERNELS: [KernelInfo; 16] = [
         "staged",
         STAGED_GRAD_PARTS,
         "grad_main",
-        GRAD_BINDINGS,
+        GRAD_STAGED_BINDINGS,
         STAGED_GRAD_OVERRIDES,
     ),
     staged(
@@ -632,7 +662,7 @@ pub const KERNELS: [KernelInfo; 16] = [
         "staged_shared",
         STAGED_GRAD_PARTS,
         "grad_main",
-        GRAD_SHARED_BINDINGS,
+        GRAD_SHARED_STAGED_BINDINGS,
         STAGED_GRAD_OVERRIDES,
     ),
 ];
@@ -774,6 +804,8 @@ pub struct Variant {
     pub stage_pixels: u32,
     /// The gradient pass adds to the target instead of overwriting it.
     pub accumulate: bool,
+    /// Pixels four at a time (`plan::quads`).
+    pub quads: bool,
 }
 
 impl Variant {
@@ -799,6 +831,7 @@ impl Variant {
             O::ClassSums => self.class_sums as u32,
             O::StagePixels => self.stage_pixels,
             O::Accumulate => self.accumulate as u32,
+            O::Quads => self.quads as u32,
         }
     }
 }

@@ -110,6 +110,11 @@ pub struct Strategy {
     /// neighbouring pixels (GPUs: coalesced loads). See `CONTIGUOUS` in
     /// shaders/util/pixels.wgsl.
     pub contiguous_pixels: bool,
+    /// With `contiguous_pixels`, the stats and grad stages read and write four consecutive
+    /// pixels of a class as one vec4 wherever the call's layout allows (`plan::quads`;
+    /// `QUADS` in shaders/util/pixels.wgsl). On CPU adapters, where every storage access
+    /// costs a sequence per SIMD lane whatever its width (BENCHMARKS.md, "Quads").
+    pub quad_pixels: bool,
     /// The subgroup size the stats stage's partial rows are planned for, with
     /// `TileSum::Subgroup` (0: the adapter's smallest). A smaller size plans more rows than
     /// the subgroups write, so tests reach `clear_spare_rows`.
@@ -191,6 +196,7 @@ impl Strategy {
         Strategy {
             tile_sum: TileSum::preferred(device, info),
             contiguous_pixels: info.device_type == wgpu::DeviceType::Cpu,
+            quad_pixels: info.device_type == wgpu::DeviceType::Cpu,
             planned_subgroup_size: 0,
             binding_limit: 0,
             class_block: if info.device_type == wgpu::DeviceType::Cpu {
@@ -380,14 +386,21 @@ impl Strategy {
     }
 }
 
+/// A CPU adapter's strategy with subgroup sums, for unit tests without a device.
+#[cfg(test)]
+pub(crate) fn cpu_for_tests() -> Strategy {
+    tests::cpu()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn cpu() -> Strategy {
+    pub(super) fn cpu() -> Strategy {
         Strategy {
             tile_sum: TileSum::Subgroup,
             contiguous_pixels: true,
+            quad_pixels: true,
             planned_subgroup_size: 0,
             binding_limit: 0,
             class_block: CPU_CLASS_BLOCK,

@@ -48,6 +48,10 @@ pub(super) struct Workspace {
     /// by the recording's last command.
     pub(super) seq: wgpu::Buffer,
     pub(super) scratch: Option<wgpu::Buffer>,
+    /// What the pixel stages' vec4 views (`Binding::Logits4`, `Binding::Grad4`) bind when a
+    /// call takes no quads: 16 bytes each, never read or written, two buffers because one
+    /// is bound read-only and the other read-write in the same dispatch.
+    pub(super) quad_stand_ins: [wgpu::Buffer; 2],
     pub(super) staging: wgpu::Buffer,
     pub(super) keys: Vec<(BufferKey, wgpu::Buffer)>,
     pub(super) sizes: Sizes,
@@ -124,6 +128,7 @@ impl GpuContext {
         let check = make(SEQ_AT + 16, out);
         let seq = make(16, U::COPY_SRC | U::COPY_DST);
         let scratch = (key.scratch > 0).then(|| make(key.scratch, U::STORAGE));
+        let quad_stand_ins = [make(16, U::STORAGE), make(16, U::STORAGE)];
         let staging = make(
             sizes.fin + sizes.stats + sizes.map + SEQ_AT + 16,
             U::MAP_READ | U::COPY_DST,
@@ -138,6 +143,7 @@ impl GpuContext {
             check,
             seq,
             scratch,
+            quad_stand_ins,
             staging,
             keys,
             sizes,

@@ -274,6 +274,16 @@ pub fn check_layout_format(
             },
         )
         .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let mut g = got.gradient.clone().unwrap();
+    if layout == Layout::Nhwc {
+        g = permute(&g, shape, true);
+    }
+    assert_loss_and_gradient(&got, &g, &want, what);
+}
+
+/// The loss, every term's value and every element of `gradient` (the GPU's, in the
+/// reference's layout) against the reference's output `want`.
+pub fn assert_loss_and_gradient(got: &LossOutput, gradient: &[f32], want: &LossOutput, what: &str) {
     assert!(
         close(got.loss, want.loss),
         "{what}: loss {} vs reference {}",
@@ -289,9 +299,5 @@ pub fn check_layout_format(
             w.value
         );
     }
-    let mut g = got.gradient.unwrap();
-    if layout == Layout::Nhwc {
-        g = permute(&g, shape, true);
-    }
-    assert_gradient(&g, want.gradient.as_ref().unwrap(), what);
+    assert_gradient(gradient, want.gradient.as_ref().unwrap(), what);
 }

@@ -13,6 +13,7 @@ mod backend_misuse;
 mod forward_backward;
 mod inputs;
 mod one_pass;
+mod quads;
 mod region_family;
 mod reliability;
 mod small_calls;
