@@ -1,90 +1,169 @@
 //! Device time of each stage alone, for performance work: the statistics pass, the whole
 //! forward (statistics + finalize) and forward + gradient, against a copy of the logits.
 //!
-//! cargo run --release --example stage_times -- 8,4,256,256 [ROUNDS] [SPEC]
+//! cargo run --release --example stage_times -- 8,4,256,256 [ROUNDS] [SPEC] [scalar]
 //!
 //! SPEC is a loss spec in JSON (default DiceCE: cross_entropy + dice). With a spec of pixel
 //! terms only, "+grad" takes the one-pass path where it applies (ARCHITECTURE.md, "One pass
-//! for pixel terms").
+//! for pixel terms"). `scalar` also times the stats pass and the whole call with the pixel
+//! stages reading one pixel at a time where they would take quads (`Strategy::quad_pixels`
+//! off), on a second device of the same adapter, interleaved with the others.
 
-use segloss::gpu::{DeviceBatch, GpuContext, GradTarget};
+use segloss::gpu::{DeviceBatch, GpuContext, GradTarget, Strategy};
 use segloss::input::{LabelFormat, Labels, Shape};
 use segloss::testing::{random_labels, random_logits, Rng};
 use segloss::LossSpec;
 use std::time::Instant;
 use wgpu::util::DeviceExt;
 
+/// A context with the problem's logits, labels and a gradient buffer on its device.
+struct Setup {
+    ctx: GpuContext,
+    logits: wgpu::Buffer,
+    labels: wgpu::Buffer,
+    grad: wgpu::Buffer,
+}
+
+impl Setup {
+    fn new(ctx: GpuContext, shape: &Shape) -> segloss::Result<Self> {
+        let mut rng = Rng::new(1);
+        let z = random_logits(&mut rng, shape, 3.0);
+        let y = random_labels(&mut rng, shape, 0.0);
+        let usage = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST;
+        let dev = ctx.device();
+        let logits = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(&z),
+            usage,
+        });
+        let words = LabelFormat::U8.encode(&Labels::index(&y), -100, shape.classes)?;
+        let labels = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(&words),
+            usage,
+        });
+        let grad = dev.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: logits.size(),
+            usage,
+            mapped_at_creation: false,
+        });
+        Ok(Setup {
+            ctx,
+            logits,
+            labels,
+            grad,
+        })
+    }
+
+    fn batch<'a>(&'a self, shape: &'a Shape) -> DeviceBatch<'a> {
+        DeviceBatch::new(shape, &self.logits, &self.labels, LabelFormat::U8)
+    }
+}
+
+type Variant<'a> = Box<dyn Fn(&mut wgpu::CommandEncoder) -> segloss::Result<()> + 'a>;
+
 fn main() -> segloss::Result<()> {
-    let arg = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "8,4,256,256".into());
+    let args: Vec<String> = std::env::args().collect();
+    let arg = args.get(1).cloned().unwrap_or_else(|| "8,4,256,256".into());
     let d: Vec<usize> = arg.split(',').filter_map(|v| v.parse().ok()).collect();
     let shape = Shape::new(d[0], d[1], &d[2..]);
     let spec = LossSpec::from_json(
-        &std::env::args()
-            .nth(3)
-            .unwrap_or_else(|| r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice"}]}"#.into()),
+        args.get(3)
+            .map(String::as_str)
+            .unwrap_or(r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice"}]}"#),
     )?;
-    let ctx = GpuContext::new()?;
-    let dev = ctx.device();
-    let mut rng = Rng::new(1);
-    let z = random_logits(&mut rng, &shape, 3.0);
-    let y = random_labels(&mut rng, &shape, 0.0);
-    let usage =
-        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-    let logits = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: None,
-        contents: bytemuck::cast_slice(&z),
-        usage,
-    });
-    let words = LabelFormat::U8.encode(&Labels::index(&y), -100, shape.classes)?;
-    let labels = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: None,
-        contents: bytemuck::cast_slice(&words),
-        usage,
-    });
-    let grad = dev.create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: logits.size(),
-        usage,
-        mapped_at_creation: false,
-    });
-    let batch = DeviceBatch::new(&shape, &logits, &labels, LabelFormat::U8);
-    // Each round times every variant once, in turn, so all see the same machine state
-    // (lavapipe's times drift by tens of percent within a minute); medians of the rounds.
+    let main = Setup::new(GpuContext::new()?, &shape)?;
+    let scalar = match args.get(4).map(String::as_str) {
+        Some("scalar") => {
+            let ctx = GpuContext::new()?;
+            let strategy = Strategy {
+                quad_pixels: false,
+                ..ctx.strategy()
+            };
+            Some(Setup::new(ctx.with_strategy(strategy)?, &shape)?)
+        }
+        _ => None,
+    };
     // Finalize alone: the two-phase API given the statistics, without the gradient.
-    let mut enc = dev.create_command_encoder(&Default::default());
+    let (ctx, batch) = (&main.ctx, main.batch(&shape));
+    let mut enc = ctx.device().create_command_encoder(&Default::default());
     let st = ctx.record_statistics(&mut enc, &spec, &batch)?;
     ctx.queue().submit([enc.finish()]);
-    let st = st.statistics(&ctx)?;
-    type Variant<'a> = &'a dyn Fn(&mut wgpu::CommandEncoder) -> segloss::Result<()>;
-    let variants: [Variant; 5] = [
-        &|enc| {
-            enc.copy_buffer_to_buffer(&logits, 0, &grad, 0, logits.size());
-            Ok(())
-        },
-        &|enc| ctx.record_statistics(enc, &spec, &batch).map(|_| ()),
-        &|enc| ctx.record(enc, &spec, &batch, None).map(|_| ()),
-        &|enc| {
-            ctx.record(enc, &spec, &batch, Some(GradTarget::f32(&grad)))
-                .map(|_| ())
-        },
-        &|enc| {
-            ctx.record_with_statistics(enc, &spec, &batch, &st, None)
-                .map(|_| ())
-        },
+    let st = st.statistics(ctx)?;
+    let (spec, st, main_grad) = (&spec, &st, &main.grad);
+    // (name, the device it runs on, what it records)
+    let mut variants: Vec<(&str, &Setup, Variant)> = vec![
+        (
+            "copy",
+            &main,
+            Box::new(|enc: &mut wgpu::CommandEncoder| {
+                enc.copy_buffer_to_buffer(&main.logits, 0, &main.grad, 0, main.logits.size());
+                Ok(())
+            }),
+        ),
+        (
+            "stats",
+            &main,
+            Box::new(move |enc: &mut wgpu::CommandEncoder| {
+                ctx.record_statistics(enc, spec, &batch).map(|_| ())
+            }),
+        ),
+        (
+            "stats+finalize",
+            &main,
+            Box::new(move |enc: &mut wgpu::CommandEncoder| {
+                ctx.record(enc, spec, &batch, None).map(|_| ())
+            }),
+        ),
+        (
+            "+grad",
+            &main,
+            Box::new(move |enc: &mut wgpu::CommandEncoder| {
+                let g = Some(GradTarget::f32(main_grad));
+                ctx.record(enc, spec, &batch, g).map(|_| ())
+            }),
+        ),
+        (
+            "finalize alone",
+            &main,
+            Box::new(move |enc: &mut wgpu::CommandEncoder| {
+                ctx.record_with_statistics(enc, spec, &batch, st, None)
+                    .map(|_| ())
+            }),
+        ),
     ];
-    let rounds: usize = std::env::args()
-        .nth(2)
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(15);
+    if let Some(sc) = &scalar {
+        let b = sc.batch(&shape);
+        variants.push((
+            "stats (scalar)",
+            sc,
+            Box::new(move |enc: &mut wgpu::CommandEncoder| {
+                sc.ctx.record_statistics(enc, spec, &b).map(|_| ())
+            }),
+        ));
+        variants.push((
+            "+grad (scalar)",
+            sc,
+            Box::new(move |enc: &mut wgpu::CommandEncoder| {
+                let g = Some(GradTarget::f32(&sc.grad));
+                sc.ctx.record(enc, spec, &b, g).map(|_| ())
+            }),
+        ));
+    }
+    let rounds: usize = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(15);
+    // Each round times every variant once, in turn, so all see the same machine state
+    // (lavapipe's times drift by tens of percent within a minute); medians of the rounds.
     let mut times = vec![vec![]; variants.len()];
     for round in 0..rounds + 2 {
-        for (k, f) in variants.iter().enumerate() {
+        for (k, (_, on, f)) in variants.iter().enumerate() {
+            let dev = on.ctx.device();
             let t = Instant::now();
             let mut enc = dev.create_command_encoder(&Default::default());
             f(&mut enc)?;
-            ctx.queue().submit([enc.finish()]);
+            on.ctx.queue().submit([enc.finish()]);
             dev.poll(wgpu::PollType::wait_indefinitely())
                 .map_err(|e| segloss::Error::Gpu(e.to_string()))?;
             // The first two rounds compile the pipelines and warm the pools.
@@ -93,14 +172,18 @@ fn main() -> segloss::Result<()> {
             }
         }
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let [copy, stats, forward, full, finalize] = [0, 1, 2, 3, 4].map(|k| median(&mut times[k]));
+    let medians: Vec<String> = variants
+        .iter()
+        .zip(&mut times)
+        .map(|((name, _, _), v)| {
+            v.sort_by(f64::total_cmp);
+            format!("{name} {:.3}", v[v.len() / 2])
+        })
+        .collect();
     println!(
-        "{arg} on {}: copy {copy:.3} ms | stats {stats:.3} | stats+finalize {forward:.3} | +grad {full:.3} ms | finalize alone {finalize:.3} ms",
-        ctx.adapter_info().name
+        "{arg} on {}: {} ms",
+        ctx.adapter_info().name,
+        medians.join(" | ")
     );
     Ok(())
 }

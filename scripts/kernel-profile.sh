@@ -4,7 +4,9 @@
 # assembly listing from the same run. Deterministic where wall times on a small machine
 # spread by ±20 %; compare two builds by their counts (BENCHMARKS.md, "Instruction counts").
 #
-#   scripts/kernel-profile.sh 8,4,256,256 [OUT_DIR]
+#   scripts/kernel-profile.sh 8,4,256,256 [OUT_DIR] [SPEC] [scalar]
+#
+# SPEC and `scalar` are stage_times' (a loss spec in JSON; the pixel stages without quads).
 #
 # Needs valgrind (apt-get install -y valgrind) and lavapipe (scripts/install-lavapipe.sh).
 # One round after two warm-up rounds: the stats kernel runs 1 + 3·3 = 10 times, the grad
@@ -14,10 +16,11 @@
 set -euo pipefail
 shape=${1:-8,4,256,256}
 out=${2:-target/kernel-profile}
+spec=${3:-'{"terms":[{"kind":"cross_entropy"},{"kind":"dice"}]}'}
 mkdir -p "$out"
 cargo build --release --example stage_times
 export WGPU_BACKEND=vulkan MESA_SHADER_CACHE_DISABLE=true GALLIVM_DEBUG=asm
 valgrind --tool=callgrind --dump-instr=yes --callgrind-out-file="$out/callgrind.out" \
-    target/release/examples/stage_times "$shape" 1 >"$out/asm.txt" 2>&1
+    target/release/examples/stage_times "$shape" 1 "$spec" ${4:-} >"$out/asm.txt" 2>&1
 grep -h "stats " "$out/asm.txt" || true
 python3 "$(dirname "$0")/kernel_profile.py" "$out/callgrind.out" "$out/asm.txt" "$out/hottest.txt"
