@@ -1,7 +1,7 @@
 // Stage 3: recomputes p from the logits (cheaper than storing it) and writes ∂L/∂z for
 // every class (grad_pixel.wgsl) from the coefficient table and the pixel-term scales. An
 // invocation covers PPT pixels of one image: the image's coefficients, the class weights
-// and the per-term constants, read once, serve all of them (lavapipe reads memory lane by lane, ~20 cycles a
+// (pixels.wgsl `class_weights`) and the per-term constants, read once, serve all of them (lavapipe reads memory lane by lane, ~20 cycles a
 // value, so reading them per pixel cost more than the pixel's own logits).
 // CPU port: src/reference/grad.rs.
 

@@ -20,8 +20,6 @@ override STAT_TERMS: bool = true;
 // and, per pixel term, its kind, ε or γ, scale and class-vector offset (−1: none).
 struct Consts {
     kc: array<vec4<f32>, BLOCK_PAD>,
-    // Per class of the first BLOCK, each pixel term's class-vector entry (`weight_of`).
-    w: array<vec4<f32>, BLOCK_PAD>,
     kinds: vec4<u32>,
     opt: vec4<f32>,
     scales: vec4<f32>,
@@ -50,6 +48,7 @@ fn coef(b: u32, c: u32) -> vec4<f32> {
 // Everything image b's pixels share, read before any branch (`b` is uniform over a
 // workgroup in both stages that link this file).
 fn load_consts(b: u32) -> Consts {
+    load_class_weights();
     var cs: Consts;
     if STAT_TERMS {
         for (var c = 0u; c < min(C, BLOCK); c++) {
@@ -67,28 +66,8 @@ fn load_consts(b: u32) -> Consts {
             }
         }
     }
-    if PIXEL_WEIGHTED != 0u {
-        for (var c = 0u; c < min(C, BLOCK); c++) {
-            for (var t = 0u; t < N_PIX; t++) {
-                cs.w[c][t] = term_weight(t, cs.offs[t], c);
-            }
-        }
-    }
     cs.up = fin[dims.fin_upstream];
     return cs;
-}
-
-// Class c's weight in pixel term t (1 without a class vector), from the invocation's copy
-// for the first BLOCK classes: read from `params` per pixel and class, each weight was a
-// per-lane sequence on lavapipe (BENCHMARKS.md, "Quads").
-fn weight_of(cs: ptr<function, Consts>, t: u32, c: u32) -> f32 {
-    if (PIXEL_WEIGHTED & (1u << t)) == 0u {
-        return 1.0;
-    }
-    if c < BLOCK {
-        return (*cs).w[c][t];
-    }
-    return term_weight(t, (*cs).offs[t], c);
 }
 
 // Class c's coefficients, from the invocation's copy for the first BLOCK classes.
@@ -201,7 +180,7 @@ fn grad_sums_of(cs: ptr<function, Consts>, b: u32, c: u32, zc: f32, gc: f32, e: 
         }
     }
     for (var t = 0u; t < N_PIX; t++) {
-        let w = weight_of(cs, t, c);
+        let w = term_weight(t, (*cs).offs[t], c);
         out.h[t] = pixel_h(is_ce((*cs).kinds[t]), (*cs).opt[t], w, gc, p, e, sm.y, zc - sm.x - log_se);
     }
     return out;
@@ -215,7 +194,7 @@ fn ce_h_sum(cs: ptr<function, Consts>, y: u32) -> vec4<f32> {
     var h = vec4(0.0);
     for (var t = 0u; t < N_PIX; t++) {
         let eps = (*cs).opt[t];
-        h[t] = -((1.0 - eps) * weight_of(cs, t, yc) + eps / f32(C) * (*cs).wsum[t]);
+        h[t] = -((1.0 - eps) * term_weight(t, (*cs).offs[t], yc) + eps / f32(C) * (*cs).wsum[t]);
     }
     return h;
 }
@@ -233,7 +212,7 @@ fn class_dz(cs: ptr<function, Consts>, b: u32, c: u32, zc: f32, gc: f32, e: f32,
         }
     }
     for (var t = 0u; t < N_PIX; t++) {
-        let w = weight_of(cs, t, c);
+        let w = term_weight(t, (*cs).offs[t], c);
         let h = pixel_h(is_ce((*cs).kinds[t]), (*cs).opt[t], w, gc, p, e, sm.y, zc - sm.x - log_se);
         dz += (*cs).scales[t] * (h - p * sums.h[t]);
     }
@@ -250,7 +229,7 @@ fn sigmoid_dz(cs: ptr<function, Consts>, b: u32, c: u32, zc: f32, gc: f32) -> f3
         dz += temp * k.w * sigmoid(temp * zc) * sigmoid(-temp * zc);
     }
     for (var t = 0u; t < N_PIX; t++) {
-        let pw = weight_of(cs, t, c);
+        let pw = term_weight(t, (*cs).offs[t], c);
         dz += (*cs).scales[t] * (p * (1.0 - gc + pw * gc) - pw * gc);
     }
     return dz;

@@ -272,6 +272,7 @@ struct PixelTerms {
 }
 
 fn pixel_terms() -> PixelTerms {
+    load_class_weights();
     var p = PixelTerms(vec4<u32>(0u), vec4(0.0), vec4(-1.0));
     for (var t = 0u; t < N_PIX; t++) {
         p.kinds[t] = u32(record(t, REC_KIND));

@@ -184,10 +184,34 @@ fn is_ce(kind: u32) -> bool {
     return kind == KIND_CE;
 }
 
+// Each pixel term's class-vector entry (class weights, focal α, pos_weight) for the first
+// BLOCK classes, read from `params` once an invocation (`load_class_weights`, which the
+// stats stage's `pixel_terms` and the gradient's `load_consts` call before any
+// `term_weight`). Read per pixel and class, each entry was a per-lane sequence on lavapipe,
+// and a weighted CE's grad pass took twice the time (BENCHMARKS.md, "Quads").
+var<private> class_weights: array<vec4<f32>, BLOCK_PAD>;
+
+fn load_class_weights() {
+    if PIXEL_WEIGHTED == 0u {
+        return;
+    }
+    for (var c = 0u; c < min(C, BLOCK); c++) {
+        for (var t = 0u; t < N_PIX; t++) {
+            let off = record(t, REC_VECTOR);
+            if off >= 0.0 {
+                class_weights[c][t] = params[u32(off) + c];
+            }
+        }
+    }
+}
+
 // Class c's weight in pixel term t from the term's hoisted vector offset (1 when absent).
 fn term_weight(t: u32, off: f32, c: u32) -> f32 {
     if (PIXEL_WEIGHTED & (1u << t)) == 0u || off < 0.0 {
         return 1.0;
+    }
+    if c < BLOCK {
+        return class_weights[c][t];
     }
     return params[u32(off) + c];
 }
