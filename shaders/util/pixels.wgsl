@@ -46,8 +46,8 @@ fn pixel_of(base: u32, k: u32, lid: u32, wg: u32, ppt: u32) -> u32 {
 // host sets QUADS only where every quad is whole and aligned (src/gpu/plan.rs `quads`):
 // CONTIGUOUS, NCHW f32 logits, class-index labels, pixels per image and every bound
 // range's shift multiples of 4; and only for short pixel code: C ≤ QUAD_CLASSES, no
-// tempered term, no class vector (llvmpipe unrolls a quad's four pixels, and longer code,
-// four times over, outgrows the instruction cache and runs slower than one pixel at a time).
+// tempered term (llvmpipe unrolls a quad's four pixels, and longer code, four times over,
+// outgrows the instruction cache and runs slower than one pixel at a time).
 override QUADS: bool = false;
 alias Quad = array<vec4<f32>, BLOCK_PAD>;
 
