@@ -1,8 +1,9 @@
 // Stage 3: recomputes p from the logits (cheaper than storing it) and writes ∂L/∂z for
 // every class (grad_pixel.wgsl) from the coefficient table and the pixel-term scales. An
 // invocation covers PPT pixels of one image: the image's coefficients, the class weights
-// (pixels.wgsl `class_weights`) and the per-term constants, read once, serve all of them (lavapipe reads memory lane by lane, ~20 cycles a
-// value, so reading them per pixel cost more than the pixel's own logits).
+// (pixels.wgsl `class_weights`) and the per-term constants, read once, serve all of them
+// (lavapipe reads memory lane by lane, ~20 cycles a value, so reading them per pixel cost
+// more than the pixel's own logits).
 // CPU port: src/reference/grad.rs.
 
 @group(0) @binding(0) var<storage, read> logits: array<u32>;
@@ -32,6 +33,7 @@ fn main(
     let per_image = (dims.spatial + tile - 1u) / tile;
     let b = dims.image_offset + min(group / per_image, dims.batch - 1u);
     let base = (group % per_image) * tile;
+    load_class_weights();
     var cs = load_consts(b);
     if group >= dims.batch * per_image {
         return;

@@ -48,7 +48,6 @@ fn coef(b: u32, c: u32) -> vec4<f32> {
 // Everything image b's pixels share, read before any branch (`b` is uniform over a
 // workgroup in both stages that link this file).
 fn load_consts(b: u32) -> Consts {
-    load_class_weights();
     var cs: Consts;
     if STAT_TERMS {
         for (var c = 0u; c < min(C, BLOCK); c++) {

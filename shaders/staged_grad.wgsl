@@ -88,6 +88,7 @@ fn grad_main(
     let per_image = (dims.spatial + STAGED_TILE - 1u) / STAGED_TILE;
     let b = dims.image_offset + min(group / per_image, dims.batch - 1u);
     let base = (group % per_image) * STAGED_TILE;
+    load_class_weights();
     var cs = load_consts(b);
     if group >= dims.batch * per_image {
         return;

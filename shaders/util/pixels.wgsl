@@ -185,10 +185,11 @@ fn is_ce(kind: u32) -> bool {
 }
 
 // Each pixel term's class-vector entry (class weights, focal α, pos_weight) for the first
-// BLOCK classes, read from `params` once an invocation (`load_class_weights`, which the
-// stats stage's `pixel_terms` and the gradient's `load_consts` call before any
-// `term_weight`). Read per pixel and class, each entry was a per-lane sequence on lavapipe,
-// and a weighted CE's grad pass took twice the time (BENCHMARKS.md, "Quads").
+// BLOCK classes, read from `params` once an invocation (`load_class_weights`, which every
+// pixel entry point calls once before any `term_weight`: the stats stages through
+// `pixel_terms`, the gradient stages directly). Read per pixel and class, each entry was a
+// per-lane sequence on lavapipe, and a weighted CE's grad pass took twice the time
+// (BENCHMARKS.md, "Quads").
 var<private> class_weights: array<vec4<f32>, BLOCK_PAD>;
 
 fn load_class_weights() {
