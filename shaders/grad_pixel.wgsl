@@ -164,15 +164,15 @@ struct GradSums {
     h: vec4<f32>,
 }
 
-// Class c's share of a pixel's GradSums, from its logit zc, target gc, e = exp(zc − max),
-// tempered probability s (0 untempered), softmax pieces sm and log Σe. The register path
-// adds every class of a pixel in order; the staged path (staged_grad.wgsl) adds a share of
-// the classes per invocation and merges the shares.
-fn grad_sums_of(cs: ptr<function, Consts>, b: u32, c: u32, zc: f32, gc: f32, e: f32, s: f32, sm: vec2<f32>, log_se: f32) -> GradSums {
+// Class c's share of a pixel's GradSums, from its coefficients k (`coef_of`), logit zc,
+// target gc, e = exp(zc − max), tempered probability s (0 untempered), softmax pieces sm
+// and log Σe. The register path adds every class of a pixel in order; the staged path
+// (staged_grad.wgsl) adds a share of the classes per invocation and merges the shares; the
+// chunked path (grad.wgsl `GRAD_CHUNKS`) adds them chunk by chunk.
+fn grad_sums_of(cs: ptr<function, Consts>, k: vec4<f32>, c: u32, zc: f32, gc: f32, e: f32, s: f32, sm: vec2<f32>, log_se: f32) -> GradSums {
     let p = e / sm.y;
     var out = GradSums(0.0, 0.0, vec4(0.0));
     if STAT_TERMS {
-        let k = coef_of(cs, b, c);
         out.ap = stat_a(k, p, gc) * p;
         if TEMPERED {
             out.us = k.w * s;
@@ -198,13 +198,13 @@ fn ce_h_sum(cs: ptr<function, Consts>, y: u32) -> vec4<f32> {
     return h;
 }
 
-// ∂L/∂z_c of a softmax pixel (before the upstream factor) from its class's logit zc, target
-// gc, e = exp(zc − max) and tempered probability s, and the pixel's pieces and GradSums.
-fn class_dz(cs: ptr<function, Consts>, b: u32, c: u32, zc: f32, gc: f32, e: f32, s: f32, sm: vec2<f32>, log_se: f32, sums: GradSums) -> f32 {
+// ∂L/∂z_c of a softmax pixel (before the upstream factor) from its class's coefficients k,
+// logit zc, target gc, e = exp(zc − max) and tempered probability s, and the pixel's pieces
+// and GradSums.
+fn class_dz(cs: ptr<function, Consts>, k: vec4<f32>, c: u32, zc: f32, gc: f32, e: f32, s: f32, sm: vec2<f32>, log_se: f32, sums: GradSums) -> f32 {
     let p = e / sm.y;
     var dz = 0.0;
     if STAT_TERMS {
-        let k = coef_of(cs, b, c);
         dz = p * (stat_a(k, p, gc) - sums.ap);
         if TEMPERED {
             dz += dims.temperature * s * (k.w - sums.us);
@@ -218,11 +218,11 @@ fn class_dz(cs: ptr<function, Consts>, b: u32, c: u32, zc: f32, gc: f32, e: f32,
     return dz;
 }
 
-// ∂L/∂z_c of a sigmoid-mode class (before the upstream factor): classes are independent.
-fn sigmoid_dz(cs: ptr<function, Consts>, b: u32, c: u32, zc: f32, gc: f32) -> f32 {
+// ∂L/∂z_c of a sigmoid-mode class (before the upstream factor) from its coefficients k:
+// classes are independent.
+fn sigmoid_dz(cs: ptr<function, Consts>, k: vec4<f32>, c: u32, zc: f32, gc: f32) -> f32 {
     let temp = dims.temperature;
     let p = sigmoid(zc);
-    let k = coef_of(cs, b, c);
     var dz = stat_a(k, p, gc) * p * sigmoid(-zc);
     if TEMPERED {
         dz += temp * k.w * sigmoid(temp * zc) * sigmoid(-temp * zc);
@@ -242,7 +242,7 @@ fn pixel_grad(cs: ptr<function, Consts>, b: u32, i: u32, y: u32, keep: bool, z: 
     let temp = dims.temperature;
     if SIGMOID {
         for (var c = 0u; c < C; c++) {
-            let dz = sigmoid_dz(cs, b, c, z_of(z, b, c, i), g_of(g, b, c, i, y));
+            let dz = sigmoid_dz(cs, coef_of(cs, b, c), c, z_of(z, b, c, i), g_of(g, b, c, i, y));
             put_grad(b, c, i, select(0.0, dz * (*cs).up, keep), out);
         }
         return;
@@ -262,7 +262,7 @@ fn pixel_grad(cs: ptr<function, Consts>, b: u32, i: u32, y: u32, keep: bool, z: 
         if TEMPERED {
             s = exp_of(et, c, zc, temp, smt.x) / smt.y;
         }
-        let add = grad_sums_of(cs, b, c, zc, g_of(g, b, c, i, y), exp_of(ez, c, zc, 1.0, sm.x), s, sm, log_se);
+        let add = grad_sums_of(cs, coef_of(cs, b, c), c, zc, g_of(g, b, c, i, y), exp_of(ez, c, zc, 1.0, sm.x), s, sm, log_se);
         sums.ap += add.ap;
         sums.us += add.us;
         sums.h += add.h;
@@ -274,7 +274,7 @@ fn pixel_grad(cs: ptr<function, Consts>, b: u32, i: u32, y: u32, keep: bool, z: 
         if TEMPERED {
             s = exp_of(et, c, zc, temp, smt.x) / smt.y;
         }
-        let dz = class_dz(cs, b, c, zc, g_of(g, b, c, i, y), exp_of(ez, c, zc, 1.0, sm.x), s, sm, log_se, sums);
+        let dz = class_dz(cs, coef_of(cs, b, c), c, zc, g_of(g, b, c, i, y), exp_of(ez, c, zc, 1.0, sm.x), s, sm, log_se, sums);
         put_grad(b, c, i, select(0.0, dz * (*cs).up, keep), out);
     }
 }

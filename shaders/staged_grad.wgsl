@@ -21,7 +21,7 @@ fn stage_grad(b: u32, at: u32, lid: u32, cs: ptr<function, Consts>) {
                 if TEMPERED {
                     s = exp(temp * zc - pieces.z) / pieces.w;
                 }
-                let add = grad_sums_of(cs, b, c, zc, staged_target(c, p, y), exp(zc - pieces.x), s, pieces.xy, log_se);
+                let add = grad_sums_of(cs, coef_of(cs, b, c), c, zc, staged_target(c, p, y), exp(zc - pieces.x), s, pieces.xy, log_se);
                 sums.ap += add.ap;
                 sums.us += add.us;
                 sums.h += add.h;
@@ -62,7 +62,7 @@ fn stage_grad(b: u32, at: u32, lid: u32, cs: ptr<function, Consts>) {
         let gc = staged_target(c, p, y);
         var dz = 0.0;
         if SIGMOID {
-            dz = sigmoid_dz(cs, b, c, zc, gc);
+            dz = sigmoid_dz(cs, coef_of(cs, b, c), c, zc, gc);
         } else {
             let pieces = px_pieces[p];
             let pg = px_grad[p];
@@ -70,7 +70,7 @@ fn stage_grad(b: u32, at: u32, lid: u32, cs: ptr<function, Consts>) {
             if TEMPERED {
                 s = exp(temp * zc - pieces.z) / pieces.w;
             }
-            dz = class_dz(cs, b, c, zc, gc, exp(zc - pieces.x), s, pieces.xy, pg.z, GradSums(pg.x, pg.y, px_h[p]));
+            dz = class_dz(cs, coef_of(cs, b, c), c, zc, gc, exp(zc - pieces.x), s, pieces.xy, pg.z, GradSums(pg.x, pg.y, px_h[p]));
         }
         store_grad(elem(b, c, i) + dims.grad_shift, select(0.0, dz * (*cs).up, y != IGNORE));
     }

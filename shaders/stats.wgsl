@@ -36,14 +36,23 @@ struct BadInput {
 }
 
 // Counts and locates non-finite logits and invalid labels of one pixel; true when clean.
-fn check_pixel(b: u32, i: u32, y: u32, z: ptr<function, Block>, g: ptr<function, Block>, bad: ptr<function, BadInput>) -> bool {
+// With a softmax, the logits past the block were counted by `pieces` as it read them
+// (`past`: count, first element).
+fn check_pixel(b: u32, i: u32, y: u32, z: ptr<function, Block>, g: ptr<function, Block>, bad: ptr<function, BadInput>, past: vec2<u32>) -> bool {
     var clean = true;
-    for (var c = 0u; c < C; c++) {
+    for (var c = 0u; c < select(min(C, BLOCK), C, SIGMOID); c++) {
         if !finite(z_of(z, b, c, i)) {
             (*bad).logits += 1u;
             (*bad).first_logit = min((*bad).first_logit, elem(b, c, i));
             clean = false;
         }
+    }
+    if past.x > 0u {
+        (*bad).logits += past.x;
+        (*bad).first_logit = min((*bad).first_logit, past.y);
+        clean = false;
+    }
+    for (var c = 0u; c < C; c++) {
         if LABEL_KIND == LABELS_SOFT {
             let t = g_of(g, b, c, i, y);
             if !finite(t) || t < 0.0 || t > 1.0 {
@@ -99,6 +108,9 @@ const WG: u32 = PIXEL_WG;
 // means fewer workgroup reductions.
 const PPT: u32 = STATS_PPT;
 const TILE: u32 = WG * PPT;
+// Classes summed together past the first block (C > BLOCK): few enough that the compiler
+// unrolls their loop (a power of two ≤ 8 divides every BLOCK).
+const PAST_CHUNK: u32 = 8u;
 // Per-class sums of one invocation for a block of classes: (P, Q, I, G) and (H, U).
 struct ClassSums {
     a: array<vec4<f32>, BLOCK_PAD>,
@@ -317,7 +329,16 @@ fn stats_pixel(acc: ptr<function, Totals>, sums: ptr<function, ClassSums>, bad: 
     }
     let n_maps = dims.total_batch * dims.spatial;
     var g = load_targets(b, i);
-    if !check_pixel(b, i, yk, z, &g, bad) {
+    var ez: Block;   // exp(z − max), computed once per class
+    var et: Block;   // exp(T·z − max_T)
+    // The softmax pieces come first: past the block they are what reads the logits that
+    // the input check needs (an ignored or bad pixel's are discarded).
+    var past_bad = vec2(0u, IGNORE);
+    var p = vec2(0.0, 1.0);
+    if !SIGMOID {
+        p = pieces(z, &ez, b, i, 1.0, &past_bad);
+    }
+    if !check_pixel(b, i, yk, z, &g, bad, past_bad) {
         // Reported by the host as an error; the pixel is left out of every sum.
         yk = IGNORE;
     }
@@ -335,8 +356,6 @@ fn stats_pixel(acc: ptr<function, Totals>, sums: ptr<function, ClassSums>, bad: 
     for (var t = 0u; t < N_PIX; t++) {
         (*acc).norms[t] += pixel_norm(kinds[t], t, offs[t], yk);
     }
-    var ez: Block;   // exp(z − max), computed once per class
-    var et: Block;   // exp(T·z − max_T)
     if SIGMOID {
         for (var t = 0u; t < N_PIX; t++) {
             (*acc).losses[t] += bce_pixel(t, offs[t], z, &g, b, i, yk);
@@ -348,10 +367,10 @@ fn stats_pixel(acc: ptr<function, Totals>, sums: ptr<function, ClassSums>, bad: 
         pixel_grad(cs, b, i, yk, true, z, &g, &ez, &et, vec2(0.0, 1.0), vec2(0.0, 1.0), dz);
         return;
     }
-    let p = pieces(z, &ez, b, i, 1.0);
     var pt = vec2(0.0, 1.0);
     if TEMPERED {
-        pt = pieces(z, &et, b, i, dims.temperature);
+        var counted_already = vec2(0u, IGNORE);
+        pt = pieces(z, &et, b, i, dims.temperature, &counted_already);
     }
     if C > BLOCK {
         (*acc).softmax_of[k] = vec4(p, pt);
@@ -449,14 +468,13 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
         flush(lid, row, 0u, first, &sums);
     }
 
-    // Classes past the first block (C > BLOCK): read their logits, a block at a time.
-    // The bound is opaque to the compiler for the same reason as flush's.
+    // Classes past the first block (C > BLOCK): read their logits, PAST_CHUNK classes at a
+    // time. The bound is opaque to the compiler for the same reason as flush's.
     var c_rt = min(C, dims.row_width);
     if NORMS_ONLY || !CLASS_SUMS {
         c_rt = 0u;
     }
-    for (var c0 = BLOCK; c0 < c_rt; c0 += BLOCK) {
-        let n = min(c_rt - c0, BLOCK);
+    for (var c0 = BLOCK; c0 < c_rt; c0 += PAST_CHUNK) {
         var more: ClassSums;
         for (var k = 0u; k < PPT; k++) {
             if (acc.counted & (1u << k)) != 0u {
@@ -464,13 +482,18 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
                 let yk = pixel_label(b, i);
                 let sm = acc.softmax_of[k].xy;
                 let smt = acc.softmax_of[k].zw;
-                for (var c = 0u; c < n; c++) {
-                    let ps = probs(logit(b, c0 + c, i), sm, smt);
-                    accumulate(&more, c, ps.x, ps.y, target_of(b, c0 + c, i, yk));
+                // A constant trip count, so the loop unrolls and `more` is indexed by
+                // constants: in a loop that stays a loop, every access to an invocation
+                // array is a lane-by-lane gather or scatter on lavapipe. The classes of the
+                // last chunk past C repeat class C − 1 and are not written.
+                for (var c = 0u; c < PAST_CHUNK; c++) {
+                    let cc = min(c0 + c, C - 1u);
+                    let ps = probs(logit(b, cc, i), sm, smt);
+                    accumulate(&more, c, ps.x, ps.y, target_of(b, cc, i, yk));
                 }
             }
         }
-        flush(lid, row, c0, n, &more);
+        flush(lid, row, c0, min(c_rt - c0, PAST_CHUNK), &more);
     }
 
     let s = reduce3(lid, acc.counts, acc.losses, acc.norms);

@@ -290,8 +290,10 @@ fn g_of(g: ptr<function, Block>, b: u32, c: u32, i: u32, y: u32) -> f32 {
 // softmax. The exponentials of the first BLOCK classes are kept in e, so callers do not
 // compute them again. Classes past the block (C > BLOCK) are read from memory once here,
 // not twice: an online max and sum (the sum rescaled whenever the max grows), and the kept
-// exponentials rescaled to the final max at the end.
-fn pieces(z: ptr<function, Block>, e: ptr<function, Block>, b: u32, i: u32, t: f32) -> vec2<f32> {
+// exponentials rescaled to the final max at the end. Their non-finite values are counted
+// into `past_bad` (count, first element) as they are read, so the stats stage's input
+// check need not read them again.
+fn pieces(z: ptr<function, Block>, e: ptr<function, Block>, b: u32, i: u32, t: f32, past_bad: ptr<function, vec2<u32>>) -> vec2<f32> {
     var m = -3.4e38;
     for (var c = 0u; c < min(C, BLOCK); c++) {
         m = max(m, t * (*z)[c]);
@@ -304,20 +306,38 @@ fn pieces(z: ptr<function, Block>, e: ptr<function, Block>, b: u32, i: u32, t: f
     }
     if C > BLOCK {
         let m_block = m;
-        for (var c = BLOCK; c < C; c++) {
-            let v = t * logit(b, c, i);
-            if v > m {
-                se *= exp(m - v);
-                m = v;
-            }
-            se += exp(v - m);
-        }
+        let sm = online_pieces(b, i, t, BLOCK, vec2(m, se), past_bad);
+        m = sm.x;
+        se = sm.y;
         if m > m_block {
             let r = exp(m_block - m);
             for (var c = 0u; c < BLOCK; c++) {
                 (*e)[c] *= r;
             }
         }
+    }
+    return vec2(m, se);
+}
+
+// The softmax pieces `sm` (max, Σ exp(t·z − max)) of pixel i of global image b extended by
+// its classes from `first` on, read from memory once each: an online max and sum (the sum
+// rescaled whenever the max grows). Their non-finite values are counted into `past_bad`
+// (count, first element).
+fn online_pieces(b: u32, i: u32, t: f32, first: u32, sm: vec2<f32>, past_bad: ptr<function, vec2<u32>>) -> vec2<f32> {
+    var m = sm.x;
+    var se = sm.y;
+    for (var c = first; c < C; c++) {
+        let zc = logit(b, c, i);
+        if !finite(zc) {
+            (*past_bad).x += 1u;
+            (*past_bad).y = min((*past_bad).y, elem(b, c, i));
+        }
+        let v = t * zc;
+        if v > m {
+            se *= exp(m - v);
+            m = v;
+        }
+        se += exp(v - m);
     }
     return vec2(m, se);
 }

@@ -171,6 +171,8 @@ pub struct GpuContext {
     pub(super) last_kernels: Mutex<Vec<super::stages::Kernel>>,
     /// Whether the last recorded call's pixel stages took quads (tests).
     pub(super) last_quads: std::sync::atomic::AtomicBool,
+    /// Whether the last recorded call's grad stage took its classes in chunks (tests).
+    pub(super) last_grad_chunks: std::sync::atomic::AtomicBool,
     /// The next recording's sequence number.
     pub(super) next_seq: std::sync::atomic::AtomicU32,
     pub(super) created_bytes: std::sync::atomic::AtomicU64,
@@ -265,6 +267,7 @@ impl GpuContext {
             last_chunks: std::sync::atomic::AtomicUsize::new(0),
             last_kernels: Mutex::new(vec![]),
             last_quads: std::sync::atomic::AtomicBool::new(false),
+            last_grad_chunks: std::sync::atomic::AtomicBool::new(false),
             next_seq: std::sync::atomic::AtomicU32::new(1),
             created_bytes: std::sync::atomic::AtomicU64::new(0),
             lost: Arc::new(Mutex::new(None)),
@@ -297,11 +300,19 @@ impl GpuContext {
             .unwrap_or_default()
     }
 
-    /// Whether the last recorded call's pixel stages took their pixels four at a time
-    /// (pixels.wgsl `QUADS`; tests check which path a call took).
+    /// Whether the last recorded call's pixel stages (or its chunked grad stage) took their
+    /// pixels four at a time (pixels.wgsl `QUADS`; tests check which path a call took).
     #[doc(hidden)]
     pub fn last_quads(&self) -> bool {
         self.last_quads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the last recorded call's grad stage (if it had one) took the classes in
+    /// chunks (grad.wgsl `GRAD_CHUNKS`; tests check which path a call took).
+    #[doc(hidden)]
+    pub fn last_grad_chunks(&self) -> bool {
+        self.last_grad_chunks
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How the stats stage sums a tile by default (the default strategy's `tile_sum`).

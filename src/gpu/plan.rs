@@ -67,18 +67,45 @@ pub fn quads(
         LABELS_U16 => 2,
         _ => 1,
     };
+    v.classes <= QUAD_CLASSES
+        && !v.tempered
+        && aligned_quads(strategy, v, pixels, slots)
+        && slots
+            .iter()
+            .all(|d| d.label_shift.is_multiple_of(label_align))
+}
+
+/// Whether the chunked grad stage (`Variant::grad_chunks`) reads and writes four pixels a
+/// vec4 (grad.wgsl `grad_chunk_quads`): wherever every quad of logits and gradient is whole
+/// and aligned, at any class count and with any term. Its per-pixel code is short (a chunk
+/// of 8 classes), so the four-times-longer loop that limits the other stages' quads stays
+/// small; it reads labels pixel by pixel, so any label form goes.
+pub fn chunk_quads(
+    strategy: &Strategy,
+    v: &super::stages::Variant,
+    pixels: usize,
+    slots: &[Dims],
+) -> bool {
+    v.grad_chunks && aligned_quads(strategy, v, pixels, slots)
+}
+
+/// What quads of logits and gradient need: runs of consecutive pixels per invocation,
+/// NCHW f32 logits, pixels per image and every chunk's logit and gradient shifts multiples
+/// of 4.
+fn aligned_quads(
+    strategy: &Strategy,
+    v: &super::stages::Variant,
+    pixels: usize,
+    slots: &[Dims],
+) -> bool {
     strategy.quad_pixels
         && v.contiguous
         && !v.nhwc
         && v.logit_kind == FLOAT_F32
-        && v.classes <= QUAD_CLASSES
-        && !v.tempered
         && pixels.is_multiple_of(4)
-        && slots.iter().all(|d| {
-            d.logit_shift.is_multiple_of(4)
-                && d.grad_shift.is_multiple_of(4)
-                && d.label_shift.is_multiple_of(label_align)
-        })
+        && slots
+            .iter()
+            .all(|d| d.logit_shift.is_multiple_of(4) && d.grad_shift.is_multiple_of(4))
 }
 
 /// Splits B images into runs whose largest bound array fits `max_binding` bytes (with room

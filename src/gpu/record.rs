@@ -486,7 +486,8 @@ impl Encoding<'_, '_> {
         let (batch, ws) = (self.req.batch, self.ws);
         for p in plans {
             let target = g.map(|g| Self::grad_target(ws, self.call.narrow, p, g));
-            let quads = self.variant.quads;
+            // Bound for the chunked grad stage's quads too (unread by the other stages).
+            let quads = self.variant.quads || self.variant.chunk_quads;
             let [read_stand_in, write_stand_in] = &ws.quad_stand_ins;
             self.add(kernel, groups(p), |b| match (b, target) {
                 (Binding::Logits, _) => (batch.logits.buffer, p.logits.offset, p.logits.size),
@@ -776,11 +777,15 @@ impl GpuContext {
             norms_only: false,
             class_sums: req.class_sums(),
             block: req.strategy.block_for(batch.shape.classes),
+            stats_block: req.strategy.stats_block_for(batch.shape.classes),
             pixel_wg: req.strategy.pixel_workgroup,
             stage_pixels: req.strategy.stage_pixels,
             accumulate: req.accumulate,
             // Set from the call's bound ranges once they are planned (`plan::quads`).
             quads: false,
+            grad_chunks: req.strategy.grad_chunks
+                && batch.shape.classes > req.strategy.stats_block_for(batch.shape.classes) as usize,
+            chunk_quads: false,
         }
     }
 
@@ -895,6 +900,7 @@ impl GpuContext {
                 let v = self.variant(req);
                 Variant {
                     quads: plan::quads(&req.strategy, &v, call.pixels, &slots[1..]),
+                    chunk_quads: plan::chunk_quads(&req.strategy, &v, call.pixels, &slots[1..]),
                     ..v
                 }
             },
@@ -927,8 +933,14 @@ impl GpuContext {
             }
         }
         let dispatches = enc.dispatches;
-        self.last_quads
-            .store(enc.variant.quads, std::sync::atomic::Ordering::Relaxed);
+        self.last_quads.store(
+            enc.variant.quads || enc.variant.chunk_quads,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.last_grad_chunks.store(
+            enc.variant.grad_chunks,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if let Ok(mut k) = self.last_kernels.lock() {
             *k = enc.kernels;
         }

@@ -83,6 +83,20 @@ pub enum Kernel {
 }
 
 impl Kernel {
+    /// Whether the kernel is a register-path stats stage, alone or in its one-pass form
+    /// (their class block is `Variant::stats_block`).
+    pub fn is_stats(self) -> bool {
+        matches!(
+            self,
+            Kernel::StatsWorkgroup
+                | Kernel::StatsSubgroup
+                | Kernel::StatsInvocation
+                | Kernel::StatsGradWorkgroup
+                | Kernel::StatsGradSubgroup
+                | Kernel::StatsGradInvocation
+        )
+    }
+
     /// Whether the kernel stages a sub-tile's classes in workgroup memory
     /// (shaders/staged.wgsl).
     pub fn is_staged(self) -> bool {
@@ -222,11 +236,13 @@ pub enum Override {
     Accumulate,
     /// Four pixels a vec4 (pixels.wgsl `QUADS`).
     Quads,
+    /// The grad stage takes every class in chunks (grad.wgsl `GRAD_CHUNKS`).
+    GradChunks,
 }
 
 impl Override {
     /// Every override, in the order of [`Variant`]'s values.
-    pub const ALL: [Override; 20] = [
+    pub const ALL: [Override; 21] = [
         Override::C,
         Override::LabelKind,
         Override::LogitKind,
@@ -247,6 +263,7 @@ impl Override {
         Override::StagePixels,
         Override::Accumulate,
         Override::Quads,
+        Override::GradChunks,
     ];
 
     /// The constant's name in WGSL.
@@ -272,6 +289,7 @@ impl Override {
             Override::StagePixels => "STAGE_PIXELS",
             Override::Accumulate => "ACCUMULATE",
             Override::Quads => "QUADS",
+            Override::GradChunks => "GRAD_CHUNKS",
         }
     }
 }
@@ -370,7 +388,7 @@ const GRAD_OWN: &[Override] = &[O::StatTerms, O::Accumulate];
 const STATS_GRAD_OWN: &[Override] = &overrides_and::<5>(STATS_OWN, GRAD_OWN);
 const STATS_OVERRIDES: &[Override] = &pixel_overrides_and::<14>(STATS_OWN);
 const GRAD_OVERRIDES: &[Override] =
-    &pixel_overrides_and::<14>(&overrides_and::<3>(&[O::Ppt], GRAD_OWN));
+    &pixel_overrides_and::<15>(&overrides_and::<4>(&[O::Ppt, O::GradChunks], GRAD_OWN));
 const STATS_GRAD_OVERRIDES: &[Override] = &pixel_overrides_and::<16>(STATS_GRAD_OWN);
 const GRAD_STAGED_BINDINGS: &[(Binding, Access)] = &[
     (B::Logits, Read),
@@ -797,6 +815,9 @@ pub struct Variant {
     /// Classes an invocation keeps once read (`Strategy::block_for`): a constant of the
     /// pixel stages' source, not an override (WGSL sizes function arrays by constants).
     pub block: u32,
+    /// The stats stage's class block (`Strategy::stats_block_for`), for the stats kernels
+    /// and their one-pass form.
+    pub stats_block: u32,
     /// Invocations per pixel-stage workgroup (`Strategy::pixel_workgroup`), also a constant
     /// of their source (`@workgroup_size` and workgroup arrays take no overrides in naga).
     pub pixel_wg: u32,
@@ -806,6 +827,12 @@ pub struct Variant {
     pub accumulate: bool,
     /// Pixels four at a time (`plan::quads`).
     pub quads: bool,
+    /// The grad stage takes every class in chunks, with `stats_block` as its block
+    /// (`Strategy::grad_chunks`).
+    pub grad_chunks: bool,
+    /// The chunked grad stage takes its pixels four at a time (`plan::chunk_quads`; its
+    /// `QUADS`, whatever `quads` says for the other stages).
+    pub chunk_quads: bool,
 }
 
 impl Variant {
@@ -832,6 +859,7 @@ impl Variant {
             O::StagePixels => self.stage_pixels,
             O::Accumulate => self.accumulate as u32,
             O::Quads => self.quads as u32,
+            O::GradChunks => self.grad_chunks as u32,
         }
     }
 }
@@ -865,15 +893,22 @@ impl PipelineKey {
     pub fn new(kernel: Kernel, variant: &Variant) -> Self {
         let info = kernel.info();
         let mut values = [0; Override::ALL.len()];
+        let chunked_grad =
+            variant.grad_chunks && matches!(kernel, Kernel::Grad | Kernel::GradShared);
         for (k, o) in Override::ALL.iter().enumerate() {
             if info.overrides.contains(o) {
-                values[k] = variant.value(*o);
+                values[k] = match o {
+                    O::Quads if chunked_grad => variant.chunk_quads as u32,
+                    _ => variant.value(*o),
+                };
             }
         }
         let (block, pixel_wg) = if kernel.is_staged() {
             // The staged stages keep no register block (BLOCK sizes only the register
             // path's code, which their module compiles but never calls).
             (STAGED_BLOCK, variant.pixel_wg)
+        } else if kernel.is_stats() || chunked_grad {
+            (variant.stats_block, variant.pixel_wg)
         } else if info.has_pixels() {
             (variant.block, variant.pixel_wg)
         } else {

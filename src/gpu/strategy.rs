@@ -129,6 +129,24 @@ pub struct Strategy {
     /// shaders/util/pixels.wgsl): past it GPUs stage the classes in workgroup memory
     /// (`class_staging`).
     pub class_block: u32,
+    /// The most classes the stats stage (and its one-pass form) keeps once read, when that
+    /// is fewer than `class_block`'s (a power of two, 8 to 1024): past it the stats stage
+    /// reads its classes again where used, `PAST_CHUNK` classes at a time in the class
+    /// sums. 32 on CPU adapters: there a class loop that Mesa does not unroll indexes the
+    /// invocation arrays with a variable, a gather or scatter lane by lane, and from about
+    /// 33 classes that costs more than reading the logits again (1×150×96×96 DiceCE:
+    /// stats −31 %; BENCHMARKS.md, "The stats stage's class block"). The grad stage keeps
+    /// `class_block`: it reads each class's coefficients, which past the block would be
+    /// four reads a pixel and class. Equal to `class_block` on GPUs.
+    pub stats_class_block: u32,
+    /// With more classes than the stats stage's block (`stats_block_for`), the grad stage
+    /// keeps no class of a pixel in invocation memory and takes the classes in chunks of
+    /// 8, each chunk's coefficients read once an invocation (grad.wgsl `GRAD_CHUNKS`):
+    /// three reads of a logit in all (the softmax's online pass, the sums every class
+    /// needs, the gradient), none of them through an array indexed in a loop. On for CPU
+    /// adapters (BENCHMARKS.md, "The stats stage's class block"); GPUs past their block
+    /// stage the classes instead.
+    pub grad_chunks: bool,
     /// Specs of pixel terms only (cross-entropy, focal, BCE) with a gradient take the
     /// one-pass path (a labels-only pass for the normalisers, then one pass over the logits
     /// that writes statistics and gradient) from this many logits B·C·S up; below it the
@@ -187,6 +205,8 @@ const CPU_LOOP_CAP: usize = 65_535;
 /// 256 classes. llvmpipe's compile time grows steeply past it (a pipeline set at 600 or
 /// 1,024 classes: 15–18 s at 256, 255–272 s at 1,024; BENCHMARKS.md, "Staged classes").
 const CPU_CLASS_BLOCK: u32 = 256;
+/// The stats stage's class block cap on CPU adapters (`Strategy::stats_class_block`).
+const CPU_STATS_CLASS_BLOCK: u32 = 32;
 /// The pixel-stage workgroup on CPU adapters (`Strategy::pixel_workgroup`).
 const CPU_PIXEL_WG: u32 = PIXEL_WG_MIN;
 
@@ -204,6 +224,12 @@ impl Strategy {
             } else {
                 8
             },
+            stats_class_block: if info.device_type == wgpu::DeviceType::Cpu {
+                CPU_STATS_CLASS_BLOCK
+            } else {
+                8
+            },
+            grad_chunks: info.device_type == wgpu::DeviceType::Cpu,
             one_pass_min_elements: ONE_PASS_MIN_ELEMENTS,
             finalize_sums_max_floats: FINALIZE_SUMS_MAX_FLOATS,
             pixel_workgroup: if info.device_type == wgpu::DeviceType::Cpu {
@@ -247,6 +273,14 @@ impl Strategy {
             return Err(Error::Input(format!(
                 "class_block {} is not a power of two from 8 to {MAX_CLASS_BLOCK}",
                 self.class_block
+            )));
+        }
+        if !self.stats_class_block.is_power_of_two()
+            || !(8..=MAX_CLASS_BLOCK).contains(&self.stats_class_block)
+        {
+            return Err(Error::Input(format!(
+                "stats_class_block {} is not a power of two from 8 to {MAX_CLASS_BLOCK}",
+                self.stats_class_block
             )));
         }
         let wg = self.pixel_workgroup;
@@ -293,6 +327,20 @@ impl Strategy {
     /// 8, at most `class_block`.
     pub fn block_for(&self, classes: usize) -> u32 {
         (classes.max(8).next_power_of_two() as u32).min(self.class_block)
+    }
+
+    /// The class block of the stats stage (and its one-pass form) for C classes:
+    /// `block_for`, at most `stats_class_block` while C ≤ `class_block`. (Past
+    /// `class_block` every stage reads classes again already; a smaller block there would
+    /// lengthen the per-pixel class loops towards llvmpipe's cap on loop iterations, and was
+    /// not measured.)
+    pub fn stats_block_for(&self, classes: usize) -> u32 {
+        let block = self.block_for(classes);
+        if classes <= self.class_block as usize {
+            block.min(self.stats_class_block)
+        } else {
+            block
+        }
     }
 
     /// Pixels per staged sub-tile for a call with `classes` classes (0: not staged): with
@@ -404,12 +452,36 @@ mod tests {
             planned_subgroup_size: 0,
             binding_limit: 0,
             class_block: CPU_CLASS_BLOCK,
+            stats_class_block: CPU_STATS_CLASS_BLOCK,
+            grad_chunks: true,
             one_pass_min_elements: ONE_PASS_MIN_ELEMENTS,
             finalize_sums_max_floats: FINALIZE_SUMS_MAX_FLOATS,
             pixel_workgroup: CPU_PIXEL_WG,
             class_staging: true,
             stage_pixels: 0,
         }
+    }
+
+    #[test]
+    fn the_stats_stage_keeps_at_most_its_own_block_up_to_the_class_block() {
+        let s = cpu();
+        for (classes, block, stats) in [
+            (4, 8, 8),
+            (21, 32, 32),
+            (33, 64, 32),
+            (150, 256, 32),
+            (256, 256, 32),
+            (600, 256, 256),
+        ] {
+            assert_eq!(s.block_for(classes), block, "C = {classes}");
+            assert_eq!(s.stats_block_for(classes), stats, "C = {classes}");
+        }
+        let gpu = Strategy {
+            class_block: 8,
+            stats_class_block: 8,
+            ..s
+        };
+        assert_eq!(gpu.stats_block_for(150), 8);
     }
 
     #[test]

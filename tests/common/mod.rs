@@ -301,3 +301,42 @@ pub fn assert_loss_and_gradient(got: &LossOutput, gradient: &[f32], want: &LossO
     }
     assert_gradient(gradient, want.gradient.as_ref().unwrap(), what);
 }
+
+/// Runs `json` through the backend API (device-resident inputs, checked on the device,
+/// under the context's own strategy; with `gradient`, into a gradient buffer of its own)
+/// and returns the read-back's error, if any.
+pub fn device_call(
+    ctx: &GpuContext,
+    json: &str,
+    shape: &Shape,
+    z: &[f32],
+    labels: &[u8],
+    format: segloss::input::LabelFormat,
+    gradient: bool,
+) -> Result<(), String> {
+    use wgpu::util::DeviceExt;
+    let dev = ctx.device();
+    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+    let buffer = |bytes: &[u8]| {
+        dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytes,
+            usage,
+        })
+    };
+    let (zb, yb) = (buffer(bytemuck::cast_slice(z)), buffer(labels));
+    let grad = dev.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: (z.len() * 4) as u64,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let batch = segloss::gpu::DeviceBatch::new(shape, &zb, &yb, format);
+    let target = gradient.then(|| segloss::gpu::GradTarget::f32(&grad));
+    let mut enc = dev.create_command_encoder(&Default::default());
+    let rec = ctx
+        .record(&mut enc, &spec(json), &batch, target)
+        .map_err(|e| e.to_string())?;
+    ctx.queue().submit([enc.finish()]);
+    rec.read(ctx).map(|_| ()).map_err(|e| e.to_string())
+}

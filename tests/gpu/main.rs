@@ -10,6 +10,7 @@
 mod common;
 
 mod backend_misuse;
+mod class_chunks;
 mod forward_backward;
 mod inputs;
 mod one_pass;

@@ -3,7 +3,7 @@
 use crate::common;
 use crate::common::spec;
 
-use crate::common::{close, gpu, new_ctx};
+use crate::common::{close, device_call, gpu, new_ctx};
 use segloss::gpu::{DeviceBatch, Options};
 use segloss::input::{LabelFormat, Labels, Shape};
 use segloss::testing::{random_labels, random_logits, Rng};
@@ -61,6 +61,69 @@ fn device_inputs_with_nan_or_bad_labels_are_errors() {
     assert!(e.contains("2 invalid") && e.contains("position 777"), "{e}");
     // The next call with good inputs on the same workspace is clean again.
     assert!(run(&z, &y).is_ok());
+}
+
+/// Past the stats stage's class block (32 on CPU adapters, where `pieces` counts the
+/// non-finite logits past it as it reads them for the softmax, and the input check reads
+/// only the block), NaN, +∞ and −∞ logits are each counted once, with the first position,
+/// whichever class they sit in: with a tempered term (two softmaxes read them), in the
+/// one-pass form (which writes the gradient), and in sigmoid mode (no softmax: the check
+/// reads every class), on the register path under the adapter's strategy and under a
+/// stats block of 8.
+#[test]
+fn non_finite_logits_past_the_stats_class_block_are_counted_once() {
+    let own = new_ctx();
+    let shape = Shape::new(2, 150, &[9, 7]);
+    let s = shape.pixels();
+    let mut rng = Rng::new(4242);
+    let z = random_logits(&mut rng, &shape, 3.0);
+    let y = random_labels(&mut rng, &shape, 0.1);
+    let tempered = r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice"},{"kind":"region","penalty":"l1","temperature":10}]}"#;
+    let ce = r#"{"terms":[{"kind":"cross_entropy"}]}"#;
+    let bce = r#"{"activation":"sigmoid","terms":[{"kind":"bce"},{"kind":"dice"}]}"#;
+    let base = own.strategy();
+    for stats_class_block in [base.stats_class_block, 8] {
+        let strategy = segloss::gpu::Strategy {
+            stats_class_block,
+            class_staging: false,
+            one_pass_min_elements: 0,
+            ..base
+        };
+        let ctx = new_ctx().with_strategy(strategy).unwrap();
+        for json in [tempered, ce, bce] {
+            let labels: Vec<f32>;
+            let (y_bytes, format): (&[u8], LabelFormat) = if json.contains("sigmoid") {
+                labels = segloss::testing::random_masks(&mut rng, &shape);
+                (bytemuck::cast_slice(&labels), LabelFormat::Soft)
+            } else {
+                (bytemuck::cast_slice(&y), LabelFormat::U32)
+            };
+            // With the gradient, so that CE takes the one-pass form.
+            let run = |z: &[f32]| device_call(&ctx, json, &shape, z, y_bytes, format, true);
+            assert!(run(&z).is_ok(), "{json}");
+            let mut bad = z.clone();
+            // Image 0: class 40 at pixel 17 (the first in flat order), the same pixel's
+            // last class, class 100; image 1: class 3 (inside every block).
+            let first = 40 * s + 17;
+            bad[first] = f32::NAN;
+            bad[149 * s + 17] = f32::INFINITY;
+            bad[100 * s + 30] = f32::NEG_INFINITY;
+            bad[(150 + 3) * s + 60] = f32::NEG_INFINITY;
+            let e = run(&bad).unwrap_err();
+            assert!(
+                e.contains("4 non-finite") && e.contains(&format!("position {first}")),
+                "stats block {stats_class_block}, {json}: {e}"
+            );
+            let mut bad = z.clone();
+            bad[(150 + 120) * s + 5] = f32::NEG_INFINITY; // alone: no NaN reaches the sums
+            let e = run(&bad).unwrap_err();
+            assert!(
+                e.contains("1 non-finite"),
+                "stats block {stats_class_block}, {json}: {e}"
+            );
+            assert!(run(&z).is_ok(), "{json}");
+        }
+    }
 }
 
 /// After the device is lost, calls return errors (no panic), and a new context works.

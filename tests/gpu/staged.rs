@@ -9,7 +9,7 @@
 //! pass on the register path by mistake.
 
 use crate::common;
-use crate::common::{check_with, new_ctx, spec};
+use crate::common::{check_with, device_call, new_ctx, spec};
 use segloss::gpu::stages::Kernel;
 use segloss::gpu::{BufferRegion, DeviceBatch, GpuContext, GradTarget, Options, Strategy};
 use segloss::input::{GradFormat, LabelFormat, Labels, Layout, LogitFormat, Shape, IGNORE};
@@ -248,35 +248,6 @@ fn staged_calls_with_ignored_images() {
     }
 }
 
-/// Runs `json` through the backend API (device-resident inputs, checked on the device,
-/// under the context's own strategy) and returns the read-back's error, if any.
-fn device_call(
-    ctx: &GpuContext,
-    json: &str,
-    shape: &Shape,
-    z: &[f32],
-    labels: &[u8],
-    format: LabelFormat,
-) -> Result<(), String> {
-    let dev = ctx.device();
-    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
-    let buffer = |bytes: &[u8]| {
-        dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: None,
-            contents: bytes,
-            usage,
-        })
-    };
-    let (zb, yb) = (buffer(bytemuck::cast_slice(z)), buffer(labels));
-    let batch = DeviceBatch::new(shape, &zb, &yb, format);
-    let mut enc = dev.create_command_encoder(&Default::default());
-    let rec = ctx
-        .record(&mut enc, &spec(json), &batch, None)
-        .map_err(|e| e.to_string())?;
-    ctx.queue().submit([enc.finish()]);
-    rec.read(ctx).map(|_| ()).map_err(|e| e.to_string())
-}
-
 /// Bad input past the first classes, found on the device by the staged stats stage (a
 /// context whose calls stage past a block of 8): non-finite logits at class 700 of 1,024,
 /// a soft target outside [0, 1] at class 590 of 600, labels ≥ C are errors with their
@@ -293,7 +264,7 @@ fn staged_calls_report_bad_input_past_the_first_classes() {
     let y = random_labels(&mut rng, &shape, 0.1);
     let y_bytes: &[u8] = bytemuck::cast_slice(&y);
     for json in [CE, DICE_CE_TEMPERED] {
-        assert!(device_call(ctx, json, &shape, &z, y_bytes, LabelFormat::U32).is_ok());
+        assert!(device_call(ctx, json, &shape, &z, y_bytes, LabelFormat::U32, false).is_ok());
         assert!(
             ctx.last_kernels().contains(&Kernel::StatsStaged),
             "{:?}",
@@ -304,7 +275,7 @@ fn staged_calls_report_bad_input_past_the_first_classes() {
         bad[at] = f32::NAN;
         bad[at + 3] = f32::INFINITY;
         bad[(1024 + 900) * s + 30] = f32::NEG_INFINITY;
-        let e = device_call(ctx, json, &shape, &bad, y_bytes, LabelFormat::U32).unwrap_err();
+        let e = device_call(ctx, json, &shape, &bad, y_bytes, LabelFormat::U32, false).unwrap_err();
         assert!(
             e.contains("3 non-finite") && e.contains(&format!("position {at}")),
             "{json}: {e}"
@@ -319,6 +290,7 @@ fn staged_calls_report_bad_input_past_the_first_classes() {
             &z,
             bytemuck::cast_slice(&bad_y),
             LabelFormat::U32,
+            false,
         )
         .unwrap_err();
         assert!(
@@ -326,7 +298,7 @@ fn staged_calls_report_bad_input_past_the_first_classes() {
             "{json}: {e}"
         );
         // Good input again on the same workspace: clean.
-        assert!(device_call(ctx, json, &shape, &z, y_bytes, LabelFormat::U32).is_ok());
+        assert!(device_call(ctx, json, &shape, &z, y_bytes, LabelFormat::U32, false).is_ok());
     }
     let shape = Shape::new(1, 600, &[6, 5]);
     let z = random_logits(&mut rng, &shape, 3.0);
@@ -341,6 +313,7 @@ fn staged_calls_report_bad_input_past_the_first_classes() {
         &z,
         bytemuck::cast_slice(&soft),
         LabelFormat::Soft,
+        false,
     )
     .unwrap_err();
     assert!(
