@@ -1,15 +1,17 @@
 //! Device time of each stage alone, for performance work: the statistics pass, the whole
 //! forward (statistics + finalize) and forward + gradient, against a copy of the logits.
 //!
-//! cargo run --release --example stage_times -- 8,4,256,256 [ROUNDS] [SPEC] [scalar]
+//! cargo run --release --example stage_times -- 8,4,256,256 [ROUNDS] [SPEC] [scalar | block=N | stats_block=N | grad_chunks=0]
 //!
 //! SPEC is a loss spec in JSON (default DiceCE: cross_entropy + dice). With a spec of pixel
 //! terms only, "+grad" takes the one-pass path where it applies (ARCHITECTURE.md, "One pass
 //! for pixel terms"). `scalar` also times the stats pass and the whole call with the pixel
 //! stages reading one pixel at a time where they would take quads (`Strategy::quad_pixels`
-//! off), on a second device of the same adapter, interleaved with the others.
+//! off), on a second device of the same adapter, interleaved with the others; `block=N`
+//! `stats_block=N` and `grad_chunks=0` do the same with `Strategy::class_block`,
+//! `Strategy::stats_class_block` N or `Strategy::grad_chunks` off instead.
 
-use segloss::gpu::{DeviceBatch, GpuContext, GradTarget, Strategy};
+use segloss::gpu::{DeviceBatch, GpuContext, GradTarget};
 use segloss::input::{LabelFormat, Labels, Shape};
 use segloss::testing::{random_labels, random_logits, Rng};
 use segloss::LossSpec;
@@ -76,16 +78,24 @@ fn main() -> segloss::Result<()> {
             .unwrap_or(r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice"}]}"#),
     )?;
     let main = Setup::new(GpuContext::new()?, &shape)?;
-    let scalar = match args.get(4).map(String::as_str) {
-        Some("scalar") => {
-            let ctx = GpuContext::new()?;
-            let strategy = Strategy {
-                quad_pixels: false,
-                ..ctx.strategy()
-            };
-            Some(Setup::new(ctx.with_strategy(strategy)?, &shape)?)
+    // The second device's strategy, and what its lines are called.
+    let other = args.get(4).map(String::as_str).unwrap_or("");
+    let scalar = if other.is_empty() {
+        None
+    } else {
+        let ctx = GpuContext::new()?;
+        let mut strategy = ctx.strategy();
+        let bad = || segloss::Error::Input(format!("unknown comparison {other}"));
+        match other.split_once('=') {
+            None if other == "scalar" => strategy.quad_pixels = false,
+            Some(("block", n)) => strategy.class_block = n.parse().map_err(|_| bad())?,
+            Some(("stats_block", n)) => {
+                strategy.stats_class_block = n.parse().map_err(|_| bad())?
+            }
+            Some(("grad_chunks", n)) => strategy.grad_chunks = n == "1",
+            _ => return Err(bad()),
         }
-        _ => None,
+        Some(Setup::new(ctx.with_strategy(strategy)?, &shape)?)
     };
     // Finalize alone: the two-phase API given the statistics, without the gradient.
     let (ctx, batch) = (&main.ctx, main.batch(&shape));
@@ -138,14 +148,14 @@ fn main() -> segloss::Result<()> {
     if let Some(sc) = &scalar {
         let b = sc.batch(&shape);
         variants.push((
-            "stats (scalar)",
+            Box::leak(format!("stats ({other})").into_boxed_str()),
             sc,
             Box::new(move |enc: &mut wgpu::CommandEncoder| {
                 sc.ctx.record_statistics(enc, spec, &b).map(|_| ())
             }),
         ));
         variants.push((
-            "+grad (scalar)",
+            Box::leak(format!("+grad ({other})").into_boxed_str()),
             sc,
             Box::new(move |enc: &mut wgpu::CommandEncoder| {
                 let g = Some(GradTarget::f32(&sc.grad));

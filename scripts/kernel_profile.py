@@ -7,7 +7,9 @@ code has no symbols: callgrind names each kernel by its address. With the assemb
 GALLIVM_DEBUG=asm printed in the same run, the hottest kernel is annotated instruction by
 instruction (offsets from the function's start match the listing's).
 
-usage: kernel_profile.py CALLGRIND_OUT [ASM_LISTING ANNOTATED_OUT]
+usage: kernel_profile.py CALLGRIND_OUT [ASM_LISTING ANNOTATED_OUT [RANK]]
+
+RANK picks the kernel to annotate among the four listed (0, the default: the hottest).
 """
 import collections
 import re
@@ -78,7 +80,7 @@ def main():
               f"entered {c.get(start, 0):,} times")
     if len(sys.argv) < 4 or not ranked:
         return
-    fn, c = ranked[0]
+    fn, c = ranked[int(sys.argv[4]) if len(sys.argv) > 4 else 0]
     start = int(fn, 16)
     prof = {a - start: n for a, n in c.items()}
     funcs = listing(sys.argv[2])
@@ -91,7 +93,7 @@ def main():
             ops[code[off].split()[0] if code[off].split() else ""] += n
             out.write(f"{n:12d}  {off:6x}: {code[off]}\n")
     matched = sum(n for o, n in prof.items() if o in code)
-    print(f"hottest kernel = listing's {name} ({len(code)} instructions); "
+    print(f"annotated kernel = listing's {name} ({len(code)} instructions); "
           f"{100 * matched / total:.1f} % of its count mapped; annotated in {sys.argv[3]}")
     # A storage access whose address differs between SIMD lanes is a sequence per lane:
     # a test of the lane's bit in the execution mask, a bounds check, a scalar access.
