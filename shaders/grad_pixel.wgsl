@@ -74,7 +74,7 @@ fn coef_of(k: ptr<function, Consts>, b: u32, c: u32) -> vec4<f32> {
     if !STAT_TERMS {
         return vec4(0.0);
     }
-    if c < BLOCK {
+    if in_block(c) {
         return (*k).kc[c];
     }
     return coef(b, c);

@@ -211,7 +211,7 @@ fn term_weight(t: u32, off: f32, c: u32) -> f32 {
     if (PIXEL_WEIGHTED & (1u << t)) == 0u || off < 0.0 {
         return 1.0;
     }
-    if c < BLOCK {
+    if in_block(c) {
         return class_weights[c][t];
     }
     return params[u32(off) + c];
@@ -233,6 +233,15 @@ fn term_weight(t: u32, off: f32, c: u32) -> f32 {
 // it measured as before (BENCHMARKS.md, "Instruction counts").
 const BLOCK_PAD: u32 = BLOCK + 1u;
 alias Block = array<f32, BLOCK_PAD>;
+
+// Whether class c (< C) is in the block, so its values are in the invocation's arrays.
+// With C ≤ BLOCK a constant true, so that no class access compiles a fallback: in a class
+// loop that stays a loop (Mesa unrolls up to 32 iterations, and fewer for long bodies)
+// `c < BLOCK` is unknown, and SIMD CPUs run both sides, the fallback's exponential and
+// masked lane-by-lane loads included.
+fn in_block(c: u32) -> bool {
+    return C <= BLOCK || c < BLOCK;
+}
 
 // The first min(C, BLOCK) logits of pixel i of global image b.
 fn load_logits(b: u32, i: u32) -> Block {
@@ -256,7 +265,7 @@ fn load_targets(b: u32, i: u32) -> Block {
 
 // Logit c of the pixel whose first logits are in z.
 fn z_of(z: ptr<function, Block>, b: u32, c: u32, i: u32) -> f32 {
-    if c < BLOCK {
+    if in_block(c) {
         return (*z)[c];
     }
     return logit(b, c, i);
@@ -280,7 +289,7 @@ fn z_label(z: ptr<function, Block>, b: u32, y: u32, i: u32) -> f32 {
 
 // Target c of the pixel whose first soft targets are in g (y: its class index).
 fn g_of(g: ptr<function, Block>, b: u32, c: u32, i: u32, y: u32) -> f32 {
-    if LABEL_KIND == LABELS_SOFT && c < BLOCK {
+    if LABEL_KIND == LABELS_SOFT && in_block(c) {
         return (*g)[c];
     }
     return target_of(b, c, i, y);
@@ -345,7 +354,7 @@ fn online_pieces(b: u32, i: u32, t: f32, first: u32, sm: vec2<f32>, past_bad: pt
 // exp(t·z_c − max) of class c, whose logit the caller holds (zc), from e (filled by
 // `pieces` with the same t) when it holds it: past the block, no second read of the logit.
 fn exp_of(e: ptr<function, Block>, c: u32, zc: f32, t: f32, m: f32) -> f32 {
-    if c < BLOCK {
+    if in_block(c) {
         return (*e)[c];
     }
     return exp(t * zc - m);
