@@ -135,13 +135,15 @@ pub struct Strategy {
     /// sums. 32 on CPU adapters: there a class loop that Mesa does not unroll indexes the
     /// invocation arrays with a variable, a gather or scatter lane by lane, and from about
     /// 33 classes that costs more than reading the logits again (1×150×96×96 DiceCE:
-    /// stats −31 %; BENCHMARKS.md, "The stats stage's class block"). The grad stage keeps
-    /// `class_block`: it reads each class's coefficients, which past the block would be
-    /// four reads a pixel and class. Equal to `class_block` on GPUs.
+    /// stats −47 % executed instructions; BENCHMARKS.md, "The stats stage's class block").
+    /// The grad stage past this block takes its classes in chunks (`grad_chunks`), or
+    /// else keeps `class_block`'s: past a block it would read each class's coefficients
+    /// four times a pixel. Equal to `class_block` on GPUs.
     pub stats_class_block: u32,
     /// With more classes than the stats stage's block (`stats_block_for`), the grad stage
-    /// keeps no class of a pixel in invocation memory and takes the classes in chunks of
-    /// 8, each chunk's coefficients read once an invocation (grad.wgsl `GRAD_CHUNKS`):
+    /// (compiled with that block) keeps no class of a pixel in invocation memory and takes
+    /// the classes in chunks of 8, each chunk's coefficients read once an invocation, four
+    /// pixels a vec4 where quads fit (grad.wgsl `GRAD_CHUNKS`, `plan::chunk_quads`):
     /// three reads of a logit in all (the softmax's online pass, the sums every class
     /// needs, the gradient), none of them through an array indexed in a loop. On for CPU
     /// adapters (BENCHMARKS.md, "The stats stage's class block"); GPUs past their block
