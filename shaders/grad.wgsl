@@ -120,6 +120,16 @@ fn chunk_coefs(b: u32, c0: u32) -> array<vec4<f32>, CHUNK> {
     return k;
 }
 
+// The logits of classes c0..c0+CHUNK of the quad of pixels i0..i0+4 of global image b
+// (classes past C repeat C − 1).
+fn chunk_quad_logits(b: u32, c0: u32, i0: u32) -> array<vec4<f32>, CHUNK> {
+    var z: array<vec4<f32>, CHUNK>;
+    for (var k = 0u; k < CHUNK; k++) {
+        z[k] = quad_logits(b, min(c0 + k, C - 1u), i0);
+    }
+    return z;
+}
+
 // What the chunked path keeps of each of an invocation's pixels between its passes.
 struct ChunkPixels {
     labels: array<u32, MAX_PPT>,
@@ -255,7 +265,7 @@ fn grad_chunk_quads(cs: ptr<function, Consts>, b: u32, base: u32, lid: u32) {
         var st = vec4(0.0);
         if !SIGMOID {
             for (var c = 0u; c < C; c++) {
-                let z = logits4[(elem(b, c, i0) + dims.logit_shift) >> 2u];
+                let z = quad_logits(b, c, i0);
                 let m_new = max(m, z);
                 se = se * exp(m - m_new) + exp(z - m_new);
                 m = m_new;
@@ -279,10 +289,7 @@ fn grad_chunk_quads(cs: ptr<function, Consts>, b: u32, base: u32, lid: u32) {
             let kc = chunk_coefs(b, c0);
             for (var q = 0u; q < px.n; q += 4u) {
                 let i0 = pixel_of(base, q, lid, WG, PPT);
-                var z: array<vec4<f32>, CHUNK>;
-                for (var k = 0u; k < CHUNK; k++) {
-                    z[k] = logits4[(elem(b, min(c0 + k, C - 1u), i0) + dims.logit_shift) >> 2u];
-                }
+                let z = chunk_quad_logits(b, c0, i0);
                 for (var p = 0u; p < 4u; p++) {
                     var sums = px.sums[q + p];
                     let y = px.labels[q + p];
@@ -300,10 +307,7 @@ fn grad_chunk_quads(cs: ptr<function, Consts>, b: u32, base: u32, lid: u32) {
         let kc = chunk_coefs(b, c0);
         for (var q = 0u; q < px.n; q += 4u) {
             let i0 = pixel_of(base, q, lid, WG, PPT);
-            var z: array<vec4<f32>, CHUNK>;
-            for (var k = 0u; k < CHUNK; k++) {
-                z[k] = logits4[(elem(b, min(c0 + k, C - 1u), i0) + dims.logit_shift) >> 2u];
-            }
+            let z = chunk_quad_logits(b, c0, i0);
             var dz: array<vec4<f32>, CHUNK>;
             for (var p = 0u; p < 4u; p++) {
                 let y = px.labels[q + p];
@@ -316,12 +320,7 @@ fn grad_chunk_quads(cs: ptr<function, Consts>, b: u32, base: u32, lid: u32) {
             }
             for (var k = 0u; k < CHUNK; k++) {
                 if c0 + k < C {
-                    let e = (elem(b, c0 + k, i0) + dims.grad_shift) >> 2u;
-                    if ACCUMULATE {
-                        grad4[e] += dz[k];
-                    } else {
-                        grad4[e] = dz[k];
-                    }
+                    store_class_quad(b, c0 + k, i0, dz[k]);
                 }
             }
         }

@@ -116,12 +116,18 @@ fn put_grad(b: u32, c: u32, i: u32, v: f32, out: ptr<function, Block>) {
 // b, one vec4 a class.
 fn store_quad_grad(b: u32, i0: u32, dz: ptr<function, Quad>) {
     for (var c = 0u; c < min(C, BLOCK); c++) {
-        let e = (elem(b, c, i0) + dims.grad_shift) >> 2u;
-        if ACCUMULATE {
-            grad4[e] += (*dz)[c];
-        } else {
-            grad4[e] = (*dz)[c];
-        }
+        store_class_quad(b, c, i0, (*dz)[c]);
+    }
+}
+
+// Stores (or adds, ACCUMULATE) class c's gradient v of the quad of pixels i0..i0+4 of
+// global image b.
+fn store_class_quad(b: u32, c: u32, i0: u32, v: vec4<f32>) {
+    let e = (elem(b, c, i0) + dims.grad_shift) >> 2u;
+    if ACCUMULATE {
+        grad4[e] += v;
+    } else {
+        grad4[e] = v;
     }
 }
 

@@ -55,9 +55,14 @@ alias Quad = array<vec4<f32>, BLOCK_PAD>;
 fn load_quad(b: u32, i0: u32) -> Quad {
     var z: Quad;
     for (var c = 0u; c < min(C, BLOCK); c++) {
-        z[c] = logits4[(elem(b, c, i0) + dims.logit_shift) >> 2u];
+        z[c] = quad_logits(b, c, i0);
     }
     return z;
+}
+
+// Class c's logits of the quad of pixels i0..i0+4 of global image b.
+fn quad_logits(b: u32, c: u32, i0: u32) -> vec4<f32> {
+    return logits4[(elem(b, c, i0) + dims.logit_shift) >> 2u];
 }
 
 // Pixel k (0..4) of a quad as a pixel's block.
