@@ -19,9 +19,14 @@ const WG: u32 = PIXEL_WG;
 // (grad 23 → 19 ms at 8×4×256×256 on lavapipe) and there are no idle SMs to fill. Which
 // pixels: `pixel_of`.
 override PPT: u32 = 8u;
-// The most pixels an invocation takes (`PPT`'s largest value): the length of the chunked
-// path's per-pixel arrays.
+// The most pixels an invocation takes (`PPT`'s largest value).
 const MAX_PPT: u32 = 32u;
+// The length of the chunked path's per-pixel arrays: one more than MAX_PPT, so that no
+// pixel loop's trip count equals it. Mesa unrolls any loop of up to 32 iterations that
+// indexes an array exactly as long as its trip count (with index clamps off: strategy.rs
+// `Strategy::index_checks`), which here would copy the whole per-pixel body 32 times
+// (a pipeline's compile time several times longer, for no gain measured).
+const PIXEL_SLOTS: u32 = MAX_PPT + 1u;
 
 // Chunked classes (set by the host with more classes than BLOCK on CPU adapters:
 // strategy.rs `grad_chunks`): no class of a pixel is kept in invocation memory. An
@@ -132,10 +137,10 @@ fn chunk_quad_logits(b: u32, c0: u32, i0: u32) -> array<vec4<f32>, CHUNK> {
 
 // What the chunked path keeps of each of an invocation's pixels between its passes.
 struct ChunkPixels {
-    labels: array<u32, MAX_PPT>,
+    labels: array<u32, PIXEL_SLOTS>,
     // (max, Σe, tempered max, tempered Σe)
-    pieces: array<vec4<f32>, MAX_PPT>,
-    sums: array<GradSums, MAX_PPT>,
+    pieces: array<vec4<f32>, PIXEL_SLOTS>,
+    sums: array<GradSums, PIXEL_SLOTS>,
     // Pixels the invocation has (fewer than PPT at the end of an image).
     n: u32,
 }

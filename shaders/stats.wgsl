@@ -305,8 +305,10 @@ struct Totals {
     norms: vec4<f32>,           // per pixel term
     // C > BLOCK: pixel k's softmax pieces (max, Σe, and the tempered pair), so the later
     // class blocks read only their own logits (not all C again: C²/4 reads a pixel at
-    // C = 150, and more loop iterations than llvmpipe allows an invocation).
-    softmax_of: array<vec4<f32>, PPT>,
+    // C = 150, and more loop iterations than llvmpipe allows an invocation). One element
+    // more than the pixel loops' trip count, so that Mesa does not copy their bodies PPT
+    // times (grad.wgsl `PIXEL_SLOTS`).
+    softmax_of: array<vec4<f32>, PPT + 1u>,
 }
 
 // Adds pixel k (flat position i of global image b, label y, first logits z unless
@@ -471,7 +473,7 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
     // Classes past the first block (C > BLOCK): read their logits, PAST_CHUNK classes at a
     // time. The bound is opaque to the compiler for the same reason as flush's.
     var c_rt = min(C, dims.row_width);
-    if NORMS_ONLY || !CLASS_SUMS {
+    if NORMS_ONLY || !CLASS_SUMS || C <= BLOCK {
         c_rt = 0u;
     }
     for (var c0 = BLOCK; c0 < c_rt; c0 += PAST_CHUNK) {

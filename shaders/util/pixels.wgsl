@@ -226,17 +226,18 @@ fn term_weight(t: u32, off: f32, c: u32) -> f32 {
 // classes whose logits (and soft targets, exponentials, coefficients) an invocation keeps
 // once read, so each is read from memory once per pass when C ≤ BLOCK; classes past BLOCK
 // are read again where used (three times a pass: ARCHITECTURE.md, "The byte floor"), unless
-// the call is staged (staged.wgsl, which GPUs use past the block). BLOCK is the smallest
-// power of two ≥ C, from 8 up to the strategy's cap (256 on CPU adapters, where
-// invocation memory is the CPU's cache and lavapipe loads storage buffers lane by lane, and
-// compile time grows steeply past 256; 8 on GPUs, where larger arrays would spill from
-// registers).
-// An invocation's class arrays hold BLOCK_PAD = BLOCK + 1 elements, the last unused: at
-// BLOCK = 256 on lavapipe each array is 8 KiB (8 lanes of f32), so arrays of exactly BLOCK
-// laid one after another put the same class of each in the same L1 set, and a 64-byte shift
-// of the stack frame (no other change) made one-pass CE at 1×150×96×96 15 % slower; padded,
-// it measured as before (BENCHMARKS.md, "Instruction counts").
-const BLOCK_PAD: u32 = BLOCK + 1u;
+// the call is staged (staged.wgsl, which GPUs use past the block). BLOCK is C itself up to
+// 32 classes, else the smallest power of two ≥ C, up to the strategy's cap (256 on CPU
+// adapters, where invocation memory is the CPU's cache and lavapipe loads storage buffers
+// lane by lane, and compile time grows steeply past 256; 8 on GPUs, where larger arrays
+// would spill from registers). Arrays exactly C long let Mesa unroll every class loop of up
+// to 32 iterations whatever its body (src/gpu/strategy.rs `Strategy::index_checks`).
+// Past 32 an invocation's class arrays hold BLOCK_PAD = BLOCK + 1 elements, the last
+// unused: at BLOCK = 256 on lavapipe each array is 8 KiB (8 lanes of f32), so arrays of
+// exactly BLOCK laid one after another put the same class of each in the same L1 set, and a
+// 64-byte shift of the stack frame (no other change) made one-pass CE at 1×150×96×96 15 %
+// slower; padded, it measured as before (BENCHMARKS.md, "Instruction counts").
+const BLOCK_PAD: u32 = BLOCK + u32(BLOCK > 32u);
 alias Block = array<f32, BLOCK_PAD>;
 
 // Whether class c (< C) is in the block, so its values are in the invocation's arrays.

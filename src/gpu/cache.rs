@@ -21,8 +21,8 @@ type BindKey = (PipelineKey, Vec<(u32, wgpu::Buffer, u64, u64)>);
 #[derive(Default)]
 pub(super) struct Caches {
     /// By module name, class block and pixel workgroup (the constants its source is made
-    /// with: `KernelInfo::source`).
-    modules: HashMap<(&'static str, u32, u32), wgpu::ShaderModule>,
+    /// with: `KernelInfo::source`), and whether naga clamps its array indices.
+    modules: HashMap<(&'static str, u32, u32, bool), wgpu::ShaderModule>,
     layouts: HashMap<Kernel, wgpu::BindGroupLayout>,
     pipelines: HashMap<PipelineKey, wgpu::ComputePipeline>,
     bind_groups: HashMap<BindKey, wgpu::BindGroup>,
@@ -61,15 +61,31 @@ impl GpuContext {
         let info = key.kernel.info();
         let module = caches
             .modules
-            .entry((info.module, key.block, key.pixel_wg))
+            .entry((info.module, key.block, key.pixel_wg, key.index_checks))
             .or_insert_with(|| {
-                self.device
-                    .create_shader_module(wgpu::ShaderModuleDescriptor {
-                        label: Some(info.module),
-                        source: wgpu::ShaderSource::Wgsl(
-                            info.source(key.block, key.pixel_wg).into(),
-                        ),
-                    })
+                let desc = wgpu::ShaderModuleDescriptor {
+                    label: Some(info.module),
+                    source: wgpu::ShaderSource::Wgsl(info.source(key.block, key.pixel_wg).into()),
+                };
+                if key.index_checks {
+                    return self.device.create_shader_module(desc);
+                }
+                // SAFETY: only index clamps are dropped, and only where the strategy says
+                // so (`Strategy::index_checks`: lavapipe, whose robustBufferAccess2 bounds
+                // every buffer access in the driver, so naga's buffer checks are off there
+                // already). Every variable index into an invocation or workgroup array in
+                // the WGSL is bounded by its loop or an `in_block` test, and
+                // tests/gpu/index_checks.rs compares every output bit of calls compiled
+                // with and without the clamps.
+                unsafe {
+                    self.device.create_shader_module_trusted(
+                        desc,
+                        wgpu::ShaderRuntimeChecks {
+                            bounds_checks: false,
+                            ..wgpu::ShaderRuntimeChecks::checked()
+                        },
+                    )
+                }
             })
             .clone();
         let bind_layout = self.layout(caches, key.kernel);

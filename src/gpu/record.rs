@@ -786,6 +786,7 @@ impl GpuContext {
             grad_chunks: req.strategy.grad_chunks
                 && batch.shape.classes > req.strategy.stats_block_for(batch.shape.classes) as usize,
             chunk_quads: false,
+            index_checks: req.strategy.index_checks,
         }
     }
 

@@ -833,6 +833,9 @@ pub struct Variant {
     /// The chunked grad stage takes its pixels four at a time (`plan::chunk_quads`; its
     /// `QUADS`, whatever `quads` says for the other stages).
     pub chunk_quads: bool,
+    /// The kernels are compiled with naga's clamp on variable indices into invocation and
+    /// workgroup arrays (`Strategy::index_checks`).
+    pub index_checks: bool,
 }
 
 impl Variant {
@@ -886,6 +889,8 @@ pub struct PipelineKey {
     pub block: u32,
     /// The source's pixel workgroup size (0 for kernels without the pixel helpers).
     pub pixel_wg: u32,
+    /// Compiled with naga's index clamps (`Strategy::index_checks`).
+    pub index_checks: bool,
 }
 
 impl PipelineKey {
@@ -919,6 +924,7 @@ impl PipelineKey {
             values,
             block,
             pixel_wg,
+            index_checks: variant.index_checks,
         }
     }
 

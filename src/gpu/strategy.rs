@@ -94,6 +94,14 @@ pub(crate) fn tile_loop_error(strategy: &Strategy, pixels: usize, cpu: bool) -> 
     })
 }
 
+/// Whether the adapter is lavapipe (Mesa's llvmpipe through Vulkan), whose
+/// robustBufferAccess2 bounds buffer accesses in the driver (`Strategy::index_checks`).
+fn is_lavapipe(info: &wgpu::AdapterInfo) -> bool {
+    info.backend == wgpu::Backend::Vulkan
+        && info.device_type == wgpu::DeviceType::Cpu
+        && (info.driver == "llvmpipe" || info.name.starts_with("llvmpipe"))
+}
+
 fn subgroups_usable(device: &wgpu::Device, info: &wgpu::AdapterInfo) -> bool {
     device.features().contains(wgpu::Features::SUBGROUP)
         && info.subgroup_min_size >= 4
@@ -177,6 +185,17 @@ pub struct Strategy {
     /// Pixels per staged sub-tile of the call (0: not staged). Derived for each call from
     /// the fields above ([`Strategy::for_call`]); a value set here is replaced.
     pub stage_pixels: u32,
+    /// The kernels are compiled with naga's clamp on every variable index into an
+    /// invocation or workgroup array (wgpu's default). Off on lavapipe: there the clamp
+    /// (`min(c, len − 1)`) hides the loop's counter from Mesa's loop analysis, which
+    /// unrolls a loop of up to 32 iterations that indexes an array exactly as long as its
+    /// trip count only when the index is the counter itself, so the grad stage's class
+    /// loops at 21 classes stayed rolled, every array access in them a lane-by-lane gather
+    /// (BENCHMARKS.md, "Index clamps"). Every such index in the WGSL is bounded by its
+    /// loop or an `in_block` test; tests/gpu/index_checks.rs compares every output bit of
+    /// calls compiled both ways. Buffer accesses stay bounded either way on lavapipe (its
+    /// robustBufferAccess2). On elsewhere.
+    pub index_checks: bool,
 }
 
 /// The staged kernels (their workgroup memory decides whether a device stages).
@@ -188,6 +207,9 @@ const STAGED_KERNELS: [Kernel; 3] = [
 
 /// The largest class block a kernel is compiled for.
 pub const MAX_CLASS_BLOCK: u32 = 1024;
+/// Up to this many classes a call's class block is C itself (`Strategy::block_for`): Mesa's
+/// limit on the iterations of a loop it unrolls (`max_unroll_iterations` in llvmpipe).
+pub const EXACT_BLOCK_CLASSES: u32 = 32;
 /// Where the one-pass path starts paying (BENCHMARKS.md, "One pass for pixel terms").
 const ONE_PASS_MIN_ELEMENTS: u64 = 1 << 18;
 /// Where finalize stops adding the partial rows itself: 2¹⁶ floats are 1,024 reads for
@@ -248,6 +270,7 @@ impl Strategy {
             class_staging: info.device_type != wgpu::DeviceType::Cpu
                 && workgroup_memory_error(&STAGED_KERNELS, PIXEL_WG_MAX, device).is_none(),
             stage_pixels: 0,
+            index_checks: !is_lavapipe(info),
         }
     }
 
@@ -325,10 +348,17 @@ impl Strategy {
         Ok(())
     }
 
-    /// The class block of a call with C classes: the smallest power of two ≥ C, at least
-    /// 8, at most `class_block`.
+    /// The class block of a call with C classes: C itself up to [`EXACT_BLOCK_CLASSES`],
+    /// else the smallest power of two ≥ C; at most `class_block`. (Mesa unrolls a class
+    /// loop of up to 32 iterations whatever its length when the arrays it indexes are
+    /// exactly as long as its trip count: `Strategy::index_checks`.)
     pub fn block_for(&self, classes: usize) -> u32 {
-        (classes.max(8).next_power_of_two() as u32).min(self.class_block)
+        let block = if classes <= EXACT_BLOCK_CLASSES as usize {
+            classes.max(1) as u32
+        } else {
+            classes.next_power_of_two() as u32
+        };
+        block.min(self.class_block)
     }
 
     /// The class block of the stats stage (and its one-pass form) for C classes:
@@ -461,6 +491,7 @@ mod tests {
             pixel_workgroup: CPU_PIXEL_WG,
             class_staging: true,
             stage_pixels: 0,
+            index_checks: false,
         }
     }
 
@@ -468,8 +499,10 @@ mod tests {
     fn the_stats_stage_keeps_at_most_its_own_block_up_to_the_class_block() {
         let s = cpu();
         for (classes, block, stats) in [
-            (4, 8, 8),
-            (21, 32, 32),
+            (1, 1, 1),
+            (4, 4, 4),
+            (21, 21, 21),
+            (32, 32, 32),
             (33, 64, 32),
             (150, 256, 32),
             (256, 256, 32),
@@ -484,6 +517,8 @@ mod tests {
             ..s
         };
         assert_eq!(gpu.stats_block_for(150), 8);
+        assert_eq!(gpu.block_for(5), 5);
+        assert_eq!(gpu.block_for(21), 8);
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod common;
 mod backend_misuse;
 mod class_chunks;
 mod forward_backward;
+mod index_checks;
 mod inputs;
 mod one_pass;
 mod quads;
