@@ -6,36 +6,11 @@
 //! element), beside the checks against the f64 reference that every other test makes
 //! under the adapter's own strategy.
 
-use crate::common::{new_ctx, spec};
+use crate::common::{new_ctx, spec, GRADIENT};
 use segloss::gpu::{GpuContext, Options, Strategy};
 use segloss::input::{Labels, Shape};
 use segloss::output::LossOutput;
 use segloss::testing::{random_labels, random_logits, random_masks, random_soft_labels, Rng};
-
-fn run(
-    ctx: &GpuContext,
-    strategy: Strategy,
-    json: &str,
-    shape: &Shape,
-    z: &[f32],
-    labels: Labels<'_>,
-    what: &str,
-) -> LossOutput {
-    ctx.evaluate(
-        &spec(json),
-        shape,
-        z,
-        labels,
-        Options {
-            gradient: true,
-            statistics: true,
-            poison: true,
-            strategy: Some(strategy),
-            proportions: true,
-        },
-    )
-    .unwrap_or_else(|e| panic!("{what}: {e}"))
-}
 
 /// Runs `json` under `strategy` with and without index clamps and compares every bit.
 fn same_bits(
@@ -50,32 +25,25 @@ fn same_bits(
         "{shape:?}, block {}: {json}",
         strategy.block_for(shape.classes)
     );
-    let clamped = run(
-        ctx,
-        Strategy {
-            index_checks: true,
+    let run = |index_checks| {
+        let strategy = Some(Strategy {
+            index_checks,
             ..strategy
-        },
-        json,
-        shape,
-        z,
-        labels,
-        &what,
-    );
-    let kernels = ctx.last_kernels();
-    let unclamped = run(
-        ctx,
-        Strategy {
-            index_checks: false,
-            ..strategy
-        },
-        json,
-        shape,
-        z,
-        labels,
-        &what,
-    );
-    assert_eq!(kernels, ctx.last_kernels(), "{what}: the same kernels");
+        });
+        let opts = Options {
+            statistics: true,
+            strategy,
+            ..GRADIENT
+        };
+        let out = ctx.evaluate(&spec(json), shape, z, labels, opts);
+        (
+            out.unwrap_or_else(|e| panic!("{what}: {e}")),
+            ctx.last_kernels(),
+        )
+    };
+    let (clamped, kernels) = run(true);
+    let (unclamped, unclamped_kernels) = run(false);
+    assert_eq!(kernels, unclamped_kernels, "{what}: the same kernels");
     let (gc, gu) = (
         clamped.gradient.as_ref().unwrap(),
         unclamped.gradient.as_ref().unwrap(),
