@@ -194,7 +194,8 @@ pub struct Strategy {
     /// (BENCHMARKS.md, "Index clamps"). Every such index in the WGSL is bounded by its
     /// loop or an `in_block` test; tests/gpu/index_checks.rs compares every output bit of
     /// calls compiled both ways. Buffer accesses stay bounded either way on lavapipe (its
-    /// robustBufferAccess2). On elsewhere.
+    /// robustBufferAccess2). On elsewhere, and [`Strategy::validate`] refuses it off on
+    /// any other adapter.
     pub index_checks: bool,
 }
 
@@ -277,8 +278,9 @@ impl Strategy {
     /// An error where the device cannot run this strategy: subgroup sums without usable
     /// subgroups, a class block or pixel workgroup out of range (or a workgroup smaller than
     /// the adapter's subgroups, with subgroup sums), kernels declaring more workgroup memory
-    /// than the device has, or rows planned for subgroups larger than the adapter's
-    /// smallest (rows some subgroups would then leave unwritten).
+    /// than the device has, rows planned for subgroups larger than the adapter's smallest
+    /// (rows some subgroups would then leave unwritten), or index clamps off on an adapter
+    /// other than lavapipe.
     pub fn validate(&self, device: &wgpu::Device, info: &wgpu::AdapterInfo) -> Result<()> {
         if self.tile_sum == TileSum::Subgroup && !subgroups_usable(device, info) {
             return Err(Error::Input(format!(
@@ -291,6 +293,15 @@ impl Strategy {
                 },
                 info.subgroup_min_size,
                 info.subgroup_max_size
+            )));
+        }
+        if !self.index_checks && !is_lavapipe(info) {
+            // Without the clamps wgpu also drops naga's buffer checks, which only a driver
+            // that bounds buffer accesses itself makes safe to drop.
+            return Err(Error::Input(format!(
+                "index_checks off is allowed on lavapipe only (whose robustBufferAccess2 \
+                 bounds buffer accesses), not on {} ({:?})",
+                info.name, info.backend
             )));
         }
         if !self.class_block.is_power_of_two() || !(8..=MAX_CLASS_BLOCK).contains(&self.class_block)
