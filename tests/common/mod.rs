@@ -340,3 +340,27 @@ pub fn device_call(
     ctx.queue().submit([enc.finish()]);
     rec.read(ctx).map(|_| ()).map_err(|e| e.to_string())
 }
+
+/// Random targets for a spec: 0/1 masks in sigmoid mode, else class-index labels with
+/// 10 % of the pixels ignored.
+pub enum Targets {
+    Index(Vec<u32>),
+    Masks(Vec<f32>),
+}
+
+impl Targets {
+    pub fn random(rng: &mut segloss::testing::Rng, shape: &Shape, json: &str) -> Self {
+        if json.contains("sigmoid") {
+            Targets::Masks(segloss::testing::random_masks(rng, shape))
+        } else {
+            Targets::Index(segloss::testing::random_labels(rng, shape, 0.1))
+        }
+    }
+
+    pub fn labels(&self) -> Labels<'_> {
+        match self {
+            Targets::Index(y) => Labels::index(y),
+            Targets::Masks(m) => Labels::Soft(m),
+        }
+    }
+}

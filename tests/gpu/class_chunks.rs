@@ -4,11 +4,11 @@
 //! none and takes every class in chunks of 8 (grad.wgsl `GRAD_CHUNKS`). Every output
 //! element against the f64 reference, with partial tiles and a partial last chunk.
 
-use crate::common::{check_with, new_ctx, spec};
+use crate::common::{check_with, new_ctx, spec, Targets};
 use segloss::gpu::stages::Kernel;
 use segloss::gpu::{GpuContext, Strategy};
 use segloss::input::{Labels, Shape};
-use segloss::testing::{random_labels, random_logits, random_masks, random_soft_labels, Rng};
+use segloss::testing::{random_labels, random_logits, random_soft_labels, Rng};
 
 /// A strategy that chunks past `stats_class_block` classes, on two passes (the grad
 /// stage, not the one-pass form) and without staging.
@@ -133,14 +133,8 @@ fn chunks_on_small_blocks_match_the_reference() {
         let shape = Shape::new(2, c, &spatial);
         let json = with_weights(json, &mut rng, c);
         let z = random_logits(&mut rng, &shape, 3.0);
-        let (y, masks, soft);
-        let labels = if json.contains("sigmoid") {
-            masks = random_masks(&mut rng, &shape);
-            Labels::Soft(&masks)
-        } else {
-            y = random_labels(&mut rng, &shape, 0.1);
-            Labels::index(&y)
-        };
+        let targets = Targets::random(&mut rng, &shape, &json);
+        let labels = targets.labels();
         check_chunks(&ctx, chunked(&ctx, 8, 8), &json, &shape, labels, &z, true);
         let plain = Strategy {
             grad_chunks: false,
@@ -148,7 +142,7 @@ fn chunks_on_small_blocks_match_the_reference() {
         };
         check_chunks(&ctx, plain, &json, &shape, labels, &z, false);
         if !json.contains("sigmoid") && !json.contains("ignore_index") {
-            soft = random_soft_labels(&mut rng, &shape);
+            let soft = random_soft_labels(&mut rng, &shape);
             let soft_labels = Labels::Soft(&soft);
             check_chunks(
                 &ctx,

@@ -6,7 +6,7 @@
 //! dispatches each call records, so a test cannot pass on the two-pass path by mistake.
 
 use crate::common;
-use crate::common::{check_with, new_ctx, spec};
+use crate::common::{check_with, new_ctx, spec, Targets};
 use segloss::gpu::stages::Kernel;
 use segloss::gpu::{GpuContext, Strategy};
 use segloss::input::{Labels, Shape, IGNORE};
@@ -418,14 +418,8 @@ fn calls_without_proportions_give_the_same_loss_and_gradient() {
     ];
     for (shape, json, strategies) in cases {
         let z = random_logits(&mut rng, &shape, 3.0);
-        let (y, masks);
-        let labels = if json.contains("sigmoid") {
-            masks = random_masks(&mut rng, &shape);
-            Labels::Soft(&masks)
-        } else {
-            y = random_labels(&mut rng, &shape, 0.1);
-            Labels::index(&y)
-        };
+        let targets = Targets::random(&mut rng, &shape, json);
+        let labels = targets.labels();
         let pixel_only = spec(json).terms.iter().all(|t| t.is_pixel_term());
         for strategy in strategies {
             let what = format!(
