@@ -30,14 +30,15 @@ const PIXEL_SLOTS: u32 = MAX_PPT + 1u;
 
 // Chunked classes (set by the host with more classes than BLOCK on CPU adapters:
 // strategy.rs `grad_chunks`): no class of a pixel is kept in invocation memory. An
-// invocation first reads every logit of each of its pixels once for the softmax pieces (an
-// online max and sum), then takes the classes CHUNK at a time, each chunk's coefficients
-// read once for all its pixels: one pass over the chunks adds each pixel's sums (unless CE
-// alone has them in closed form), another writes the gradient. Three reads of a logit and
-// one write, and every class loop that touches an array is CHUNK long, which Mesa unrolls:
-// in the register path's loops over 150 classes, which it does not unroll, every access to
-// an invocation array was a gather or scatter lane by lane on lavapipe (BENCHMARKS.md,
-// "The stats stage's class block").
+// invocation first reads every logit of its pixels once, four pixels at a time, for the
+// softmax pieces (an online max and sum) and the sums every class's gradient needs, which
+// rescale with them (`chunk_online`, `OnlineSums`); then it takes the classes CHUNK at a
+// time, each chunk's coefficients read once for all its pixels, and writes the gradient.
+// Two reads of a logit and one write (three reads with a focal term, whose sums take a
+// pass of their own), and every class loop that touches an array is CHUNK long, which Mesa
+// unrolls: in the register path's loops over 150 classes, which it does not unroll, every
+// access to an invocation array was a gather or scatter lane by lane on lavapipe
+// (BENCHMARKS.md, "The stats stage's class block").
 override GRAD_CHUNKS: bool = false;
 const CHUNK: u32 = 8u;
 
@@ -135,16 +136,6 @@ fn chunk_quad_logits(b: u32, c0: u32, i0: u32) -> array<vec4<f32>, CHUNK> {
     return z;
 }
 
-// What the chunked path keeps of each of an invocation's pixels between its passes.
-struct ChunkPixels {
-    labels: array<u32, PIXEL_SLOTS>,
-    // (max, Σe, tempered max, tempered Σe)
-    pieces: array<vec4<f32>, PIXEL_SLOTS>,
-    sums: array<GradSums, PIXEL_SLOTS>,
-    // Pixels the invocation has (fewer than PPT at the end of an image).
-    n: u32,
-}
-
 // Class c's logit zc adds its share to the GradSums `sums` of pixel i of global image b
 // (label y, pieces sm, log Σe), with its coefficients k; `real`: c is not a repeat past C.
 fn chunk_sums_add(cs: ptr<function, Consts>, sums: ptr<function, GradSums>, k: vec4<f32>, b: u32, c: u32, i: u32, y: u32, zc: f32, sm: vec4<f32>, log_se: f32, real: bool) {
@@ -175,18 +166,195 @@ fn chunk_dz(cs: ptr<function, Consts>, k: vec4<f32>, b: u32, c: u32, i: u32, y: 
     return select(0.0, dz * (*cs).up, y != IGNORE);
 }
 
-// The first GradSums of a pixel with label y: Σh in closed form for CE alone, else zeros.
-fn first_sums(cs: ptr<function, Consts>, y: u32) -> GradSums {
+// Whether the online pass sums a pixel's GradSums as it goes (`OnlineSums`): every softmax
+// spec without focal terms, whose sums are then linear in the classes' exponentials. A
+// focal term's h_c is not (it takes log p_c, which needs the final Σe), so with one the
+// chunks are summed in a pass of their own after the softmax (`chunk_sums_add`); CE alone
+// on class-index labels needs neither (`ce_closed_form`).
+fn online_sums() -> bool {
+    return !SIGMOID && (PIXEL_KINDS & (1u << KIND_FOCAL)) == 0u && !ce_closed_form();
+}
+
+// Whether the chunked path has a pass for the sums after the softmax (focal terms).
+fn chunk_sums_pass() -> bool {
+    return !SIGMOID && !ce_closed_form() && !online_sums();
+}
+
+// What the online pass sums besides each pixel's max and Σe, four pixels side by side.
+// With e_c = exp(z_c − max), a pixel's GradSums are
+//   Σ a·p = Σ_c (∂L/∂P + ∂L/∂U [untempered] + g_c·∂L/∂I)·e_c / Σe + 2·Σ_c ∂L/∂Q·e_c² / Σe²,
+//   Σ u·s = Σ_c ∂L/∂U·e_T,c / Σe_T,
+// and, on soft labels, Σ h = Σ_c h_c (CE's h_c takes no logit), so the sums over e and e²
+// are rescaled with Σe when the max grows (by r and r²) and divided once at the end: the
+// pass over the chunks that summed them after the softmax, a third read of every logit,
+// is gone (BENCHMARKS.md, "Online sums"). On class-index labels the g_c·∂L/∂I part is the
+// label class's alone, added after the last class (`online_label_class`), so a class's
+// ∂L/∂I is not read per class and pixel.
+struct OnlineSums {
+    m: vec4<f32>,
+    se: vec4<f32>,
+    // The tempered max and Σe (T·z).
+    mt: vec4<f32>,
+    st: vec4<f32>,
+    a: vec4<f32>,
+    q: vec4<f32>,
+    u: vec4<f32>,
+    // Per pixel term (soft labels only).
+    h: array<vec4<f32>, 4>,
+}
+
+// Adds class c (logits z, targets g of four pixels) to the online sums `o`.
+fn online_add(cs: ptr<function, Consts>, o: ptr<function, OnlineSums>, b: u32, c: u32, z: vec4<f32>, g: vec4<f32>) {
+    let m = max((*o).m, z);
+    let r = exp((*o).m - m);
+    let e = exp(z - m);
+    (*o).m = m;
+    (*o).se = (*o).se * r + e;
+    (*o).a *= r;
+    (*o).q *= r * r;
+    var et = vec4(0.0);
+    if TEMPERED {
+        let v = dims.temperature * z;
+        let mt = max((*o).mt, v);
+        let rt = exp((*o).mt - mt);
+        et = exp(v - mt);
+        (*o).mt = mt;
+        (*o).st = (*o).st * rt + et;
+        (*o).u *= rt;
+    }
+    if !online_sums() {
+        return;
+    }
+    if STAT_TERMS {
+        let k = (b * C + c) * COEFS;
+        var a = fin[k + COEF_P];
+        if TEMPERED {
+            (*o).u += fin[k + COEF_U] * et;
+        } else {
+            a += fin[k + COEF_U];
+        }
+        var ag = vec4(a);
+        if LABEL_KIND == LABELS_SOFT {
+            ag += g * fin[k + COEF_I];
+        }
+        (*o).a += ag * e;
+        (*o).q += fin[k + COEF_Q] * e * e;
+    }
+    if !h_closed_form() {
+        for (var t = 0u; t < N_PIX; t++) {
+            let w = term_weight(t, (*cs).offs[t], c);
+            for (var p = 0u; p < 4u; p++) {
+                (*o).h[t][p] += pixel_h(true, (*cs).opt[t], w, g[p], 0.0, 0.0, 1.0, 0.0);
+            }
+        }
+    }
+}
+
+// The label class's g·∂L/∂I share of Σ a·p on class-index labels (g = 1 there, 0
+// elsewhere), for the four pixels at `at` with labels ys (`live`: in the image), once the
+// maxima are final: one read of the label's logit a pixel instead of ∂L/∂I per class.
+fn online_label_class(o: ptr<function, OnlineSums>, b: u32, at: vec4<u32>, ys: vec4<u32>, live: vec4<bool>) {
+    if !online_sums() || !STAT_TERMS || LABEL_KIND == LABELS_SOFT {
+        return;
+    }
+    for (var p = 0u; p < 4u; p++) {
+        if live[p] && ys[p] < C {
+            let zy = logit(b, ys[p], at[p]);
+            (*o).a[p] += fin[(b * C + ys[p]) * COEFS + COEF_I] * exp(zy - (*o).m[p]);
+        }
+    }
+}
+
+// Pixel p's softmax pieces (max, Σe, tempered max, tempered Σe) from the online sums.
+fn online_pieces_of(o: ptr<function, OnlineSums>, p: u32) -> vec4<f32> {
+    if SIGMOID {
+        return vec4(0.0, 1.0, 0.0, 1.0);
+    }
+    return vec4((*o).m[p], (*o).se[p], (*o).mt[p], (*o).st[p]);
+}
+
+// Pixel p's GradSums (label y) from the online sums: what the sums pass would add up, or
+// its starting values (Σh in closed form) when that pass follows.
+fn online_grad_sums(cs: ptr<function, Consts>, o: ptr<function, OnlineSums>, p: u32, y: u32) -> GradSums {
     var sums = GradSums(0.0, 0.0, vec4(0.0));
-    if ce_closed_form() {
+    if h_closed_form() {
         sums.h = ce_h_sum(cs, y);
+    }
+    if online_sums() {
+        let se = (*o).se[p];
+        sums.ap = (*o).a[p] / se + 2.0 * (*o).q[p] / (se * se);
+        sums.us = (*o).u[p] / (*o).st[p];
+        if !h_closed_form() {
+            for (var t = 0u; t < N_PIX; t++) {
+                sums.h[t] = (*o).h[t][p];
+            }
+        }
     }
     return sums;
 }
 
-// Whether the chunked path has a pass for the sums (not in sigmoid mode nor for CE alone).
-fn chunk_sums_pass() -> bool {
-    return !SIGMOID && !ce_closed_form();
+// What the chunked path keeps of each of an invocation's pixels between its passes.
+struct ChunkPixels {
+    labels: array<u32, PIXEL_SLOTS>,
+    // (max, Σe, tempered max, tempered Σe)
+    pieces: array<vec4<f32>, PIXEL_SLOTS>,
+    sums: array<GradSums, PIXEL_SLOTS>,
+    // Pixels the invocation has (fewer than PPT at the end of an image).
+    n: u32,
+}
+
+// The chunked path's first pass: every logit of the invocation's pixels read once, four
+// pixels at a time (one vec4 a class with QUADS, else a read per pixel), for each pixel's
+// softmax pieces and, with `online_sums`, its GradSums. PPT is a multiple of 4 (8 or 32).
+fn chunk_online(cs: ptr<function, Consts>, b: u32, base: u32, lid: u32) -> ChunkPixels {
+    var px: ChunkPixels;
+    for (var q = 0u; q < PPT; q += 4u) {
+        let i0 = pixel_of(base, q, lid, WG, PPT);
+        if i0 >= dims.spatial {
+            break;
+        }
+        // The quad's pixels: past the image's end (no QUADS there) a pixel reads nothing and
+        // its values are never used.
+        var at = vec4(i0);
+        var live = vec4(true);
+        var ys = vec4(IGNORE);
+        for (var p = 0u; p < 4u; p++) {
+            at[p] = pixel_of(base, q + p, lid, WG, PPT);
+            live[p] = at[p] < dims.spatial;
+            if live[p] {
+                ys[p] = pixel_label(b, at[p]);
+                px.n = q + p + 1u;
+            }
+        }
+        var o = OnlineSums(vec4(-3.4e38), vec4(0.0), vec4(-3.4e38), vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0), array<vec4<f32>, 4>());
+        if !SIGMOID {
+            for (var c = 0u; c < C; c++) {
+                var z = vec4(0.0);
+                var g = vec4(0.0);
+                if QUADS {
+                    z = quad_logits(b, c, i0);
+                }
+                for (var p = 0u; p < 4u; p++) {
+                    if live[p] {
+                        if !QUADS {
+                            z[p] = logit(b, c, at[p]);
+                        }
+                        if online_sums() && LABEL_KIND == LABELS_SOFT {
+                            g[p] = target_of(b, c, at[p], ys[p]);
+                        }
+                    }
+                }
+                online_add(cs, &o, b, c, z, g);
+            }
+            online_label_class(&o, b, at, ys, live);
+        }
+        for (var p = 0u; p < 4u; p++) {
+            px.labels[q + p] = ys[p];
+            px.pieces[q + p] = online_pieces_of(&o, p);
+            px.sums[q + p] = online_grad_sums(cs, &o, p, ys[p]);
+        }
+    }
+    return px;
 }
 
 // The gradient of an invocation's pixels (from base, PPT of them) of global image b, class
@@ -196,26 +364,7 @@ fn grad_chunks(cs: ptr<function, Consts>, b: u32, base: u32, lid: u32) {
         grad_chunk_quads(cs, b, base, lid);
         return;
     }
-    var px: ChunkPixels;
-    for (var j = 0u; j < PPT; j++) {
-        let i = pixel_of(base, j, lid, WG, PPT);
-        if i >= dims.spatial {
-            break;
-        }
-        px.n = j + 1u;
-        let y = pixel_label(b, i);
-        px.labels[j] = y;
-        var sm = vec4(0.0, 1.0, 0.0, 1.0);
-        var unused = vec2(0u, IGNORE);   // the stats pass reports bad input
-        if !SIGMOID {
-            sm = vec4(online_pieces(b, i, 1.0, 0u, vec2(-3.4e38, 0.0), &unused), sm.zw);
-            if TEMPERED {
-                sm = vec4(sm.xy, online_pieces(b, i, dims.temperature, 0u, vec2(-3.4e38, 0.0), &unused));
-            }
-        }
-        px.pieces[j] = sm;
-        px.sums[j] = first_sums(cs, y);
-    }
+    var px = chunk_online(cs, b, base, lid);
     if chunk_sums_pass() {
         for (var c0 = 0u; c0 < C; c0 += CHUNK) {
             let kc = chunk_coefs(b, c0);
@@ -256,39 +405,7 @@ fn grad_chunks(cs: ptr<function, Consts>, b: u32, base: u32, lid: u32) {
 // its gradient written as one. The per-pixel code is the same; only the accesses, which
 // are lane-by-lane sequences on lavapipe whatever their width, are shared by four pixels.
 fn grad_chunk_quads(cs: ptr<function, Consts>, b: u32, base: u32, lid: u32) {
-    var px: ChunkPixels;
-    for (var q = 0u; q < PPT; q += 4u) {
-        let i0 = pixel_of(base, q, lid, WG, PPT);
-        if i0 >= dims.spatial {
-            break;
-        }
-        px.n = q + 4u;
-        // The online max and sum of the quad's four pixels side by side.
-        var m = vec4(-3.4e38);
-        var se = vec4(0.0);
-        var mt = vec4(-3.4e38);
-        var st = vec4(0.0);
-        if !SIGMOID {
-            for (var c = 0u; c < C; c++) {
-                let z = quad_logits(b, c, i0);
-                let m_new = max(m, z);
-                se = se * exp(m - m_new) + exp(z - m_new);
-                m = m_new;
-                if TEMPERED {
-                    let v = dims.temperature * z;
-                    let mt_new = max(mt, v);
-                    st = st * exp(mt - mt_new) + exp(v - mt_new);
-                    mt = mt_new;
-                }
-            }
-        }
-        for (var p = 0u; p < 4u; p++) {
-            let y = pixel_label(b, i0 + p);
-            px.labels[q + p] = y;
-            px.pieces[q + p] = select(vec4(m[p], se[p], mt[p], st[p]), vec4(0.0, 1.0, 0.0, 1.0), SIGMOID);
-            px.sums[q + p] = first_sums(cs, y);
-        }
-    }
+    var px = chunk_online(cs, b, base, lid);
     if chunk_sums_pass() {
         for (var c0 = 0u; c0 < C; c0 += CHUNK) {
             let kc = chunk_coefs(b, c0);

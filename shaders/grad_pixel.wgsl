@@ -24,19 +24,22 @@ struct Consts {
     opt: vec4<f32>,
     scales: vec4<f32>,
     offs: vec4<f32>,
-    // Per pixel term, Σ_c w_c of its class vector (C without one): `ce_closed_form`.
+    // Per pixel term, Σ_c w_c of its class vector (C without one): `h_closed_form`.
     wsum: vec4<f32>,
     // The upstream gradient (fin, Dims::fin_upstream) every value is scaled by.
     up: f32,
 }
 
-// Whether every term is cross-entropy on class-index labels: then a pixel's Σ_k h_k is
-// −((1 − ε)·w_y + ε/C·Σ_k w_k), known without a pass over its classes, and `pixel_grad`
-// runs one class loop instead of two (on GPUs, one read fewer of each class past the
-// register block).
+// Whether every pixel term is cross-entropy on class-index labels: then a pixel's Σ_k h_k
+// is −((1 − ε)·w_y + ε/C·Σ_k w_k), known from its label alone (`ce_h_sum`).
+fn h_closed_form() -> bool {
+    return !SIGMOID && (PIXEL_KINDS & (1u << KIND_FOCAL)) == 0u && LABEL_KIND != LABELS_SOFT;
+}
+
+// `h_closed_form` and no statistic terms: then `pixel_grad` runs one class loop instead of
+// two (on GPUs, one read fewer of each class past the register block).
 fn ce_closed_form() -> bool {
-    return !SIGMOID && !STAT_TERMS && (PIXEL_KINDS & (1u << KIND_FOCAL)) == 0u
-        && LABEL_KIND != LABELS_SOFT;
+    return h_closed_form() && !STAT_TERMS;
 }
 
 // Class c's coefficients (∂L/∂P, ∂L/∂Q, ∂L/∂I, ∂L/∂U) of image b.
@@ -59,7 +62,7 @@ fn load_consts(b: u32) -> Consts {
         cs.opt[t] = record(t, PIXEL_OPTION);
         cs.scales[t] = fin[dims.fin_scales + t];
         cs.offs[t] = record(t, REC_VECTOR);
-        if ce_closed_form() {
+        if h_closed_form() {
             for (var c = 0u; c < C; c++) {
                 cs.wsum[t] += term_weight(t, cs.offs[t], c);
             }
@@ -191,7 +194,7 @@ fn grad_sums_of(cs: ptr<function, Consts>, k: vec4<f32>, c: u32, zc: f32, gc: f3
     return out;
 }
 
-// Σ_k h_k of cross-entropy alone on class-index labels (`ce_closed_form`) for label y:
+// Σ_k h_k of CE pixel terms on class-index labels (`h_closed_form`) for label y:
 // −((1 − ε)·w_y + ε/C·Σ_k w_k) per pixel term. (An ignored pixel's y is IGNORE; its values
 // are discarded by the caller.)
 fn ce_h_sum(cs: ptr<function, Consts>, y: u32) -> vec4<f32> {

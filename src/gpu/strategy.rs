@@ -152,8 +152,9 @@ pub struct Strategy {
     /// (compiled with that block) keeps no class of a pixel in invocation memory and takes
     /// the classes in chunks of 8, each chunk's coefficients read once an invocation, four
     /// pixels a vec4 where quads fit (grad.wgsl `GRAD_CHUNKS`, `plan::chunk_quads`):
-    /// three reads of a logit in all (the softmax's online pass, the sums every class
-    /// needs, the gradient), none of them through an array indexed in a loop. On for CPU
+    /// two reads of a logit in all (the softmax's online pass, which also sums what every
+    /// class's gradient needs, and the gradient's; a third with a focal term), none of
+    /// them through an array indexed in a loop. On for CPU
     /// adapters (BENCHMARKS.md, "The stats stage's class block"); GPUs past their block
     /// stage the classes instead.
     pub grad_chunks: bool,

@@ -59,6 +59,9 @@ const TEMPERED: &str = r#"{"terms":[{"kind":"cross_entropy","label_smoothing":0.
 const FOCAL_TVERSKY: &str = r#"{"ignore_index":2,"terms":[{"kind":"focal","gamma":2,"alpha":{W}},{"kind":"tversky","alpha":0.3,"beta":0.7}]}"#;
 const CE_WEIGHTED: &str = r#"{"ignore_index":1,"terms":[{"kind":"cross_entropy","class_weights":{W},"label_smoothing":0.1}]}"#;
 const GENERALIZED: &str = r#"{"terms":[{"kind":"cross_entropy","class_weights":{W}},{"kind":"generalized_dice"},{"kind":"region","penalty":"kl"}]}"#;
+/// Squared denominators (∂L/∂Q, the online sums' Σe² term) and a weighted CE whose Σh
+/// on soft labels is summed class by class.
+const SQUARED_WEIGHTED: &str = r#"{"terms":[{"kind":"cross_entropy","class_weights":{W},"label_smoothing":0.05},{"kind":"dice","squared":true,"jaccard":true}]}"#;
 const BCE_DICE: &str =
     r#"{"activation":"sigmoid","terms":[{"kind":"bce","pos_weight":{W}},{"kind":"dice"}]}"#;
 
@@ -88,6 +91,8 @@ fn chunked_classes_match_the_reference() {
         (2, 150, vec![13, 12], FOCAL_TVERSKY),
         (1, 150, vec![17, 13], CE_WEIGHTED),
         (1, 150, vec![20, 13], CE_WEIGHTED),
+        (1, 150, vec![21, 11], SQUARED_WEIGHTED),
+        (1, 150, vec![20, 11], SQUARED_WEIGHTED),
         (1, 256, vec![11, 9], GENERALIZED),
         (1, 256, vec![12, 9], GENERALIZED),
         (1, 300, vec![9, 7], DICE_CE),
@@ -114,7 +119,7 @@ fn chunked_classes_match_the_reference() {
 
 /// Chunks forced on small blocks (the stats stage keeping 8 classes, the grad stage none),
 /// so the chunked code runs at class counts just past a chunk and with every label form:
-/// soft labels, sigmoid mode with pos_weight, NHWC-free index labels with ignored pixels;
+/// soft labels (with class weights and squared denominators), sigmoid mode with pos_weight, NHWC-free index labels with ignored pixels;
 /// and the same calls without chunks for contrast.
 #[test]
 fn chunks_on_small_blocks_match_the_reference() {
@@ -127,6 +132,8 @@ fn chunks_on_small_blocks_match_the_reference() {
         (17, [19, 24], FOCAL_TVERSKY),
         (21, [19, 23], CE_WEIGHTED),
         (21, [16, 23], CE_WEIGHTED),
+        (21, [19, 23], SQUARED_WEIGHTED),
+        (21, [20, 23], SQUARED_WEIGHTED),
         (21, [19, 23], BCE_DICE),
         (21, [19, 20], BCE_DICE),
     ] {
