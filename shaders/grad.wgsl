@@ -40,7 +40,6 @@ const PIXEL_SLOTS: u32 = MAX_PPT + 1u;
 // access to an invocation array was a gather or scatter lane by lane on lavapipe
 // (BENCHMARKS.md, "The stats stage's class block").
 override GRAD_CHUNKS: bool = false;
-const CHUNK: u32 = 8u;
 
 @compute @workgroup_size(PIXEL_WG)
 fn main(
@@ -124,16 +123,6 @@ fn chunk_coefs(b: u32, c0: u32) -> array<vec4<f32>, CHUNK> {
         }
     }
     return k;
-}
-
-// The logits of classes c0..c0+CHUNK of the quad of pixels i0..i0+4 of global image b
-// (classes past C repeat C − 1).
-fn chunk_quad_logits(b: u32, c0: u32, i0: u32) -> array<vec4<f32>, CHUNK> {
-    var z: array<vec4<f32>, CHUNK>;
-    for (var k = 0u; k < CHUNK; k++) {
-        z[k] = quad_logits(b, min(c0 + k, C - 1u), i0);
-    }
-    return z;
 }
 
 // Class c's logit zc adds its share to the GradSums `sums` of pixel i of global image b

@@ -108,9 +108,10 @@ const WG: u32 = PIXEL_WG;
 // means fewer workgroup reductions.
 const PPT: u32 = STATS_PPT;
 const TILE: u32 = WG * PPT;
-// Classes summed together past the first block (C > BLOCK): few enough that the compiler
-// unrolls their loop (a power of two ≤ 8 divides every BLOCK).
-const PAST_CHUNK: u32 = 8u;
+// Whether the class sums past the first block (C > BLOCK) read four pixels a vec4, one
+// read of a class serving four pixels (set by the host where every quad is whole and
+// aligned: plan.rs `chunk_quads`, the chunked grad stage's quads).
+override PAST_QUADS: bool = false;
 // Per-class sums of one invocation for a block of classes: (P, Q, I, G) and (H, U).
 struct ClassSums {
     a: array<vec4<f32>, BLOCK_PAD>,
@@ -408,6 +409,21 @@ fn stats_pixel(acc: ptr<function, Totals>, sums: ptr<function, ClassSums>, bad: 
     pixel_grad(cs, b, i, yk, true, z, &g, &ez, &et, p, pt, dz);
 }
 
+// Adds classes c0..c0+CHUNK of an invocation's pixel k (flat position i of global image b),
+// whose logits are component p of z, to the chunk's sums `more`. A constant trip count, so
+// the loop unrolls and `more` is indexed by constants: in a loop that stays a loop, every
+// access to an invocation array is a lane-by-lane gather or scatter on lavapipe. The
+// classes of the last chunk past C repeat class C − 1 and are not written.
+fn past_sums(more: ptr<function, ClassSums>, acc: ptr<function, Totals>, b: u32, c0: u32, k: u32, i: u32, z: ptr<function, array<vec4<f32>, CHUNK>>, p: u32) {
+    let yk = pixel_label(b, i);
+    let sm = (*acc).softmax_of[k];
+    for (var c = 0u; c < CHUNK; c++) {
+        let cc = min(c0 + c, C - 1u);
+        let ps = probs((*z)[c][p], sm.xy, sm.zw);
+        accumulate(more, c, ps.x, ps.y, target_of(b, cc, i, yk));
+    }
+}
+
 // The body of the entry point `main`, which the reduction strategy's file declares (it
 // needs builtins of its own).
 fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
@@ -470,32 +486,40 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
         flush(lid, row, 0u, first, &sums);
     }
 
-    // Classes past the first block (C > BLOCK): read their logits, PAST_CHUNK classes at a
+    // Classes past the first block (C > BLOCK): read their logits, CHUNK classes at a
     // time. The bound is opaque to the compiler for the same reason as flush's.
     var c_rt = min(C, dims.row_width);
     if NORMS_ONLY || !CLASS_SUMS || C <= BLOCK {
         c_rt = 0u;
     }
-    for (var c0 = BLOCK; c0 < c_rt; c0 += PAST_CHUNK) {
+    for (var c0 = BLOCK; c0 < c_rt; c0 += CHUNK) {
         var more: ClassSums;
-        for (var k = 0u; k < PPT; k++) {
-            if (acc.counted & (1u << k)) != 0u {
-                let i = pixel_of(base, k, lid, WG, PPT);
-                let yk = pixel_label(b, i);
-                let sm = acc.softmax_of[k].xy;
-                let smt = acc.softmax_of[k].zw;
-                // A constant trip count, so the loop unrolls and `more` is indexed by
-                // constants: in a loop that stays a loop, every access to an invocation
-                // array is a lane-by-lane gather or scatter on lavapipe. The classes of the
-                // last chunk past C repeat class C − 1 and are not written.
-                for (var c = 0u; c < PAST_CHUNK; c++) {
-                    let cc = min(c0 + c, C - 1u);
-                    let ps = probs(logit(b, cc, i), sm, smt);
-                    accumulate(&more, c, ps.x, ps.y, target_of(b, cc, i, yk));
+        if PAST_QUADS {
+            for (var q = 0u; q < PPT; q += 4u) {
+                if ((acc.counted >> q) & 15u) == 0u {
+                    continue;
+                }
+                let i0 = pixel_of(base, q, lid, WG, PPT);
+                var z = chunk_quad_logits(b, c0, i0);
+                for (var p = 0u; p < 4u; p++) {
+                    if (acc.counted & (1u << (q + p))) != 0u {
+                        past_sums(&more, &acc, b, c0, q + p, i0 + p, &z, p);
+                    }
+                }
+            }
+        } else {
+            for (var k = 0u; k < PPT; k++) {
+                if (acc.counted & (1u << k)) != 0u {
+                    let i = pixel_of(base, k, lid, WG, PPT);
+                    var z: array<vec4<f32>, CHUNK>;
+                    for (var c = 0u; c < CHUNK; c++) {
+                        z[c].x = logit(b, min(c0 + c, C - 1u), i);
+                    }
+                    past_sums(&more, &acc, b, c0, k, i, &z, 0u);
                 }
             }
         }
-        flush(lid, row, c0, min(c_rt - c0, PAST_CHUNK), &more);
+        flush(lid, row, c0, min(c_rt - c0, CHUNK), &more);
     }
 
     let s = reduce3(lid, acc.counts, acc.losses, acc.norms);

@@ -474,6 +474,9 @@ fn kernel_dims(k: &KernelInfo) -> Vec<Vec<Value>> {
     if has(Override::GradChunks) {
         d.push(dim("GRAD_CHUNKS", &[0.0, 1.0]));
     }
+    if has(Override::PastQuads) {
+        d.push(dim("PAST_QUADS", &[0.0, 1.0]));
+    }
     // Every override of the kernel has values here, and nothing else.
     let mut named: Vec<&str> = d
         .iter()

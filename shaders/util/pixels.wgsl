@@ -81,6 +81,21 @@ fn set_quad_pixel(q: ptr<function, Quad>, k: u32, z: ptr<function, Block>) {
     }
 }
 
+// Classes taken together where a pixel's classes past its block are read again (grad.wgsl
+// `GRAD_CHUNKS`, the stats stage's class sums past its block): few enough that Mesa
+// unrolls their loops, so the chunk's arrays are indexed by constants.
+const CHUNK: u32 = 8u;
+
+// The logits of classes c0..c0+CHUNK of the quad of pixels i0..i0+4 of global image b
+// (classes past C repeat C − 1).
+fn chunk_quad_logits(b: u32, c0: u32, i0: u32) -> array<vec4<f32>, CHUNK> {
+    var z: array<vec4<f32>, CHUNK>;
+    for (var k = 0u; k < CHUNK; k++) {
+        z[k] = quad_logits(b, min(c0 + k, C - 1u), i0);
+    }
+    return z;
+}
+
 // The class indices (or IGNORE) of a quad's four pixels: one word of u8 labels, two of u16
 // (the host aligns their bound ranges for quads), else four reads.
 fn quad_labels(b: u32, i0: u32) -> vec4<u32> {

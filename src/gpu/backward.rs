@@ -246,6 +246,7 @@ impl GpuContext {
                     let v = self.variant(&req);
                     Variant {
                         quads: plan::quads(&req.strategy, &v, call.pixels, &dims[1..]),
+                        chunk_quads: plan::chunk_quads(&req.strategy, &v, call.pixels, &dims[1..]),
                         ..v
                     }
                 },
@@ -253,7 +254,10 @@ impl GpuContext {
                 kernels: vec![],
             };
             enc.grad(&plans, grad);
-            self.last_quads.store(enc.variant.quads, Ordering::Relaxed);
+            self.last_quads.store(
+                enc.variant.quads || enc.variant.chunk_quads,
+                Ordering::Relaxed,
+            );
             Ok(enc.dispatches)
         })?;
         if slots.taken.swap(true, Ordering::AcqRel) {

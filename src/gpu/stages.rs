@@ -238,11 +238,14 @@ pub enum Override {
     Quads,
     /// The grad stage takes every class in chunks (grad.wgsl `GRAD_CHUNKS`).
     GradChunks,
+    /// The stats stage's class sums past its block read four pixels a vec4 (stats.wgsl
+    /// `PAST_QUADS`).
+    PastQuads,
 }
 
 impl Override {
     /// Every override, in the order of [`Variant`]'s values.
-    pub const ALL: [Override; 21] = [
+    pub const ALL: [Override; 22] = [
         Override::C,
         Override::LabelKind,
         Override::LogitKind,
@@ -264,6 +267,7 @@ impl Override {
         Override::Accumulate,
         Override::Quads,
         Override::GradChunks,
+        Override::PastQuads,
     ];
 
     /// The constant's name in WGSL.
@@ -290,6 +294,7 @@ impl Override {
             Override::Accumulate => "ACCUMULATE",
             Override::Quads => "QUADS",
             Override::GradChunks => "GRAD_CHUNKS",
+            Override::PastQuads => "PAST_QUADS",
         }
     }
 }
@@ -379,17 +384,18 @@ const fn pixel_overrides_and<const N: usize>(own: &[Override]) -> [Override; N] 
     overrides_and(&PIXEL_OVERRIDES, own)
 }
 
-/// The stats stage also writes loss maps, has its labels-only form and may leave the class
-/// sums out; every kernel that writes the gradient skips coefficients without statistic
-/// terms and compiles in either the store or the add (`GRAD_OWN`); the grad stage also sets
-/// its pixels per invocation; the stats stage's one-pass form takes both lists.
-const STATS_OWN: &[Override] = &[O::PixelMaps, O::NormsOnly, O::ClassSums];
+/// The stats stage also writes loss maps, has its labels-only form, may leave the class
+/// sums out and reads the classes past its block four pixels a vec4 where quads fit; every
+/// kernel that writes the gradient skips coefficients without statistic terms and compiles
+/// in either the store or the add (`GRAD_OWN`); the grad stage also sets its pixels per
+/// invocation; the stats stage's one-pass form takes both lists.
+const STATS_OWN: &[Override] = &[O::PixelMaps, O::NormsOnly, O::ClassSums, O::PastQuads];
 const GRAD_OWN: &[Override] = &[O::StatTerms, O::Accumulate];
-const STATS_GRAD_OWN: &[Override] = &overrides_and::<5>(STATS_OWN, GRAD_OWN);
-const STATS_OVERRIDES: &[Override] = &pixel_overrides_and::<14>(STATS_OWN);
+const STATS_GRAD_OWN: &[Override] = &overrides_and::<6>(STATS_OWN, GRAD_OWN);
+const STATS_OVERRIDES: &[Override] = &pixel_overrides_and::<15>(STATS_OWN);
 const GRAD_OVERRIDES: &[Override] =
     &pixel_overrides_and::<15>(&overrides_and::<4>(&[O::Ppt, O::GradChunks], GRAD_OWN));
-const STATS_GRAD_OVERRIDES: &[Override] = &pixel_overrides_and::<16>(STATS_GRAD_OWN);
+const STATS_GRAD_OVERRIDES: &[Override] = &pixel_overrides_and::<17>(STATS_GRAD_OWN);
 const GRAD_STAGED_BINDINGS: &[(Binding, Access)] = &[
     (B::Logits, Read),
     (B::Labels, Read),
@@ -533,9 +539,12 @@ const fn staged_overrides_and<const N: usize>(own: &[Override]) -> [Override; N]
     overrides_and(&STAGED_OVERRIDES, own)
 }
 
-/// The staged stats stage takes the gradient's overrides only in its one-pass form.
-const STAGED_STATS_OVERRIDES: &[Override] = &staged_overrides_and::<13>(STATS_OWN);
-const STAGED_STATS_GRAD_OVERRIDES: &[Override] = &staged_overrides_and::<15>(STATS_GRAD_OWN);
+/// The staged stats stage takes the gradient's overrides only in its one-pass form, and
+/// none for classes past a block (it keeps none).
+const STAGED_STATS_OWN: &[Override] = &[O::PixelMaps, O::NormsOnly, O::ClassSums];
+const STAGED_STATS_OVERRIDES: &[Override] = &staged_overrides_and::<13>(STAGED_STATS_OWN);
+const STAGED_STATS_GRAD_OVERRIDES: &[Override] =
+    &staged_overrides_and::<15>(&overrides_and::<5>(STAGED_STATS_OWN, GRAD_OWN));
 const STAGED_GRAD_OVERRIDES: &[Override] = &staged_overrides_and::<12>(GRAD_OWN);
 
 const fn staged(
@@ -831,7 +840,8 @@ pub struct Variant {
     /// (`Strategy::grad_chunks`).
     pub grad_chunks: bool,
     /// The chunked grad stage takes its pixels four at a time (`plan::chunk_quads`; its
-    /// `QUADS`, whatever `quads` says for the other stages).
+    /// `QUADS`, whatever `quads` says for the other stages), and so does the stats stage's
+    /// class sums past its block (`PAST_QUADS`).
     pub chunk_quads: bool,
     /// The kernels are compiled with naga's clamp on variable indices into invocation and
     /// workgroup arrays (`Strategy::index_checks`).
@@ -863,6 +873,7 @@ impl Variant {
             O::Accumulate => self.accumulate as u32,
             O::Quads => self.quads as u32,
             O::GradChunks => self.grad_chunks as u32,
+            O::PastQuads => self.chunk_quads as u32,
         }
     }
 }

@@ -139,7 +139,7 @@ pub struct Strategy {
     pub class_block: u32,
     /// The most classes the stats stage (and its one-pass form) keeps once read, when that
     /// is fewer than `class_block`'s (a power of two, 8 to 1024): past it the stats stage
-    /// reads its classes again where used, `PAST_CHUNK` classes at a time in the class
+    /// reads its classes again where used, `CHUNK` classes at a time in the class
     /// sums. 32 on CPU adapters: there a class loop that Mesa does not unroll indexes the
     /// invocation arrays with a variable, a gather or scatter lane by lane, and from about
     /// 33 classes that costs more than reading the logits again (1×150×96×96 DiceCE:

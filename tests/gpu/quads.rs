@@ -193,14 +193,15 @@ fn quads_only_where_every_quad_is_whole_and_aligned() {
         assert!(!ctx.last_quads(), "{layout:?} {format:?}: quads");
     }
     // A one-pixel (4-byte) shift of the logits within their buffer: device_at below.
-    device_at(ctx, &mut rng, 4, false);
+    device_at(ctx, &mut rng, 4, SPECS[1], 4, false);
 }
 
-/// Forward and backward on caller buffers: the logits `shift` bytes past a 256-byte
-/// boundary, the backward adding to what the gradient holds. Quads exactly where `quads`.
-fn device_at(ctx: &GpuContext, rng: &mut Rng, shift: u64, quads: bool) {
-    let shape = Shape::new(3, 4, &[12, 20]);
-    let sp = spec(SPECS[1]);
+/// Forward and backward of `json` at C classes on caller buffers: the logits `shift` bytes
+/// past a 256-byte boundary, the backward adding to what the gradient holds. Quads exactly
+/// where `quads`.
+fn device_at(ctx: &GpuContext, rng: &mut Rng, classes: usize, json: &str, shift: u64, quads: bool) {
+    let shape = Shape::new(3, classes, &[12, 20]);
+    let sp = spec(json);
     let z = random_logits(rng, &shape, 3.0);
     let y = random_labels(rng, &shape, 0.2);
     let want = reference::evaluate(&sp, &shape, &z, Labels::index(&y), true).unwrap();
@@ -246,7 +247,7 @@ fn device_at(ctx: &GpuContext, rng: &mut Rng, shift: u64, quads: bool) {
     let forward_quads = ctx.last_quads();
     ctx.record_backward(&mut enc, &fwd, &batch, target, None, true)
         .unwrap();
-    let what = format!("logits {shift} bytes past a boundary");
+    let what = format!("{classes} classes, logits {shift} bytes past a boundary");
     assert_eq!(forward_quads, quads, "{what}: forward");
     assert_eq!(ctx.last_quads(), quads, "{what}: backward");
     ctx.queue().submit([enc.finish()]);
@@ -271,11 +272,19 @@ fn device_at(ctx: &GpuContext, rng: &mut Rng, shift: u64, quads: bool) {
 }
 
 /// On caller buffers the quads run when the logits sit on a 16-byte boundary, and the
-/// backward adds to the gradient there as the reference says.
+/// backward adds to the gradient there as the reference says; past the stats stage's
+/// block (40 classes) the chunked grad stage's quads and the stats stage's past the block
+/// (`Strategy::grad_chunks`, CPU adapters), in the forward and in the backward alike.
 #[test]
 fn quads_on_caller_buffers_with_an_accumulating_backward() {
     let ctx = &new_ctx();
+    let own = ctx.strategy();
     let mut rng = Rng::new(406);
-    device_at(ctx, &mut rng, 0, ctx.strategy().contiguous_pixels);
-    device_at(ctx, &mut rng, 16, ctx.strategy().contiguous_pixels);
+    device_at(ctx, &mut rng, 4, SPECS[1], 0, own.contiguous_pixels);
+    device_at(ctx, &mut rng, 4, SPECS[1], 16, own.contiguous_pixels);
+    let chunked = own.grad_chunks && own.quad_pixels && own.contiguous_pixels;
+    for json in [SPECS[0], SPECS[1]] {
+        device_at(ctx, &mut rng, 40, json, 16, chunked);
+        device_at(ctx, &mut rng, 40, json, 4, false);
+    }
 }
