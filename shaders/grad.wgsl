@@ -60,6 +60,9 @@ fn main(
         return;
     }
     if GRAD_CHUNKS {
+        if online_sums() && h_closed_form() {
+            add_weight_sums(&cs);
+        }
         grad_chunks(&cs, b, base, lid);
         return;
     }
@@ -199,21 +202,22 @@ fn online_add(cs: ptr<function, Consts>, o: ptr<function, OnlineSums>, b: u32, c
     let e = exp(z - m);
     (*o).m = m;
     (*o).se = (*o).se * r + e;
-    (*o).a *= r;
-    (*o).q *= r * r;
+    var rt = vec4(1.0);
     var et = vec4(0.0);
     if TEMPERED {
         let v = dims.temperature * z;
         let mt = max((*o).mt, v);
-        let rt = exp((*o).mt - mt);
+        rt = exp((*o).mt - mt);
         et = exp(v - mt);
         (*o).mt = mt;
         (*o).st = (*o).st * rt + et;
-        (*o).u *= rt;
     }
     if !online_sums() {
         return;
     }
+    (*o).a *= r;
+    (*o).q *= r * r;
+    (*o).u *= rt;
     if STAT_TERMS {
         let k = (b * C + c) * COEFS;
         var a = fin[k + COEF_P];
@@ -272,7 +276,9 @@ fn online_grad_sums(cs: ptr<function, Consts>, o: ptr<function, OnlineSums>, p: 
     if online_sums() {
         let se = (*o).se[p];
         sums.ap = (*o).a[p] / se + 2.0 * (*o).q[p] / (se * se);
-        sums.us = (*o).u[p] / (*o).st[p];
+        if TEMPERED {
+            sums.us = (*o).u[p] / (*o).st[p];
+        }
         if !h_closed_form() {
             for (var t = 0u; t < N_PIX; t++) {
                 sums.h[t] = (*o).h[t][p];

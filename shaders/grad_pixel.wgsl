@@ -24,7 +24,7 @@ struct Consts {
     opt: vec4<f32>,
     scales: vec4<f32>,
     offs: vec4<f32>,
-    // Per pixel term, Σ_c w_c of its class vector (C without one): `h_closed_form`.
+    // Per pixel term, Σ_c w_c of its class vector (C without one): `add_weight_sums`.
     wsum: vec4<f32>,
     // The upstream gradient (fin, Dims::fin_upstream) every value is scaled by.
     up: f32,
@@ -62,14 +62,24 @@ fn load_consts(b: u32) -> Consts {
         cs.opt[t] = record(t, PIXEL_OPTION);
         cs.scales[t] = fin[dims.fin_scales + t];
         cs.offs[t] = record(t, REC_VECTOR);
-        if h_closed_form() {
-            for (var c = 0u; c < C; c++) {
-                cs.wsum[t] += term_weight(t, cs.offs[t], c);
-            }
-        }
+    }
+    if ce_closed_form() {
+        add_weight_sums(&cs);
     }
     cs.up = fin[dims.fin_upstream];
     return cs;
+}
+
+// Per pixel term, Σ_c w_c of its class vector into `wsum`, for `ce_h_sum`: by
+// `load_consts` for CE alone, by the chunked grad stage's online sums (grad.wgsl) for CE
+// beside statistic terms. Nothing else reads it, and with class weights it is C reads an
+// invocation.
+fn add_weight_sums(cs: ptr<function, Consts>) {
+    for (var t = 0u; t < N_PIX; t++) {
+        for (var c = 0u; c < C; c++) {
+            (*cs).wsum[t] += term_weight(t, (*cs).offs[t], c);
+        }
+    }
 }
 
 // Class c's coefficients, from the invocation's copy for the first BLOCK classes.

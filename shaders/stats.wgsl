@@ -312,10 +312,53 @@ struct Totals {
     softmax_of: array<vec4<f32>, PPT + 1u>,
 }
 
+// A pixel's softmax pieces over its classes past the block (max, Σe, tempered max,
+// tempered Σe) and its non-finite values there (count, first element), when the caller
+// read them four pixels at a time (PAST_QUADS: `past_quad_pieces`).
+struct PastPixel {
+    pieces: vec4<f32>,
+    bad: vec2<u32>,
+}
+
+// The classes past the block of four pixels (from i0 of global image b), one vec4 a
+// class: each pixel's online max and sum (and tempered ones; the sums rescaled whenever
+// the max grows) and non-finite count, which `block_pieces` then extends with the block.
+// One read of a class serves four pixels, where the one-pixel path (`pieces`) reads each.
+// Five slots for four pixels: an array exactly as long as the caller's pixel loop would
+// make Mesa copy that loop's whole body four times (grad.wgsl `PIXEL_SLOTS`).
+fn past_quad_pieces(b: u32, i0: u32) -> array<PastPixel, 5> {
+    var m = vec4(-3.4e38);
+    var se = vec4(0.0);
+    var mt = vec4(-3.4e38);
+    var st = vec4(0.0);
+    var n_bad = vec4(0u);
+    var first_bad = vec4(IGNORE);
+    for (var c = BLOCK; c < C; c++) {
+        let z = quad_logits(b, c, i0);
+        let bad = (bitcast<vec4<u32>>(z) & vec4(0x7f800000u)) == vec4(0x7f800000u);
+        n_bad += select(vec4(0u), vec4(1u), bad);
+        first_bad = min(first_bad, select(vec4(IGNORE), elem(b, c, i0) + vec4(0u, 1u, 2u, 3u), bad));
+        let m_new = max(m, z);
+        se = se * exp(m - m_new) + exp(z - m_new);
+        m = m_new;
+        if TEMPERED {
+            let v = dims.temperature * z;
+            let mt_new = max(mt, v);
+            st = st * exp(mt - mt_new) + exp(v - mt_new);
+            mt = mt_new;
+        }
+    }
+    var out: array<PastPixel, 5>;
+    for (var p = 0u; p < 4u; p++) {
+        out[p] = PastPixel(vec4(m[p], se[p], mt[p], st[p]), vec2(n_bad[p], first_bad[p]));
+    }
+    return out;
+}
+
 // Adds pixel k (flat position i of global image b, label y, first logits z unless
 // NORMS_ONLY) of an invocation to its totals, class sums and bad input, writes its loss
 // maps and, in the one-pass form, its gradient (`put_grad`; `dz`: its block of a quad).
-fn stats_pixel(acc: ptr<function, Totals>, sums: ptr<function, ClassSums>, bad: ptr<function, BadInput>, terms: PixelTerms, cs: ptr<function, Consts>, k: u32, b: u32, i: u32, y: u32, z: ptr<function, Block>, dz: ptr<function, Block>) {
+fn stats_pixel(acc: ptr<function, Totals>, sums: ptr<function, ClassSums>, bad: ptr<function, BadInput>, terms: PixelTerms, cs: ptr<function, Consts>, k: u32, b: u32, i: u32, y: u32, z: ptr<function, Block>, dz: ptr<function, Block>, past: PastPixel) {
     let kinds = terms.kinds;
     let opt = terms.opt;
     let offs = terms.offs;
@@ -339,7 +382,12 @@ fn stats_pixel(acc: ptr<function, Totals>, sums: ptr<function, ClassSums>, bad: 
     var past_bad = vec2(0u, IGNORE);
     var p = vec2(0.0, 1.0);
     if !SIGMOID {
-        p = pieces(z, &ez, b, i, 1.0, &past_bad);
+        if PAST_QUADS {
+            p = block_pieces(z, &ez, 1.0, past.pieces.xy);
+            past_bad = past.bad;
+        } else {
+            p = pieces(z, &ez, b, i, 1.0, &past_bad);
+        }
     }
     if !check_pixel(b, i, yk, z, &g, bad, past_bad) {
         // Reported by the host as an error; the pixel is left out of every sum.
@@ -372,8 +420,12 @@ fn stats_pixel(acc: ptr<function, Totals>, sums: ptr<function, ClassSums>, bad: 
     }
     var pt = vec2(0.0, 1.0);
     if TEMPERED {
-        var counted_already = vec2(0u, IGNORE);
-        pt = pieces(z, &et, b, i, dims.temperature, &counted_already);
+        if PAST_QUADS {
+            pt = block_pieces(z, &et, dims.temperature, past.pieces.zw);
+        } else {
+            var counted_already = vec2(0u, IGNORE);
+            pt = pieces(z, &et, b, i, dims.temperature, &counted_already);
+        }
     }
     if C > BLOCK {
         (*acc).softmax_of[k] = vec4(p, pt);
@@ -446,6 +498,8 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
     var acc: Totals;
     var sums: ClassSums;             // the first block of classes
     var bad = BadInput(0u, IGNORE, 0u, IGNORE);
+    // What `stats_pixel` reads when PAST_QUADS is off (nothing).
+    let no_past = PastPixel(vec4(0.0), vec2(0u, IGNORE));
     if QUADS {
         for (var q = 0u; q < PPT; q += 4u) {
             let i0 = pixel_of(base, q, lid, WG, PPT);
@@ -461,10 +515,25 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
             for (var k = 0u; k < 4u; k++) {
                 var z = quad_pixel(&zq, k);
                 var dz: Block;
-                stats_pixel(&acc, &sums, &bad, terms, &cs, q + k, b, i0 + k, ys[k], &z, &dz);
+                stats_pixel(&acc, &sums, &bad, terms, &cs, q + k, b, i0 + k, ys[k], &z, &dz, no_past);
                 set_quad_pixel(&dq, k, &dz);
             }
             store_quad_grad(b, i0, &dq);
+        }
+    } else if PAST_QUADS && !NORMS_ONLY && !SIGMOID {
+        // Every quad is whole: its classes past the block first, one vec4 a class.
+        for (var q = 0u; q < PPT; q += 4u) {
+            let i0 = pixel_of(base, q, lid, WG, PPT);
+            if i0 >= dims.spatial {
+                break;
+            }
+            var past = past_quad_pieces(b, i0);
+            for (var k = 0u; k < 4u; k++) {
+                let yk = pixel_label(b, i0 + k);
+                var z = load_logits(b, i0 + k);
+                var unused: Block;
+                stats_pixel(&acc, &sums, &bad, terms, &cs, q + k, b, i0 + k, yk, &z, &unused, past[k]);
+            }
         }
     } else {
         for (var k = 0u; k < PPT; k++) {
@@ -478,7 +547,7 @@ fn stats_tile(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
                 z = load_logits(b, i);
             }
             var unused: Block;
-            stats_pixel(&acc, &sums, &bad, terms, &cs, k, b, i, yk, &z, &unused);
+            stats_pixel(&acc, &sums, &bad, terms, &cs, k, b, i, yk, &z, &unused, no_past);
         }
     }
     publish(bad);

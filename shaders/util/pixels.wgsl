@@ -319,32 +319,37 @@ fn g_of(g: ptr<function, Block>, b: u32, c: u32, i: u32, y: u32) -> f32 {
 // Max and Σ exp(t·z − max) over the classes of one pixel: the pieces of a (tempered)
 // softmax. The exponentials of the first BLOCK classes are kept in e, so callers do not
 // compute them again. Classes past the block (C > BLOCK) are read from memory once here,
-// not twice: an online max and sum (the sum rescaled whenever the max grows), and the kept
-// exponentials rescaled to the final max at the end. Their non-finite values are counted
-// into `past_bad` (count, first element) as they are read, so the stats stage's input
-// check need not read them again.
+// first: an online max and sum (the sum rescaled whenever the max grows), which the
+// block's then extend (`block_pieces`). Their non-finite values are counted into
+// `past_bad` (count, first element) as they are read, so the stats stage's input check
+// need not read them again.
 fn pieces(z: ptr<function, Block>, e: ptr<function, Block>, b: u32, i: u32, t: f32, past_bad: ptr<function, vec2<u32>>) -> vec2<f32> {
+    var past = vec2(-3.4e38, 0.0);
+    if C > BLOCK {
+        past = online_pieces(b, i, t, BLOCK, past, past_bad);
+    }
+    return block_pieces(z, e, t, past);
+}
+
+// A pixel's softmax pieces (max, Σ exp(t·z − max)) from its first BLOCK classes (the block
+// z; their exponentials kept in e) and `past`, the pieces of its classes past the block
+// (unused when C ≤ BLOCK).
+fn block_pieces(z: ptr<function, Block>, e: ptr<function, Block>, t: f32, past: vec2<f32>) -> vec2<f32> {
     var m = -3.4e38;
+    if C > BLOCK {
+        m = past.x;
+    }
     for (var c = 0u; c < min(C, BLOCK); c++) {
         m = max(m, t * (*z)[c]);
     }
     var se = 0.0;
+    if C > BLOCK {
+        se = past.y * exp(past.x - m);
+    }
     for (var c = 0u; c < min(C, BLOCK); c++) {
         let ec = exp(t * (*z)[c] - m);
         (*e)[c] = ec;
         se += ec;
-    }
-    if C > BLOCK {
-        let m_block = m;
-        let sm = online_pieces(b, i, t, BLOCK, vec2(m, se), past_bad);
-        m = sm.x;
-        se = sm.y;
-        if m > m_block {
-            let r = exp(m_block - m);
-            for (var c = 0u; c < BLOCK; c++) {
-                (*e)[c] *= r;
-            }
-        }
     }
     return vec2(m, se);
 }

@@ -1,8 +1,10 @@
 //! Calls with more classes than the stats stage's block on CPU adapters
 //! (`Strategy::stats_class_block`, `grad_chunks`): the stats stage keeps 32 classes and
-//! reads the rest again, `PAST_CHUNK` at a time in the class sums; the grad stage keeps
-//! none and takes every class in chunks of 8 (grad.wgsl `GRAD_CHUNKS`). Every output
-//! element against the f64 reference, with partial tiles and a partial last chunk.
+//! reads the rest again, `CHUNK` at a time in the class sums; the grad stage keeps none,
+//! sums what each class's gradient needs in its online softmax pass and writes the classes
+//! in chunks of 8 (grad.wgsl `GRAD_CHUNKS`). Four pixels a vec4 where the pixels per image
+//! are a multiple of 4 (`PAST_QUADS`, `grad_chunk_quads`). Every output element against
+//! the f64 reference, with partial tiles and a partial last chunk.
 
 use crate::common::{check_with, new_ctx, spec, Targets};
 use segloss::gpu::stages::Kernel;

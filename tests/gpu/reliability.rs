@@ -4,7 +4,7 @@ use crate::common;
 use crate::common::spec;
 
 use crate::common::{close, device_call, gpu, new_ctx};
-use segloss::gpu::{DeviceBatch, Options};
+use segloss::gpu::{DeviceBatch, GpuContext, Options};
 use segloss::input::{LabelFormat, Labels, Shape};
 use segloss::testing::{random_labels, random_logits, Rng};
 use segloss::{reference, LossSpec};
@@ -69,11 +69,18 @@ fn device_inputs_with_nan_or_bad_labels_are_errors() {
 /// whichever class they sit in: with a tempered term (two softmaxes read them), in the
 /// one-pass form (which writes the gradient), and in sigmoid mode (no softmax: the check
 /// reads every class), on the register path under the adapter's strategy and under a
-/// stats block of 8.
+/// stats block of 8, with pixels one at a time (63 a image) and, on CPU adapters, the
+/// classes past the block read four pixels a vec4 (64: stats.wgsl `PAST_QUADS`).
 #[test]
 fn non_finite_logits_past_the_stats_class_block_are_counted_once() {
     let own = new_ctx();
-    let shape = Shape::new(2, 150, &[9, 7]);
+    for spatial in [[9, 7], [8, 8]] {
+        non_finite_past_the_block(&own, &Shape::new(2, 150, &spatial));
+    }
+}
+
+fn non_finite_past_the_block(own: &GpuContext, shape: &Shape) {
+    let shape = shape.clone();
     let s = shape.pixels();
     let mut rng = Rng::new(4242);
     let z = random_logits(&mut rng, &shape, 3.0);
@@ -112,14 +119,14 @@ fn non_finite_logits_past_the_stats_class_block_are_counted_once() {
             let e = run(&bad).unwrap_err();
             assert!(
                 e.contains("4 non-finite") && e.contains(&format!("position {first}")),
-                "stats block {stats_class_block}, {json}: {e}"
+                "{shape:?}, stats block {stats_class_block}, {json}: {e}"
             );
             let mut bad = z.clone();
             bad[(150 + 120) * s + 5] = f32::NEG_INFINITY; // alone: no NaN reaches the sums
             let e = run(&bad).unwrap_err();
             assert!(
                 e.contains("1 non-finite"),
-                "stats block {stats_class_block}, {json}: {e}"
+                "{shape:?}, stats block {stats_class_block}, {json}: {e}"
             );
             assert!(run(&z).is_ok(), "{json}");
         }
