@@ -108,9 +108,10 @@ const WG: u32 = PIXEL_WG;
 // means fewer workgroup reductions.
 const PPT: u32 = STATS_PPT;
 const TILE: u32 = WG * PPT;
-// Whether the class sums past the first block (C > BLOCK) read four pixels a vec4, one
-// read of a class serving four pixels (set by the host where every quad is whole and
-// aligned: plan.rs `chunk_quads`, the chunked grad stage's quads).
+// Whether the classes past the first block (C > BLOCK) are read four pixels a vec4, one
+// read of a class serving four pixels, in the softmax's online pass (`past_quad_pieces`)
+// and in the class sums (`past_sums`). Set by the host where every quad is whole and
+// aligned: plan.rs `chunk_quads`, the chunked grad stage's quads.
 override PAST_QUADS: bool = false;
 // Per-class sums of one invocation for a block of classes: (P, Q, I, G) and (H, U).
 struct ClassSums {
