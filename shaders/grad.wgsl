@@ -266,8 +266,8 @@ fn online_pieces_of(o: ptr<function, OnlineSums>, p: u32) -> vec4<f32> {
     return vec4((*o).m[p], (*o).se[p], (*o).mt[p], (*o).st[p]);
 }
 
-// Pixel p's GradSums (label y) from the online sums: what the sums pass would add up, or
-// its starting values (Σh in closed form) when that pass follows.
+// Pixel p's GradSums (label y): Σh in closed form where `h_closed_form`, the rest from the
+// online sums (`online_sums`); zeros where the sums pass adds them up (focal terms).
 fn online_grad_sums(cs: ptr<function, Consts>, o: ptr<function, OnlineSums>, p: u32, y: u32) -> GradSums {
     var sums = GradSums(0.0, 0.0, vec4(0.0));
     if h_closed_form() {
