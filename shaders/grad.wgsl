@@ -12,6 +12,8 @@
 @group(0) @binding(3) var<storage, read> params: array<f32>;
 // The logits' range again, four values an element: the quads' reads (pixels.wgsl, QUADS).
 @group(0) @binding(11) var<storage, read> logits4: array<vec4<f32>>;
+// Each pixel's softmax pieces from the stats stage (STORED_PIECES, pixels.wgsl).
+@group(0) @binding(13) var<storage, read> softmax_pieces: array<vec4<f32>>;
 
 const WG: u32 = PIXEL_WG;
 // Pixels per invocation, set by the host (plan::grad_pixels_per_invocation): 8 on GPUs,
@@ -197,6 +199,15 @@ struct OnlineSums {
 
 // Adds class c (logits z, targets g of four pixels) to the online sums `o`.
 fn online_add(cs: ptr<function, Consts>, o: ptr<function, OnlineSums>, b: u32, c: u32, z: vec4<f32>, g: vec4<f32>) {
+    if STORED_PIECES {
+        // The maxima and sums are the stats stage's: nothing to rescale.
+        var et = vec4(0.0);
+        if TEMPERED {
+            et = exp(dims.temperature * z - (*o).mt);
+        }
+        online_sums_add(cs, o, b, c, g, exp(z - (*o).m), et);
+        return;
+    }
     let m = max((*o).m, z);
     let r = exp((*o).m - m);
     let e = exp(z - m);
@@ -216,22 +227,39 @@ fn online_add(cs: ptr<function, Consts>, o: ptr<function, OnlineSums>, b: u32, c
         return;
     }
     (*o).a *= r;
-    (*o).q *= r * r;
-    (*o).u *= rt;
+    if coef_used(COEF_Q) {
+        (*o).q *= r * r;
+    }
+    if TEMPERED && coef_used(COEF_U) {
+        (*o).u *= rt;
+    }
+    online_sums_add(cs, o, b, c, g, e, et);
+}
+
+// Adds class c's share (exponentials e, tempered et, targets g of four pixels) to the
+// GradSums parts of `o`.
+fn online_sums_add(cs: ptr<function, Consts>, o: ptr<function, OnlineSums>, b: u32, c: u32, g: vec4<f32>, e: vec4<f32>, et: vec4<f32>) {
+    if !online_sums() {
+        return;
+    }
     if STAT_TERMS {
         let k = (b * C + c) * COEFS;
-        var a = fin[k + COEF_P];
+        var a = coef_at(k, COEF_P);
         if TEMPERED {
-            (*o).u += fin[k + COEF_U] * et;
+            if coef_used(COEF_U) {
+                (*o).u += fin[k + COEF_U] * et;
+            }
         } else {
-            a += fin[k + COEF_U];
+            a += coef_at(k, COEF_U);
         }
         var ag = vec4(a);
-        if LABEL_KIND == LABELS_SOFT {
+        if LABEL_KIND == LABELS_SOFT && coef_used(COEF_I) {
             ag += g * fin[k + COEF_I];
         }
         (*o).a += ag * e;
-        (*o).q += fin[k + COEF_Q] * e * e;
+        if coef_used(COEF_Q) {
+            (*o).q += fin[k + COEF_Q] * e * e;
+        }
     }
     if !h_closed_form() {
         for (var t = 0u; t < N_PIX; t++) {
@@ -247,7 +275,7 @@ fn online_add(cs: ptr<function, Consts>, o: ptr<function, OnlineSums>, b: u32, c
 // elsewhere), for the four pixels at `at` with labels ys (`live`: in the image), once the
 // maxima are final: one read of the label's logit a pixel instead of ∂L/∂I per class.
 fn online_label_class(o: ptr<function, OnlineSums>, b: u32, at: vec4<u32>, ys: vec4<u32>, live: vec4<bool>) {
-    if !online_sums() || !STAT_TERMS || LABEL_KIND == LABELS_SOFT {
+    if !online_sums() || !coef_used(COEF_I) || LABEL_KIND == LABELS_SOFT {
         return;
     }
     for (var p = 0u; p < 4u; p++) {
@@ -275,7 +303,10 @@ fn online_grad_sums(cs: ptr<function, Consts>, o: ptr<function, OnlineSums>, p: 
     }
     if online_sums() {
         let se = (*o).se[p];
-        sums.ap = (*o).a[p] / se + 2.0 * (*o).q[p] / (se * se);
+        sums.ap = (*o).a[p] / se;
+        if coef_used(COEF_Q) {
+            sums.ap += 2.0 * (*o).q[p] / (se * se);
+        }
         if TEMPERED {
             sums.us = (*o).u[p] / (*o).st[p];
         }
@@ -322,7 +353,22 @@ fn chunk_online(cs: ptr<function, Consts>, b: u32, base: u32, lid: u32) -> Chunk
             }
         }
         var o = OnlineSums(vec4(-3.4e38), vec4(0.0), vec4(-3.4e38), vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0), array<vec4<f32>, 4>());
-        if !SIGMOID {
+        if STORED_PIECES {
+            // Only valid pixels' pieces were written: the rest (ignored, past the image, a bad
+            // label the call reports) take harmless stand-ins.
+            for (var p = 0u; p < 4u; p++) {
+                var sm = vec4(0.0, 1.0, 0.0, 1.0);
+                if live[p] && ys[p] < C {
+                    sm = softmax_pieces[b * dims.spatial + at[p]];
+                }
+                o.m[p] = sm.x;
+                o.se[p] = sm.y;
+                o.mt[p] = sm.z;
+                o.st[p] = sm.w;
+            }
+        }
+        // With stored pieces the class pass only sums (nothing to sum: no pass).
+        if !SIGMOID && (online_sums() || !STORED_PIECES) {
             for (var c = 0u; c < C; c++) {
                 var z = vec4(0.0);
                 var g = vec4(0.0);

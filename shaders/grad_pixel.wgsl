@@ -15,6 +15,24 @@
 // writes none), so none is read and their sums compile out: the gradient is the pixel
 // terms' alone.
 override STAT_TERMS: bool = true;
+// Bit k: the spec has a term whose coefficients go to slot k (COEF_P, COEF_Q, COEF_I,
+// COEF_U; plan.rs `coefs_used`). Finalize writes no other slot, so the others read as 0
+// without a read: on lavapipe each read is a lane-by-lane sequence, and past the register
+// block the chunked grad stage reads a class's coefficients for every quad of pixels.
+override COEFS_USED: u32 = 15u;
+
+// Whether coefficient slot `slot` can be nonzero.
+fn coef_used(slot: u32) -> bool {
+    return STAT_TERMS && (COEFS_USED & (1u << slot)) != 0u;
+}
+
+// Coefficient slot `slot` of the class whose coefficients start at fin[o].
+fn coef_at(o: u32, slot: u32) -> f32 {
+    if !coef_used(slot) {
+        return 0.0;
+    }
+    return fin[o + slot];
+}
 
 // What an invocation reads once for all its pixels: the first BLOCK classes' coefficients
 // and, per pixel term, its kind, ε or γ, scale and class-vector offset (−1: none).
@@ -45,7 +63,7 @@ fn ce_closed_form() -> bool {
 // Class c's coefficients (∂L/∂P, ∂L/∂Q, ∂L/∂I, ∂L/∂U) of image b.
 fn coef(b: u32, c: u32) -> vec4<f32> {
     let o = (b * C + c) * COEFS;
-    return vec4(fin[o + COEF_P], fin[o + COEF_Q], fin[o + COEF_I], fin[o + COEF_U]);
+    return vec4(coef_at(o, COEF_P), coef_at(o, COEF_Q), coef_at(o, COEF_I), coef_at(o, COEF_U));
 }
 
 // Everything image b's pixels share, read before any branch (`b` is uniform over a

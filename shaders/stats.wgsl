@@ -23,6 +23,8 @@
 // Bad input found on the device: [non-finite logits, first such element, invalid labels,
 // first such label position] (the host sets the firsts to 0xFFFFFFFF before each call).
 @group(0) @binding(10) var<storage, read_write> check: array<atomic<u32>, 4>;
+// Each pixel's softmax pieces for the chunked grad stage (STORED_PIECES, pixels.wgsl).
+@group(0) @binding(13) var<storage, read_write> softmax_pieces: array<vec4<f32>>;
 
 // Bad input among one invocation's pixels: counts and first flat positions of non-finite
 // logits and of invalid labels. Kept in registers and published with atomics once per
@@ -430,6 +432,9 @@ fn stats_pixel(acc: ptr<function, Totals>, sums: ptr<function, ClassSums>, bad: 
     }
     if C > BLOCK {
         (*acc).softmax_of[k] = vec4(p, pt);
+        if STORED_PIECES {
+            softmax_pieces[b * dims.spatial + i] = vec4(p, pt);
+        }
     }
     let lse = p.x + log(p.y);
     // The decomposition's plain CE: −Σ_c g_c log p_c.

@@ -477,6 +477,12 @@ fn kernel_dims(k: &KernelInfo) -> Vec<Vec<Value>> {
     if has(Override::PastQuads) {
         d.push(dim("PAST_QUADS", &[0.0, 1.0]));
     }
+    if has(Override::CoefsUsed) {
+        d.push(dim("COEFS_USED", &[0.0, 5.0, 6.0, 8.0, 15.0]));
+    }
+    if has(Override::StoredPieces) {
+        d.push(dim("STORED_PIECES", &[0.0, 1.0]));
+    }
     // Every override of the kernel has values here, and nothing else.
     let mut named: Vec<&str> = d
         .iter()

@@ -173,6 +173,9 @@ pub struct GpuContext {
     pub(super) last_quads: std::sync::atomic::AtomicBool,
     /// Whether the last recorded call's grad stage took its classes in chunks (tests).
     pub(super) last_grad_chunks: std::sync::atomic::AtomicBool,
+    /// Whether the last recorded call's grad stage read the stats stage's softmax pieces
+    /// (tests).
+    pub(super) last_stored_pieces: std::sync::atomic::AtomicBool,
     /// The next recording's sequence number.
     pub(super) next_seq: std::sync::atomic::AtomicU32,
     pub(super) created_bytes: std::sync::atomic::AtomicU64,
@@ -268,6 +271,7 @@ impl GpuContext {
             last_kernels: Mutex::new(vec![]),
             last_quads: std::sync::atomic::AtomicBool::new(false),
             last_grad_chunks: std::sync::atomic::AtomicBool::new(false),
+            last_stored_pieces: std::sync::atomic::AtomicBool::new(false),
             next_seq: std::sync::atomic::AtomicU32::new(1),
             created_bytes: std::sync::atomic::AtomicU64::new(0),
             lost: Arc::new(Mutex::new(None)),
@@ -312,6 +316,15 @@ impl GpuContext {
     #[doc(hidden)]
     pub fn last_grad_chunks(&self) -> bool {
         self.last_grad_chunks
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the last recorded call's chunked grad stage (if it had one) read each
+    /// pixel's softmax pieces from its stats stage (pixels.wgsl `STORED_PIECES`) instead of
+    /// finding them itself (tests check which path a call took).
+    #[doc(hidden)]
+    pub fn last_stored_pieces(&self) -> bool {
+        self.last_stored_pieces
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 

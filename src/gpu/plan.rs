@@ -144,6 +144,24 @@ pub fn stat_kinds(spec: &LossSpec) -> u32 {
         .fold(0, |a, b| a | b)
 }
 
+/// The coefficient slots (bit `COEF_P`, `COEF_Q`, `COEF_I`, `COEF_U`) that the spec's
+/// statistic terms can make nonzero, as finalize.wgsl writes them: a Dice-family term its
+/// ∂L/∂I and ∂L/∂P (∂L/∂Q with squared denominators), Tversky and generalized Dice ∂L/∂I
+/// and ∂L/∂P, a region term ∂L/∂U. An override of the gradient's pipelines, which read no
+/// other slot (grad_pixel.wgsl `COEFS_USED`).
+pub fn coefs_used(spec: &LossSpec) -> u32 {
+    let bit = |slot: u32| 1u32 << slot;
+    spec.terms
+        .iter()
+        .map(|t| match t {
+            Term::Dice { squared, .. } => bit(COEF_I) | bit(if *squared { COEF_Q } else { COEF_P }),
+            Term::Tversky { .. } | Term::GeneralizedDice { .. } => bit(COEF_I) | bit(COEF_P),
+            Term::Region { .. } => bit(COEF_U),
+            _ => 0,
+        })
+        .fold(0, |a, b| a | b)
+}
+
 /// The pixel-term kinds of a spec as a bit mask (bit k: kind code k), an override of the
 /// stats and grad pipelines.
 pub fn pixel_kinds(spec: &LossSpec) -> u32 {
@@ -415,6 +433,41 @@ pub fn sigmoid(spec: &LossSpec) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every coefficient slot the f64 finalize makes nonzero is one `coefs_used` lets the
+    /// gradient read, for every statistic term and its options (a slot left out would be
+    /// read as 0: a wrong gradient). And each term's own slots do turn up.
+    #[test]
+    fn coefs_used_covers_every_slot_finalize_writes() {
+        use crate::input::{Labels, Shape};
+        use crate::testing::{random_labels, Rng};
+        let mut rng = Rng::new(77);
+        let shape = Shape::new(2, 5, &[6, 7]);
+        let z: Vec<f64> = (0..shape.len()).map(|_| rng.symmetric(3.0)).collect();
+        let y = random_labels(&mut rng, &shape, 0.1);
+        for (json, want) in [
+            (r#"{"kind":"cross_entropy"}"#, 0),
+            (r#"{"kind":"dice"}"#, 0b0101),
+            (r#"{"kind":"dice","squared":true}"#, 0b0110),
+            (r#"{"kind":"dice","jaccard":true,"log":true}"#, 0b0101),
+            (r#"{"kind":"tversky","alpha":0.3,"beta":0.7}"#, 0b0101),
+            (r#"{"kind":"generalized_dice"}"#, 0b0101),
+            (
+                r#"{"kind":"region","penalty":"l1","temperature":10}"#,
+                0b1000,
+            ),
+            (r#"{"kind":"region","penalty":"kl"}"#, 0b1000),
+        ] {
+            let spec = LossSpec::from_json(&format!(r#"{{"terms":[{json}]}}"#)).unwrap();
+            assert_eq!(coefs_used(&spec), want, "{json}");
+            let (st, _) = crate::reference::statistics(&spec, &shape, &z, Labels::index(&y));
+            let fin = crate::reference::finalize(&spec, &st);
+            let written = fin.coef.iter().fold(0u32, |m, k| {
+                (0..4).fold(m, |m, slot| m | (((k[slot] != 0.0) as u32) << slot))
+            });
+            assert_eq!(written, want, "{json}: slots finalize writes");
+        }
+    }
 
     #[test]
     fn quads_only_where_every_quad_is_whole_aligned_and_short() {

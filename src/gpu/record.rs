@@ -469,6 +469,7 @@ impl Encoding<'_, '_> {
             Binding::Fin => (&ws.fin, 0, sz.fin),
             Binding::LossMap => (&ws.map, 0, sz.map),
             Binding::Check => (&ws.check, 0, 16),
+            Binding::Pieces => (&ws.pieces, 0, sz.pieces),
             other => unreachable!("{other:?} is not a workspace buffer"),
         }
     }
@@ -773,6 +774,7 @@ impl GpuContext {
             pixel_weighted: plan::pixel_weighted(spec),
             pixel_maps: plan::pixel_maps(spec),
             stat_kinds: plan::stat_kinds(spec),
+            coefs_used: plan::coefs_used(spec),
             contiguous: req.strategy.contiguous_pixels,
             norms_only: false,
             class_sums: req.class_sums(),
@@ -783,10 +785,35 @@ impl GpuContext {
             accumulate: req.accumulate,
             // Set from the call's bound ranges once they are planned (`plan::quads`).
             quads: false,
-            grad_chunks: req.strategy.grad_chunks
-                && batch.shape.classes > req.strategy.stats_block_for(batch.shape.classes) as usize,
+            grad_chunks: self.grad_chunks(req),
             chunk_quads: false,
             index_checks: req.strategy.index_checks,
+            stored_pieces: self.pieces_bytes(req) > 0,
+        }
+    }
+
+    /// Whether the grad stage takes every class in chunks (`Variant::grad_chunks`).
+    fn grad_chunks(&self, req: &Request<'_>) -> bool {
+        let classes = req.batch.shape.classes;
+        req.strategy.grad_chunks && classes > req.strategy.stats_block_for(classes) as usize
+    }
+
+    /// Bytes of the workspace's `pieces` buffer, where the stats stage stores each pixel's
+    /// softmax pieces for the chunked grad stage (pixels.wgsl `STORED_PIECES`); 0 where it
+    /// stores none: no chunked softmax gradient, a call that ends before finalize (the
+    /// two-phase API's statistics, whose gradient comes from a call of its own), statistics
+    /// given by the caller (no stats pass runs before the grad stage), or more than one
+    /// binding can hold (the grad stage then finds the pieces itself).
+    fn pieces_bytes(&self, req: &Request<'_>) -> u64 {
+        let shape = req.batch.shape;
+        let total = req.batch.total_batch.max(shape.batch);
+        let bytes = 16 * (total * shape.pixels()) as u64;
+        let fits = bytes <= self.device.limits().max_storage_buffer_binding_size;
+        let stats_then_grad = req.finalize && req.given_stats.is_none();
+        if self.grad_chunks(req) && !plan::sigmoid(req.spec) && stats_then_grad && fits {
+            bytes
+        } else {
+            0
         }
     }
 
@@ -807,6 +834,7 @@ impl GpuContext {
                 (&ws.stats, s.stats),
                 (&ws.fin, s.fin),
                 (&ws.map, s.map),
+                (&ws.pieces, s.pieces),
             ] {
                 q.write_buffer(b, 0, &vec![0xFFu8; size as usize]);
             }
@@ -859,6 +887,12 @@ impl GpuContext {
             4
         };
         let image_elems = (call.classes * call.pixels) as u64;
+        // The one-pass form has no grad stage to read them.
+        let stored_pieces = if one_pass(req, &call) {
+            0
+        } else {
+            self.pieces_bytes(req)
+        };
         let key = WorkspaceKey {
             total_batch: call.total,
             classes: call.classes,
@@ -872,6 +906,7 @@ impl GpuContext {
                 0
             },
             map: map_bytes,
+            pieces: stored_pieces,
             rows_per_tile,
             stats_tile: req.strategy.stats_tile(),
         };
@@ -902,6 +937,7 @@ impl GpuContext {
                 Variant {
                     quads: plan::quads(&req.strategy, &v, call.pixels, &slots[1..]),
                     chunk_quads: plan::chunk_quads(&req.strategy, &v, call.pixels, &slots[1..]),
+                    stored_pieces: stored_pieces > 0,
                     ..v
                 }
             },
@@ -940,6 +976,14 @@ impl GpuContext {
         );
         self.last_grad_chunks.store(
             enc.variant.grad_chunks,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.last_stored_pieces.store(
+            enc.variant.stored_pieces
+                && enc
+                    .kernels
+                    .iter()
+                    .any(|k| matches!(k, Kernel::Grad | Kernel::GradShared)),
             std::sync::atomic::Ordering::Relaxed,
         );
         if let Ok(mut k) = self.last_kernels.lock() {

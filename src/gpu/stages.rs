@@ -139,6 +139,9 @@ pub enum Binding {
     Logits4,
     /// The f32 gradient's range again as vec4 (a quad's stores; a stand-in without `QUADS`).
     Grad4,
+    /// Each pixel's softmax pieces, from the stats stage to the chunked grad stage
+    /// (pixels.wgsl `STORED_PIECES`; a stand-in without it).
+    Pieces,
 }
 
 impl Binding {
@@ -158,6 +161,7 @@ impl Binding {
             Binding::Check => 10,
             Binding::Logits4 => 11,
             Binding::Grad4 => 12,
+            Binding::Pieces => 13,
         }
     }
 
@@ -177,6 +181,7 @@ impl Binding {
             Binding::Check => "check",
             Binding::Logits4 => "logits4",
             Binding::Grad4 => "grad4",
+            Binding::Pieces => "softmax_pieces",
         }
     }
 }
@@ -241,11 +246,16 @@ pub enum Override {
     /// The stats stage's class sums past its block read four pixels a vec4 (stats.wgsl
     /// `PAST_QUADS`).
     PastQuads,
+    /// The stats stage stores each pixel's softmax pieces and the chunked grad stage reads
+    /// them (pixels.wgsl `STORED_PIECES`).
+    StoredPieces,
+    /// The coefficient slots the spec's terms can make nonzero (bit per slot).
+    CoefsUsed,
 }
 
 impl Override {
     /// Every override, in the order of [`Variant`]'s values.
-    pub const ALL: [Override; 22] = [
+    pub const ALL: [Override; 24] = [
         Override::C,
         Override::LabelKind,
         Override::LogitKind,
@@ -268,6 +278,8 @@ impl Override {
         Override::Quads,
         Override::GradChunks,
         Override::PastQuads,
+        Override::StoredPieces,
+        Override::CoefsUsed,
     ];
 
     /// The constant's name in WGSL.
@@ -295,6 +307,8 @@ impl Override {
             Override::Quads => "QUADS",
             Override::GradChunks => "GRAD_CHUNKS",
             Override::PastQuads => "PAST_QUADS",
+            Override::StoredPieces => "STORED_PIECES",
+            Override::CoefsUsed => "COEFS_USED",
         }
     }
 }
@@ -342,8 +356,10 @@ const STATS_STAGED_BINDINGS: &[(Binding, Access)] = &[
 ];
 /// The register-path pixel stages also bind the logits (and the gradient) as vec4: their
 /// quads (pixels.wgsl `QUADS`).
-const STATS_BINDINGS: &[(Binding, Access)] =
-    &concat::<_, 8>(STATS_STAGED_BINDINGS, &[(B::Logits4, Read)]);
+const STATS_BINDINGS: &[(Binding, Access)] = &concat::<_, 9>(
+    STATS_STAGED_BINDINGS,
+    &[(B::Logits4, Read), (B::Pieces, ReadWrite)],
+);
 /// The overrides every pixel kernel takes, register path and staged alike.
 const PIXEL_COMMON: [Override; 9] = [
     O::C,
@@ -364,8 +380,13 @@ const fn overrides_and<const N: usize>(base: &[Override], own: &[Override]) -> [
     concat(base, own)
 }
 
-/// `base` followed by `own` (the first `N` entries of the result; `base` is not empty).
+/// `base` followed by `own`, `N` entries in all (`base` is not empty). A wrong `N` fails
+/// the build, where it would drop or repeat a binding or an override.
 const fn concat<T: Copy, const N: usize>(base: &[T], own: &[T]) -> [T; N] {
+    assert!(
+        N == base.len() + own.len(),
+        "concat: N is not the sum of the lengths"
+    );
     let mut all = [base[0]; N];
     let mut k = 0;
     while k < N {
@@ -389,13 +410,21 @@ const fn pixel_overrides_and<const N: usize>(own: &[Override]) -> [Override; N] 
 /// kernel that writes the gradient skips coefficients without statistic terms and compiles
 /// in either the store or the add (`GRAD_OWN`); the grad stage also sets its pixels per
 /// invocation; the stats stage's one-pass form takes both lists.
-const STATS_OWN: &[Override] = &[O::PixelMaps, O::NormsOnly, O::ClassSums, O::PastQuads];
-const GRAD_OWN: &[Override] = &[O::StatTerms, O::Accumulate];
-const STATS_GRAD_OWN: &[Override] = &overrides_and::<6>(STATS_OWN, GRAD_OWN);
-const STATS_OVERRIDES: &[Override] = &pixel_overrides_and::<15>(STATS_OWN);
-const GRAD_OVERRIDES: &[Override] =
-    &pixel_overrides_and::<15>(&overrides_and::<4>(&[O::Ppt, O::GradChunks], GRAD_OWN));
-const STATS_GRAD_OVERRIDES: &[Override] = &pixel_overrides_and::<17>(STATS_GRAD_OWN);
+const STATS_OWN: &[Override] = &[
+    O::PixelMaps,
+    O::NormsOnly,
+    O::ClassSums,
+    O::PastQuads,
+    O::StoredPieces,
+];
+const GRAD_OWN: &[Override] = &[O::StatTerms, O::CoefsUsed, O::Accumulate];
+const STATS_GRAD_OWN: &[Override] = &overrides_and::<8>(STATS_OWN, GRAD_OWN);
+const STATS_OVERRIDES: &[Override] = &pixel_overrides_and::<16>(STATS_OWN);
+const GRAD_OVERRIDES: &[Override] = &pixel_overrides_and::<17>(&overrides_and::<6>(
+    &[O::Ppt, O::GradChunks, O::StoredPieces],
+    GRAD_OWN,
+));
+const STATS_GRAD_OVERRIDES: &[Override] = &pixel_overrides_and::<19>(STATS_GRAD_OWN);
 const GRAD_STAGED_BINDINGS: &[(Binding, Access)] = &[
     (B::Logits, Read),
     (B::Labels, Read),
@@ -404,8 +433,10 @@ const GRAD_STAGED_BINDINGS: &[(Binding, Access)] = &[
     (B::Fin, Read),
     (B::Grad, ReadWrite),
 ];
-const QUAD_BINDINGS: &[(Binding, Access)] = &[(B::Logits4, Read), (B::Grad4, ReadWrite)];
-const GRAD_BINDINGS: &[(Binding, Access)] = &concat::<_, 8>(GRAD_STAGED_BINDINGS, QUAD_BINDINGS);
+const GRAD_BINDINGS: &[(Binding, Access)] = &concat::<_, 9>(
+    GRAD_STAGED_BINDINGS,
+    &[(B::Logits4, Read), (B::Grad4, ReadWrite), (B::Pieces, Read)],
+);
 /// The grad stage's bindings where the gradient shares a buffer with the inputs (wgpu
 /// refuses a buffer bound read-only and read-write in one dispatch).
 const GRAD_SHARED_STAGED_BINDINGS: &[(Binding, Access)] = &[
@@ -416,9 +447,13 @@ const GRAD_SHARED_STAGED_BINDINGS: &[(Binding, Access)] = &[
     (B::Fin, Read),
     (B::Grad, ReadWrite),
 ];
-const GRAD_SHARED_BINDINGS: &[(Binding, Access)] = &concat::<_, 8>(
+const GRAD_SHARED_BINDINGS: &[(Binding, Access)] = &concat::<_, 9>(
     GRAD_SHARED_STAGED_BINDINGS,
-    &[(B::Logits4, ReadWrite), (B::Grad4, ReadWrite)],
+    &[
+        (B::Logits4, ReadWrite),
+        (B::Grad4, ReadWrite),
+        (B::Pieces, Read),
+    ],
 );
 const GRAD_PARTS: &[Source] = &[DISPATCH, MATH, SPEC, PIXELS, GRAD_PIXEL, GRAD];
 /// The stats stage's bindings with the gradient's (fin read, grad written) in binding
@@ -438,8 +473,14 @@ const STATS_GRAD_STAGED_BINDINGS: &[(Binding, Access)] = &{
     }
     all
 };
-const STATS_GRAD_BINDINGS: &[(Binding, Access)] =
-    &concat::<_, 11>(STATS_GRAD_STAGED_BINDINGS, QUAD_BINDINGS);
+const STATS_GRAD_BINDINGS: &[(Binding, Access)] = &concat::<_, 12>(
+    STATS_GRAD_STAGED_BINDINGS,
+    &[
+        (B::Logits4, Read),
+        (B::Grad4, ReadWrite),
+        (B::Pieces, ReadWrite),
+    ],
+);
 
 const fn stats(kernel: Kernel, module: &'static str, parts: &'static [Source]) -> KernelInfo {
     let with_grad = matches!(
@@ -544,8 +585,8 @@ const fn staged_overrides_and<const N: usize>(own: &[Override]) -> [Override; N]
 const STAGED_STATS_OWN: &[Override] = &[O::PixelMaps, O::NormsOnly, O::ClassSums];
 const STAGED_STATS_OVERRIDES: &[Override] = &staged_overrides_and::<13>(STAGED_STATS_OWN);
 const STAGED_STATS_GRAD_OVERRIDES: &[Override] =
-    &staged_overrides_and::<15>(&overrides_and::<5>(STAGED_STATS_OWN, GRAD_OWN));
-const STAGED_GRAD_OVERRIDES: &[Override] = &staged_overrides_and::<12>(GRAD_OWN);
+    &staged_overrides_and::<16>(&overrides_and::<6>(STAGED_STATS_OWN, GRAD_OWN));
+const STAGED_GRAD_OVERRIDES: &[Override] = &staged_overrides_and::<13>(GRAD_OWN);
 
 const fn staged(
     kernel: Kernel,
@@ -846,6 +887,11 @@ pub struct Variant {
     /// The kernels are compiled with naga's clamp on variable indices into invocation and
     /// workgroup arrays (`Strategy::index_checks`).
     pub index_checks: bool,
+    /// The stats stage stores each pixel's softmax pieces for the chunked grad stage, which
+    /// reads them (pixels.wgsl `STORED_PIECES`; record.rs `variant` says when).
+    pub stored_pieces: bool,
+    /// `plan::coefs_used`.
+    pub coefs_used: u32,
 }
 
 impl Variant {
@@ -874,6 +920,8 @@ impl Variant {
             O::Quads => self.quads as u32,
             O::GradChunks => self.grad_chunks as u32,
             O::PastQuads => self.chunk_quads as u32,
+            O::StoredPieces => self.stored_pieces as u32,
+            O::CoefsUsed => self.coefs_used,
         }
     }
 }

@@ -30,6 +30,8 @@ pub(super) struct WorkspaceKey {
     pub(super) dims_slots: usize,
     pub(super) scratch: u64,
     pub(super) map: u64,
+    /// Bytes of `pieces` (0: the call stores none, a 16-byte stand-in).
+    pub(super) pieces: u64,
     /// Partial rows per stats tile (`Strategy::rows_per_tile`).
     pub(super) rows_per_tile: usize,
     /// Pixels per stats tile (`Strategy::stats_tile`).
@@ -43,6 +45,9 @@ pub(super) struct Workspace {
     pub(super) stats: wgpu::Buffer,
     pub(super) fin: wgpu::Buffer,
     pub(super) map: wgpu::Buffer,
+    /// Each pixel's softmax pieces, from the stats stage to the chunked grad stage
+    /// (`Binding::Pieces`).
+    pub(super) pieces: wgpu::Buffer,
     pub(super) check: wgpu::Buffer,
     /// The sequence number of the recording that holds this workspace, copied into `check`
     /// by the recording's last command.
@@ -65,6 +70,7 @@ pub(super) struct Sizes {
     pub(super) stats: u64,
     pub(super) fin: u64,
     pub(super) map: u64,
+    pub(super) pieces: u64,
 }
 
 impl GpuContext {
@@ -105,6 +111,7 @@ impl GpuContext {
             stats: 4 * key.total_batch as u64 * width,
             fin: 4 * fin_layout.len as u64,
             map: key.map.max(4),
+            pieces: key.pieces.max(16),
         };
         use wgpu::BufferUsages as U;
         let mut keys = vec![];
@@ -125,6 +132,7 @@ impl GpuContext {
         let stats = make(sizes.stats, out);
         let fin = make(sizes.fin, out);
         let map = make(sizes.map, out);
+        let pieces = make(sizes.pieces, U::STORAGE | U::COPY_DST);
         let check = make(SEQ_AT + 16, out);
         let seq = make(16, U::COPY_SRC | U::COPY_DST);
         let scratch = (key.scratch > 0).then(|| make(key.scratch, U::STORAGE));
@@ -140,6 +148,7 @@ impl GpuContext {
             stats,
             fin,
             map,
+            pieces,
             check,
             seq,
             scratch,

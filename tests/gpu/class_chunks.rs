@@ -6,10 +6,14 @@
 //! are a multiple of 4 (`PAST_QUADS`, `grad_chunk_quads`). Every output element against
 //! the f64 reference, with partial tiles and a partial last chunk.
 
-use crate::common::{check_with, new_ctx, spec, Targets};
+use crate::common::{assert_loss_and_gradient, check_with, new_ctx, spec, Targets};
+use segloss::distributed::{step_host, HostShard, SingleProcess};
 use segloss::gpu::stages::Kernel;
+use segloss::gpu::HostLogits;
 use segloss::gpu::{GpuContext, Strategy};
+use segloss::input::Layout;
 use segloss::input::{Labels, Shape};
+use segloss::reference;
 use segloss::testing::{random_labels, random_logits, random_soft_labels, Rng};
 
 /// A strategy that chunks past `stats_class_block` classes, on two passes (the grad
@@ -49,6 +53,14 @@ fn check_chunks(
         ctx.last_kernels()
     );
     assert_eq!(ctx.last_grad_chunks(), want_chunks, "{what}");
+    // A call that computes its own statistics hands its softmax pieces to a chunked
+    // softmax gradient (pixels.wgsl `STORED_PIECES`).
+    let softmax = !json.contains("sigmoid");
+    assert_eq!(
+        ctx.last_stored_pieces(),
+        want_chunks && softmax,
+        "{what}: stored pieces"
+    );
     let quads = want_chunks
         && strategy.quad_pixels
         && strategy.contiguous_pixels
@@ -163,5 +175,45 @@ fn chunks_on_small_blocks_match_the_reference() {
                 true,
             );
         }
+    }
+}
+
+/// Statistics given by the caller (the two-phase API's second call, here one rank of
+/// `distributed::step_host`): no stats pass runs before the grad stage, so the chunked grad
+/// stage finds each pixel's softmax pieces itself with its online max and sum (the path
+/// without `STORED_PIECES`), for every kind of sum it keeps: Dice's, tempered, focal.
+#[test]
+fn given_statistics_find_their_own_pieces() {
+    let ctx = new_ctx();
+    if !ctx.strategy().grad_chunks {
+        return; // GPUs stage their classes: no chunked grad stage to check
+    }
+    let mut rng = Rng::new(4040);
+    for (b, c, spatial, json) in [
+        (2, 40, vec![13, 11], DICE_CE),
+        (1, 150, vec![12, 11], TEMPERED),
+        (2, 150, vec![9, 7], FOCAL_TVERSKY),
+        (1, 150, vec![11, 9], SQUARED_WEIGHTED),
+    ] {
+        let shape = Shape::new(b, c, &spatial);
+        let json = with_weights(json, &mut rng, c);
+        let z = random_logits(&mut rng, &shape, 3.0);
+        let y = random_labels(&mut rng, &shape, 0.1);
+        let what = format!("{shape:?}: {json}");
+        let sp = spec(&json);
+        let shard = HostShard {
+            shape: &shape,
+            layout: Layout::Nchw,
+            logits: HostLogits::F32(&z),
+            labels: Labels::index(&y),
+            image_offset: 0,
+            total_batch: b,
+        };
+        let got = step_host(&ctx, &sp, &shard, true, &SingleProcess)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(ctx.last_grad_chunks(), "{what}");
+        assert!(!ctx.last_stored_pieces(), "{what}: stored pieces");
+        let want = reference::evaluate(&sp, &shape, &z, Labels::index(&y), true).unwrap();
+        assert_loss_and_gradient(&got, got.gradient.as_ref().unwrap(), &want, &what);
     }
 }
