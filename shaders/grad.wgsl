@@ -33,14 +33,16 @@ const PIXEL_SLOTS: u32 = MAX_PPT + 1u;
 // Chunked classes (set by the host with more classes than BLOCK on CPU adapters:
 // strategy.rs `grad_chunks`): no class of a pixel is kept in invocation memory. An
 // invocation first reads every logit of its pixels once, four pixels at a time, for the
-// softmax pieces (an online max and sum) and the sums every class's gradient needs, which
-// rescale with them (`chunk_online`, `OnlineSums`); then it takes the classes CHUNK at a
-// time, each chunk's coefficients read once for all its pixels, and writes the gradient.
-// Two reads of a logit and one write (three reads with a focal term, whose sums take a
-// pass of their own), and every class loop that touches an array is CHUNK long, which Mesa
-// unrolls: in the register path's loops over 150 classes, which it does not unroll, every
-// access to an invocation array was a gather or scatter lane by lane on lavapipe
-// (BENCHMARKS.md, "The stats stage's class block").
+// sums every class's gradient needs (`chunk_online`, `OnlineSums`), with the softmax
+// pieces the stats stage stored (STORED_PIECES, pixels.wgsl) or else an online max and
+// sum that the sums rescale with; then it takes the classes CHUNK at a time, each chunk's
+// coefficients read once for all its pixels, and writes the gradient. Two reads of a logit
+// and one write (one read for CE alone with stored pieces; with a focal term, whose sums
+// take a pass of their own, two with stored pieces and three without), and every class
+// loop that touches an array is CHUNK long, which Mesa unrolls: in the register path's
+// loops over 150 classes, which it does not unroll, every access to an invocation array
+// was a gather or scatter lane by lane on lavapipe (BENCHMARKS.md, "The stats stage's
+// class block").
 override GRAD_CHUNKS: bool = false;
 
 @compute @workgroup_size(PIXEL_WG)
@@ -179,7 +181,8 @@ fn chunk_sums_pass() -> bool {
 //   Σ a·p = Σ_c (∂L/∂P + ∂L/∂U [untempered] + g_c·∂L/∂I)·e_c / Σe + 2·Σ_c ∂L/∂Q·e_c² / Σe²,
 //   Σ u·s = Σ_c ∂L/∂U·e_T,c / Σe_T,
 // and, on soft labels, Σ h = Σ_c h_c (CE's h_c takes no logit), so the sums over e and e²
-// are rescaled with Σe when the max grows (by r and r²) and divided once at the end: the
+// are rescaled with Σe when the max grows (by r and r²; with STORED_PIECES the max is
+// known and nothing is rescaled) and divided once at the end: the
 // pass over the chunks that summed them after the softmax, a third read of every logit,
 // is gone (BENCHMARKS.md, "Online sums"). On class-index labels the g_c·∂L/∂I part is the
 // label class's alone, added after the last class (`online_label_class`), so a class's
@@ -331,7 +334,8 @@ struct ChunkPixels {
 
 // The chunked path's first pass: every logit of the invocation's pixels read once, four
 // pixels at a time (one vec4 a class with QUADS, else a read per pixel), for each pixel's
-// softmax pieces and, with `online_sums`, its GradSums. PPT is a multiple of 4 (8 or 32).
+// softmax pieces (unless STORED_PIECES brings them) and, with `online_sums`, its GradSums;
+// with stored pieces and nothing to sum, no logit is read here. PPT is a multiple of 4.
 fn chunk_online(cs: ptr<function, Consts>, b: u32, base: u32, lid: u32) -> ChunkPixels {
     var px: ChunkPixels;
     for (var q = 0u; q < PPT; q += 4u) {
