@@ -17,7 +17,7 @@ use super::readback::Recorded;
 use super::record::{
     bound_ranges, check_request, encode_dispatches, plan_chunks, Encoding, Request,
 };
-use super::stages::{Kernel, Variant};
+use super::stages::Variant;
 use crate::error::{Error, Result};
 use crate::input::GradFormat;
 use crate::spec::LossSpec;
@@ -258,14 +258,7 @@ impl GpuContext {
                 enc.variant.quads || enc.variant.chunk_quads,
                 Ordering::Relaxed,
             );
-            self.last_stored_pieces.store(
-                enc.variant.stored_pieces
-                    && enc
-                        .kernels
-                        .iter()
-                        .any(|k| matches!(k, Kernel::Grad | Kernel::GradShared)),
-                Ordering::Relaxed,
-            );
+            self.note_grad_path(&enc.variant, &enc.kernels);
             Ok(enc.dispatches)
         })?;
         if slots.taken.swap(true, Ordering::AcqRel) {

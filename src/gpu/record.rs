@@ -758,6 +758,18 @@ impl GpuContext {
         Ok(chunks)
     }
 
+    /// Notes for tests which path a recording's grad stage took: chunked classes, and the
+    /// stats stage's stored softmax pieces (`last_grad_chunks`, `last_stored_pieces`).
+    pub(super) fn note_grad_path(&self, variant: &Variant, kernels: &[Kernel]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let grad = kernels
+            .iter()
+            .any(|k| matches!(k, Kernel::Grad | Kernel::GradShared));
+        self.last_grad_chunks.store(variant.grad_chunks, Relaxed);
+        self.last_stored_pieces
+            .store(variant.stored_pieces && grad, Relaxed);
+    }
+
     /// The call's pipeline configuration (with the kernel, its pipeline key).
     pub(super) fn variant(&self, req: &Request<'_>) -> Variant {
         let (spec, batch) = (req.spec, req.batch);
@@ -974,18 +986,7 @@ impl GpuContext {
             enc.variant.quads || enc.variant.chunk_quads,
             std::sync::atomic::Ordering::Relaxed,
         );
-        self.last_grad_chunks.store(
-            enc.variant.grad_chunks,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        self.last_stored_pieces.store(
-            enc.variant.stored_pieces
-                && enc
-                    .kernels
-                    .iter()
-                    .any(|k| matches!(k, Kernel::Grad | Kernel::GradShared)),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.note_grad_path(&enc.variant, &enc.kernels);
         if let Ok(mut k) = self.last_kernels.lock() {
             *k = enc.kernels;
         }

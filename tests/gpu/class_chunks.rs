@@ -87,6 +87,22 @@ fn with_weights(json: &str, rng: &mut Rng, classes: usize) -> String {
     json.replace("{W}", &format!("[{}]", w.join(",")))
 }
 
+/// A case of `b` images of `c` classes: its shape, `json` with class weights in place of
+/// `{W}`, random logits and class-index labels (a tenth ignored).
+fn random_case(
+    rng: &mut Rng,
+    b: usize,
+    c: usize,
+    spatial: &[usize],
+    json: &str,
+) -> (Shape, String, Vec<f32>, Vec<u32>) {
+    let shape = Shape::new(b, c, spatial);
+    let json = with_weights(json, rng, c);
+    let z = random_logits(rng, &shape, 3.0);
+    let y = random_labels(rng, &shape, 0.1);
+    (shape, json, z, y)
+}
+
 /// The adapter's own strategy past 32 classes (150 and 33, a partial last chunk; 256, the
 /// class block's edge; 300, past it, where the grad stage chunks with the class block as
 /// its own), every kind of term, both pixel orders at 150.
@@ -112,10 +128,7 @@ fn chunked_classes_match_the_reference() {
         (1, 300, vec![9, 7], DICE_CE),
         (1, 300, vec![8, 7], DICE_CE),
     ] {
-        let shape = Shape::new(b, c, &spatial);
-        let json = with_weights(json, &mut rng, c);
-        let z = random_logits(&mut rng, &shape, 3.0);
-        let y = random_labels(&mut rng, &shape, 0.1);
+        let (shape, json, z, y) = random_case(&mut rng, b, c, &spatial, json);
         let strategy = Strategy {
             one_pass_min_elements: u64::MAX,
             ..own
@@ -184,10 +197,10 @@ fn chunks_on_small_blocks_match_the_reference() {
 /// without `STORED_PIECES`), for every kind of sum it keeps: Dice's, tempered, focal.
 #[test]
 fn given_statistics_find_their_own_pieces() {
-    let ctx = new_ctx();
-    if !ctx.strategy().grad_chunks {
-        return; // GPUs stage their classes: no chunked grad stage to check
-    }
+    // GPUs stage their classes by default: chunks on every adapter here.
+    let own = new_ctx();
+    let strategy = chunked(&own, 32, 256);
+    let ctx = own.with_strategy(strategy).unwrap();
     let mut rng = Rng::new(4040);
     for (b, c, spatial, json) in [
         (2, 40, vec![13, 11], DICE_CE),
@@ -195,10 +208,7 @@ fn given_statistics_find_their_own_pieces() {
         (2, 150, vec![9, 7], FOCAL_TVERSKY),
         (1, 150, vec![11, 9], SQUARED_WEIGHTED),
     ] {
-        let shape = Shape::new(b, c, &spatial);
-        let json = with_weights(json, &mut rng, c);
-        let z = random_logits(&mut rng, &shape, 3.0);
-        let y = random_labels(&mut rng, &shape, 0.1);
+        let (shape, json, z, y) = random_case(&mut rng, b, c, &spatial, json);
         let what = format!("{shape:?}: {json}");
         let sp = spec(&json);
         let shard = HostShard {
