@@ -54,12 +54,12 @@ alias Quad = array<vec4<f32>, BLOCK_PAD>;
 // Stored pieces (CPU adapters past the stats block, where the grad stage takes its classes
 // in chunks: grad.wgsl `GRAD_CHUNKS`): the stats stage writes each valid pixel's softmax
 // pieces (max, Σe, tempered max, tempered Σe; one vec4, 16 bytes a pixel against 4·C of
-// logits) to the stage's `softmax_pieces`, and the grad stage reads them instead of finding them
-// with an online max and sum: its first pass over the classes then takes one exponential a
-// class and no rescaling, and a spec that needs no sums there (CE alone, focal terms)
-// skips that pass (BENCHMARKS.md, "Stored pieces"). Off where the statistics come from the
-// caller (no stats pass ran) and where the buffer would pass the binding limit
-// (src/gpu/record.rs `variant`).
+// logits) to the stages' `softmax_pieces`, and the grad stage reads them instead of
+// finding them with an online max and sum: its first pass over the classes then takes one
+// exponential a class and no rescaling, and a spec that needs no sums there (CE alone,
+// focal terms) skips that pass (BENCHMARKS.md, "Stored pieces"). Off where the statistics
+// come from the caller (no stats pass ran), in the one-pass form (no grad stage) and where
+// the buffer would pass the binding limit (src/gpu/record.rs `pieces_bytes`).
 override STORED_PIECES: bool = false;
 
 // The logits of pixels i0..i0+4 (a quad) of global image b, one vec4 a class.
