@@ -250,18 +250,18 @@ fn online_sums_add(cs: ptr<function, Consts>, o: ptr<function, OnlineSums>, b: u
         var a = coef_at(k, COEF_P);
         if TEMPERED {
             if coef_used(COEF_U) {
-                (*o).u += fin[k + COEF_U] * et;
+                (*o).u += coef_at(k, COEF_U) * et;
             }
         } else {
             a += coef_at(k, COEF_U);
         }
         var ag = vec4(a);
         if LABEL_KIND == LABELS_SOFT && coef_used(COEF_I) {
-            ag += g * fin[k + COEF_I];
+            ag += g * coef_at(k, COEF_I);
         }
         (*o).a += ag * e;
         if coef_used(COEF_Q) {
-            (*o).q += fin[k + COEF_Q] * e * e;
+            (*o).q += coef_at(k, COEF_Q) * e * e;
         }
     }
     if !h_closed_form() {
@@ -284,7 +284,7 @@ fn online_label_class(o: ptr<function, OnlineSums>, b: u32, at: vec4<u32>, ys: v
     for (var p = 0u; p < 4u; p++) {
         if live[p] && ys[p] < C {
             let zy = logit(b, ys[p], at[p]);
-            (*o).a[p] += fin[(b * C + ys[p]) * COEFS + COEF_I] * exp(zy - (*o).m[p]);
+            (*o).a[p] += coef_at((b * C + ys[p]) * COEFS, COEF_I) * exp(zy - (*o).m[p]);
         }
     }
 }
