@@ -1,16 +1,16 @@
 //! Device time of each stage alone, for performance work: the statistics pass, the whole
 //! forward (statistics + finalize) and forward + gradient, against a copy of the logits.
 //!
-//! cargo run --release --example stage_times -- 8,4,256,256 [ROUNDS] [SPEC] [scalar | block=N | stats_block=N | grad_chunks=0 | index_checks=1]
+//! cargo run --release --example stage_times -- 8,4,256,256 [ROUNDS] [SPEC] [scalar | block=N | stats_block=N | grad_chunks=0 | uniform_coefs=0 | index_checks=1]
 //!
 //! SPEC is a loss spec in JSON (default DiceCE: cross_entropy + dice). With a spec of pixel
 //! terms only, "+grad" takes the one-pass path where it applies (ARCHITECTURE.md, "One pass
 //! for pixel terms"). `scalar` also times the stats pass and the whole call with the pixel
 //! stages reading one pixel at a time where they would take quads (`Strategy::quad_pixels`
 //! off), on a second device of the same adapter, interleaved with the others; `block=N`
-//! `stats_block=N`, `grad_chunks=0` and `index_checks=1` do the same with
-//! `Strategy::class_block`, `Strategy::stats_class_block` N, `Strategy::grad_chunks` off
-//! or `Strategy::index_checks` on instead.
+//! `stats_block=N`, `grad_chunks=0`, `uniform_coefs=0` and `index_checks=1` do the same
+//! with `Strategy::class_block`, `Strategy::stats_class_block` N, `Strategy::grad_chunks`
+//! or `Strategy::uniform_coefs` off or `Strategy::index_checks` on instead.
 
 use segloss::gpu::{DeviceBatch, GpuContext, GradTarget};
 use segloss::input::{LabelFormat, Labels, Shape};
@@ -94,6 +94,7 @@ fn main() -> segloss::Result<()> {
                 strategy.stats_class_block = n.parse().map_err(|_| bad())?
             }
             Some(("grad_chunks", n)) => strategy.grad_chunks = n == "1",
+            Some(("uniform_coefs", n)) => strategy.uniform_coefs = n == "1",
             Some(("index_checks", n)) => strategy.index_checks = n == "1",
             _ => return Err(bad()),
         }

@@ -246,7 +246,7 @@ fn online_sums_add(cs: ptr<function, Consts>, o: ptr<function, OnlineSums>, b: u
         return;
     }
     if STAT_TERMS {
-        let k = (b * C + c) * COEFS;
+        let k = b * C + c;
         var a = coef_at(k, COEF_P);
         if TEMPERED {
             if coef_used(COEF_U) {
@@ -284,7 +284,7 @@ fn online_label_class(o: ptr<function, OnlineSums>, b: u32, at: vec4<u32>, ys: v
     for (var p = 0u; p < 4u; p++) {
         if live[p] && ys[p] < C {
             let zy = logit(b, ys[p], at[p]);
-            (*o).a[p] += coef_at((b * C + ys[p]) * COEFS, COEF_I) * exp(zy - (*o).m[p]);
+            (*o).a[p] += coef_at(b * C + ys[p], COEF_I) * exp(zy - (*o).m[p]);
         }
     }
 }

@@ -10,6 +10,10 @@
 @group(0) @binding(7) var<storage, read_write> grad: array<f32>;
 // The same range as `grad`, four values an element: a quad's stores (pixels.wgsl, QUADS).
 @group(0) @binding(12) var<storage, read_write> grad4: array<vec4<f32>>;
+// The start of `fin` again as a uniform binding: the coefficient table, one vec4 a class
+// and image (COEFS is 4), COEF_ROWS of them (generated from the device's uniform binding
+// limit, stages.rs `KernelInfo::source`). Read instead of `fin` with UNIFORM_COEFS.
+@group(0) @binding(14) var<uniform> fin_coefs: array<vec4<f32>, COEF_ROWS>;
 
 // Whether the spec has statistic terms. Without them every coefficient is 0 (finalize
 // writes none), so none is read and their sums compile out: the gradient is the pixel
@@ -20,18 +24,27 @@ override STAT_TERMS: bool = true;
 // without a read: on lavapipe each read is a lane-by-lane sequence, and past the register
 // block the chunked grad stage reads a class's coefficients for every quad of pixels.
 override COEFS_USED: u32 = 15u;
+// The coefficients are read through `fin_coefs` (set by the host where the table fits it:
+// B·C ≤ COEF_ROWS, `Strategy::uniform_coefs`). llvmpipe reads a storage buffer lane by lane,
+// a branch and a load per active lane, and a uniform buffer with one masked gather; the
+// index is the same in every lane here (image and class), but llvmpipe cannot prove it
+// inside the pixel loops (BENCHMARKS.md, "Uniform coefficients").
+override UNIFORM_COEFS: bool = false;
 
 // Whether coefficient slot `slot` can be nonzero.
 fn coef_used(slot: u32) -> bool {
     return STAT_TERMS && (COEFS_USED & (1u << slot)) != 0u;
 }
 
-// Coefficient slot `slot` of the class whose coefficients start at fin[o].
-fn coef_at(o: u32, slot: u32) -> f32 {
+// Coefficient slot `slot` of table row `row` (image b, class c: b·C + c).
+fn coef_at(row: u32, slot: u32) -> f32 {
     if !coef_used(slot) {
         return 0.0;
     }
-    return fin[o + slot];
+    if UNIFORM_COEFS {
+        return fin_coefs[row][slot];
+    }
+    return fin[row * COEFS + slot];
 }
 
 // What an invocation reads once for all its pixels: the first BLOCK classes' coefficients
@@ -62,8 +75,8 @@ fn ce_closed_form() -> bool {
 
 // Class c's coefficients (∂L/∂P, ∂L/∂Q, ∂L/∂I, ∂L/∂U) of image b.
 fn coef(b: u32, c: u32) -> vec4<f32> {
-    let o = (b * C + c) * COEFS;
-    return vec4(coef_at(o, COEF_P), coef_at(o, COEF_Q), coef_at(o, COEF_I), coef_at(o, COEF_U));
+    let row = b * C + c;
+    return vec4(coef_at(row, COEF_P), coef_at(row, COEF_Q), coef_at(row, COEF_I), coef_at(row, COEF_U));
 }
 
 // Everything image b's pixels share, read before any branch (`b` is uniform over a

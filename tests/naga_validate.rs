@@ -65,6 +65,8 @@ const BLOCKS: [u32; 2] = [8, 1024];
 /// The pixel stages' workgroup sizes (`Strategy::pixel_workgroup`): the smallest and the
 /// largest.
 const PIXEL_WGS: [u32; 2] = [32, 256];
+/// Rows of the coefficient table's uniform view (`layout::coef_rows`): 64 KiB bindings.
+const COEF_ROWS: u32 = segloss::gpu::layout::COEF_ROWS_MAX;
 
 /// Each module validates with its capabilities, and is rejected without any one of them.
 #[test]
@@ -72,7 +74,7 @@ fn stages_validate_with_exactly_the_capabilities_they_use() {
     let sources = BLOCKS
         .iter()
         .zip(PIXEL_WGS)
-        .flat_map(|(b, wg)| segloss::gpu::shader_sources(*b, wg));
+        .flat_map(|(b, wg)| segloss::gpu::shader_sources(*b, wg, COEF_ROWS));
     for (name, src) in sources {
         let caps = capabilities(name);
         validate(name, &src, caps);
@@ -101,7 +103,7 @@ struct Entry {
 }
 
 fn wgsl_entry(k: &KernelInfo, pixel_wg: u32) -> Entry {
-    let src = k.source(8, pixel_wg);
+    let src = k.source(8, pixel_wg, COEF_ROWS);
     let mut module = naga::front::wgsl::parse_str(&src)
         .unwrap_or_else(|e| panic!("{}: {}", k.module, e.emit_to_string(&src)));
     Validator::new(ValidationFlags::all(), capabilities(k.module))
@@ -482,6 +484,9 @@ fn kernel_dims(k: &KernelInfo) -> Vec<Vec<Value>> {
     }
     if has(Override::StoredPieces) {
         d.push(dim("STORED_PIECES", &[0.0, 1.0]));
+    }
+    if has(Override::UniformCoefs) {
+        d.push(dim("UNIFORM_COEFS", &[0.0, 1.0]));
     }
     // Every override of the kernel has values here, and nothing else.
     let mut named: Vec<&str> = d
@@ -921,7 +926,7 @@ fn every_host_variant_translates_to_spirv_msl_and_hlsl() {
         .into_iter()
         .enumerate()
         .flat_map(|(k, b)| {
-            segloss::gpu::shader_sources(b, PIXEL_WGS[k % 2])
+            segloss::gpu::shader_sources(b, PIXEL_WGS[k % 2], COEF_ROWS)
                 .into_iter()
                 .map(move |(n, s)| (b, n, s))
         })

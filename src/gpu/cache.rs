@@ -65,7 +65,10 @@ impl GpuContext {
             .or_insert_with(|| {
                 let desc = wgpu::ShaderModuleDescriptor {
                     label: Some(info.module),
-                    source: wgpu::ShaderSource::Wgsl(info.source(key.block, key.pixel_wg).into()),
+                    source: wgpu::ShaderSource::Wgsl(
+                        info.source(key.block, key.pixel_wg, self.coef_rows())
+                            .into(),
+                    ),
                 };
                 if key.index_checks {
                     return self.device.create_shader_module(desc);

@@ -176,6 +176,9 @@ pub struct GpuContext {
     /// Whether the last recorded call's grad stage read the stats stage's softmax pieces
     /// (tests).
     pub(super) last_stored_pieces: std::sync::atomic::AtomicBool,
+    /// Whether the last recorded call's gradient read the coefficients through their
+    /// uniform binding (tests).
+    pub(super) last_uniform_coefs: std::sync::atomic::AtomicBool,
     /// The next recording's sequence number.
     pub(super) next_seq: std::sync::atomic::AtomicU32,
     pub(super) created_bytes: std::sync::atomic::AtomicU64,
@@ -272,6 +275,7 @@ impl GpuContext {
             last_quads: std::sync::atomic::AtomicBool::new(false),
             last_grad_chunks: std::sync::atomic::AtomicBool::new(false),
             last_stored_pieces: std::sync::atomic::AtomicBool::new(false),
+            last_uniform_coefs: std::sync::atomic::AtomicBool::new(false),
             next_seq: std::sync::atomic::AtomicU32::new(1),
             created_bytes: std::sync::atomic::AtomicU64::new(0),
             lost: Arc::new(Mutex::new(None)),
@@ -326,6 +330,21 @@ impl GpuContext {
     pub fn last_stored_pieces(&self) -> bool {
         self.last_stored_pieces
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the last recorded call's gradient (if it had one) read the coefficient
+    /// table through its uniform binding (grad_pixel.wgsl `UNIFORM_COEFS`; tests check
+    /// which path a call took).
+    #[doc(hidden)]
+    pub fn last_uniform_coefs(&self) -> bool {
+        self.last_uniform_coefs
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Rows of the coefficient table's uniform view on this device (`layout::coef_rows`):
+    /// calls whose batch has at most this many images × classes read it there.
+    pub fn coef_rows(&self) -> u32 {
+        super::layout::coef_rows(self.device.limits().max_uniform_buffer_binding_size)
     }
 
     /// How the stats stage sums a tile by default (the default strategy's `tile_sum`).

@@ -217,6 +217,23 @@ pub const PIXEL_WG_MAX: u32 = 256;
 /// The smallest: the workgroup tile sum folds a workgroup's values in groups of 16.
 pub const PIXEL_WG_MIN: u32 = 32;
 
+/// The most rows the coefficient table's uniform view (grad_pixel.wgsl `fin_coefs`, one
+/// vec4 of `COEFS` an image and class) ever has: 64 KiB, the uniform binding limit of most
+/// adapters, 27 images at 150 classes.
+pub const COEF_ROWS_MAX: u32 = 4096;
+const _: () = assert!(
+    COEFS == 4,
+    "fin_coefs reads a class's coefficients as one vec4"
+);
+
+/// Rows of `fin_coefs` on a device whose uniform bindings hold `max_uniform_bytes`
+/// (`wgpu::Limits::max_uniform_buffer_binding_size`; every adapter allows 16 KiB, 1,024
+/// rows). A constant of the pixel stages' source (`KernelInfo::source`): a uniform array
+/// has a fixed length, and the binding must be at least that long even where unread.
+pub fn coef_rows(max_uniform_bytes: u64) -> u32 {
+    (max_uniform_bytes / 16).clamp(1, COEF_ROWS_MAX as u64) as u32
+}
+
 /// Declares the `Dims` header in Rust and its WGSL twin from one field list.
 macro_rules! dims_struct {
     ($($(#[$doc:meta])* $field:ident: $ty:ident,)*) => {

@@ -10,7 +10,7 @@ use super::context::{storage_align, GpuContext};
 use super::layout::{self, Dims, FinLayout, DIMS_SLOT};
 use super::plan::{self, Region};
 use super::readback::{stats_to_rows, Recorded};
-use super::stages::{Binding, Kernel, PipelineKey, Variant};
+use super::stages::{Access, Binding, Kernel, PipelineKey, Variant};
 use super::strategy::Strategy;
 use super::workspace::{Workspace, WorkspaceKey, SEQ_AT};
 use crate::error::{Error, Result};
@@ -467,6 +467,7 @@ impl Encoding<'_, '_> {
             Binding::Partial => (&ws.partial, 0, sz.partial),
             Binding::Stats => (&ws.stats, 0, sz.stats),
             Binding::Fin => (&ws.fin, 0, sz.fin),
+            Binding::FinCoefs => (&ws.fin, 0, ws.coef_bytes),
             Binding::LossMap => (&ws.map, 0, sz.map),
             Binding::Check => (&ws.check, 0, 16),
             Binding::Pieces => (&ws.pieces, 0, sz.pieces),
@@ -758,8 +759,9 @@ impl GpuContext {
         Ok(chunks)
     }
 
-    /// Notes for tests which path a recording's grad stage took: chunked classes, and the
-    /// stats stage's stored softmax pieces (`last_grad_chunks`, `last_stored_pieces`).
+    /// Notes for tests which path a recording's grad stage took: chunked classes, the
+    /// stats stage's stored softmax pieces and uniform coefficients (`last_grad_chunks`,
+    /// `last_stored_pieces`, `last_uniform_coefs`).
     pub(super) fn note_grad_path(&self, variant: &Variant, kernels: &[Kernel]) {
         use std::sync::atomic::Ordering::Relaxed;
         let grad = kernels
@@ -768,6 +770,13 @@ impl GpuContext {
         self.last_grad_chunks.store(variant.grad_chunks, Relaxed);
         self.last_stored_pieces
             .store(variant.stored_pieces && grad, Relaxed);
+        let writes_grad = kernels.iter().any(|k| {
+            k.info()
+                .bindings
+                .contains(&(Binding::FinCoefs, Access::Uniform))
+        });
+        self.last_uniform_coefs
+            .store(variant.uniform_coefs && writes_grad, Relaxed);
     }
 
     /// The call's pipeline configuration (with the kernel, its pipeline key).
@@ -801,7 +810,19 @@ impl GpuContext {
             chunk_quads: false,
             index_checks: req.strategy.index_checks,
             stored_pieces: self.pieces_bytes(req) > 0,
+            uniform_coefs: self.uniform_coefs(req),
         }
+    }
+
+    /// Whether the gradient reads the coefficients through `Binding::FinCoefs`
+    /// (`Strategy::uniform_coefs`): where the spec has statistic terms (else there is
+    /// nothing to read) and the whole batch's table fits the binding.
+    fn uniform_coefs(&self, req: &Request<'_>) -> bool {
+        let shape = req.batch.shape;
+        let rows = req.batch.total_batch.max(shape.batch) * shape.classes;
+        req.strategy.uniform_coefs
+            && plan::stat_kinds(req.spec) != 0
+            && rows <= self.coef_rows() as usize
     }
 
     /// Whether the grad stage takes every class in chunks (`Variant::grad_chunks`).

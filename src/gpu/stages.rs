@@ -142,6 +142,9 @@ pub enum Binding {
     /// Each pixel's softmax pieces, from the stats stage to the chunked grad stage
     /// (pixels.wgsl `STORED_PIECES`; a stand-in without it).
     Pieces,
+    /// The start of `Fin` again as a uniform binding: the coefficient table, one vec4 a
+    /// class and image (grad_pixel.wgsl `UNIFORM_COEFS`; unread without it).
+    FinCoefs,
 }
 
 impl Binding {
@@ -162,6 +165,7 @@ impl Binding {
             Binding::Logits4 => 11,
             Binding::Grad4 => 12,
             Binding::Pieces => 13,
+            Binding::FinCoefs => 14,
         }
     }
 
@@ -182,6 +186,7 @@ impl Binding {
             Binding::Logits4 => "logits4",
             Binding::Grad4 => "grad4",
             Binding::Pieces => "softmax_pieces",
+            Binding::FinCoefs => "fin_coefs",
         }
     }
 }
@@ -251,11 +256,14 @@ pub enum Override {
     StoredPieces,
     /// The coefficient slots the spec's terms can make nonzero (bit per slot).
     CoefsUsed,
+    /// The gradient reads the coefficients through the uniform binding `FinCoefs`
+    /// (grad_pixel.wgsl `UNIFORM_COEFS`).
+    UniformCoefs,
 }
 
 impl Override {
     /// Every override, in the order of [`Variant`]'s values.
-    pub const ALL: [Override; 24] = [
+    pub const ALL: [Override; 25] = [
         Override::C,
         Override::LabelKind,
         Override::LogitKind,
@@ -280,6 +288,7 @@ impl Override {
         Override::PastQuads,
         Override::StoredPieces,
         Override::CoefsUsed,
+        Override::UniformCoefs,
     ];
 
     /// The constant's name in WGSL.
@@ -309,6 +318,7 @@ impl Override {
             Override::PastQuads => "PAST_QUADS",
             Override::StoredPieces => "STORED_PIECES",
             Override::CoefsUsed => "COEFS_USED",
+            Override::UniformCoefs => "UNIFORM_COEFS",
         }
     }
 }
@@ -417,15 +427,19 @@ const STATS_OWN: &[Override] = &[
     O::PastQuads,
     O::StoredPieces,
 ];
-const GRAD_OWN: &[Override] = &[O::StatTerms, O::CoefsUsed, O::Accumulate];
-const STATS_GRAD_OWN: &[Override] = &overrides_and::<8>(STATS_OWN, GRAD_OWN);
+const GRAD_OWN: &[Override] = &[O::StatTerms, O::CoefsUsed, O::UniformCoefs, O::Accumulate];
+const STATS_GRAD_OWN: &[Override] = &overrides_and::<9>(STATS_OWN, GRAD_OWN);
 const STATS_OVERRIDES: &[Override] = &pixel_overrides_and::<16>(STATS_OWN);
-const GRAD_OVERRIDES: &[Override] = &pixel_overrides_and::<17>(&overrides_and::<6>(
+const GRAD_OVERRIDES: &[Override] = &pixel_overrides_and::<18>(&overrides_and::<7>(
     &[O::Ppt, O::GradChunks, O::StoredPieces],
     GRAD_OWN,
 ));
-const STATS_GRAD_OVERRIDES: &[Override] = &pixel_overrides_and::<19>(STATS_GRAD_OWN);
-const GRAD_STAGED_BINDINGS: &[(Binding, Access)] = &[
+const STATS_GRAD_OVERRIDES: &[Override] = &pixel_overrides_and::<20>(STATS_GRAD_OWN);
+/// Every kernel that links grad_pixel.wgsl binds the coefficient table's uniform view
+/// last (the highest binding number).
+const FIN_COEFS: (Binding, Access) = (B::FinCoefs, Uniform);
+/// The grad stages' bindings before their quads, pieces and `FinCoefs`.
+const GRAD_COMMON_BINDINGS: &[(Binding, Access)] = &[
     (B::Logits, Read),
     (B::Labels, Read),
     (B::Dims, Uniform),
@@ -433,13 +447,20 @@ const GRAD_STAGED_BINDINGS: &[(Binding, Access)] = &[
     (B::Fin, Read),
     (B::Grad, ReadWrite),
 ];
-const GRAD_BINDINGS: &[(Binding, Access)] = &concat::<_, 9>(
-    GRAD_STAGED_BINDINGS,
-    &[(B::Logits4, Read), (B::Grad4, ReadWrite), (B::Pieces, Read)],
+const GRAD_STAGED_BINDINGS: &[(Binding, Access)] =
+    &concat::<_, 7>(GRAD_COMMON_BINDINGS, &[FIN_COEFS]);
+const GRAD_BINDINGS: &[(Binding, Access)] = &concat::<_, 10>(
+    GRAD_COMMON_BINDINGS,
+    &[
+        (B::Logits4, Read),
+        (B::Grad4, ReadWrite),
+        (B::Pieces, Read),
+        FIN_COEFS,
+    ],
 );
 /// The grad stage's bindings where the gradient shares a buffer with the inputs (wgpu
 /// refuses a buffer bound read-only and read-write in one dispatch).
-const GRAD_SHARED_STAGED_BINDINGS: &[(Binding, Access)] = &[
+const GRAD_SHARED_COMMON_BINDINGS: &[(Binding, Access)] = &[
     (B::Logits, ReadWrite),
     (B::Labels, ReadWrite),
     (B::Dims, Uniform),
@@ -447,18 +468,21 @@ const GRAD_SHARED_STAGED_BINDINGS: &[(Binding, Access)] = &[
     (B::Fin, Read),
     (B::Grad, ReadWrite),
 ];
-const GRAD_SHARED_BINDINGS: &[(Binding, Access)] = &concat::<_, 9>(
-    GRAD_SHARED_STAGED_BINDINGS,
+const GRAD_SHARED_STAGED_BINDINGS: &[(Binding, Access)] =
+    &concat::<_, 7>(GRAD_SHARED_COMMON_BINDINGS, &[FIN_COEFS]);
+const GRAD_SHARED_BINDINGS: &[(Binding, Access)] = &concat::<_, 10>(
+    GRAD_SHARED_COMMON_BINDINGS,
     &[
         (B::Logits4, ReadWrite),
         (B::Grad4, ReadWrite),
         (B::Pieces, Read),
+        FIN_COEFS,
     ],
 );
 const GRAD_PARTS: &[Source] = &[DISPATCH, MATH, SPEC, PIXELS, GRAD_PIXEL, GRAD];
 /// The stats stage's bindings with the gradient's (fin read, grad written) in binding
-/// order: the one-pass form.
-const STATS_GRAD_STAGED_BINDINGS: &[(Binding, Access)] = &{
+/// order: the one-pass form, before its quads, pieces and `FinCoefs`.
+const STATS_GRAD_COMMON_BINDINGS: &[(Binding, Access)] = &{
     let mut all = [(B::Fin, Read); STATS_STAGED_BINDINGS.len() + 2];
     let (mut k, mut j) = (0, 0);
     while k < STATS_STAGED_BINDINGS.len() {
@@ -473,12 +497,15 @@ const STATS_GRAD_STAGED_BINDINGS: &[(Binding, Access)] = &{
     }
     all
 };
-const STATS_GRAD_BINDINGS: &[(Binding, Access)] = &concat::<_, 12>(
-    STATS_GRAD_STAGED_BINDINGS,
+const STATS_GRAD_STAGED_BINDINGS: &[(Binding, Access)] =
+    &concat::<_, 10>(STATS_GRAD_COMMON_BINDINGS, &[FIN_COEFS]);
+const STATS_GRAD_BINDINGS: &[(Binding, Access)] = &concat::<_, 13>(
+    STATS_GRAD_COMMON_BINDINGS,
     &[
         (B::Logits4, Read),
         (B::Grad4, ReadWrite),
         (B::Pieces, ReadWrite),
+        FIN_COEFS,
     ],
 );
 
@@ -585,8 +612,8 @@ const fn staged_overrides_and<const N: usize>(own: &[Override]) -> [Override; N]
 const STAGED_STATS_OWN: &[Override] = &[O::PixelMaps, O::NormsOnly, O::ClassSums];
 const STAGED_STATS_OVERRIDES: &[Override] = &staged_overrides_and::<13>(STAGED_STATS_OWN);
 const STAGED_STATS_GRAD_OVERRIDES: &[Override] =
-    &staged_overrides_and::<16>(&overrides_and::<6>(STAGED_STATS_OWN, GRAD_OWN));
-const STAGED_GRAD_OVERRIDES: &[Override] = &staged_overrides_and::<13>(GRAD_OWN);
+    &staged_overrides_and::<17>(&overrides_and::<7>(STAGED_STATS_OWN, GRAD_OWN));
+const STAGED_GRAD_OVERRIDES: &[Override] = &staged_overrides_and::<14>(GRAD_OWN);
 
 const fn staged(
     kernel: Kernel,
@@ -765,12 +792,16 @@ impl KernelInfo {
     }
 
     /// The module's WGSL as the device compiles it: the generated prelude (for the pixel
-    /// stages with `BLOCK`, the class block, and `PIXEL_WG`, their workgroup size), then
-    /// the parts. The read-write variant of a module binds its inputs as the row says.
-    pub fn source(&self, block: u32, pixel_wg: u32) -> String {
+    /// stages with `BLOCK`, the class block, `PIXEL_WG`, their workgroup size, and
+    /// `COEF_ROWS`, the device's `layout::coef_rows`), then the parts. The read-write
+    /// variant of a module binds its inputs as the row says.
+    pub fn source(&self, block: u32, pixel_wg: u32, coef_rows: u32) -> String {
         let mut s = layout::wgsl_prelude();
         if self.has_pixels() {
-            s += &format!("const BLOCK: u32 = {block}u;\nconst PIXEL_WG: u32 = {pixel_wg}u;\n");
+            s += &format!(
+                "const BLOCK: u32 = {block}u;\nconst PIXEL_WG: u32 = {pixel_wg}u;\n\
+                 const COEF_ROWS: u32 = {coef_rows}u;\n"
+            );
         }
         for part in self.parts {
             s += &format!("\n// ---- shaders/{} ----\n{}", part.path, part.text);
@@ -817,12 +848,13 @@ impl KernelInfo {
 }
 
 /// Every module's WGSL as the device compiles it, by module name (one entry per module),
-/// with class block `block` and workgroup size `pixel_wg` where a module has them.
-pub fn shader_sources(block: u32, pixel_wg: u32) -> Vec<(&'static str, String)> {
+/// with class block `block`, workgroup size `pixel_wg` and `coef_rows` where a module has
+/// them.
+pub fn shader_sources(block: u32, pixel_wg: u32, coef_rows: u32) -> Vec<(&'static str, String)> {
     let mut out: Vec<(&'static str, String)> = vec![];
     for k in &KERNELS {
         if !out.iter().any(|(m, _)| *m == k.module) {
-            out.push((k.module, k.source(block, pixel_wg)));
+            out.push((k.module, k.source(block, pixel_wg, coef_rows)));
         }
     }
     out
@@ -892,6 +924,9 @@ pub struct Variant {
     pub stored_pieces: bool,
     /// `plan::coefs_used`.
     pub coefs_used: u32,
+    /// The gradient reads the coefficients through `Binding::FinCoefs`
+    /// (`Strategy::uniform_coefs`, where the table fits the binding).
+    pub uniform_coefs: bool,
 }
 
 impl Variant {
@@ -922,6 +957,7 @@ impl Variant {
             O::PastQuads => self.chunk_quads as u32,
             O::StoredPieces => self.stored_pieces as u32,
             O::CoefsUsed => self.coefs_used,
+            O::UniformCoefs => self.uniform_coefs as u32,
         }
     }
 }

@@ -158,6 +158,14 @@ pub struct Strategy {
     /// adapters (BENCHMARKS.md, "The stats stage's class block"); GPUs past their block
     /// stage the classes instead.
     pub grad_chunks: bool,
+    /// The kernels that write the gradient read the coefficient table through a uniform
+    /// binding wherever it fits one (B·C ≤ `layout::coef_rows` of the device, 4,096 with
+    /// 64 KiB uniform bindings): grad_pixel.wgsl `UNIFORM_COEFS`. On for CPU adapters,
+    /// where llvmpipe reads a storage buffer with a branch and a load per active lane and a
+    /// uniform buffer with one masked gather: the chunked grad stage reads a class's
+    /// coefficients for every four pixels (BENCHMARKS.md, "Uniform coefficients"). Off on
+    /// GPUs, where nothing has measured it.
+    pub uniform_coefs: bool,
     /// Specs of pixel terms only (cross-entropy, focal, BCE) with a gradient take the
     /// one-pass path (a labels-only pass for the normalisers, then one pass over the logits
     /// that writes statistics and gradient) from this many logits B·C·S up; below it the
@@ -256,6 +264,7 @@ impl Strategy {
                 8
             },
             grad_chunks: info.device_type == wgpu::DeviceType::Cpu,
+            uniform_coefs: info.device_type == wgpu::DeviceType::Cpu,
             one_pass_min_elements: ONE_PASS_MIN_ELEMENTS,
             finalize_sums_max_floats: FINALIZE_SUMS_MAX_FLOATS,
             pixel_workgroup: if info.device_type == wgpu::DeviceType::Cpu {
@@ -498,6 +507,7 @@ mod tests {
             class_block: CPU_CLASS_BLOCK,
             stats_class_block: CPU_STATS_CLASS_BLOCK,
             grad_chunks: true,
+            uniform_coefs: true,
             one_pass_min_elements: ONE_PASS_MIN_ELEMENTS,
             finalize_sums_max_floats: FINALIZE_SUMS_MAX_FLOATS,
             pixel_workgroup: CPU_PIXEL_WG,

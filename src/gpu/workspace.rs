@@ -61,6 +61,9 @@ pub(super) struct Workspace {
     pub(super) keys: Vec<(BufferKey, wgpu::Buffer)>,
     pub(super) sizes: Sizes,
     pub(super) fin_layout: FinLayout,
+    /// Bytes of `fin`'s uniform view (`Binding::FinCoefs`): the device's
+    /// `layout::coef_rows`, one vec4 a row. `fin` is at least this long.
+    pub(super) coef_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -130,7 +133,10 @@ impl GpuContext {
         let params = make(sizes.params, U::STORAGE | U::COPY_DST);
         let partial = make(sizes.partial, U::STORAGE | U::COPY_DST);
         let stats = make(sizes.stats, out);
-        let fin = make(sizes.fin, out);
+        // Bound as a uniform too (`Binding::FinCoefs`), at the length the kernels declare
+        // whatever the table holds.
+        let coef_bytes = 16 * self.coef_rows() as u64;
+        let fin = make(sizes.fin.max(coef_bytes), out | U::UNIFORM);
         let map = make(sizes.map, out);
         let pieces = make(sizes.pieces, U::STORAGE | U::COPY_DST);
         let check = make(SEQ_AT + 16, out);
@@ -157,6 +163,7 @@ impl GpuContext {
             keys,
             sizes,
             fin_layout,
+            coef_bytes,
         });
         inner.workspaces.push((key.clone(), ws.clone()));
         ws

@@ -21,3 +21,4 @@ mod reliability;
 mod small_calls;
 mod staged;
 mod terms;
+mod uniform_coefs;
