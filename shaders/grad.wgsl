@@ -137,7 +137,7 @@ fn chunk_coefs(b: u32, c0: u32) -> array<vec4<f32>, CHUNK> {
 fn chunk_sums_add(cs: ptr<function, Consts>, sums: ptr<function, GradSums>, k: vec4<f32>, b: u32, c: u32, i: u32, y: u32, zc: f32, sm: vec4<f32>, log_se: f32, real: bool) {
     var s = 0.0;
     if TEMPERED {
-        s = exp(dims.temperature * zc - sm.z) / sm.w;
+        s = over(exp(dims.temperature * zc - sm.z), sm.w);
     }
     let add = grad_sums_of(cs, k, c, zc, target_of(b, c, i, y), exp(zc - sm.x), s, sm.xy, log_se);
     (*sums).ap = select((*sums).ap, (*sums).ap + add.ap, real);
@@ -155,7 +155,7 @@ fn chunk_dz(cs: ptr<function, Consts>, k: vec4<f32>, b: u32, c: u32, i: u32, y: 
     } else {
         var s = 0.0;
         if TEMPERED {
-            s = exp(dims.temperature * zc - sm.z) / sm.w;
+            s = over(exp(dims.temperature * zc - sm.z), sm.w);
         }
         dz = class_dz(cs, k, c, zc, gc, exp(zc - sm.x), s, sm.xy, log_se, sums);
     }

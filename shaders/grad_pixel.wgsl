@@ -195,7 +195,7 @@ fn pixel_h(ce: bool, opt: f32, w: f32, gc: f32, p: f32, e: f32, se: f32, log_p: 
     if gc == 0.0 {
         return 0.0;
     }
-    let one_minus_p = max(se - e, 0.0) / se;
+    let one_minus_p = over(max(se - e, 0.0), se);
     return focal_h(p, one_minus_p, log_p, w * gc, opt);
 }
 
@@ -220,7 +220,7 @@ struct GradSums {
 // (staged_grad.wgsl) adds a share of the classes per invocation and merges the shares; the
 // chunked path (grad.wgsl `GRAD_CHUNKS`) adds them chunk by chunk.
 fn grad_sums_of(cs: ptr<function, Consts>, k: vec4<f32>, c: u32, zc: f32, gc: f32, e: f32, s: f32, sm: vec2<f32>, log_se: f32) -> GradSums {
-    let p = e / sm.y;
+    let p = over(e, sm.y);
     var out = GradSums(0.0, 0.0, vec4(0.0));
     if STAT_TERMS {
         out.ap = stat_a(k, p, gc) * p;
@@ -252,7 +252,7 @@ fn ce_h_sum(cs: ptr<function, Consts>, y: u32) -> vec4<f32> {
 // logit zc, target gc, e = exp(zc − max) and tempered probability s, and the pixel's pieces
 // and GradSums.
 fn class_dz(cs: ptr<function, Consts>, k: vec4<f32>, c: u32, zc: f32, gc: f32, e: f32, s: f32, sm: vec2<f32>, log_se: f32, sums: GradSums) -> f32 {
-    let p = e / sm.y;
+    let p = over(e, sm.y);
     var dz = 0.0;
     if STAT_TERMS {
         dz = p * (stat_a(k, p, gc) - sums.ap);
@@ -310,7 +310,7 @@ fn pixel_grad(cs: ptr<function, Consts>, b: u32, i: u32, y: u32, keep: bool, z: 
         let zc = z_of(z, b, c, i);
         var s = 0.0;
         if TEMPERED {
-            s = exp_of(et, c, zc, temp, smt.x) / smt.y;
+            s = over(exp_of(et, c, zc, temp, smt.x), smt.y);
         }
         let add = grad_sums_of(cs, coef_of(cs, b, c), c, zc, g_of(g, b, c, i, y), exp_of(ez, c, zc, 1.0, sm.x), s, sm, log_se);
         sums.ap += add.ap;
@@ -322,7 +322,7 @@ fn pixel_grad(cs: ptr<function, Consts>, b: u32, i: u32, y: u32, keep: bool, z: 
         let zc = z_of(z, b, c, i);
         var s = 0.0;
         if TEMPERED {
-            s = exp_of(et, c, zc, temp, smt.x) / smt.y;
+            s = over(exp_of(et, c, zc, temp, smt.x), smt.y);
         }
         let dz = class_dz(cs, coef_of(cs, b, c), c, zc, g_of(g, b, c, i, y), exp_of(ez, c, zc, 1.0, sm.x), s, sm, log_se, sums);
         put_grad(b, c, i, select(0.0, dz * (*cs).up, keep), out);

@@ -19,7 +19,7 @@ fn stage_grad(b: u32, at: u32, lid: u32, cs: ptr<function, Consts>) {
                 let zc = staged_logit(c, p);
                 var s = 0.0;
                 if TEMPERED {
-                    s = exp(temp * zc - pieces.z) / pieces.w;
+                    s = over(exp(temp * zc - pieces.z), pieces.w);
                 }
                 let add = grad_sums_of(cs, coef_of(cs, b, c), c, zc, staged_target(c, p, y), exp(zc - pieces.x), s, pieces.xy, log_se);
                 sums.ap += add.ap;
@@ -68,7 +68,7 @@ fn stage_grad(b: u32, at: u32, lid: u32, cs: ptr<function, Consts>) {
             let pg = px_grad[p];
             var s = 0.0;
             if TEMPERED {
-                s = exp(temp * zc - pieces.z) / pieces.w;
+                s = over(exp(temp * zc - pieces.z), pieces.w);
             }
             dz = class_dz(cs, coef_of(cs, b, c), c, zc, gc, exp(zc - pieces.x), s, pieces.xy, pg.z, GradSums(pg.x, pg.y, px_h[p]));
         }

@@ -194,8 +194,8 @@ fn probs(z: f32, sm: vec2<f32>, smt: vec2<f32>) -> vec2<f32> {
         let p = sigmoid(z);
         return vec2(p, select(p, sigmoid(dims.temperature * z), TEMPERED));
     }
-    let p = exp(z - sm.x) / sm.y;
-    return vec2(p, select(p, exp(dims.temperature * z - smt.x) / smt.y, TEMPERED));
+    let p = over(exp(z - sm.x), sm.y);
+    return vec2(p, select(p, over(exp(dims.temperature * z - smt.x), smt.y), TEMPERED));
 }
 
 // The pixel terms' rules, each beside its f64 twin of the same name in
@@ -254,7 +254,7 @@ fn focal_pixel(t: u32, gamma: f32, off: f32, z: ptr<function, Block>, g: ptr<fun
 // One class's share of the focal loss: w·g·(1 − p)^γ·(−log p), with e = exp(z − max) and
 // Σe of the pixel.
 fn focal_class(w: f32, gc: f32, zc: f32, e: f32, se: f32, gamma: f32, lse: f32) -> f32 {
-    let q = max(se - e, 0.0) / se;
+    let q = over(max(se - e, 0.0), se);
     return w * gc * safe_pow(q, gamma) * (lse - zc);
 }
 
@@ -460,8 +460,8 @@ fn stats_pixel(acc: ptr<function, Totals>, sums: ptr<function, ClassSums>, bad: 
         (*acc).losses[t] += l;
     }
     for (var c = 0u; c < min(C, BLOCK); c++) {
-        let pc = ez[c] / p.y;
-        let sc = select(pc, et[c] / pt.y, TEMPERED);
+        let pc = over(ez[c], p.y);
+        let sc = select(pc, over(et[c], pt.y), TEMPERED);
         accumulate(sums, c, pc, sc, g_of(&g, b, c, i, yk));
     }
     pixel_grad(cs, b, i, yk, true, z, &g, &ez, &et, p, pt, dz);

@@ -21,6 +21,15 @@ fn sigmoid(x: f32) -> f32 {
     return select(e * s, s, x >= 0.0);
 }
 
+// x / d as x · (1 / d), for a division by a pixel's Σe in a loop over its classes: the
+// reciprocal is then one expression for every class, computed once, where LLVM keeps each
+// division (it does not trade one for a product without fast-math). A division costs about
+// five multiplies' throughput on x86, and at 21 classes with a tempered term the stats and
+// grad stages each divided 42 times a pixel (BENCHMARKS.md, "Uniform coefficients").
+fn over(x: f32, d: f32) -> f32 {
+    return x * (1.0 / d);
+}
+
 // Finite (neither NaN nor ±∞), from the bits.
 fn finite(x: f32) -> bool {
     return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
