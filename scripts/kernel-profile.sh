@@ -4,9 +4,10 @@
 # assembly listing from the same run. Deterministic where wall times on a small machine
 # spread by ±20 %; compare two builds by their counts (BENCHMARKS.md, "Instruction counts").
 #
-#   scripts/kernel-profile.sh 8,4,256,256 [OUT_DIR] [SPEC] [scalar]
+#   scripts/kernel-profile.sh 8,4,256,256 [OUT_DIR] [SPEC] [COMPARISON]
 #
-# SPEC and `scalar` are stage_times' (a loss spec in JSON; the pixel stages without quads).
+# SPEC and COMPARISON are stage_times' (a loss spec in JSON; a second strategy profiled in
+# the same run: `scalar` for the pixel stages without quads, `uniform_coefs=0`, ...).
 #
 # Needs valgrind (apt-get install -y valgrind) and lavapipe (scripts/install-lavapipe.sh).
 # One round after two warm-up rounds: the stats kernel runs 1 + 3·3 = 10 times, the grad

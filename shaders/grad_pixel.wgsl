@@ -26,9 +26,10 @@ override STAT_TERMS: bool = true;
 override COEFS_USED: u32 = 15u;
 // The coefficients are read through `fin_coefs` (set by the host where the table fits it:
 // B·C ≤ COEF_ROWS, `Strategy::uniform_coefs`). llvmpipe reads a storage buffer lane by lane,
-// a branch and a load per active lane, and a uniform buffer with one masked gather; the
-// index is the same in every lane here (image and class), but llvmpipe cannot prove it
-// inside the pixel loops (BENCHMARKS.md, "Uniform coefficients").
+// a mask test, bounds check and load per active lane, and a uniform buffer with the row's
+// indices clamped to the binding and a plain load a lane, no branch; the index is the same
+// in every lane here (image and class), but llvmpipe cannot prove it inside the pixel loops
+// (BENCHMARKS.md, "Uniform coefficients").
 override UNIFORM_COEFS: bool = false;
 
 // Whether coefficient slot `slot` can be nonzero.

@@ -67,6 +67,9 @@ const BLOCKS: [u32; 2] = [8, 1024];
 const PIXEL_WGS: [u32; 2] = [32, 256];
 /// Rows of the coefficient table's uniform view (`layout::coef_rows`): 64 KiB bindings.
 const COEF_ROWS: u32 = segloss::gpu::layout::COEF_ROWS_MAX;
+/// The view's length on every adapter, down to wgpu's downlevel limits (16 KiB), beside
+/// `COEF_ROWS`.
+const COEF_ROWS_EACH: [u32; 2] = [COEF_ROWS, 1024];
 
 /// Each module validates with its capabilities, and is rejected without any one of them.
 #[test]
@@ -74,7 +77,8 @@ fn stages_validate_with_exactly_the_capabilities_they_use() {
     let sources = BLOCKS
         .iter()
         .zip(PIXEL_WGS)
-        .flat_map(|(b, wg)| segloss::gpu::shader_sources(*b, wg, COEF_ROWS));
+        .zip(COEF_ROWS_EACH)
+        .flat_map(|((b, wg), rows)| segloss::gpu::shader_sources(*b, wg, rows));
     for (name, src) in sources {
         let caps = capabilities(name);
         validate(name, &src, caps);

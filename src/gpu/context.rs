@@ -342,7 +342,8 @@ impl GpuContext {
     }
 
     /// Rows of the coefficient table's uniform view on this device (`layout::coef_rows`):
-    /// calls whose batch has at most this many images × classes read it there.
+    /// with `Strategy::uniform_coefs`, calls with statistic terms whose batch has at most
+    /// this many images × classes read their coefficients there.
     pub fn coef_rows(&self) -> u32 {
         super::layout::coef_rows(self.device.limits().max_uniform_buffer_binding_size)
     }

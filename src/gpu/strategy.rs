@@ -161,10 +161,11 @@ pub struct Strategy {
     /// The kernels that write the gradient read the coefficient table through a uniform
     /// binding wherever it fits one (B·C ≤ `layout::coef_rows` of the device, 4,096 with
     /// 64 KiB uniform bindings): grad_pixel.wgsl `UNIFORM_COEFS`. On for CPU adapters,
-    /// where llvmpipe reads a storage buffer with a branch and a load per active lane and a
-    /// uniform buffer with one masked gather: the chunked grad stage reads a class's
-    /// coefficients for every four pixels (BENCHMARKS.md, "Uniform coefficients"). Off on
-    /// GPUs, where nothing has measured it.
+    /// where llvmpipe reads a storage buffer with a mask test, bounds check and load per
+    /// active lane, and a uniform buffer with clamped indices and a plain load a lane, no
+    /// branch: the chunked grad stage reads a class's coefficients for every four pixels
+    /// (BENCHMARKS.md, "Uniform coefficients"). Off on GPUs, where nothing has measured it
+    /// (their kernels still declare and bind the view, unread: one 64 KiB range of `fin`).
     pub uniform_coefs: bool,
     /// Specs of pixel terms only (cross-entropy, focal, BCE) with a gradient take the
     /// one-pass path (a labels-only pass for the normalisers, then one pass over the logits

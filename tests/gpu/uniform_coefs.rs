@@ -23,7 +23,7 @@ const DICE_CE: &str = r#"{"terms":[{"kind":"cross_entropy"},{"kind":"dice"}]}"#;
 
 /// Runs `json` on `shape` under `strategy` against the reference and checks that the call's
 /// gradient read the coefficients through the uniform view exactly when `want_uniform`, and
-/// which grad kernel it ran.
+/// which grad kernel it ran (with `Kernel::Grad`, whether it took its classes in chunks).
 fn check(
     ctx: &GpuContext,
     strategy: Strategy,
@@ -54,6 +54,11 @@ fn check(
         ctx.last_kernels()
     );
     assert_eq!(ctx.last_uniform_coefs(), want_uniform, "{what}");
+    if kernel == Kernel::Grad {
+        let chunks = strategy.grad_chunks
+            && shape.classes > strategy.stats_block_for(shape.classes) as usize;
+        assert_eq!(ctx.last_grad_chunks(), chunks, "{what}: chunks");
+    }
 }
 
 /// The register path (21 classes), the chunked grad stage (150) and the staged one (40),
