@@ -329,78 +329,33 @@ struct PastPixel {
 // One read of a class serves four pixels, where the one-pixel path (`pieces`) reads each.
 // Five slots for four pixels: an array exactly as long as the caller's pixel loop would
 // make Mesa copy that loop's whole body four times (grad.wgsl `PIXEL_SLOTS`).
-//
-// Whole chunks of CHUNK classes first, each read together and folded in with one rescale
-// (the chunk's max first), then the last (C − BLOCK) % CHUNK classes one by one: in a loop
-// over all the classes, which Mesa leaves rolled, each read paid its own per-lane mask
-// tests and each class two exponentials (BENCHMARKS.md, "The online pass eight classes at a
-// time").
 fn past_quad_pieces(b: u32, i0: u32) -> array<PastPixel, 5> {
-    var pp = PastQuad(vec4(-3.4e38), vec4(0.0), vec4(-3.4e38), vec4(0.0), vec4(0u), vec4(IGNORE));
-    let past = select(0u, C - BLOCK, C > BLOCK);
-    let whole = BLOCK + past - past % CHUNK;
-    for (var c0 = BLOCK; c0 < whole; c0 += CHUNK) {
-        var z: array<vec4<f32>, CHUNK>;
-        var zmax = vec4(-3.4e38);
-        for (var k = 0u; k < CHUNK; k++) {
-            z[k] = quad_logits(b, c0 + k, i0);
-            past_bad_quad(&pp, b, c0 + k, i0, z[k]);
-            zmax = max(zmax, z[k]);
-        }
-        let m = max(pp.m, zmax);
-        var e = vec4(0.0);
-        for (var k = 0u; k < CHUNK; k++) {
-            e += exp(z[k] - m);
-        }
-        pp.se = pp.se * exp(pp.m - m) + e;
-        pp.m = m;
-        if TEMPERED {
-            let t = dims.temperature;
-            let mt = max(pp.mt, t * zmax);
-            var et = vec4(0.0);
-            for (var k = 0u; k < CHUNK; k++) {
-                et += exp(t * z[k] - mt);
-            }
-            pp.st = pp.st * exp(pp.mt - mt) + et;
-            pp.mt = mt;
-        }
-    }
-    for (var c = whole; c < C; c++) {
+    var m = vec4(-3.4e38);
+    var se = vec4(0.0);
+    var mt = vec4(-3.4e38);
+    var st = vec4(0.0);
+    var n_bad = vec4(0u);
+    var first_bad = vec4(IGNORE);
+    for (var c = BLOCK; c < C; c++) {
         let z = quad_logits(b, c, i0);
-        past_bad_quad(&pp, b, c, i0, z);
-        let m = max(pp.m, z);
-        pp.se = pp.se * exp(pp.m - m) + exp(z - m);
-        pp.m = m;
+        let bad = (bitcast<vec4<u32>>(z) & vec4(0x7f800000u)) == vec4(0x7f800000u);
+        n_bad += select(vec4(0u), vec4(1u), bad);
+        first_bad = min(first_bad, select(vec4(IGNORE), elem(b, c, i0) + vec4(0u, 1u, 2u, 3u), bad));
+        let m_new = max(m, z);
+        se = se * exp(m - m_new) + exp(z - m_new);
+        m = m_new;
         if TEMPERED {
             let v = dims.temperature * z;
-            let mt = max(pp.mt, v);
-            pp.st = pp.st * exp(pp.mt - mt) + exp(v - mt);
-            pp.mt = mt;
+            let mt_new = max(mt, v);
+            st = st * exp(mt - mt_new) + exp(v - mt_new);
+            mt = mt_new;
         }
     }
     var out: array<PastPixel, 5>;
     for (var p = 0u; p < 4u; p++) {
-        out[p] = PastPixel(vec4(pp.m[p], pp.se[p], pp.mt[p], pp.st[p]), vec2(pp.n_bad[p], pp.first_bad[p]));
+        out[p] = PastPixel(vec4(m[p], se[p], mt[p], st[p]), vec2(n_bad[p], first_bad[p]));
     }
     return out;
-}
-
-// `past_quad_pieces`' running values for four pixels: max and Σe, the tempered pair, and
-// the non-finite logits' count and first element.
-struct PastQuad {
-    m: vec4<f32>,
-    se: vec4<f32>,
-    mt: vec4<f32>,
-    st: vec4<f32>,
-    n_bad: vec4<u32>,
-    first_bad: vec4<u32>,
-}
-
-// Counts the non-finite values among class c's logits z of the quad from i0 of image b.
-fn past_bad_quad(pp: ptr<function, PastQuad>, b: u32, c: u32, i0: u32, z: vec4<f32>) {
-    let bad = (bitcast<vec4<u32>>(z) & vec4(0x7f800000u)) == vec4(0x7f800000u);
-    (*pp).n_bad += select(vec4(0u), vec4(1u), bad);
-    (*pp).first_bad = min((*pp).first_bad, select(vec4(IGNORE), elem(b, c, i0) + vec4(0u, 1u, 2u, 3u), bad));
 }
 
 // Adds pixel k (flat position i of global image b, label y, first logits z unless
