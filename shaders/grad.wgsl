@@ -332,24 +332,6 @@ struct ChunkPixels {
     n: u32,
 }
 
-// Adds class c of the quad of pixels at `at` (`live`: in the image; labels ys) to the
-// online sums `o`: its logits zq read by the caller with QUADS, else here.
-fn online_class(cs: ptr<function, Consts>, o: ptr<function, OnlineSums>, b: u32, c: u32, at: vec4<u32>, live: vec4<bool>, ys: vec4<u32>, zq: vec4<f32>) {
-    var z = zq;
-    var g = vec4(0.0);
-    for (var p = 0u; p < 4u; p++) {
-        if live[p] {
-            if !QUADS {
-                z[p] = logit(b, c, at[p]);
-            }
-            if online_sums() && LABEL_KIND == LABELS_SOFT {
-                g[p] = target_of(b, c, at[p], ys[p]);
-            }
-        }
-    }
-    online_add(cs, o, b, c, z, g);
-}
-
 // The chunked path's first pass: every logit of the invocation's pixels read once, four
 // pixels at a time (one vec4 a class with QUADS, else a read per pixel), for each pixel's
 // softmax pieces (unless STORED_PIECES brings them) and, with `online_sums`, its GradSums;
@@ -391,26 +373,23 @@ fn chunk_online(cs: ptr<function, Consts>, b: u32, base: u32, lid: u32) -> Chunk
         }
         // With stored pieces the class pass only sums (nothing to sum: no pass).
         if !SIGMOID && (online_sums() || !STORED_PIECES) {
-            // Whole chunks of CHUNK classes, each chunk's quads read together in a loop Mesa
-            // unrolls, then the last C % CHUNK classes one by one: in a loop over all C
-            // classes, which stays rolled, each read paid its own per-lane mask tests
-            // (BENCHMARKS.md, "The online pass eight classes at a time").
-            let whole = C - C % CHUNK;
-            for (var c0 = 0u; c0 < whole; c0 += CHUNK) {
-                var z: array<vec4<f32>, CHUNK>;
-                if QUADS {
-                    z = chunk_quad_logits(b, c0, i0);
-                }
-                for (var k = 0u; k < CHUNK; k++) {
-                    online_class(cs, &o, b, c0 + k, at, live, ys, z[k]);
-                }
-            }
-            for (var c = whole; c < C; c++) {
+            for (var c = 0u; c < C; c++) {
                 var z = vec4(0.0);
+                var g = vec4(0.0);
                 if QUADS {
                     z = quad_logits(b, c, i0);
                 }
-                online_class(cs, &o, b, c, at, live, ys, z);
+                for (var p = 0u; p < 4u; p++) {
+                    if live[p] {
+                        if !QUADS {
+                            z[p] = logit(b, c, at[p]);
+                        }
+                        if online_sums() && LABEL_KIND == LABELS_SOFT {
+                            g[p] = target_of(b, c, at[p], ys[p]);
+                        }
+                    }
+                }
+                online_add(cs, &o, b, c, z, g);
             }
             online_label_class(&o, b, at, ys, live);
         }
