@@ -459,26 +459,26 @@ const GRAD_BINDINGS: &[(Binding, Access)] = &concat::<_, 10>(
     ],
 );
 /// The grad stage's bindings where the gradient shares a buffer with the inputs (wgpu
-/// refuses a buffer bound read-only and read-write in one dispatch).
-const GRAD_SHARED_COMMON_BINDINGS: &[(Binding, Access)] = &[
-    (B::Logits, ReadWrite),
-    (B::Labels, ReadWrite),
-    (B::Dims, Uniform),
-    (B::Params, Read),
-    (B::Fin, Read),
-    (B::Grad, ReadWrite),
-];
+/// refuses a buffer bound read-only and read-write in one dispatch): the inputs' views
+/// (`Logits`, `Labels`, `Logits4`) bound read-write.
 const GRAD_SHARED_STAGED_BINDINGS: &[(Binding, Access)] =
-    &concat::<_, 7>(GRAD_SHARED_COMMON_BINDINGS, &[FIN_COEFS]);
-const GRAD_SHARED_BINDINGS: &[(Binding, Access)] = &concat::<_, 10>(
-    GRAD_SHARED_COMMON_BINDINGS,
-    &[
-        (B::Logits4, ReadWrite),
-        (B::Grad4, ReadWrite),
-        (B::Pieces, Read),
-        FIN_COEFS,
-    ],
-);
+    &inputs_read_write::<7>(GRAD_STAGED_BINDINGS);
+const GRAD_SHARED_BINDINGS: &[(Binding, Access)] = &inputs_read_write::<10>(GRAD_BINDINGS);
+
+/// `bindings` (`N` of them) with the caller's inputs bound read-write.
+const fn inputs_read_write<const N: usize>(
+    bindings: &[(Binding, Access)],
+) -> [(Binding, Access); N] {
+    let mut all: [(Binding, Access); N] = concat(bindings, &[]);
+    let mut k = 0;
+    while k < N {
+        if matches!(all[k].0, B::Logits | B::Labels | B::Logits4) {
+            all[k].1 = ReadWrite;
+        }
+        k += 1;
+    }
+    all
+}
 const GRAD_PARTS: &[Source] = &[DISPATCH, MATH, SPEC, PIXELS, GRAD_PIXEL, GRAD];
 /// The stats stage's bindings with the gradient's (fin read, grad written) in binding
 /// order: the one-pass form, before its quads, pieces and `FinCoefs`.
